@@ -1,0 +1,17 @@
+"""Prefect block types for strongroom: targets, repository, encryption keys."""
+
+from blocks.keys import EncryptionKey
+from blocks.repository import BackupRepository
+from blocks.targets import PostgresTarget
+
+ALL_BLOCKS = (PostgresTarget, BackupRepository, EncryptionKey)
+
+
+def register_all() -> list[str]:
+    """Register every strongroom block type with the current Prefect API."""
+    for block in ALL_BLOCKS:
+        block.register_type_and_schema()
+    return [b.get_block_type_slug() for b in ALL_BLOCKS]
+
+
+__all__ = ["ALL_BLOCKS", "BackupRepository", "EncryptionKey", "PostgresTarget", "register_all"]

@@ -1,0 +1,40 @@
+"""Prefect block types for database targets. Passwords are SecretStr (masked in the UI/API)."""
+
+from __future__ import annotations
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+from strongroom.config import PostgresConnection
+
+
+class PostgresTarget(Block):
+    """A PostgreSQL server to back up (and restore into)."""
+
+    _block_type_name = "strongroom PostgreSQL target"
+    _block_type_slug = "strongroom-postgres-target"
+    _description = "A PostgreSQL server that strongroom backs up and restores."
+
+    host: str = "127.0.0.1"
+    port: int = 5432
+    user: str = "postgres"
+    password: SecretStr | None = None
+    databases: list[str] = Field(
+        default_factory=list, description="Databases to back up; empty means all."
+    )
+    sslmode: str = "prefer"
+    maintenance_db: str = "postgres"
+    rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
+    rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
+
+    def to_connection(self, name: str) -> PostgresConnection:
+        return PostgresConnection(
+            name=name,
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            databases=list(self.databases),
+            sslmode=self.sslmode,
+            maintenance_db=self.maintenance_db,
+        )

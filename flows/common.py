@@ -1,0 +1,70 @@
+"""Shared flow plumbing: loading blocks, retry rules, artifacts, secret-safe logging."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect import Task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from blocks import BackupRepository, EncryptionKey
+from strongroom.config import EncryptionConfig, RepositoryConfig
+from strongroom.errors import ServiceUnavailable
+from strongroom.redact import install_log_filter, register
+from strongroom.repository import Repository, open_repository
+
+TRANSIENT_RETRIES = 2
+RETRY_DELAY_S = 2.0
+
+
+def secure_logging() -> None:
+    """Make Prefect's handlers scrub registered secrets from every record."""
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        install_log_filter(logging.getLogger(name))
+
+
+def load_repository(name: str) -> tuple[Repository, RepositoryConfig]:
+    config = BackupRepository.load(name).to_config()  # type: ignore[union-attr]
+    register(*config.secrets())
+    return open_repository(config), config
+
+
+def load_key(name: str) -> EncryptionConfig:
+    config = EncryptionKey.load(name).to_config()  # type: ignore[union-attr]
+    register(*config.secrets())
+    return config
+
+
+def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry only when a server or the storage was unreachable, never on bad input."""
+    try:
+        state.result()
+    except ServiceUnavailable:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _slug(text: str) -> str:
+    out = "".join(ch if ch.isalnum() else "-" for ch in text.lower())
+    return "-".join(filter(None, out.split("-")))[:60]
+
+
+def publish(title: str, key: str, lines: list[str], rows: list[dict[str, Any]]) -> None:
+    """A markdown summary and a table artifact for the current run."""
+    body = f"# {title}\n\n" + "\n".join(lines)
+    create_markdown_artifact(markdown=body, key=_slug(f"{key}-summary"), description=title)
+    if rows:
+        create_table_artifact(table=rows, key=_slug(f"{key}-table"), description=title)
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

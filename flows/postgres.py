@@ -1,0 +1,161 @@
+"""Prefect flows for PostgreSQL logical backup and restore (orchestration only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from blocks import PostgresTarget
+from flows.common import (
+    RETRY_DELAY_S,
+    TRANSIENT_RETRIES,
+    human_size,
+    load_key,
+    load_repository,
+    publish,
+    retry_transient,
+    secure_logging,
+)
+from strongroom import progress
+from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
+from strongroom.engines.postgres import backup_postgres
+from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
+from strongroom.redact import register
+from strongroom.repository import Repository
+
+
+def _target(name: str) -> PostgresConnection:
+    conn = PostgresTarget.load(name).to_connection(name)  # type: ignore[union-attr]
+    register(*conn.secrets())
+    return conn
+
+
+@task(
+    retries=TRANSIENT_RETRIES,
+    retry_delay_seconds=RETRY_DELAY_S,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def dump_databases(
+    conn: PostgresConnection,
+    repo: Repository,
+    repo_config: RepositoryConfig,
+    enc: EncryptionConfig,
+    labels: dict[str, str],
+) -> dict[str, Any]:
+    manifest = backup_postgres(
+        conn, repo, repo_config, enc, labels=labels, progress=progress.current()
+    )
+    return manifest.model_dump(mode="json")
+
+
+@flow(name="backup-postgresql")
+def backup_postgresql(
+    target: str,
+    repository: str = "default",
+    encryption_key: str = "default",
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Dump every configured database of ``target`` into the repository."""
+    secure_logging()
+    conn = _target(target)
+    repo, repo_config = load_repository(repository)
+    enc = load_key(encryption_key)
+    log = get_run_logger()
+    log.info("backing up PostgreSQL target %s into %s", target, repo.describe())
+    manifest = dump_databases(conn, repo, repo_config, enc, labels or {})
+    rows = [
+        {
+            "database": db["name"],
+            "tables": len(db["tables"]),
+            "rows": sum(t["rows"] for t in db["tables"]),
+            "size": human_size(db["size_bytes"]),
+        }
+        for db in manifest["details"]["databases"]
+    ]
+    raw = sum(a["raw_size"] for a in manifest["artifacts"])
+    stored = sum(a["stored_size"] for a in manifest["artifacts"])
+    publish(
+        f"PostgreSQL backup {manifest['backup_id']}",
+        f"backup-postgresql-{target}",
+        [
+            f"- target: `{target}` ({manifest['server']['version']})",
+            f"- repository: `{repo.describe()}`",
+            f"- artifacts: {len(manifest['artifacts'])}, dump {human_size(raw)}, "
+            f"stored {human_size(stored)}",
+            f"- finished: {manifest['finished_at']}",
+        ],
+        rows,
+    )
+    log.info("backup %s complete: %s stored", manifest["backup_id"], human_size(stored))
+    return manifest
+
+
+@task(
+    retries=TRANSIENT_RETRIES,
+    retry_delay_seconds=RETRY_DELAY_S,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def run_restore(
+    conn: PostgresConnection, repo: Repository, enc: EncryptionConfig, req: PgRestoreRequest
+) -> dict[str, Any]:
+    return restore_postgres(conn, repo, enc, req, progress=None)
+
+
+@flow(name="restore-postgresql")
+def restore_postgresql(
+    target: str,
+    backup_id: str = "latest",
+    source_target: str | None = None,
+    database: str | None = None,
+    target_database: str | None = None,
+    tables: list[str] | None = None,
+    schemas: list[str] | None = None,
+    schema_only: bool = False,
+    data_only: bool = False,
+    drop_existing: bool = False,
+    dry_run: bool = False,
+    no_owner: bool = False,
+    repository: str = "default",
+    encryption_key: str = "default",
+) -> dict[str, Any]:
+    """Restore a logical backup into ``target`` (see PgRestoreRequest for the options)."""
+    secure_logging()
+    req = PgRestoreRequest(
+        backup_id=backup_id,
+        source_target=source_target,
+        database=database,
+        target_database=target_database,
+        tables=tables or [],
+        schemas=schemas or [],
+        schema_only=schema_only,
+        data_only=data_only,
+        drop_existing=drop_existing,
+        dry_run=dry_run,
+        no_owner=no_owner,
+    )
+    conn = _target(target)
+    repo, _ = load_repository(repository)
+    enc = load_key(encryption_key)
+    log = get_run_logger()
+    report = run_restore(conn, repo, enc, req)
+    checks = report.get("row_checks", [])
+    verb = "would restore" if report.get("dry_run") else "restored"
+    publish(
+        f"PostgreSQL restore {'plan' if report.get('dry_run') else ''} {report['backup_id']}",
+        f"restore-postgresql-{target}",
+        [
+            f"- {verb} `{report['source_database']}` from backup `{report['backup_id']}`",
+            f"- into `{report['target_database']}` on `{report['target_server']}` "
+            f"({report['mode']})",
+            f"- size: {human_size(report['raw_size'])}",
+            f"- row counts match the manifest: {report.get('rows_ok', 'n/a')}",
+        ]
+        + ([f"- blocked: {report['blocked']}"] if report.get("blocked") else []),
+        checks or [{"table": t} for t in report["tables"]],
+    )
+    log.info("%s %s into %s", verb, report["backup_id"], report["target_database"])
+    return report

@@ -1,0 +1,75 @@
+"""Prefect flow that re-reads a backup and checks everything about it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import (
+    RETRY_DELAY_S,
+    TRANSIENT_RETRIES,
+    human_size,
+    load_key,
+    load_repository,
+    publish,
+    retry_transient,
+    secure_logging,
+)
+from strongroom import progress
+from strongroom.catalog import Catalog
+from strongroom.config import EncryptionConfig
+from strongroom.errors import IntegrityError
+from strongroom.repository import Repository
+from strongroom.verify import verify_backup
+
+
+@task(
+    retries=TRANSIENT_RETRIES,
+    retry_delay_seconds=RETRY_DELAY_S,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def check_backup(
+    repo: Repository,
+    enc: EncryptionConfig,
+    backup_id: str,
+    engine: str | None,
+    target: str | None,
+) -> dict[str, Any]:
+    manifest = Catalog(repo).resolve(backup_id, engine, target)
+    return verify_backup(repo, manifest, enc, progress=progress.current())
+
+
+@flow(name="verify-backup")
+def verify_backup_flow(
+    backup_id: str = "latest",
+    engine: str | None = None,
+    target: str | None = None,
+    repository: str = "default",
+    encryption_key: str = "default",
+) -> dict[str, Any]:
+    """Verify checksums, decryption, decompression and dump structure of one backup."""
+    secure_logging()
+    repo, _ = load_repository(repository)
+    enc = load_key(encryption_key)
+    report = check_backup(repo, enc, backup_id, engine, target)
+    publish(
+        f"Verify {report['backup_id']}: {'OK' if report['ok'] else 'FAILED'}",
+        f"verify-{report['engine']}-{report['target']}",
+        [
+            f"- backup `{report['backup_id']}` of {report['engine']}/{report['target']}",
+            f"- read {human_size(report['bytes_read'])} in {report['duration_s']} s",
+            f"- result: **{'OK' if report['ok'] else 'FAILED'}**",
+        ],
+        [
+            {"artifact": a["artifact"], "ok": a["ok"], "detail": a.get("error", "")}
+            for a in report["artifacts"]
+        ],
+    )
+    if not report["ok"]:
+        bad = [a for a in report["artifacts"] if not a["ok"]]
+        get_run_logger().error("verification failed: %s", bad[0].get("error"))
+        raise IntegrityError(f"backup {report['backup_id']} failed verification: {bad[0]['error']}")
+    return report

@@ -1,0 +1,111 @@
+"""Storing one artifact through the stream, and reading it back verified.
+
+Engines hand over a byte source (usually a tool's stdout) and get back an
+``Artifact`` record for the manifest; restores and verify get the plaintext
+back into a sink with every check applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import IO
+
+from strongroom.catalog import Artifact
+from strongroom.config import EncryptionConfig
+from strongroom.errors import IntegrityError, NotFound
+from strongroom.pipeline import (
+    COMPRESSION,
+    ENCRYPTION,
+    HOLDBACK,
+    Progress,
+    StreamStats,
+    Writable,
+    restore_stream,
+    store_stream,
+)
+from strongroom.repository.base import Repository, StorageSettings
+
+
+def store_artifact(
+    repo: Repository,
+    key: str,
+    source: IO[bytes],
+    *,
+    name: str,
+    content: str,
+    encryption: EncryptionConfig,
+    level: int,
+    settings: StorageSettings | None = None,
+    progress: Progress | None = None,
+    meta: dict[str, object] | None = None,
+) -> Artifact:
+    """Stream ``source`` into ``key``; the object is committed only if the stream ends cleanly."""
+    with repo.open_write(key, settings) as writer:
+        stats = store_stream(
+            source, writer, recipients=encryption.recipients, level=level, progress=progress
+        )
+        stored = writer.commit()
+    if stored != stats.stored_size:
+        repo.delete(key)
+        raise IntegrityError(
+            f"{name}: storage reports {stored} bytes, the stream wrote {stats.stored_size}"
+        )
+    return Artifact(
+        name=name,
+        key=key,
+        content=content,
+        raw_size=stats.raw_size,
+        stored_size=stats.stored_size,
+        raw_sha256=stats.raw_sha256,
+        stored_sha256=stats.stored_sha256,
+        compression=COMPRESSION,
+        compression_level=level,
+        encryption=ENCRYPTION,
+        recipients=list(encryption.recipients),
+        meta=dict(meta or {}),
+    )
+
+
+def check_durable(repo: Repository, artifact: Artifact) -> None:
+    """Confirm the artifact is present with the size the manifest will record."""
+    try:
+        size = repo.size(artifact.key)
+    except NotFound:
+        raise IntegrityError(f"artifact {artifact.name} is missing at {artifact.key}") from None
+    if size != artifact.stored_size:
+        raise IntegrityError(
+            f"artifact {artifact.name} at {artifact.key} has {size} bytes, "
+            f"manifest says {artifact.stored_size}"
+        )
+
+
+def read_artifact(
+    repo: Repository,
+    artifact: Artifact,
+    sink: Writable,
+    *,
+    encryption: EncryptionConfig,
+    holdback: int = HOLDBACK,
+    progress: Progress | None = None,
+) -> StreamStats:
+    """Stream an artifact's plaintext into ``sink`` with every check applied."""
+    try:
+        source = repo.open_read(artifact.key)
+    except NotFound:
+        raise NotFound(
+            f"artifact {artifact.name} is missing from the repository (key {artifact.key})"
+        ) from None
+    try:
+        return restore_stream(
+            source,
+            sink,
+            identities=[i.get_secret_value() for i in encryption.identities],
+            expected_stored_sha256=artifact.stored_sha256,
+            expected_raw_sha256=artifact.raw_sha256,
+            name=f"artifact {artifact.name} ({artifact.key})",
+            holdback=holdback,
+            progress=progress,
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            source.close()

@@ -1,0 +1,167 @@
+"""Manifests and the catalog: what backups exist, what each holds, and "latest".
+
+A backup exists only once its manifest is written to
+``catalog/<engine>/<target>/<backup_id>.json``; the manifest is written last,
+after every artifact is durable and verified, and never overwritten.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from strongroom.errors import InvalidInput, NotFound, StrongroomError
+from strongroom.ids import check_backup_id, check_engine, check_name, nearest
+from strongroom.repository.base import Repository
+
+FORMAT_VERSION = 1
+
+
+class Artifact(BaseModel):
+    """One stored file of a backup, with everything needed to check it."""
+
+    name: str
+    key: str
+    content: str = Field(description="what the plaintext is, e.g. pg_dump-custom, sql")
+    raw_size: int
+    stored_size: int
+    raw_sha256: str
+    stored_sha256: str
+    compression: str = "zstd"
+    compression_level: int = 3
+    encryption: str = "age-x25519"
+    recipients: list[str] = Field(
+        default_factory=list, description="public age recipients (never the identity)"
+    )
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    """Everything known about one backup."""
+
+    format_version: int = FORMAT_VERSION
+    backup_id: str
+    engine: str
+    target: str
+    kind: str = "logical"
+    started_at: dt.datetime
+    finished_at: dt.datetime
+    repository: str
+    tool_versions: dict[str, str] = Field(default_factory=dict)
+    server: dict[str, Any] = Field(default_factory=dict)
+    artifacts: list[Artifact]
+    details: dict[str, Any] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def raw_size(self) -> int:
+        return sum(a.raw_size for a in self.artifacts)
+
+    @property
+    def stored_size(self) -> int:
+        return sum(a.stored_size for a in self.artifacts)
+
+    @property
+    def duration_s(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()
+
+    def artifact(self, name: str) -> Artifact:
+        for item in self.artifacts:
+            if item.name == name:
+                return item
+        raise NotFound(f"backup {self.backup_id} has no artifact {name!r}")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "backup_id": self.backup_id,
+            "engine": self.engine,
+            "target": self.target,
+            "kind": self.kind,
+            "finished_at": self.finished_at.isoformat(),
+            "duration_s": round(self.duration_s, 3),
+            "raw_size": self.raw_size,
+            "stored_size": self.stored_size,
+            "artifacts": len(self.artifacts),
+        }
+
+
+def manifest_key(engine: str, target: str, backup_id: str) -> str:
+    return f"catalog/{engine}/{target}/{backup_id}.json"
+
+
+def data_key(engine: str, target: str, backup_id: str, artifact: str) -> str:
+    return f"data/{engine}/{target}/{backup_id}/{artifact}"
+
+
+class Catalog:
+    """Reads and writes manifests in one repository."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+
+    def write(self, manifest: Manifest) -> str:
+        """Publish a backup. Refuses to overwrite an existing manifest."""
+        key = manifest_key(manifest.engine, manifest.target, manifest.backup_id)
+        body = manifest.model_dump_json(indent=2).encode()
+        self.repo.put_bytes(key, body, overwrite=False)
+        return key
+
+    def _ids(self, engine: str | None, target: str | None) -> list[tuple[str, str, str]]:
+        prefix = "catalog/"
+        if engine:
+            prefix += f"{check_engine(engine)}/"
+            if target:
+                prefix += f"{check_name(target, 'target name')}/"
+        found = []
+        for info in self.repo.list(prefix):
+            parts = info.key.split("/")
+            if len(parts) != 4 or not parts[3].endswith(".json"):
+                continue
+            eng, tgt, bid = parts[1], parts[2], parts[3][: -len(".json")]
+            if target and tgt != target:
+                continue
+            found.append((eng, tgt, bid))
+        return sorted(found, key=lambda t: t[2])
+
+    def load(self, engine: str, target: str, backup_id: str) -> Manifest:
+        key = manifest_key(engine, target, backup_id)
+        raw = self.repo.get_bytes(key)
+        try:
+            return Manifest.model_validate_json(raw)
+        except ValueError as exc:
+            raise StrongroomError(f"manifest {key} is malformed: {exc}") from None
+
+    def list(self, engine: str | None = None, target: str | None = None) -> list[Manifest]:
+        """Manifests, oldest first."""
+        return [self.load(e, t, b) for e, t, b in self._ids(engine, target)]
+
+    def resolve(
+        self, backup_id: str, engine: str | None = None, target: str | None = None
+    ) -> Manifest:
+        """Find one backup by id (or ``latest``), optionally within engine/target."""
+        ids = self._ids(engine, target)
+        scope = "/".join(x for x in (engine, target) if x) or "the repository"
+        if backup_id == "latest":
+            if not ids:
+                raise NotFound(f"no backups in {scope}")
+            return self.load(*ids[-1])
+        if not isinstance(backup_id, str) or not backup_id:
+            raise InvalidInput("backup id is empty")
+        try:
+            check_backup_id(backup_id)
+        except InvalidInput as exc:
+            hint = nearest(backup_id[:40], [b for _, _, b in ids]) if ids else []
+            suffix = f"; nearest ids: {', '.join(hint)}" if hint else ""
+            raise InvalidInput(f"{exc}{suffix}") from None
+        matches = [t for t in ids if t[2] == backup_id]
+        if not matches:
+            hint = nearest(backup_id, [b for _, _, b in ids])
+            suffix = f"; nearest ids: {', '.join(hint)}" if hint else " (it holds no backups)"
+            raise NotFound(f"backup {backup_id} not found in {scope}{suffix}")
+        if len(matches) > 1:
+            raise InvalidInput(
+                f"backup id {backup_id} exists for several targets; give --engine/--target"
+            )
+        return self.load(*matches[0])

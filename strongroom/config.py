@@ -1,0 +1,95 @@
+"""Plain configuration models the engine works with, independent of Prefect.
+
+Prefect blocks (``blocks/``) convert themselves into these, and the CLI builds
+them from flags, environment variables or a TOML file. Secrets are
+``SecretStr`` so they print as ``**********`` everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+
+from strongroom.ids import check_name
+
+
+class PostgresConnection(BaseModel):
+    """How to reach a PostgreSQL server and which databases to back up."""
+
+    name: str = Field(description="target name used in the repository layout")
+    host: str = "127.0.0.1"
+    port: int = 5432
+    user: str = "postgres"
+    password: SecretStr | None = None
+    databases: list[str] = Field(
+        default_factory=list, description="databases to back up; empty means every database"
+    )
+    sslmode: str = "prefer"
+    maintenance_db: str = "postgres"
+    connect_timeout: int = 10
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        return check_name(value, "target name")
+
+    def libpq_env(self) -> dict[str, str]:
+        """Environment for libpq tools: the password travels here, never in argv."""
+        env = dict(os.environ)
+        env.update(
+            {
+                "PGHOST": self.host,
+                "PGPORT": str(self.port),
+                "PGUSER": self.user,
+                "PGSSLMODE": self.sslmode,
+                "PGCONNECT_TIMEOUT": str(self.connect_timeout),
+                "PGAPPNAME": "strongroom",
+            }
+        )
+        env.pop("PGPASSWORD", None)
+        env.pop("PGDATABASE", None)
+        if self.password is not None:
+            env["PGPASSWORD"] = self.password.get_secret_value()
+        return env
+
+    def secrets(self) -> list[str]:
+        return [self.password.get_secret_value()] if self.password else []
+
+
+class RepositoryConfig(BaseModel):
+    """Where backups go: a local folder, or an S3 bucket with its protection settings."""
+
+    kind: Literal["local", "s3"] = "local"
+    path: str | None = Field(default=None, description="folder for a local repository")
+    bucket: str | None = None
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    sse: Literal["none", "AES256", "aws:kms"] = "none"
+    kms_key_id: str | None = None
+    lock_mode: Literal["GOVERNANCE", "COMPLIANCE"] | None = None
+    retention_days: int = Field(default=0, ge=0)
+    compression_level: int = Field(default=3, ge=1, le=22)
+    part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    max_attempts: int = Field(default=5, ge=1, description="storage retries with backoff")
+
+    def secrets(self) -> list[str]:
+        return [self.secret_access_key.get_secret_value()] if self.secret_access_key else []
+
+
+class EncryptionConfig(BaseModel):
+    """Client-side encryption: age X25519 recipients for backup, identities for restore.
+
+    A backup runner needs only the public recipients; restore and verify need an
+    identity (``AGE-SECRET-KEY-1...``).
+    """
+
+    recipients: list[str] = Field(default_factory=list)
+    identities: list[SecretStr] = Field(default_factory=list)
+
+    def secrets(self) -> list[str]:
+        return [i.get_secret_value() for i in self.identities]

@@ -1,0 +1,246 @@
+"""PostgreSQL logical backup: ``pg_dump -Fc`` per database plus globals, streamed.
+
+Each database is dumped from an exported snapshot; exact row counts are taken
+in the same snapshot while the dump runs, so the manifest's counts describe
+exactly the data in the dump. Nothing is staged on disk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from strongroom.artifacts import check_durable, store_artifact
+from strongroom.catalog import Artifact, Catalog, Manifest, data_key
+from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
+from strongroom.engines import pg_inspect
+from strongroom.engines.pg_connect import connect
+from strongroom.errors import NotFound, StrongroomError
+from strongroom.ids import new_backup_id
+from strongroom.pipeline import Progress
+from strongroom.process import Tool, tool_path
+from strongroom.redact import register
+from strongroom.repository.base import Repository, StorageSettings
+
+ENGINE = "postgresql"
+PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin")
+
+ProgressFactory = Callable[[str, int | None], Progress]
+
+
+def pg_tool(name: str) -> str:
+    return tool_path(name, PG_BIN_DIRS)
+
+
+def tool_version(name: str) -> str:
+    import subprocess
+
+    out = subprocess.run([pg_tool(name), "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.strip()
+
+
+def artifact_name(index: int, database: str) -> str:
+    """A storage-safe artifact name; the real database name lives in the manifest."""
+    safe = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in database)[:40]
+    return f"db{index:03d}-{safe or 'x'}.pgdump"
+
+
+def _select_databases(available: list[dict[str, Any]], wanted: list[str]) -> list[dict[str, Any]]:
+    if not wanted:
+        return [d for d in available if d["name"] != "postgres"] or available
+    names = {d["name"]: d for d in available}
+    missing = [w for w in wanted if w not in names]
+    if missing:
+        raise NotFound(
+            f"database(s) {', '.join(map(repr, missing))} not on the server; "
+            f"it has: {', '.join(sorted(names))}"
+        )
+    return [names[w] for w in wanted]
+
+
+def _dump_database(
+    conn: PostgresConnection,
+    repo: Repository,
+    enc: EncryptionConfig,
+    *,
+    key: str,
+    name: str,
+    database: dict[str, Any],
+    level: int,
+    settings: StorageSettings,
+    progress: Progress | None,
+) -> tuple[Artifact, list[dict[str, Any]]]:
+    """Dump one database from an exported snapshot; count its rows in the same snapshot."""
+    with connect(conn, database["name"]) as snap:
+        snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        row = snap.execute("SELECT pg_export_snapshot()").fetchone()
+        assert row is not None
+        snapshot = row[0]
+        tables = pg_inspect.user_tables(snap)
+        env = conn.libpq_env()
+        env["PGDATABASE"] = database["name"]
+        dump = Tool(
+            [pg_tool("pg_dump"), "-Fc", "-Z0", f"--snapshot={snapshot}", "--no-password"], env
+        )
+        counts: dict[tuple[str, str], int] = {}
+        errors: list[BaseException] = []
+
+        def count() -> None:
+            try:
+                counts.update(pg_inspect.count_rows(snap, tables))
+            except BaseException as exc:
+                errors.append(exc)
+
+        counter = threading.Thread(target=count, daemon=True)
+        counter.start()
+        try:
+            assert dump.proc.stdout is not None
+            artifact = _store_from_tool(
+                dump,
+                repo,
+                key,
+                enc,
+                level=level,
+                settings=settings,
+                progress=progress,
+                name=name,
+                what=f"pg_dump of database {database['name']!r}",
+                content="pg_dump-custom",
+                meta={"database": database["name"]},
+            )
+        finally:
+            counter.join()
+            snap.execute("COMMIT")
+        if errors:
+            repo.delete(key)
+            raise StrongroomError(f"counting rows of {database['name']!r} failed: {errors[0]}")
+    table_list = [{"schema": s, "name": t, "rows": counts.get((s, t), 0)} for s, t in tables]
+    return artifact, table_list
+
+
+def _store_from_tool(
+    tool: Tool,
+    repo: Repository,
+    key: str,
+    enc: EncryptionConfig,
+    *,
+    level: int,
+    settings: StorageSettings,
+    progress: Progress | None,
+    name: str,
+    what: str,
+    content: str,
+    meta: dict[str, object] | None = None,
+) -> Artifact:
+    """Store a tool's stdout; the object is removed again unless the tool exits 0."""
+    assert tool.proc.stdout is not None
+    try:
+        artifact = store_artifact(
+            repo,
+            key,
+            tool.proc.stdout,
+            name=name,
+            content=content,
+            encryption=enc,
+            level=level,
+            settings=settings,
+            progress=progress,
+            meta=meta,
+        )
+    except BaseException:
+        tool.kill()
+        raise
+    try:
+        tool.check(what)
+    except BaseException:
+        repo.delete(key)
+        raise
+    return artifact
+
+
+def backup_postgres(
+    conn: PostgresConnection,
+    repo: Repository,
+    repo_config: RepositoryConfig,
+    enc: EncryptionConfig,
+    *,
+    backup_id: str | None = None,
+    labels: dict[str, str] | None = None,
+    progress: ProgressFactory | None = None,
+    include_globals: bool = True,
+) -> Manifest:
+    """Back up the target's databases; returns the published manifest."""
+    register(*conn.secrets(), *repo_config.secrets(), *enc.secrets())
+    started = dt.datetime.now(dt.UTC)
+    bid = backup_id or new_backup_id(started)
+    settings = StorageSettings(
+        retain_until=started + dt.timedelta(days=repo_config.retention_days)
+        if repo_config.retention_days
+        else None
+    )
+    with connect(conn) as c:
+        server = pg_inspect.server_facts(c)
+        databases = _select_databases(pg_inspect.list_databases(c), conn.databases)
+
+    artifacts: list[Artifact] = []
+    db_details: list[dict[str, Any]] = []
+    try:
+        if include_globals:
+            key = data_key(ENGINE, conn.name, bid, "globals.sql")
+            tool = Tool(
+                [pg_tool("pg_dumpall"), "--globals-only", "--no-password"],
+                {**conn.libpq_env(), "PGDATABASE": conn.maintenance_db},
+            )
+            artifacts.append(
+                _store_from_tool(
+                    tool,
+                    repo,
+                    key,
+                    enc,
+                    level=repo_config.compression_level,
+                    settings=settings,
+                    progress=progress("globals.sql", None) if progress else None,
+                    name="globals.sql",
+                    what="pg_dumpall --globals-only",
+                    content="sql",
+                )
+            )
+        for index, database in enumerate(databases):
+            name = artifact_name(index, database["name"])
+            artifact, tables = _dump_database(
+                conn,
+                repo,
+                enc,
+                key=data_key(ENGINE, conn.name, bid, name),
+                name=name,
+                database=database,
+                level=repo_config.compression_level,
+                settings=settings,
+                progress=progress(name, database["size_bytes"]) if progress else None,
+            )
+            artifacts.append(artifact)
+            db_details.append({**database, "artifact": name, "tables": tables})
+        for artifact in artifacts:
+            check_durable(repo, artifact)
+        manifest = Manifest(
+            backup_id=bid,
+            engine=ENGINE,
+            target=conn.name,
+            kind="logical",
+            started_at=started,
+            finished_at=dt.datetime.now(dt.UTC),
+            repository=repo.describe(),
+            tool_versions={"pg_dump": tool_version("pg_dump")},
+            server={"host": conn.host, "port": conn.port, **server},
+            artifacts=artifacts,
+            details={"format": "custom", "databases": db_details},
+            labels=dict(labels or {}),
+        )
+        Catalog(repo).write(manifest)
+    except BaseException:
+        for artifact in artifacts:
+            repo.delete(artifact.key)
+        raise
+    return manifest

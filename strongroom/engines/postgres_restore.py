@@ -1,0 +1,450 @@
+"""PostgreSQL logical restore: whole database, tables, schemas; schema- or data-only.
+
+The artifact streams through ``pg_restore -f -`` (archive -> SQL) into ``psql``
+inside one transaction that strongroom opens and only commits after
+``pg_restore`` exited cleanly and every checksum matched. A whole-database
+restore goes into a fresh scratch database that replaces the target only after
+the row counts match the manifest, so a failure at any point leaves the target
+as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import secrets
+import threading
+import time
+from typing import Any
+
+from psycopg import sql
+from pydantic import BaseModel, Field
+
+from strongroom.artifacts import read_artifact
+from strongroom.catalog import Catalog, Manifest
+from strongroom.config import EncryptionConfig, PostgresConnection
+from strongroom.engines import pg_inspect
+from strongroom.engines.pg_connect import connect
+from strongroom.engines.postgres import ENGINE, pg_tool
+from strongroom.errors import (
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    StrongroomError,
+    TargetNotEmpty,
+)
+from strongroom.pipeline import Progress
+from strongroom.process import Tool
+from strongroom.redact import register
+from strongroom.repository.base import Repository
+
+MAX_NAME = 63
+
+
+class PgRestoreRequest(BaseModel):
+    """What to restore and where; every field is validated before anything changes."""
+
+    backup_id: str = "latest"
+    source_target: str | None = Field(
+        default=None, description="target the backup was taken from (default: the restore target)"
+    )
+    database: str | None = Field(
+        default=None, description="database in the backup (needed when it holds several)"
+    )
+    target_database: str | None = Field(default=None, description="default: same name")
+    tables: list[str] = Field(default_factory=list, description="schema.table or table")
+    schemas: list[str] = Field(default_factory=list)
+    schema_only: bool = False
+    data_only: bool = False
+    drop_existing: bool = False
+    dry_run: bool = False
+    no_owner: bool = False
+
+
+def _check_identifier(value: str, what: str) -> str:
+    if not value or len(value.encode()) > MAX_NAME or "\x00" in value:
+        raise InvalidInput(f"invalid {what} {value[:80]!r}: 1-63 bytes, no NUL")
+    return value
+
+
+def _pick_database(manifest: Manifest, wanted: str | None) -> dict[str, Any]:
+    dbs: list[dict[str, Any]] = manifest.details.get("databases", [])
+    names = [d["name"] for d in dbs]
+    if wanted is None:
+        if len(dbs) != 1:
+            raise InvalidInput(
+                f"backup {manifest.backup_id} holds {len(dbs)} databases "
+                f"({', '.join(names)}); choose one with database="
+            )
+        return dbs[0]
+    for entry in dbs:
+        if entry["name"] == wanted:
+            return entry
+    raise NotFound(
+        f"database {wanted[:80]!r} is not in backup {manifest.backup_id}; "
+        f"it holds: {', '.join(names)}"
+    )
+
+
+def _select_tables(
+    entry: dict[str, Any], tables: list[str], schemas: list[str]
+) -> list[tuple[str, str]]:
+    """Resolve requested names against the manifest's table list (never trust the input)."""
+    known = [(t["schema"], t["name"]) for t in entry["tables"]]
+    shown = ", ".join(f"{s}.{t}" for s, t in known[:30]) or "(no tables)"
+    if schemas:
+        have = {s for s, _ in known}
+        for schema in schemas:
+            _check_identifier(schema, "schema name")
+            if schema not in have:
+                raise NotFound(
+                    f"schema {schema!r} is not in the backup of {entry['name']!r}; "
+                    f"schemas: {', '.join(sorted(have)) or '(none)'}"
+                )
+    chosen: list[tuple[str, str]] = []
+    for text in tables:
+        _check_identifier(text.split(".")[-1], "table name")
+        exact = [(s, t) for s, t in known if f"{s}.{t}" == text]
+        bare = [(s, t) for s, t in known if t == text]
+        matches = exact or bare
+        if not matches:
+            raise NotFound(
+                f"table {text[:80]!r} is not in the backup of {entry['name']!r}; it holds: {shown}"
+            )
+        if len(matches) > 1:
+            raise InvalidInput(f"table {text!r} is ambiguous; qualify it: {matches}")
+        chosen.append(matches[0])
+    if tables:
+        chosen_schemas = {s for s, _ in chosen}
+        names = {t for _, t in chosen}
+        extra = [
+            (s, t) for s, t in known if s in chosen_schemas and t in names and (s, t) not in chosen
+        ]
+        if extra:
+            raise InvalidInput(
+                f"pg_restore would also select {extra}; restore one schema's tables at a time"
+            )
+        return chosen
+    if schemas:
+        return [(s, t) for s, t in known if s in schemas]
+    return known
+
+
+def _expected_rows(entry: dict[str, Any]) -> dict[tuple[str, str], int]:
+    return {(t["schema"], t["name"]): int(t["rows"]) for t in entry["tables"]}
+
+
+def _database_exists(conn: PostgresConnection, name: str) -> bool:
+    with connect(conn) as c:
+        return (
+            c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            is not None
+        )
+
+
+def _restore_args(req: PgRestoreRequest, selected: list[tuple[str, str]], clean: bool) -> list[str]:
+    args = [pg_tool("pg_restore"), "--exit-on-error", "-f", "-"]
+    if req.tables:
+        for schema in sorted({s for s, _ in selected}):
+            args += ["-n", schema]
+        for _, table in selected:
+            args += ["-t", table]
+    for schema in req.schemas:
+        args += ["-n", schema]
+    if req.schema_only:
+        args.append("--schema-only")
+    if req.data_only:
+        args.append("--data-only")
+    if clean:
+        args += ["--clean", "--if-exists"]
+    if req.no_owner:
+        args.append("--no-owner")
+    return args
+
+
+class _Forward:
+    """Copies pg_restore's SQL into psql, wrapped in BEGIN ... COMMIT that we control."""
+
+    def __init__(self, restore: Tool, psql: Tool, preamble: str) -> None:
+        self.restore = restore
+        self.psql = psql
+        self.error: BaseException | None = None
+        assert psql.proc.stdin is not None
+        psql.proc.stdin.write(b"BEGIN;\n" + preamble.encode() + b"\n")
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        src, dst = self.restore.proc.stdout, self.psql.proc.stdin
+        assert src is not None and dst is not None
+        try:
+            while chunk := src.read(1024 * 1024):
+                dst.write(chunk)
+        except BaseException as exc:
+            self.error = exc
+
+    def commit(self) -> None:
+        self.thread.join()
+        stdin = self.psql.proc.stdin
+        assert stdin is not None
+        stdin.write(b"COMMIT;\n")
+        stdin.close()
+
+
+def _run_restore(
+    repo: Repository,
+    manifest: Manifest,
+    entry: dict[str, Any],
+    conn: PostgresConnection,
+    enc: EncryptionConfig,
+    database: str,
+    args: list[str],
+    preamble: str,
+    progress: Progress | None,
+) -> None:
+    """Stream the dump into ``database`` in one transaction; commit only if all checks pass."""
+    artifact = manifest.artifact(entry["artifact"])
+    import subprocess
+
+    env = {**conn.libpq_env(), "PGDATABASE": database}
+    psql = Tool(
+        [pg_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password"],
+        env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    restore = Tool(args, env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    forward = _Forward(restore, psql, preamble)
+    committed = False
+    try:
+        assert restore.proc.stdin is not None
+        try:
+            read_artifact(repo, artifact, restore.proc.stdin, encryption=enc, progress=progress)
+        except BrokenPipeError:
+            # pg_restore stopped reading: its exit status says why; even if it
+            # claims success the artifact was not fully verified, so never commit.
+            restore.check(f"pg_restore of {artifact.name}")
+            raise IntegrityError(
+                f"pg_restore stopped reading {artifact.name} before it was verified"
+            ) from None
+        restore.proc.stdin.close()
+        restore.check(f"pg_restore of {artifact.name}")
+        if forward.error is not None and psql.proc.poll() is None:
+            raise StrongroomError(f"copying SQL into psql failed: {forward.error}")
+        if psql.proc.poll() is not None:
+            psql.check(f"psql into database {database!r}")
+        forward.commit()
+        committed = True
+        psql.check(f"psql into database {database!r}")
+    finally:
+        if not committed:
+            psql.kill()  # first: its transaction must never see EOF and commit
+            restore.kill()
+
+
+def _compare_rows(
+    conn: PostgresConnection,
+    database: str,
+    expected: dict[tuple[str, str], int],
+    tables: list[tuple[str, str]],
+) -> list[dict[str, Any]]:
+    with connect(conn, database) as c:
+        actual = pg_inspect.count_rows(c, tables)
+    return [
+        {
+            "table": f"{s}.{t}",
+            "expected": expected.get((s, t)),
+            "actual": actual[(s, t)],
+            "ok": expected.get((s, t)) == actual[(s, t)],
+        }
+        for s, t in tables
+    ]
+
+
+def _drop_database(conn: PostgresConnection, name: str) -> None:
+    with connect(conn) as c:
+        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def restore_postgres(
+    conn: PostgresConnection,
+    repo: Repository,
+    enc: EncryptionConfig,
+    req: PgRestoreRequest,
+    *,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Restore per ``req``; returns the plan (dry run) or the report with row checks."""
+    register(*conn.secrets(), *enc.secrets())
+    if req.schema_only and req.data_only:
+        raise InvalidInput("schema_only and data_only exclude each other")
+    if req.tables and req.schemas:
+        raise InvalidInput("give tables or schemas, not both")
+    manifest = Catalog(repo).resolve(req.backup_id, ENGINE, req.source_target or conn.name)
+    entry = _pick_database(manifest, req.database)
+    target_db = _check_identifier(req.target_database or entry["name"], "target database")
+    selected = _select_tables(entry, req.tables, req.schemas)
+    artifact = manifest.artifact(entry["artifact"])
+    whole = not (req.tables or req.schemas or req.data_only)
+    exists = _database_exists(conn, target_db)
+    conflicts: list[str] = []
+    non_empty = False
+    if exists:
+        with connect(conn, target_db) as c:
+            if whole:
+                non_empty = pg_inspect.has_user_objects(c)
+            else:
+                present = set(pg_inspect.user_tables(c))
+                conflicts = [f"{s}.{t}" for s, t in selected if (s, t) in present]
+                missing = [f"{s}.{t}" for s, t in selected if (s, t) not in present]
+                if req.data_only and missing:
+                    raise NotFound(
+                        f"data-only restore needs the tables to exist in {target_db!r}; "
+                        f"missing: {', '.join(missing)}"
+                    )
+                if req.data_only:
+                    counts = pg_inspect.count_rows(c, selected)
+                    conflicts = [f"{s}.{t}" for (s, t), n in counts.items() if n]
+    elif req.data_only:
+        raise NotFound(f"data-only restore needs database {target_db!r} to exist")
+
+    plan: dict[str, Any] = {
+        "backup_id": manifest.backup_id,
+        "backup_finished_at": manifest.finished_at.isoformat(),
+        "source_target": manifest.target,
+        "source_database": entry["name"],
+        "target_server": f"{conn.host}:{conn.port}",
+        "target_database": target_db,
+        "mode": "whole database" if whole else ("data only" if req.data_only else "selective"),
+        "schema_only": req.schema_only,
+        "tables": [f"{s}.{t}" for s, t in selected],
+        "artifact": artifact.name,
+        "raw_size": artifact.raw_size,
+        "stored_size": artifact.stored_size,
+        "target_exists": exists,
+        "would_replace": (whole and exists) or bool(conflicts),
+        "conflicts": conflicts,
+        "drop_existing": req.drop_existing,
+    }
+    blocked = (whole and non_empty) or bool(conflicts)
+    if blocked and not req.drop_existing:
+        what = (
+            f"database {target_db!r} is not empty"
+            if whole
+            else (f"{', '.join(conflicts)} already exist" + (" with rows" if req.data_only else ""))
+        )
+        if not req.dry_run:
+            raise TargetNotEmpty(f"refusing to overwrite: {what}; pass drop_existing to replace")
+        plan["blocked"] = f"{what}; needs drop_existing"
+    if req.dry_run:
+        plan["dry_run"] = True
+        return plan
+
+    started = time.monotonic()
+    expected = _expected_rows(entry)
+    if whole:
+        scratch = f"sr_restore_{secrets.token_hex(4)}"
+        with connect(conn) as c:
+            c.execute(
+                sql.SQL(
+                    "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}"
+                ).format(
+                    sql.Identifier(scratch),
+                    sql.Literal(entry["encoding"]),
+                    sql.Literal(entry["collate"]),
+                    sql.Literal(entry["ctype"]),
+                )
+            )
+        try:
+            _run_restore(
+                repo,
+                manifest,
+                entry,
+                conn,
+                enc,
+                scratch,
+                _restore_args(req, selected, clean=False),
+                "",
+                progress,
+            )
+            checks = [] if req.schema_only else _compare_rows(conn, scratch, expected, selected)
+            bad = [c for c in checks if not c["ok"]]
+            if bad:
+                raise IntegrityError(f"row counts differ from the manifest: {bad[:5]}")
+            _swap_in(conn, scratch, target_db, exists)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                _drop_database(conn, scratch)
+            raise
+    else:
+        created = False
+        if not exists:
+            with connect(conn) as c:
+                c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target_db)))
+            created = True
+        preamble = ""
+        if req.data_only and req.drop_existing and selected:
+            preamble = (
+                sql.SQL("TRUNCATE {};")
+                .format(sql.SQL(", ").join(sql.Identifier(s, t) for s, t in selected))
+                .as_string(None)
+            )
+        try:
+            _run_restore(
+                repo,
+                manifest,
+                entry,
+                conn,
+                enc,
+                target_db,
+                _restore_args(req, selected, clean=bool(conflicts) and not req.data_only),
+                preamble,
+                progress,
+            )
+        except BaseException:
+            if created:
+                with contextlib.suppress(Exception):
+                    _drop_database(conn, target_db)
+            raise
+        checks = [] if req.schema_only else _compare_rows(conn, target_db, expected, selected)
+    report = {
+        **plan,
+        "dry_run": False,
+        "duration_s": round(time.monotonic() - started, 3),
+        "restored_at": dt.datetime.now(dt.UTC).isoformat(),
+        "row_checks": checks,
+        "rows_ok": all(c["ok"] for c in checks),
+    }
+    if not report["rows_ok"]:
+        bad = [c for c in checks if not c["ok"]]
+        raise IntegrityError(f"restored row counts differ from the manifest: {bad[:5]}")
+    return report
+
+
+def _swap_in(conn: PostgresConnection, scratch: str, target: str, exists: bool) -> None:
+    """Replace ``target`` with ``scratch`` (the old one is dropped only after the rename)."""
+    with connect(conn) as c:
+        if exists:
+            old = f"sr_old_{secrets.token_hex(4)}"
+            c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (target,),
+            )
+            c.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(target), sql.Identifier(old)
+                )
+            )
+            c.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(scratch), sql.Identifier(target)
+                )
+            )
+            c.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(old)))
+        else:
+            c.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(scratch), sql.Identifier(target)
+                )
+            )

@@ -1,0 +1,253 @@
+"""The stream: raw bytes -> SHA-256 -> zstd -> age encryption -> SHA-256 -> storage.
+
+Backups flow through ``store_stream`` and restores through ``restore_stream``;
+both move bounded chunks, so memory does not grow with the size of the data.
+
+Encryption is age (X25519 recipients, ChaCha20-Poly1305 in 64 KiB chunks with
+a final-chunk flag), so truncation, reordering and flipped bytes fail
+authentication and an operator can decrypt any artifact with the stock ``age``
+tool: ``age -d -i key.txt artifact | zstd -d``. The SHA-256 of the stored
+bytes is checked against the manifest as well, because age recipients are
+public and anyone holding one could produce a different, well-formed file.
+
+``restore_stream`` holds back the last bytes of the plaintext until every
+check has passed, so a consumer such as ``pg_restore`` or ``psql -1`` cannot
+reach the end of its input, and commit, from an artifact that fails a check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any, BinaryIO, Protocol, cast
+
+import pyrage
+import zstandard
+
+from strongroom.errors import IntegrityError, InvalidInput
+
+CHUNK = 1024 * 1024
+HOLDBACK = 1024 * 1024
+ENCRYPTION = "age-x25519"
+COMPRESSION = "zstd"
+
+Progress = Callable[[int], None]
+
+
+class Writable(Protocol):
+    def write(self, data: bytes | bytearray | memoryview, /) -> Any: ...
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    raw_size: int
+    raw_sha256: str
+    stored_size: int
+    stored_sha256: str
+
+
+def parse_recipients(recipients: list[str]) -> list[pyrage.x25519.Recipient]:
+    if not recipients:
+        raise InvalidInput("no encryption recipient configured: backups are always encrypted")
+    parsed = []
+    for text in recipients:
+        try:
+            parsed.append(pyrage.x25519.Recipient.from_str(text.strip()))
+        except Exception as exc:
+            raise InvalidInput(f"invalid age recipient {text.strip()[:12]}...: {exc}") from None
+    return parsed
+
+
+def parse_identities(identities: list[str]) -> list[pyrage.x25519.Identity]:
+    if not identities:
+        raise InvalidInput("no decryption identity configured: restore and verify need one")
+    parsed = []
+    for text in identities:
+        try:
+            parsed.append(pyrage.x25519.Identity.from_str(text.strip()))
+        except Exception:
+            # never echo the text: it is a secret key
+            raise InvalidInput("invalid age identity (expected AGE-SECRET-KEY-1...)") from None
+    return parsed
+
+
+class _HashingReader:
+    """Reads from ``source`` and hashes/counts every byte that passes."""
+
+    def __init__(self, source: IO[bytes], progress: Progress | None = None) -> None:
+        self._source = source
+        self._progress = progress
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.error: BaseException | None = None
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data = self._source.read(n if n is not None and n > 0 else CHUNK)
+        except BaseException as exc:
+            self.error = exc  # the storage failed, not the artifact
+            raise
+        if data:
+            self.sha256.update(data)
+            self.size += len(data)
+            if self._progress is not None:
+                self._progress(len(data))
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+
+class _HashingWriter:
+    """Hashes/counts every byte on its way to ``sink``."""
+
+    def __init__(self, sink: Writable) -> None:
+        self._sink = sink
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.size += view.nbytes
+        self._sink.write(view)
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+
+class _HoldbackWriter:
+    """Passes bytes to ``sink`` but keeps the last ``holdback`` bytes until ``release``."""
+
+    def __init__(self, sink: Writable, holdback: int) -> None:
+        self._sink = sink
+        self._holdback = holdback
+        self._tail = bytearray()
+        self.error: BaseException | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data)
+        self._tail += view
+        excess = len(self._tail) - self._holdback
+        if excess >= CHUNK or (excess > 0 and len(self._tail) > 2 * self._holdback):
+            try:
+                self._sink.write(bytes(self._tail[:excess]))
+            except BaseException as exc:
+                self.error = exc  # the consumer failed, not the artifact
+                raise
+            del self._tail[:excess]
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass
+
+    def release(self) -> None:
+        if self._tail:
+            self._sink.write(bytes(self._tail))
+            self._tail.clear()
+
+
+def store_stream(
+    source: IO[bytes],
+    sink: Writable,
+    *,
+    recipients: list[str],
+    level: int = 3,
+    progress: Progress | None = None,
+) -> StreamStats:
+    """Compress and encrypt ``source`` into ``sink``; returns sizes and checksums.
+
+    ``source`` needs ``read(n)``; ``sink`` needs ``write(bytes)``.
+    """
+    keys = parse_recipients(recipients)
+    raw = _HashingReader(source, progress)
+    stored = _HashingWriter(sink)
+    compressor = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
+    with compressor.stream_reader(
+        cast(IO[bytes], raw), read_size=CHUNK, closefd=False
+    ) as compressed:
+        pyrage.encrypt_io(compressed, stored, keys)
+    return StreamStats(
+        raw_size=raw.size,
+        raw_sha256=raw.sha256.hexdigest(),
+        stored_size=stored.size,
+        stored_sha256=stored.sha256.hexdigest(),
+    )
+
+
+def restore_stream(
+    source: BinaryIO,
+    sink: Writable,
+    *,
+    identities: list[str],
+    expected_stored_sha256: str,
+    expected_raw_sha256: str,
+    name: str,
+    holdback: int = HOLDBACK,
+    progress: Progress | None = None,
+) -> StreamStats:
+    """Decrypt and decompress ``source`` into ``sink``, checking both checksums.
+
+    Raises IntegrityError naming ``name`` on any mismatch, authentication
+    failure or wrong key; in that case the last ``holdback`` bytes were never
+    written to ``sink``.
+    """
+    keys = parse_identities(identities)
+    stored = _HashingReader(source, progress)
+    held = _HoldbackWriter(sink, holdback)
+    raw = _HashingWriter(held)
+    decompressor = zstandard.ZstdDecompressor()
+    try:
+        with decompressor.stream_writer(
+            cast(IO[bytes], raw), write_size=CHUNK, closefd=False
+        ) as plain:
+            pyrage.decrypt_io(stored, plain, keys)
+            plain.flush()
+    except (pyrage.DecryptError, OSError, ValueError) as exc:
+        if held.error is not None:
+            raise held.error from None
+        if stored.error is not None:
+            raise stored.error from None
+        text = str(exc)
+        if "no matching keys" in text.lower() or "no identity" in text.lower():
+            raise IntegrityError(
+                f"{name}: cannot decrypt with the configured identity (wrong key?)"
+            ) from None
+        raise IntegrityError(
+            f"{name}: encrypted stream failed authentication ({text}); "
+            "the artifact is truncated, reordered or altered"
+        ) from None
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{name}: compressed stream is corrupt ({exc})") from None
+    stats = StreamStats(
+        raw_size=raw.size,
+        raw_sha256=raw.sha256.hexdigest(),
+        stored_size=stored.size,
+        stored_sha256=stored.sha256.hexdigest(),
+    )
+    if stats.stored_sha256 != expected_stored_sha256:
+        raise IntegrityError(
+            f"{name}: stored checksum mismatch (manifest {expected_stored_sha256[:16]}..., "
+            f"read {stats.stored_sha256[:16]}...); the artifact was altered or replaced"
+        )
+    if stats.raw_sha256 != expected_raw_sha256:
+        raise IntegrityError(f"{name}: content checksum mismatch after decryption")
+    held.release()
+    return stats
+
+
+class NullSink:
+    """A sink that discards bytes (for verify)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        return len(data)

@@ -1,0 +1,94 @@
+"""Running external database tools (pg_dump, pg_restore, psql, ...) safely.
+
+Passwords go through the environment, never argv. stderr is collected in a
+bounded buffer by a thread (so a chatty tool cannot block or grow memory) and
+scrubbed of secrets before it appears in any error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Sequence
+from typing import IO
+
+from strongroom.errors import AccessDenied, ServiceUnavailable, ToolFailed
+from strongroom.redact import scrub
+
+STDERR_KEEP = 64 * 1024
+
+
+def tool_path(name: str, search: Sequence[str] = ()) -> str:
+    """Find a tool on PATH or in extra folders (e.g. /usr/lib/postgresql/15/bin)."""
+    for folder in search:
+        found = shutil.which(name, path=folder)
+        if found:
+            return found
+    found = shutil.which(name)
+    if not found:
+        raise ToolFailed(f"{name} is not installed (not on PATH)")
+    return found
+
+
+class Tool:
+    """A running tool with a bounded, scrubbed stderr tail."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        *,
+        stdin: int | IO[bytes] | None = None,
+        stdout: int | IO[bytes] | None = subprocess.PIPE,
+    ) -> None:
+        self.name = argv[0].rsplit("/", 1)[-1]
+        self.proc = subprocess.Popen(
+            argv, env=env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, bufsize=0
+        )
+        self._tail: deque[bytes] = deque()
+        self._tail_size = 0
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in iter(self.proc.stderr.readline, b""):
+            self._tail.append(line)
+            self._tail_size += len(line)
+            while self._tail_size > STDERR_KEEP and len(self._tail) > 1:
+                self._tail_size -= len(self._tail.popleft())
+
+    @property
+    def stderr(self) -> str:
+        self._reader.join(timeout=5)
+        return scrub(b"".join(self._tail).decode("utf-8", "replace")).strip()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=10)
+
+    def check(self, what: str) -> None:
+        """Raise a classified error if the tool failed."""
+        code = self.wait()
+        if code == 0:
+            return
+        raise classify_failure(self.name, what, code, self.stderr)
+
+
+def classify_failure(tool: str, what: str, code: int, stderr: str) -> Exception:
+    text = stderr.lower()
+    last = stderr.strip().splitlines()[-3:] if stderr.strip() else []
+    detail = " | ".join(last) or f"exit code {code}"
+    if "password authentication failed" in text or "no password supplied" in text:
+        return AccessDenied(f"{what}: the server refused the credentials ({tool}: {detail})")
+    if "could not connect" in text or "connection refused" in text or "timeout expired" in text:
+        return ServiceUnavailable(f"{what}: server unreachable ({tool}: {detail})")
+    return ToolFailed(f"{what}: {tool} failed with exit code {code}: {detail}")
