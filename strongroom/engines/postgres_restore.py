@@ -383,6 +383,12 @@ def restore_postgres(
                 c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target_db)))
             created = True
         preamble = ""
+        if not req.data_only:
+            # pg_restore -n restores objects in a schema, not the schema itself
+            preamble = "".join(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {};").format(sql.Identifier(s)).as_string(None)
+                for s in sorted({s for s, _ in selected} | set(req.schemas))
+            )
         if req.data_only and req.drop_existing and selected:
             preamble = (
                 sql.SQL("TRUNCATE {};")

@@ -45,7 +45,13 @@ from botocore.exceptions import (
 from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
 
 from strongroom.config import RepositoryConfig
 from strongroom.errors import (
@@ -382,9 +388,8 @@ class S3Repository(Repository):
 
         retrying = Retrying(
             stop=stop_after_attempt(self._max_attempts),
-            wait=wait_exponential_jitter(
-                initial=self._wait_initial, max=self._wait_max, jitter=self._wait_initial
-            ),
+            wait=wait_exponential(multiplier=self._wait_initial, max=self._wait_max)
+            + wait_random(0, self._wait_initial),
             retry=retry_if_exception(_is_transient),
             reraise=True,
             before_sleep=lambda state: log.warning(
@@ -465,6 +470,39 @@ class S3Repository(Repository):
                 raise
 
         self._call("PutObject", put, key=key)
+
+    def _ensure_retention(self, key: str, version_id: str | None, extra: dict[str, Any]) -> None:
+        """Check that a multipart object carries its lock; set it if the server
+        dropped the CreateMultipartUpload lock headers (some S3-compatible servers,
+        and moto, do). On AWS this costs one HEAD."""
+        full = self._full(key)
+        version: dict[str, Any] = {"VersionId": version_id} if version_id else {}
+
+        def head(_attempt: int) -> dict[str, Any]:
+            return dict(self._client.head_object(Bucket=self.bucket, Key=full, **version))
+
+        found = self._call("HeadObject", head, key=key)
+        if found.get("ObjectLockMode") and found.get("ObjectLockRetainUntilDate"):
+            return
+        log.warning(
+            "%s/%s: the server did not apply the object lock of the multipart upload; "
+            "setting the retention now",
+            self.describe(),
+            key,
+        )
+
+        def retain(_attempt: int) -> None:
+            self._client.put_object_retention(
+                Bucket=self.bucket,
+                Key=full,
+                Retention={
+                    "Mode": extra["ObjectLockMode"],
+                    "RetainUntilDate": extra["ObjectLockRetainUntilDate"],
+                },
+                **version,
+            )
+
+        self._call("PutObjectRetention", retain, key=key)
 
     def _upload_part(self, key: str, upload_id: str, number: int, body: io.BytesIO) -> str:
         full = self._full(key)
@@ -593,7 +631,7 @@ class S3Repository(Repository):
                 yield ObjectInfo(
                     key=self._relative(full_key),
                     size=int(obj["Size"]),
-                    modified=obj["LastModified"],
+                    modified=obj["LastModified"].astimezone(dt.UTC),
                 )
             if not resp.get("IsTruncated"):
                 return
@@ -780,7 +818,17 @@ class S3ObjectWriter(ObjectWriter):
         del body
         self._raise_worker_error()
 
+    def _finish_worker(self) -> None:
+        """Let the worker upload every queued part, then stop it."""
+        thread = self._thread
+        if thread is None:
+            return
+        if thread.is_alive():
+            self._queue.put(None)
+        thread.join()
+
     def _stop_worker(self) -> None:
+        """Stop the worker, dropping parts not yet sent (abort)."""
         thread = self._thread
         if thread is None:
             return
@@ -833,7 +881,7 @@ class S3ObjectWriter(ObjectWriter):
             else:
                 if self._buf_len:
                     self._flush_part()
-                self._stop_worker()
+                self._finish_worker()
                 self._raise_worker_error()
                 self._complete()
         except BaseException:
@@ -850,14 +898,15 @@ class S3ObjectWriter(ObjectWriter):
         if [p["PartNumber"] for p in parts] != list(range(1, self._next_part)):
             raise IntegrityError(f"{self._key}: parts missing from the multipart upload")
 
-        def complete(attempt: int) -> None:
+        def complete(attempt: int) -> str | None:
             try:
-                repo._client.complete_multipart_upload(
+                resp = repo._client.complete_multipart_upload(
                     Bucket=repo.bucket,
                     Key=self._full,
                     UploadId=upload_id,
                     MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
                 )
+                return resp.get("VersionId")
             except ClientError as exc:
                 # A retried Complete whose first try landed (answer lost) finds the
                 # upload gone; the object with our part count is then ours.
@@ -866,10 +915,12 @@ class S3ObjectWriter(ObjectWriter):
                     if head is not None and str(head.get("ETag", "")).strip('"').endswith(
                         f"-{len(parts)}"
                     ):
-                        return
+                        return head.get("VersionId")
                 raise
 
-        repo._call("CompleteMultipartUpload", complete, key=self._key)
+        version_id = repo._call("CompleteMultipartUpload", complete, key=self._key)
+        if "ObjectLockMode" in self._extra:
+            repo._ensure_retention(self._key, version_id, self._extra)
 
     def abort(self) -> None:
         """Stop the upload and abort the multipart upload. Never raises: if the abort

@@ -1,0 +1,170 @@
+"""The stream: round trip, tamper detection, wrong key, holdback, stock-tool decryption."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import tracemalloc
+
+import pytest
+from pyrage import x25519
+
+from strongroom import pipeline
+from strongroom.errors import IntegrityError, InvalidInput
+
+
+@pytest.fixture(scope="module")
+def identity() -> x25519.Identity:
+    return x25519.Identity.generate()
+
+
+def _data() -> bytes:
+    return os.urandom(700_000) + b"strongroom " * 300_000
+
+
+def _store(identity: x25519.Identity, data: bytes) -> tuple[bytes, pipeline.StreamStats]:
+    out = io.BytesIO()
+    stats = pipeline.store_stream(io.BytesIO(data), out, recipients=[str(identity.to_public())])
+    return out.getvalue(), stats
+
+
+def _restore(identity: x25519.Identity, blob: bytes, stats: pipeline.StreamStats) -> bytes:
+    sink = io.BytesIO()
+    pipeline.restore_stream(
+        io.BytesIO(blob), sink, identities=[str(identity)],
+        expected_stored_sha256=stats.stored_sha256, expected_raw_sha256=stats.raw_sha256,
+        name="test",
+    )
+    return sink.getvalue()
+
+
+def test_round_trip_records_sizes_and_checksums(identity: x25519.Identity) -> None:
+    data = _data()
+    blob, stats = _store(identity, data)
+    assert stats.raw_size == len(data)
+    assert stats.raw_sha256 == hashlib.sha256(data).hexdigest()
+    assert stats.stored_size == len(blob)
+    assert stats.stored_sha256 == hashlib.sha256(blob).hexdigest()
+    assert stats.stored_size < stats.raw_size  # compressed
+    assert _restore(identity, blob, stats) == data
+
+
+def test_empty_stream_round_trips(identity: x25519.Identity) -> None:
+    blob, stats = _store(identity, b"")
+    assert stats.raw_size == 0
+    assert _restore(identity, blob, stats) == b""
+
+
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.99])
+def test_flipped_byte_fails(identity: x25519.Identity, where: float) -> None:
+    blob, stats = _store(identity, _data())
+    pos = int(len(blob) * where)
+    bad = blob[:pos] + bytes([blob[pos] ^ 0x01]) + blob[pos + 1 :]
+    with pytest.raises(IntegrityError, match="test"):
+        _restore(identity, bad, stats)
+
+
+@pytest.mark.parametrize("cut", [1, 100, 65_536 + 16, 200_000])
+def test_truncation_fails(identity: x25519.Identity, cut: int) -> None:
+    blob, stats = _store(identity, os.urandom(400_000))
+    with pytest.raises(IntegrityError):
+        _restore(identity, blob[:-cut], stats)
+
+
+def test_reordered_chunks_fail(identity: x25519.Identity) -> None:
+    blob, stats = _store(identity, os.urandom(400_000))
+    chunk = 65_536 + 16  # age payload chunk size on the wire
+    header_end = blob.index(b"\n---") + 1
+    header_end = blob.index(b"\n", header_end) + 1 + 16  # header line + payload nonce
+    a = blob[header_end : header_end + chunk]
+    b = blob[header_end + chunk : header_end + 2 * chunk]
+    swapped = blob[:header_end] + b + a + blob[header_end + 2 * chunk :]
+    assert len(swapped) == len(blob)
+    with pytest.raises(IntegrityError):
+        _restore(identity, swapped, stats)
+
+
+def test_wrong_key_fails_clearly(identity: x25519.Identity) -> None:
+    blob, stats = _store(identity, _data())
+    other = x25519.Identity.generate()
+    with pytest.raises(IntegrityError, match="wrong key"):
+        _restore(other, blob, stats)
+
+
+def test_well_formed_replacement_is_caught_by_manifest_checksum(
+    identity: x25519.Identity,
+) -> None:
+    """age recipients are public: a forged but valid file must still be refused."""
+    blob, stats = _store(identity, b"original" * 1000)
+    forged, _ = _store(identity, b"forged!!" * 1000)
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        _restore(identity, forged, stats)
+
+
+def test_holdback_keeps_tail_from_consumer_on_failure(identity: x25519.Identity) -> None:
+    data = os.urandom(3 * 1024 * 1024)
+    blob, stats = _store(identity, data)
+    sink = io.BytesIO()
+    bad_stats = pipeline.StreamStats(stats.raw_size, stats.raw_sha256, stats.stored_size, "0" * 64)
+    with pytest.raises(IntegrityError):
+        pipeline.restore_stream(
+            io.BytesIO(blob), sink, identities=[str(identity)],
+            expected_stored_sha256=bad_stats.stored_sha256,
+            expected_raw_sha256=stats.raw_sha256, name="held",
+        )
+    assert len(sink.getvalue()) <= len(data) - pipeline.HOLDBACK
+
+
+def test_no_recipient_or_bad_identity_is_invalid_input(identity: x25519.Identity) -> None:
+    with pytest.raises(InvalidInput):
+        pipeline.store_stream(io.BytesIO(b"x"), io.BytesIO(), recipients=[])
+    with pytest.raises(InvalidInput) as info:
+        pipeline.parse_identities(["AGE-SECRET-KEY-1NOTREALLYAKEY"])
+    assert "NOTREALLY" not in str(info.value)
+
+
+def test_stock_age_and_zstd_can_decrypt(identity: x25519.Identity, tmp_path: object) -> None:
+    """Disaster path: an operator with only `age` and `zstd` gets the plaintext back."""
+    from pathlib import Path
+
+    folder = Path(str(tmp_path))
+    data = _data()
+    blob, _ = _store(identity, data)
+    (folder / "artifact.age").write_bytes(blob)
+    (folder / "key.txt").write_text(str(identity) + "\n")
+    age = subprocess.run(
+        ["age", "-d", "-i", str(folder / "key.txt"), str(folder / "artifact.age")],
+        capture_output=True, check=True,
+    )
+    plain = subprocess.run(["zstd", "-d", "-c"], input=age.stdout, capture_output=True, check=True)
+    assert plain.stdout == data
+
+
+class _Generated:
+    """A source of ``total`` bytes of poorly compressible data, produced on the fly."""
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+        self.block = os.urandom(1 << 20)
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        size = min(self.left, 1 << 20)
+        self.left -= size
+        return self.block[:size]
+
+
+def test_memory_does_not_grow_with_stream_size(identity: x25519.Identity) -> None:
+    peaks = []
+    for total in (16 << 20, 128 << 20):
+        tracemalloc.start()
+        pipeline.store_stream(
+            _Generated(total), pipeline.NullSink(), recipients=[str(identity.to_public())]
+        )
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 16 << 20
+    assert peaks[1] < peaks[0] * 2 + (4 << 20)
