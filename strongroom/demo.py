@@ -34,6 +34,7 @@ def main() -> int:
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     _prefect_env()
     import psycopg
+    from pydantic import SecretStr
     from pyrage import x25519
     from rich.console import Console
     from rich.table import Table
@@ -64,14 +65,17 @@ def main() -> int:
         register_all()
         repo_path = DEMO_DIR / "repository"
         identity = x25519.Identity.generate()
-        EncryptionKey(recipients=[str(identity.to_public())], identity=str(identity)).save(
-            "default", overwrite=True
-        )
+        EncryptionKey(
+            recipients=[str(identity.to_public())], identity=SecretStr(str(identity))
+        ).save("default", overwrite=True)
         (DEMO_DIR / "age-identity.txt").write_text(str(identity) + "\n")
         os.chmod(DEMO_DIR / "age-identity.txt", 0o600)
         BackupRepository(local_path=str(repo_path)).save("default", overwrite=True)
         PostgresTarget(
-            host=pg.host, port=pg.port, user=pg.superuser, password=pg.password,
+            host=pg.host,
+            port=pg.port,
+            user=pg.superuser,
+            password=pg.password,
             databases=["shop"],
         ).save("demo-pg", overwrite=True)
         console.print(f"blocks saved; repository {repo_path}")
@@ -103,18 +107,25 @@ def main() -> int:
 
         checks = Table("table", "rows in backup", "rows restored", "match")
         for c in report["row_checks"]:
-            checks.add_row(c["table"], f"{c['expected']:,}", f"{c['actual']:,}",
-                           "[green]yes[/green]" if c["ok"] else "[red]NO[/red]")
+            checks.add_row(
+                c["table"],
+                f"{c['expected']:,}",
+                f"{c['actual']:,}",
+                "[green]yes[/green]" if c["ok"] else "[red]NO[/red]",
+            )
         console.print(checks)
 
         summary = Table("step", "seconds", "figures", title="strongroom demo summary")
-        summary.add_row("backup", f"{backup_s:.1f}",
-                        f"dump {_mb(raw)} -> stored {_mb(stored)} "
-                        f"({stored / max(raw, 1):.0%}), {raw / 1024 / 1024 / backup_s:,.0f} MiB/s")
-        summary.add_row("verify", f"{verify_s:.1f}",
-                        f"{len(verify['artifacts'])} artifacts, ok={verify['ok']}")
-        summary.add_row("restore", f"{restore_s:.1f}",
-                        f"rows match manifest: {report['rows_ok']}")
+        summary.add_row(
+            "backup",
+            f"{backup_s:.1f}",
+            f"dump {_mb(raw)} -> stored {_mb(stored)} "
+            f"({stored / max(raw, 1):.0%}), {raw / 1024 / 1024 / backup_s:,.0f} MiB/s",
+        )
+        summary.add_row(
+            "verify", f"{verify_s:.1f}", f"{len(verify['artifacts'])} artifacts, ok={verify['ok']}"
+        )
+        summary.add_row("restore", f"{restore_s:.1f}", f"rows match manifest: {report['rows_ok']}")
         console.print(summary)
         console.print(
             f"backup id {manifest['backup_id']}; repository {repo_path}; "

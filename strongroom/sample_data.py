@@ -31,7 +31,9 @@ CREATE TABLE IF NOT EXISTS analytics.events (
     payload jsonb NOT NULL, token text NOT NULL);
 """
 
-FIRST = "ARRAY['Ada','Grace','Linus','Barbara','Ken','Margaret','Dennis','Frances','Edsger','Radia']"
+FIRST = (
+    "ARRAY['Ada','Grace','Linus','Barbara','Ken','Margaret','Dennis','Frances','Edsger','Radia']"
+)
 LAST = "ARRAY['Lovelace','Hopper','Torvalds','Liskov','Thompson','Hamilton','Ritchie','Allen']"
 CITIES = "ARRAY['Berlin','Lagos','Lima','Osaka','Oslo','Pune','Quito','Seoul','Tunis','Perth']"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -69,11 +70,15 @@ class PgDumpListCheck:
         for db in manifest.details.get("databases", []):
             if db.get("artifact") == artifact.name:
                 self._expected = [(t["schema"], t["name"]) for t in db["tables"]]
+        # output goes to files: a pipe could fill while we are still writing its stdin
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115
         self._proc = subprocess.Popen(
             [pg_tool("pg_restore"), "--list"],
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=self._out,
+            stderr=self._err,
+            bufsize=0,
         )
         self._open = True
 
@@ -87,11 +92,15 @@ class PgDumpListCheck:
         return len(data)
 
     def finish(self) -> dict[str, Any]:
-        if self._open and self._proc.stdin is not None:
+        if self._proc.stdin is not None:
             with contextlib.suppress(OSError):
                 self._proc.stdin.close()
-        out, err = self._proc.communicate(timeout=300)
-        if self._proc.returncode != 0:
+        code = self._proc.wait(timeout=300)
+        self._out.seek(0)
+        self._err.seek(0)
+        out, err = self._out.read(), self._err.read()
+        self.close()
+        if code != 0:
             raise IntegrityError(
                 f"pg_restore --list rejected the dump: {err.decode(errors='replace').strip()}"
             )
@@ -106,6 +115,14 @@ class PgDumpListCheck:
         if missing:
             raise IntegrityError(f"dump lacks data for tables: {', '.join(missing[:10])}")
         return {"toc_entries": len(entries), "table_data_entries": len(data_lines)}
+
+    def close(self) -> None:
+        """Stop pg_restore if it still runs (after a failed read) and drop its output files."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+        self._out.close()
+        self._err.close()
 
 
 register_check("sql", Utf8Check)
@@ -146,6 +163,9 @@ def verify_backup(
         except StrongroomError as exc:
             item["ok"] = False
             item["error"] = str(exc)
+        finally:
+            if check is not None and hasattr(check, "close"):
+                check.close()
         item["seconds"] = round(time.monotonic() - t0, 3)
         results.append(item)
     return {

@@ -33,8 +33,11 @@ def _store(identity: x25519.Identity, data: bytes) -> tuple[bytes, pipeline.Stre
 def _restore(identity: x25519.Identity, blob: bytes, stats: pipeline.StreamStats) -> bytes:
     sink = io.BytesIO()
     pipeline.restore_stream(
-        io.BytesIO(blob), sink, identities=[str(identity)],
-        expected_stored_sha256=stats.stored_sha256, expected_raw_sha256=stats.raw_sha256,
+        io.BytesIO(blob),
+        sink,
+        identities=[str(identity)],
+        expected_stored_sha256=stats.stored_sha256,
+        expected_raw_sha256=stats.raw_sha256,
         name="test",
     )
     return sink.getvalue()
@@ -97,7 +100,7 @@ def test_well_formed_replacement_is_caught_by_manifest_checksum(
     identity: x25519.Identity,
 ) -> None:
     """age recipients are public: a forged but valid file must still be refused."""
-    blob, stats = _store(identity, b"original" * 1000)
+    _, stats = _store(identity, b"original" * 1000)
     forged, _ = _store(identity, b"forged!!" * 1000)
     with pytest.raises(IntegrityError, match="checksum mismatch"):
         _restore(identity, forged, stats)
@@ -107,12 +110,14 @@ def test_holdback_keeps_tail_from_consumer_on_failure(identity: x25519.Identity)
     data = os.urandom(3 * 1024 * 1024)
     blob, stats = _store(identity, data)
     sink = io.BytesIO()
-    bad_stats = pipeline.StreamStats(stats.raw_size, stats.raw_sha256, stats.stored_size, "0" * 64)
     with pytest.raises(IntegrityError):
         pipeline.restore_stream(
-            io.BytesIO(blob), sink, identities=[str(identity)],
-            expected_stored_sha256=bad_stats.stored_sha256,
-            expected_raw_sha256=stats.raw_sha256, name="held",
+            io.BytesIO(blob),
+            sink,
+            identities=[str(identity)],
+            expected_stored_sha256="0" * 64,
+            expected_raw_sha256=stats.raw_sha256,
+            name="held",
         )
     assert len(sink.getvalue()) <= len(data) - pipeline.HOLDBACK
 
@@ -136,7 +141,8 @@ def test_stock_age_and_zstd_can_decrypt(identity: x25519.Identity, tmp_path: obj
     (folder / "key.txt").write_text(str(identity) + "\n")
     age = subprocess.run(
         ["age", "-d", "-i", str(folder / "key.txt"), str(folder / "artifact.age")],
-        capture_output=True, check=True,
+        capture_output=True,
+        check=True,
     )
     plain = subprocess.run(["zstd", "-d", "-c"], input=age.stdout, capture_output=True, check=True)
     assert plain.stdout == data

@@ -49,7 +49,8 @@ SELECT string_agg(t, '|' ORDER BY t) FROM (
   SELECT 'c' || md5(string_agg(c::text, ',' ORDER BY id)) AS t FROM sales.customers c
   UNION ALL SELECT 'o' || md5(string_agg(o::text, ',' ORDER BY id)) FROM sales.orders o
   UNION ALL SELECT 'x' || md5(string_agg(x::text, ',' ORDER BY x)) FROM public."odd; name" x
-  UNION ALL SELECT 'u' || md5(string_agg(u::text, ',' ORDER BY id)) FROM "Odd Schema"."Ünïcødé table" u
+  UNION ALL SELECT 'u' || md5(string_agg(u::text, ',' ORDER BY id))
+    FROM "Odd Schema"."Ünïcødé table" u
 ) s
 """
 
@@ -126,31 +127,44 @@ def test_selective_schema_only_and_data_only(
     report = _restore(source, local_repo, age_key, target_database=into, tables=["odd; name"])
     assert [c["table"] for c in report["row_checks"]] == ["public.odd; name"]
     assert source.server.psql('SELECT count(*) FROM public."odd; name"', db=into) == "2"
-    assert source.server.psql(
-        "SELECT count(*) FROM pg_tables WHERE schemaname = 'sales'", db=into
-    ) == "0"
+    assert (
+        source.server.psql("SELECT count(*) FROM pg_tables WHERE schemaname = 'sales'", db=into)
+        == "0"
+    )
 
     # the same table again: refused without drop_existing, replaced with it
     with pytest.raises(TargetNotEmpty, match="odd; name"):
         _restore(source, local_repo, age_key, target_database=into, tables=["public.odd; name"])
-    source.server.psql('INSERT INTO public."odd; name" VALUES (99, \'extra\')', db=into)
-    _restore(source, local_repo, age_key, target_database=into, tables=["public.odd; name"],
-             drop_existing=True)
+    source.server.psql("INSERT INTO public.\"odd; name\" VALUES (99, 'extra')", db=into)
+    _restore(
+        source,
+        local_repo,
+        age_key,
+        target_database=into,
+        tables=["public.odd; name"],
+        drop_existing=True,
+    )
     assert source.server.psql('SELECT count(*) FROM public."odd; name"', db=into) == "2"
 
     # a schema, schema-only: tables exist but are empty
-    _restore(source, local_repo, age_key, target_database=into, schemas=["sales"],
-             schema_only=True)
+    _restore(source, local_repo, age_key, target_database=into, schemas=["sales"], schema_only=True)
     assert source.server.psql("SELECT count(*) FROM sales.orders", db=into) == "0"
     # data-only into the empty tables, then again (rows present -> needs drop_existing)
-    _restore(source, local_repo, age_key, target_database=into, schemas=["sales"],
-             data_only=True)
+    _restore(source, local_repo, age_key, target_database=into, schemas=["sales"], data_only=True)
     assert source.server.psql("SELECT count(*) FROM sales.orders", db=into) == "5000"
     with pytest.raises(TargetNotEmpty):
-        _restore(source, local_repo, age_key, target_database=into, schemas=["sales"],
-                 data_only=True)
-    report = _restore(source, local_repo, age_key, target_database=into, schemas=["sales"],
-                      data_only=True, drop_existing=True)
+        _restore(
+            source, local_repo, age_key, target_database=into, schemas=["sales"], data_only=True
+        )
+    report = _restore(
+        source,
+        local_repo,
+        age_key,
+        target_database=into,
+        schemas=["sales"],
+        data_only=True,
+        drop_existing=True,
+    )
     assert report["rows_ok"]
     assert source.server.psql("SELECT count(*) FROM sales.orders", db=into) == "5000"
     source.server.drop_database(into)
@@ -170,14 +184,14 @@ def test_existing_database_needs_drop_existing_and_is_replaced_atomically(
     report = _restore(source, local_repo, age_key, drop_existing=True)
     assert report["rows_ok"]
     assert source.psql("SELECT count(*) FROM sales.orders") == "5000"
-    leftovers = source.server.psql(
-        "SELECT count(*) FROM pg_database WHERE datname LIKE 'sr\\_%'"
-    )
+    leftovers = source.server.psql("SELECT count(*) FROM pg_database WHERE datname LIKE 'sr\\_%'")
     assert leftovers == "0"
 
 
 def test_tampered_artifact_is_detected_and_restore_changes_nothing(
-    source: PgDatabase, local_repo: tuple[Repository, RepositoryConfig], age_key: EncryptionConfig,
+    source: PgDatabase,
+    local_repo: tuple[Repository, RepositoryConfig],
+    age_key: EncryptionConfig,
 ) -> None:
     repo, _ = local_repo
     manifest = _backup(source, local_repo, age_key)
@@ -201,7 +215,9 @@ def test_tampered_artifact_is_detected_and_restore_changes_nothing(
 
 
 def test_missing_artifact_and_wrong_key(
-    source: PgDatabase, local_repo: tuple[Repository, RepositoryConfig], age_key: EncryptionConfig,
+    source: PgDatabase,
+    local_repo: tuple[Repository, RepositoryConfig],
+    age_key: EncryptionConfig,
 ) -> None:
     from pyrage import x25519
 
@@ -223,7 +239,9 @@ def test_missing_artifact_and_wrong_key(
 
 
 def test_bad_ids_and_hostile_names(
-    source: PgDatabase, local_repo: tuple[Repository, RepositoryConfig], age_key: EncryptionConfig,
+    source: PgDatabase,
+    local_repo: tuple[Repository, RepositoryConfig],
+    age_key: EncryptionConfig,
 ) -> None:
     manifest = _backup(source, local_repo, age_key)
     near = manifest.backup_id[:-1] + ("0" if manifest.backup_id[-1] != "0" else "1")
@@ -240,7 +258,9 @@ def test_bad_ids_and_hostile_names(
 
 
 def test_unreachable_server_and_wrong_password(
-    source: PgDatabase, local_repo: tuple[Repository, RepositoryConfig], age_key: EncryptionConfig,
+    source: PgDatabase,
+    local_repo: tuple[Repository, RepositoryConfig],
+    age_key: EncryptionConfig,
 ) -> None:
     repo, config = local_repo
     closed = PostgresConnection(name="gone", port=free_port(), connect_timeout=2)
@@ -260,7 +280,9 @@ def test_unreachable_server_and_wrong_password(
 
 
 def test_unknown_database_lists_what_exists(
-    source: PgDatabase, local_repo: tuple[Repository, RepositoryConfig], age_key: EncryptionConfig,
+    source: PgDatabase,
+    local_repo: tuple[Repository, RepositoryConfig],
+    age_key: EncryptionConfig,
 ) -> None:
     conn = pg_connection(source).model_copy(update={"databases": ["nope"]})
     with pytest.raises(NotFound, match=source.name):

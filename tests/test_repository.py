@@ -749,13 +749,11 @@ class _FlakyClient:
 
     def upload_part(self, **kwargs: Any) -> Any:
         if kwargs["PartNumber"] == self.fail_part:
-            raise ClientError(
-                {
-                    "Error": {"Code": "InvalidArgument", "Message": "injected"},
-                    "ResponseMetadata": {"HTTPStatusCode": 400},
-                },
-                "UploadPart",
-            )
+            response: Any = {
+                "Error": {"Code": "InvalidArgument", "Message": "injected"},
+                "ResponseMetadata": {"HTTPStatusCode": 400},
+            }
+            raise ClientError(response, "UploadPart")
         return self._client.upload_part(**kwargs)
 
 
@@ -798,7 +796,7 @@ def test_s3_prefect_aws_blocks(s3_server: MotoServer, bucket: str) -> None:
 
     creds = AwsCredentials(
         aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
+        aws_secret_access_key=SecretStr(s3_server.secret_key),
         region_name="us-east-1",
         aws_client_parameters=AwsClientParameters(endpoint_url=s3_server.endpoint_url),
     )

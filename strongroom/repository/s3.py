@@ -146,6 +146,13 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, HTTPClientError | BotoConnectionError | IncompleteReadError)
 
 
+def _brief(exc: BaseException | None) -> str:
+    """A short, secret-free name for an error: the S3 code or the exception type."""
+    if isinstance(exc, ClientError):
+        return f"{_code(exc) or 'HTTP'} ({_status(exc)})"
+    return type(exc).__name__
+
+
 def _content_md5(buf: io.BytesIO) -> str:
     with buf.getbuffer() as view:
         digest = hashlib.md5(view, usedforsecurity=False).digest()
@@ -393,9 +400,10 @@ class S3Repository(Repository):
             retry=retry_if_exception(_is_transient),
             reraise=True,
             before_sleep=lambda state: log.warning(
-                "S3 %s on %s: transient error (attempt %d of %d), retrying",
+                "S3 %s on %s: transient error %s (attempt %d of %d), retrying",
                 op,
                 self.describe(),
+                _brief(state.outcome.exception() if state.outcome else None),
                 state.attempt_number,
                 self._max_attempts,
             ),
