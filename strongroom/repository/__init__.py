@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from strongroom.errors import InvalidInput
 from strongroom.repository.base import ObjectInfo, ObjectWriter, Repository, StorageSettings
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ def open_repository(config: RepositoryConfig) -> Repository:
         from strongroom.repository.local import LocalRepository
 
         if not config.path:
-            raise ValueError("local repository needs a path")
+            raise InvalidInput("a local repository needs a path")
         return LocalRepository(Path(config.path).expanduser())
     from strongroom.repository.s3 import S3Repository
 
