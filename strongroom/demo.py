@@ -75,7 +75,7 @@ def main() -> int:
             host=pg.host,
             port=pg.port,
             user=pg.superuser,
-            password=pg.password,
+            password=SecretStr(pg.password),
             databases=["shop"],
         ).save("demo-pg", overwrite=True)
         console.print(f"blocks saved; repository {repo_path}")

@@ -6,9 +6,10 @@ import subprocess
 
 import pytest
 
-from tests.fixtures.clickhouse import ClickHouseServer
-from tests.fixtures.postgres import PgDatabase, PostgresServer
-from tests.fixtures.redis import RedisCliError, RedisServer
+from strongroom.sandbox.clickhouse import ClickHouseServer
+from strongroom.sandbox.postgres import PostgresServer
+from strongroom.sandbox.redis import RedisCliError, RedisServer
+from tests.fixtures.postgres import PgDatabase
 from tests.fixtures.s3 import MotoServer
 
 
