@@ -24,7 +24,7 @@ venv: system
 	@$(UV) sync --frozen --quiet
 
 lint: venv
-	$(VENV)/bin/ruff check strongroom flows blocks tests bench
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 unit: venv

@@ -183,3 +183,40 @@ def test_cli_json_and_exit_codes(blocks: str, prefect_api: str, pg_db: PgDatabas
     assert _cli("--help", api=prefect_api).returncode == 0
     for text in (result.stdout + result.stderr, refused.stderr, plan.stdout):
         assert pg_db.server.password not in text
+
+
+def test_flows_with_an_s3_repository_block(
+    blocks: str, pg_db: PgDatabase, s3_server: Any, s3_bucket: str,
+) -> None:
+    """The repository block wraps prefect-aws S3Bucket/AwsCredentials (moto over HTTP)."""
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    from blocks import BackupRepository
+    from flows.postgres import backup_postgresql, restore_postgresql
+    from flows.verify import verify_backup_flow
+
+    creds = AwsCredentials(
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=s3_server.endpoint_url),
+    )
+    BackupRepository(
+        s3_bucket=S3Bucket(bucket_name=s3_bucket, credentials=creds, bucket_folder="team"),
+        prefix="pg", sse="AES256",
+    ).save("s3repo", overwrite=True)
+    manifest = backup_postgresql(target=blocks, repository="s3repo")
+    assert manifest["repository"] == f"s3://{s3_bucket}/team/pg"
+    assert verify_backup_flow(backup_id=manifest["backup_id"], repository="s3repo")["ok"]
+    into = f"{pg_db.name}_s3"
+    report = restore_postgresql(target=blocks, target_database=into, repository="s3repo")
+    assert report["rows_ok"]
+    pg_db.server.drop_database(into)
+    keys = [
+        o["Key"] for o in s3_server.s3().list_objects_v2(Bucket=s3_bucket)["Contents"]
+    ]
+    assert f"team/pg/catalog/postgresql/{blocks}/{manifest['backup_id']}.json" in keys
+    first = manifest["artifacts"][0]["key"]
+    head = s3_server.s3().head_object(Bucket=s3_bucket, Key=f"team/pg/{first}")
+    assert head["ServerSideEncryption"] == "AES256"
