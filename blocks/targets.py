@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
@@ -24,6 +26,11 @@ class PostgresTarget(Block):
     )
     sslmode: str = "prefer"
     maintenance_db: str = "postgres"
+    dump_format: Literal["custom", "directory"] = Field(
+        default="custom", description="custom (streamed) or directory (pg_dump -j, spooled)"
+    )
+    jobs: int = Field(default=1, ge=1, le=64, description="Parallel jobs (directory format).")
+    spool_dir: str | None = Field(default=None, description="Spool for directory dumps.")
     rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
     rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
 
@@ -37,4 +44,7 @@ class PostgresTarget(Block):
             databases=list(self.databases),
             sslmode=self.sslmode,
             maintenance_db=self.maintenance_db,
+            dump_format=self.dump_format,
+            jobs=self.jobs,
+            spool_dir=self.spool_dir,
         )

@@ -119,6 +119,7 @@ def restore_postgresql(
     drop_existing: bool = False,
     dry_run: bool = False,
     no_owner: bool = False,
+    jobs: int = 1,
     repository: str = "default",
     encryption_key: str = "default",
 ) -> dict[str, Any]:
@@ -136,6 +137,7 @@ def restore_postgresql(
         drop_existing=drop_existing,
         dry_run=dry_run,
         no_owner=no_owner,
+        jobs=jobs,
     )
     conn = _target(target)
     repo, _ = load_repository(repository)

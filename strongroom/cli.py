@@ -135,6 +135,7 @@ def restore_postgresql_cmd(
     drop_existing: bool = typer.Option(False, "--drop-existing", help="Allow replacing data."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, change nothing."),
     no_owner: bool = typer.Option(False, "--no-owner"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="pg_restore jobs (directory dumps)."),
     repository: str = RepoOpt,
     key: str = KeyOpt,
     as_json: bool = JsonOpt,
@@ -157,6 +158,7 @@ def restore_postgresql_cmd(
                 drop_existing=drop_existing,
                 dry_run=dry_run,
                 no_owner=no_owner,
+                jobs=jobs,
                 repository=repository,
                 encryption_key=key,
             )

@@ -29,6 +29,15 @@ class PostgresConnection(BaseModel):
     sslmode: str = "prefer"
     maintenance_db: str = "postgres"
     connect_timeout: int = 10
+    dump_format: Literal["custom", "directory"] = Field(
+        default="custom",
+        description="custom: one streamed pg_dump -Fc per database (no staging); "
+        "directory: pg_dump -Fd -j jobs into a local spool, then each file is streamed",
+    )
+    jobs: int = Field(default=1, ge=1, le=64, description="parallel pg_dump/pg_restore jobs")
+    spool_dir: str | None = Field(
+        default=None, description="where directory-format dumps are staged (default: temp)"
+    )
 
     @field_validator("name")
     @classmethod

@@ -287,3 +287,42 @@ def test_unknown_database_lists_what_exists(
     conn = pg_connection(source).model_copy(update={"databases": ["nope"]})
     with pytest.raises(NotFound, match=source.name):
         backup_postgres(conn, local_repo[0], local_repo[1], age_key)
+
+
+def test_directory_format_with_parallel_jobs(
+    source: PgDatabase, local_repo: tuple[Repository, RepositoryConfig], age_key: EncryptionConfig
+) -> None:
+    """pg_dump -Fd -j 2 through a spool; restore with pg_restore -j 2 (whole) and selective."""
+    repo, config = local_repo
+    conn = pg_connection(source, dump_format="directory", jobs=2)
+    manifest = backup_postgres(conn, repo, config, age_key)
+    entry = manifest.details["databases"][0]
+    assert entry["format"] == "directory" and len(entry["members"]) >= 5  # toc.dat + tables
+    assert all(a.content == "pg_dump-directory-member" for a in manifest.artifacts[1:])
+    assert verify_backup(repo, manifest, age_key)["ok"]
+
+    into = _new_name(source, "dir")
+    report = restore_postgres(conn, repo, age_key, PgRestoreRequest(target_database=into, jobs=2))
+    assert report["rows_ok"] and report["format"] == "directory"
+    assert source.server.psql(FINGERPRINT, db=into) == source.psql(FINGERPRINT)
+    source.server.drop_database(into)
+    report = restore_postgres(
+        conn, repo, age_key, PgRestoreRequest(target_database=into, tables=["sales.customers"])
+    )
+    assert [c["table"] for c in report["row_checks"]] == ["sales.customers"]
+
+    member = next(a for a in manifest.artifacts if a.name.endswith("toc.dat"))
+    path = repo.root / member.key  # type: ignore[attr-defined]
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(IntegrityError, match=r"toc\.dat"):
+        restore_postgres(
+            conn,
+            repo,
+            age_key,
+            PgRestoreRequest(target_database=into, tables=["sales.orders"]),
+        )
+    assert (
+        source.server.psql("SELECT count(*) FROM pg_tables WHERE tablename = 'orders'", db=into)
+        == "0"
+    )
+    source.server.drop_database(into)

@@ -8,8 +8,11 @@ exactly the data in the dump. Nothing is staged on disk.
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from strongroom.artifacts import check_durable, store_artifact
@@ -35,16 +38,16 @@ def pg_tool(name: str) -> str:
 
 
 def tool_version(name: str) -> str:
-    import subprocess
-
     out = subprocess.run([pg_tool(name), "--version"], capture_output=True, text=True, check=False)
     return out.stdout.strip()
 
 
-def artifact_name(index: int, database: str) -> str:
+def artifact_name(index: int, database: str, dump_format: str = "custom") -> str:
     """A storage-safe artifact name; the real database name lives in the manifest."""
-    safe = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in database)[:40]
-    return f"db{index:03d}-{safe or 'x'}.pgdump"
+    safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "_-" else "_" for ch in database)[
+        :40
+    ]
+    return f"db{index:03d}-{safe or 'x'}.{'pgdump' if dump_format == 'custom' else 'pgdir'}"
 
 
 def _select_databases(available: list[dict[str, Any]], wanted: list[str]) -> list[dict[str, Any]]:
@@ -71,7 +74,7 @@ def _dump_database(
     level: int,
     settings: StorageSettings,
     progress: Progress | None,
-) -> tuple[Artifact, list[dict[str, Any]]]:
+) -> tuple[list[Artifact], list[dict[str, Any]]]:
     """Dump one database from an exported snapshot; count its rows in the same snapshot."""
     with connect(conn, database["name"]) as snap:
         snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -81,9 +84,6 @@ def _dump_database(
         tables = pg_inspect.user_tables(snap)
         env = conn.libpq_env()
         env["PGDATABASE"] = database["name"]
-        dump = Tool(
-            [pg_tool("pg_dump"), "-Fc", "-Z0", f"--snapshot={snapshot}", "--no-password"], env
-        )
         counts: dict[tuple[str, str], int] = {}
         errors: list[BaseException] = []
 
@@ -96,28 +96,110 @@ def _dump_database(
         counter = threading.Thread(target=count, daemon=True)
         counter.start()
         try:
-            assert dump.proc.stdout is not None
-            artifact = _store_from_tool(
-                dump,
-                repo,
-                key,
-                enc,
-                level=level,
-                settings=settings,
-                progress=progress,
-                name=name,
-                what=f"pg_dump of database {database['name']!r}",
-                content="pg_dump-custom",
-                meta={"database": database["name"]},
-            )
+            if conn.dump_format == "directory":
+                stored = _dump_directory(
+                    conn,
+                    repo,
+                    enc,
+                    env,
+                    snapshot,
+                    key=key,
+                    name=name,
+                    database=database,
+                    level=level,
+                    settings=settings,
+                    progress=progress,
+                )
+            else:
+                dump = Tool(
+                    [pg_tool("pg_dump"), "-Fc", "-Z0", f"--snapshot={snapshot}", "--no-password"],
+                    env,
+                )
+                stored = [
+                    _store_from_tool(
+                        dump,
+                        repo,
+                        key,
+                        enc,
+                        level=level,
+                        settings=settings,
+                        progress=progress,
+                        name=name,
+                        what=f"pg_dump of database {database['name']!r}",
+                        content="pg_dump-custom",
+                        meta={"database": database["name"]},
+                    )
+                ]
         finally:
             counter.join()
             snap.execute("COMMIT")
         if errors:
-            repo.delete(key)
+            for artifact in stored:
+                repo.delete(artifact.key)
             raise StrongroomError(f"counting rows of {database['name']!r} failed: {errors[0]}")
     table_list = [{"schema": s, "name": t, "rows": counts.get((s, t), 0)} for s, t in tables]
-    return artifact, table_list
+    return stored, table_list
+
+
+def _dump_directory(
+    conn: PostgresConnection,
+    repo: Repository,
+    enc: EncryptionConfig,
+    env: dict[str, str],
+    snapshot: str,
+    *,
+    key: str,
+    name: str,
+    database: dict[str, Any],
+    level: int,
+    settings: StorageSettings,
+    progress: Progress | None,
+) -> list[Artifact]:
+    """pg_dump -Fd -j N into a spool folder, then stream each file; the spool is removed."""
+    spool_root = Path(conn.spool_dir) if conn.spool_dir else None
+    if spool_root is not None:
+        spool_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="strongroom-spool-", dir=spool_root) as spool:
+        target = Path(spool) / "dump"
+        dump = Tool(
+            [
+                pg_tool("pg_dump"),
+                "-Fd",
+                "-Z0",
+                f"-j{conn.jobs}",
+                f"--snapshot={snapshot}",
+                "--no-password",
+                "-f",
+                str(target),
+            ],
+            env,
+            stdout=subprocess.DEVNULL,
+        )
+        dump.check(f"pg_dump -Fd of database {database['name']!r}")
+        stored: list[Artifact] = []
+        try:
+            for member in sorted(target.iterdir()):
+                with member.open("rb") as source:
+                    stored.append(
+                        store_artifact(
+                            repo,
+                            f"{key}/{member.name}",
+                            source,
+                            name=f"{name}/{member.name}",
+                            content="pg_dump-directory-member",
+                            encryption=enc,
+                            level=level,
+                            settings=settings,
+                            progress=progress,
+                            meta={"database": database["name"], "member": member.name},
+                        )
+                    )
+                member.unlink()  # free the spool as we go
+        except BaseException:
+            for artifact in stored:
+                repo.delete(artifact.key)
+            raise
+    return stored
 
 
 def _store_from_tool(
@@ -208,8 +290,8 @@ def backup_postgres(
                 )
             )
         for index, database in enumerate(databases):
-            name = artifact_name(index, database["name"])
-            artifact, tables = _dump_database(
+            name = artifact_name(index, database["name"], conn.dump_format)
+            stored, tables = _dump_database(
                 conn,
                 repo,
                 enc,
@@ -220,8 +302,16 @@ def backup_postgres(
                 settings=settings,
                 progress=progress(name, database["size_bytes"]) if progress else None,
             )
-            artifacts.append(artifact)
-            db_details.append({**database, "artifact": name, "tables": tables})
+            artifacts.extend(stored)
+            db_details.append(
+                {
+                    **database,
+                    "artifact": name,
+                    "format": conn.dump_format,
+                    "members": [a.name for a in stored],
+                    "tables": tables,
+                }
+            )
         for artifact in artifacts:
             check_durable(repo, artifact)
         manifest = Manifest(

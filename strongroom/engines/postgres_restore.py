@@ -13,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import secrets
+import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from psycopg import sql
@@ -59,6 +62,7 @@ class PgRestoreRequest(BaseModel):
     drop_existing: bool = False
     dry_run: bool = False
     no_owner: bool = False
+    jobs: int = Field(default=1, ge=1, le=64, description="pg_restore -j for directory dumps")
 
 
 def _check_identifier(value: str, what: str) -> str:
@@ -201,11 +205,13 @@ def _run_restore(
     args: list[str],
     preamble: str,
     progress: Progress | None,
+    spooled: Path | None = None,
 ) -> None:
-    """Stream the dump into ``database`` in one transaction; commit only if all checks pass."""
-    artifact = manifest.artifact(entry["artifact"])
-    import subprocess
+    """Stream the dump into ``database`` in one transaction; commit only if all checks pass.
 
+    With ``spooled`` (a verified directory-format dump on local disk) pg_restore
+    reads that folder instead of the artifact stream.
+    """
     env = {**conn.libpq_env(), "PGDATABASE": database}
     psql = Tool(
         [pg_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password"],
@@ -213,22 +219,30 @@ def _run_restore(
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
     )
-    restore = Tool(args, env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    restore = Tool(
+        [*args, str(spooled)] if spooled else args,
+        env,
+        stdin=subprocess.DEVNULL if spooled else subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     forward = _Forward(restore, psql, preamble)
     committed = False
+    name = entry["artifact"]
     try:
-        assert restore.proc.stdin is not None
-        try:
-            read_artifact(repo, artifact, restore.proc.stdin, encryption=enc, progress=progress)
-        except BrokenPipeError:
-            # pg_restore stopped reading: its exit status says why; even if it
-            # claims success the artifact was not fully verified, so never commit.
-            restore.check(f"pg_restore of {artifact.name}")
-            raise IntegrityError(
-                f"pg_restore stopped reading {artifact.name} before it was verified"
-            ) from None
-        restore.proc.stdin.close()
-        restore.check(f"pg_restore of {artifact.name}")
+        if spooled is None:
+            artifact = manifest.artifact(name)
+            assert restore.proc.stdin is not None
+            try:
+                read_artifact(repo, artifact, restore.proc.stdin, encryption=enc, progress=progress)
+            except BrokenPipeError:
+                # pg_restore stopped reading: its exit status says why; even if it
+                # claims success the artifact was not fully verified, so never commit.
+                restore.check(f"pg_restore of {name}")
+                raise IntegrityError(
+                    f"pg_restore stopped reading {name} before it was verified"
+                ) from None
+            restore.proc.stdin.close()
+        restore.check(f"pg_restore of {name}")
         if forward.error is not None and psql.proc.poll() is None:
             raise StrongroomError(f"copying SQL into psql failed: {forward.error}")
         if psql.proc.poll() is not None:
@@ -240,6 +254,34 @@ def _run_restore(
         if not committed:
             psql.kill()  # first: its transaction must never see EOF and commit
             restore.kill()
+
+
+def _spool_directory_dump(
+    repo: Repository,
+    manifest: Manifest,
+    entry: dict[str, Any],
+    enc: EncryptionConfig,
+    folder: Path,
+    progress: Progress | None,
+) -> Path:
+    """Fetch and verify every member of a directory-format dump before pg_restore sees it."""
+    target = folder / "dump"
+    target.mkdir()
+    for member in entry["members"]:
+        artifact = manifest.artifact(member)
+        with (target / artifact.meta["member"]).open("wb") as sink:
+            read_artifact(repo, artifact, sink, encryption=enc, holdback=0, progress=progress)
+    return target
+
+
+def _parallel_restore(
+    conn: PostgresConnection, database: str, folder: Path, jobs: int, args: list[str]
+) -> None:
+    """pg_restore -j N straight into a scratch database (atomicity comes from the swap)."""
+    env = {**conn.libpq_env(), "PGDATABASE": database}
+    cmd = [a for a in args if a not in ("-f", "-")]
+    tool = Tool([*cmd, f"-j{jobs}", "-d", database, str(folder)], env, stdout=subprocess.DEVNULL)
+    tool.check(f"pg_restore -j{jobs} into {database!r}")
 
 
 def _compare_rows(
@@ -284,7 +326,7 @@ def restore_postgres(
     entry = _pick_database(manifest, req.database)
     target_db = _check_identifier(req.target_database or entry["name"], "target database")
     selected = _select_tables(entry, req.tables, req.schemas)
-    artifact = manifest.artifact(entry["artifact"])
+    members = [manifest.artifact(m) for m in entry.get("members") or [entry["artifact"]]]
     whole = not (req.tables or req.schemas or req.data_only)
     exists = _database_exists(conn, target_db)
     conflicts: list[str] = []
@@ -318,9 +360,10 @@ def restore_postgres(
         "mode": "whole database" if whole else ("data only" if req.data_only else "selective"),
         "schema_only": req.schema_only,
         "tables": [f"{s}.{t}" for s, t in selected],
-        "artifact": artifact.name,
-        "raw_size": artifact.raw_size,
-        "stored_size": artifact.stored_size,
+        "artifact": entry["artifact"],
+        "format": entry.get("format", "custom"),
+        "raw_size": sum(a.raw_size for a in members),
+        "stored_size": sum(a.stored_size for a in members),
         "target_exists": exists,
         "would_replace": (whole and exists) or bool(conflicts),
         "conflicts": conflicts,
@@ -342,6 +385,7 @@ def restore_postgres(
 
     started = time.monotonic()
     expected = _expected_rows(entry)
+    directory = entry.get("format", "custom") == "directory"
     if whole:
         scratch = f"sr_restore_{secrets.token_hex(4)}"
         with connect(conn) as c:
@@ -356,17 +400,15 @@ def restore_postgres(
                 )
             )
         try:
-            _run_restore(
-                repo,
-                manifest,
-                entry,
-                conn,
-                enc,
-                scratch,
-                _restore_args(req, selected, clean=False),
-                "",
-                progress,
-            )
+            args = _restore_args(req, selected, clean=False)
+            if directory:
+                with tempfile.TemporaryDirectory(prefix="strongroom-spool-") as folder:
+                    spooled = _spool_directory_dump(
+                        repo, manifest, entry, enc, Path(folder), progress
+                    )
+                    _parallel_restore(conn, scratch, spooled, req.jobs, args)
+            else:
+                _run_restore(repo, manifest, entry, conn, enc, scratch, args, "", progress)
             checks = [] if req.schema_only else _compare_rows(conn, scratch, expected, selected)
             bad = [c for c in checks if not c["ok"]]
             if bad:
@@ -396,17 +438,26 @@ def restore_postgres(
                 .as_string(None)
             )
         try:
-            _run_restore(
-                repo,
-                manifest,
-                entry,
-                conn,
-                enc,
-                target_db,
-                _restore_args(req, selected, clean=bool(conflicts) and not req.data_only),
-                preamble,
-                progress,
-            )
+            args = _restore_args(req, selected, clean=bool(conflicts) and not req.data_only)
+            if directory:
+                with tempfile.TemporaryDirectory(prefix="strongroom-spool-") as folder:
+                    spooled = _spool_directory_dump(
+                        repo, manifest, entry, enc, Path(folder), progress
+                    )
+                    _run_restore(
+                        repo,
+                        manifest,
+                        entry,
+                        conn,
+                        enc,
+                        target_db,
+                        args,
+                        preamble,
+                        progress,
+                        spooled=spooled,
+                    )
+            else:
+                _run_restore(repo, manifest, entry, conn, enc, target_db, args, preamble, progress)
         except BaseException:
             if created:
                 with contextlib.suppress(Exception):
