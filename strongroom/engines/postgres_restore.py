@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -308,16 +309,24 @@ def _drop_database(conn: PostgresConnection, name: str) -> None:
         c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def restore_postgres(
-    conn: PostgresConnection,
-    repo: Repository,
-    enc: EncryptionConfig,
-    req: PgRestoreRequest,
-    *,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Restore per ``req``; returns the plan (dry run) or the report with row checks."""
-    register(*conn.secrets(), *enc.secrets())
+@dataclass
+class _Job:
+    """Everything a restore decided while planning, shared by the two ways to run it."""
+
+    req: PgRestoreRequest
+    manifest: Manifest
+    entry: dict[str, Any]
+    target_db: str
+    selected: list[tuple[str, str]]
+    whole: bool
+    exists: bool
+    conflicts: list[str]
+
+
+def _plan(
+    conn: PostgresConnection, repo: Repository, req: PgRestoreRequest
+) -> tuple[dict[str, Any], _Job]:
+    """Validate the request against the manifest and the target; nothing is changed."""
     if req.schema_only and req.data_only:
         raise InvalidInput("schema_only and data_only exclude each other")
     if req.tables and req.schemas:
@@ -369,8 +378,7 @@ def restore_postgres(
         "conflicts": conflicts,
         "drop_existing": req.drop_existing,
     }
-    blocked = (whole and non_empty) or bool(conflicts)
-    if blocked and not req.drop_existing:
+    if ((whole and non_empty) or conflicts) and not req.drop_existing:
         what = (
             f"database {target_db!r} is not empty"
             if whole
@@ -379,91 +387,141 @@ def restore_postgres(
         if not req.dry_run:
             raise TargetNotEmpty(f"refusing to overwrite: {what}; pass drop_existing to replace")
         plan["blocked"] = f"{what}; needs drop_existing"
-    if req.dry_run:
-        plan["dry_run"] = True
-        return plan
+    job = _Job(req, manifest, entry, target_db, selected, whole, exists, conflicts)
+    return plan, job
 
-    started = time.monotonic()
-    expected = _expected_rows(entry)
-    directory = entry.get("format", "custom") == "directory"
-    if whole:
-        scratch = f"sr_restore_{secrets.token_hex(4)}"
+
+def _load(
+    job: _Job,
+    conn: PostgresConnection,
+    repo: Repository,
+    enc: EncryptionConfig,
+    database: str,
+    args: list[str],
+    preamble: str,
+    progress: Progress | None,
+    *,
+    parallel: bool = False,
+) -> None:
+    """Load the dump into ``database``: streamed (custom format) or via a verified spool."""
+    if job.entry.get("format", "custom") != "directory":
+        _run_restore(repo, job.manifest, job.entry, conn, enc, database, args, preamble, progress)
+        return
+    with tempfile.TemporaryDirectory(prefix="strongroom-spool-") as folder:
+        spooled = _spool_directory_dump(repo, job.manifest, job.entry, enc, Path(folder), progress)
+        if parallel:
+            _parallel_restore(conn, database, spooled, job.req.jobs, args)
+        else:
+            _run_restore(
+                repo,
+                job.manifest,
+                job.entry,
+                conn,
+                enc,
+                database,
+                args,
+                preamble,
+                progress,
+                spooled=spooled,
+            )
+
+
+def _restore_whole(
+    job: _Job,
+    conn: PostgresConnection,
+    repo: Repository,
+    enc: EncryptionConfig,
+    progress: Progress | None,
+) -> list[dict[str, Any]]:
+    """Into a scratch database, check row counts, then swap it in place of the target."""
+    entry = job.entry
+    scratch = f"sr_restore_{secrets.token_hex(4)}"
+    with connect(conn) as c:
+        c.execute(
+            sql.SQL(
+                "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}"
+            ).format(
+                sql.Identifier(scratch),
+                sql.Literal(entry["encoding"]),
+                sql.Literal(entry["collate"]),
+                sql.Literal(entry["ctype"]),
+            )
+        )
+    try:
+        args = _restore_args(job.req, job.selected, clean=False)
+        _load(job, conn, repo, enc, scratch, args, "", progress, parallel=True)
+        checks = (
+            []
+            if job.req.schema_only
+            else _compare_rows(conn, scratch, _expected_rows(entry), job.selected)
+        )
+        bad = [c for c in checks if not c["ok"]]
+        if bad:
+            raise IntegrityError(f"row counts differ from the manifest: {bad[:5]}")
+        _swap_in(conn, scratch, job.target_db, job.exists)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            _drop_database(conn, scratch)
+        raise
+    return checks
+
+
+def _restore_selective(
+    job: _Job,
+    conn: PostgresConnection,
+    repo: Repository,
+    enc: EncryptionConfig,
+    progress: Progress | None,
+) -> list[dict[str, Any]]:
+    """Tables, schemas or data-only: one transaction in the target database."""
+    req, selected = job.req, job.selected
+    created = False
+    if not job.exists:
         with connect(conn) as c:
-            c.execute(
-                sql.SQL(
-                    "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}"
-                ).format(
-                    sql.Identifier(scratch),
-                    sql.Literal(entry["encoding"]),
-                    sql.Literal(entry["collate"]),
-                    sql.Literal(entry["ctype"]),
-                )
-            )
-        try:
-            args = _restore_args(req, selected, clean=False)
-            if directory:
-                with tempfile.TemporaryDirectory(prefix="strongroom-spool-") as folder:
-                    spooled = _spool_directory_dump(
-                        repo, manifest, entry, enc, Path(folder), progress
-                    )
-                    _parallel_restore(conn, scratch, spooled, req.jobs, args)
-            else:
-                _run_restore(repo, manifest, entry, conn, enc, scratch, args, "", progress)
-            checks = [] if req.schema_only else _compare_rows(conn, scratch, expected, selected)
-            bad = [c for c in checks if not c["ok"]]
-            if bad:
-                raise IntegrityError(f"row counts differ from the manifest: {bad[:5]}")
-            _swap_in(conn, scratch, target_db, exists)
-        except BaseException:
+            c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(job.target_db)))
+        created = True
+    preamble = ""
+    if not req.data_only:
+        # pg_restore -n restores objects in a schema, not the schema itself
+        preamble = "".join(
+            sql.SQL("CREATE SCHEMA IF NOT EXISTS {};").format(sql.Identifier(s)).as_string(None)
+            for s in sorted({s for s, _ in selected} | set(req.schemas))
+        )
+    if req.data_only and req.drop_existing and selected:
+        preamble = (
+            sql.SQL("TRUNCATE {};")
+            .format(sql.SQL(", ").join(sql.Identifier(s, t) for s, t in selected))
+            .as_string(None)
+        )
+    try:
+        args = _restore_args(req, selected, clean=bool(job.conflicts) and not req.data_only)
+        _load(job, conn, repo, enc, job.target_db, args, preamble, progress)
+    except BaseException:
+        if created:
             with contextlib.suppress(Exception):
-                _drop_database(conn, scratch)
-            raise
-    else:
-        created = False
-        if not exists:
-            with connect(conn) as c:
-                c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target_db)))
-            created = True
-        preamble = ""
-        if not req.data_only:
-            # pg_restore -n restores objects in a schema, not the schema itself
-            preamble = "".join(
-                sql.SQL("CREATE SCHEMA IF NOT EXISTS {};").format(sql.Identifier(s)).as_string(None)
-                for s in sorted({s for s, _ in selected} | set(req.schemas))
-            )
-        if req.data_only and req.drop_existing and selected:
-            preamble = (
-                sql.SQL("TRUNCATE {};")
-                .format(sql.SQL(", ").join(sql.Identifier(s, t) for s, t in selected))
-                .as_string(None)
-            )
-        try:
-            args = _restore_args(req, selected, clean=bool(conflicts) and not req.data_only)
-            if directory:
-                with tempfile.TemporaryDirectory(prefix="strongroom-spool-") as folder:
-                    spooled = _spool_directory_dump(
-                        repo, manifest, entry, enc, Path(folder), progress
-                    )
-                    _run_restore(
-                        repo,
-                        manifest,
-                        entry,
-                        conn,
-                        enc,
-                        target_db,
-                        args,
-                        preamble,
-                        progress,
-                        spooled=spooled,
-                    )
-            else:
-                _run_restore(repo, manifest, entry, conn, enc, target_db, args, preamble, progress)
-        except BaseException:
-            if created:
-                with contextlib.suppress(Exception):
-                    _drop_database(conn, target_db)
-            raise
-        checks = [] if req.schema_only else _compare_rows(conn, target_db, expected, selected)
+                _drop_database(conn, job.target_db)
+        raise
+    if req.schema_only:
+        return []
+    return _compare_rows(conn, job.target_db, _expected_rows(job.entry), selected)
+
+
+def restore_postgres(
+    conn: PostgresConnection,
+    repo: Repository,
+    enc: EncryptionConfig,
+    req: PgRestoreRequest,
+    *,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Restore per ``req``; returns the plan (dry run) or the report with row checks."""
+    register(*conn.secrets(), *enc.secrets())
+    plan, job = _plan(conn, repo, req)
+    if req.dry_run:
+        return {**plan, "dry_run": True}
+    started = time.monotonic()
+    restore = _restore_whole if job.whole else _restore_selective
+    checks = restore(job, conn, repo, enc, progress)
     report = {
         **plan,
         "dry_run": False,
