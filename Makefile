@@ -1,6 +1,6 @@
 # strongroom: `make demo` and `make test` set up everything they need themselves.
 SHELL := /bin/bash
-APT_PACKAGES := postgresql-15 postgresql-client-15 redis-server clickhouse-server clickhouse-client zstd age pgbackrest
+APT_PACKAGES := postgresql-15 postgresql-client-15 redis-server clickhouse-server clickhouse-client zstd age pgbackrest chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
@@ -40,3 +40,15 @@ bench: setup
 
 clean:
 	rm -rf .strongroom-demo
+
+# ---- the Prefect UI on this machine (strongroom/bootstrap_up.py) ---------------------------
+# `make up`: throwaway PostgreSQL (+ Redis, ClickHouse when installed), a Prefect server
+# with its UI on 127.0.0.1, `strongroom bootstrap` onto a process pool and a process
+# worker, all in the background; prints the UI address. `make down` stops exactly those.
+.PHONY: down
+
+up: setup
+	$(PY) -m strongroom.bootstrap_up up
+
+down:
+	@if [ -x $(PY) ]; then $(PY) -m strongroom.bootstrap_up down; else echo "nothing to stop"; fi

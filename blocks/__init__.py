@@ -1,10 +1,12 @@
 """Prefect block types for strongroom: targets, repository, encryption keys."""
 
 from blocks.keys import EncryptionKey
+from blocks.policy import RetentionPolicyBlock
+from blocks.redis import RedisTarget
 from blocks.repository import BackupRepository
 from blocks.targets import PostgresTarget
 
-ALL_BLOCKS = (PostgresTarget, BackupRepository, EncryptionKey)
+ALL_BLOCKS = (PostgresTarget, RedisTarget, BackupRepository, EncryptionKey, RetentionPolicyBlock)
 
 
 def register_all() -> list[str]:
@@ -14,4 +16,12 @@ def register_all() -> list[str]:
     return [b.get_block_type_slug() for b in ALL_BLOCKS]
 
 
-__all__ = ["ALL_BLOCKS", "BackupRepository", "EncryptionKey", "PostgresTarget", "register_all"]
+__all__ = [
+    "ALL_BLOCKS",
+    "BackupRepository",
+    "EncryptionKey",
+    "PostgresTarget",
+    "RedisTarget",
+    "RetentionPolicyBlock",
+    "register_all",
+]

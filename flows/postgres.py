@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from blocks import PostgresTarget
+from flows.audit import AUDITED
 from flows.common import (
     RETRY_DELAY_S,
     TRANSIENT_RETRIES,
@@ -51,7 +52,7 @@ def dump_databases(
     return manifest.model_dump(mode="json")
 
 
-@flow(name="backup-postgresql")
+@flow(name="backup-postgresql", **AUDITED)
 def backup_postgresql(
     target: str,
     repository: str = "default",
@@ -105,7 +106,7 @@ def run_restore(
     return restore_postgres(conn, repo, enc, req, progress=None)
 
 
-@flow(name="restore-postgresql")
+@flow(name="restore-postgresql", **AUDITED)
 def restore_postgresql(
     target: str,
     backup_id: str = "latest",

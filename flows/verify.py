@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.audit import AUDITED
 from flows.common import (
     RETRY_DELAY_S,
     TRANSIENT_RETRIES,
@@ -42,7 +43,7 @@ def check_backup(
     return verify_backup(repo, manifest, enc, progress=progress.current())
 
 
-@flow(name="verify-backup")
+@flow(name="verify-backup", **AUDITED)
 def verify_backup_flow(
     backup_id: str = "latest",
     engine: str | None = None,

@@ -4,7 +4,8 @@ Commands that change things run the Prefect flows (so every run is recorded in
 Prefect); read-only commands use the engine directly. ``--json`` prints one
 JSON document on stdout for scripts. Exit codes: 0 ok, 1 unexpected error,
 2 invalid input, 3 not found, 4 integrity failure, 5 target not empty,
-6 service unavailable, 7 access denied, 8 tool failed, 9 conflict.
+6 service unavailable, 7 access denied, 8 tool failed, 9 conflict,
+10 a compliance control failed.
 """
 
 from __future__ import annotations
@@ -176,11 +177,20 @@ def list_cmd(
     engine: str | None = typer.Option(None, help="postgresql, clickhouse or redis."),
     target: str | None = typer.Option(None),
     repository: str = RepoOpt,
+    drills: bool = typer.Option(False, "--drills", help="List restore drill records instead."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """List backups, oldest first."""
+    """List backups (or, with --drills, restore drill records), oldest first."""
     with _handled(as_json):
         from strongroom.catalog import Catalog
+
+        if drills:
+            from strongroom.cli_policy import print_drills
+            from strongroom.drills import list_drills
+
+            drill_rows = list_drills(_open_repo(repository), engine, target)
+            _emit(as_json, drill_rows, lambda: print_drills(drill_rows))
+            return
 
         manifests = Catalog(_open_repo(repository)).list(engine, target)
         rows = [m.summary() for m in manifests]
@@ -313,6 +323,18 @@ def _print_restore(r: dict[str, Any]) -> None:
         out.print(table)
     elif r.get("tables"):
         out.print("tables: " + ", ".join(r["tables"]))
+
+
+def _register_plugins() -> None:
+    """Commands that live in their own modules (one per engine or concern)."""
+    from strongroom import cli_audit, cli_policy, cli_redis
+
+    cli_redis.register(backup_app, restore_app)
+    cli_policy.register(app)
+    cli_audit.register(app)
+
+
+_register_plugins()
 
 
 def main() -> None:

@@ -1,10 +1,12 @@
 """``make demo``: the whole loop on embedded defaults, end to end.
 
-Starts a throwaway PostgreSQL with a few hundred MB of realistic sample data,
-keeps the repository in a local folder and Prefect's state in
-``.strongroom-demo/``, then backs up through the Prefect flows, lists,
-verifies, restores into a new database and prints what happened: sizes,
-throughput and the row-count comparison. Servers it started are stopped.
+Starts throwaway database servers with realistic sample data, keeps the
+repository in a local folder and Prefect's state in ``.strongroom-demo/``
+(Prefect's local API), then per engine: backs up through the Prefect flows,
+lists, verifies and restores into a fresh target; then runs a restore drill per
+engine (measured RTO and RPO) and writes the compliance report. It prints what
+happened (sizes, throughput, row and key comparisons) and stops every server it
+started.
 """
 
 from __future__ import annotations
@@ -12,17 +14,21 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 DEMO_DIR = Path(os.environ.get("STRONGROOM_DEMO_DIR", ".strongroom-demo")).resolve()
 SAMPLE_MB = int(os.environ.get("STRONGROOM_DEMO_MB", "300"))
+REDIS_KEYS = int(os.environ.get("STRONGROOM_DEMO_REDIS_KEYS", "200000"))
 
 
 def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_HOME", str(DEMO_DIR / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.pop("PREFECT_API_URL", None)  # Prefect's local (ephemeral) API
 
 
@@ -30,109 +36,244 @@ def _mb(n: float) -> str:
     return f"{n / 1024 / 1024:,.1f} MiB"
 
 
-def main() -> int:
-    DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    _prefect_env()
-    import psycopg
+class Demo:
+    """Shared state of one demo run: console, servers, timings for the summary."""
+
+    def __init__(self, stack: ExitStack) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        self.stack = stack
+        self.console = Console()
+        self.summary = Table("engine", "step", "seconds", "figures", title="strongroom demo")
+        self.ok = True
+
+    def timed(self, engine: str, step: str, call: Callable[[], Any]) -> Any:
+        self.console.rule(f"{engine}: {step}")
+        started = time.monotonic()
+        result = call()
+        self.last_s = time.monotonic() - started
+        return result
+
+    def row(self, engine: str, step: str, figures: str) -> None:
+        self.summary.add_row(engine, step, f"{self.last_s:.1f}", figures)
+
+
+def _setup_common() -> None:
     from pydantic import SecretStr
     from pyrage import x25519
-    from rich.console import Console
+
+    from blocks import BackupRepository, EncryptionKey, register_all
+
+    register_all()
+    identity = x25519.Identity.generate()
+    EncryptionKey(recipients=[str(identity.to_public())], identity=SecretStr(str(identity))).save(
+        "default", overwrite=True
+    )
+    key_file = DEMO_DIR / "age-identity.txt"
+    key_file.write_text(str(identity) + "\n")
+    key_file.chmod(0o600)
+    BackupRepository(local_path=str(DEMO_DIR / "repository")).save("default", overwrite=True)
+
+
+def _postgres(demo: Demo) -> tuple[str, str]:
+    import psycopg
+    from pydantic import SecretStr
     from rich.table import Table
 
-    from strongroom.catalog import Catalog
-    from strongroom.repository.local import LocalRepository
+    from blocks import PostgresTarget
+    from flows.postgres import backup_postgresql, restore_postgresql
+    from flows.verify import verify_backup_flow
     from strongroom.sample_data import load_sample_data
     from strongroom.sandbox.postgres import PostgresServer
 
-    console = Console()
-    console.rule("[bold]strongroom demo")
-    t0 = time.monotonic()
-    with PostgresServer() as pg:
-        console.print(f"PostgreSQL 15 started on 127.0.0.1:{pg.port} (throwaway)")
-        pg.create_database("shop")
-        with psycopg.connect(pg.dsn("shop"), autocommit=True) as conn:
-            counts = load_sample_data(conn, SAMPLE_MB)
-            size = conn.execute("SELECT pg_database_size('shop')").fetchone()
-        console.print(
-            f"sample data: {sum(counts.values()):,} rows in {len(counts)} tables, "
-            f"database {_mb(size[0] if size else 0)}"
-        )
+    pg = demo.stack.enter_context(PostgresServer())
+    pg.create_database("shop")
+    with psycopg.connect(pg.dsn("shop"), autocommit=True) as conn:
+        counts = load_sample_data(conn, SAMPLE_MB)
+        size = conn.execute("SELECT pg_database_size('shop')").fetchone()
+    demo.console.print(
+        f"PostgreSQL 15 on 127.0.0.1:{pg.port}: {sum(counts.values()):,} rows in "
+        f"{len(counts)} tables, database {_mb(size[0] if size else 0)}"
+    )
+    PostgresTarget(
+        host=pg.host,
+        port=pg.port,
+        user=pg.superuser,
+        password=SecretStr(pg.password),
+        databases=["shop"],
+        rpo_hours=24,
+        rto_minutes=30,
+    ).save("demo-pg", overwrite=True)
 
-        from blocks import BackupRepository, EncryptionKey, PostgresTarget, register_all
-        from flows.postgres import backup_postgresql, restore_postgresql
-        from flows.verify import verify_backup_flow
-
-        register_all()
-        repo_path = DEMO_DIR / "repository"
-        identity = x25519.Identity.generate()
-        EncryptionKey(
-            recipients=[str(identity.to_public())], identity=SecretStr(str(identity))
-        ).save("default", overwrite=True)
-        (DEMO_DIR / "age-identity.txt").write_text(str(identity) + "\n")
-        os.chmod(DEMO_DIR / "age-identity.txt", 0o600)
-        BackupRepository(local_path=str(repo_path)).save("default", overwrite=True)
-        PostgresTarget(
-            host=pg.host,
-            port=pg.port,
-            user=pg.superuser,
-            password=SecretStr(pg.password),
-            databases=["shop"],
-        ).save("demo-pg", overwrite=True)
-        console.print(f"blocks saved; repository {repo_path}")
-
-        console.rule("backup (flow backup-postgresql)")
-        t = time.monotonic()
-        manifest = backup_postgresql(target="demo-pg")
-        backup_s = time.monotonic() - t
-        raw = sum(a["raw_size"] for a in manifest["artifacts"])
-        stored = sum(a["stored_size"] for a in manifest["artifacts"])
-
-        console.rule("list")
-        listing = Table("backup id", "target", "dump", "stored")
-        for m in Catalog(LocalRepository(repo_path)).list("postgresql", "demo-pg"):
-            listing.add_row(m.backup_id, m.target, _mb(m.raw_size), _mb(m.stored_size))
-        console.print(listing)
-
-        console.rule("verify (flow verify-backup)")
-        t = time.monotonic()
-        verify = verify_backup_flow(backup_id=manifest["backup_id"])
-        verify_s = time.monotonic() - t
-
-        console.rule("restore into shop_restored (flow restore-postgresql)")
-        t = time.monotonic()
-        report: dict[str, Any] = restore_postgresql(
+    manifest = demo.timed("postgresql", "backup", lambda: backup_postgresql(target="demo-pg"))
+    raw = sum(a["raw_size"] for a in manifest["artifacts"])
+    stored = sum(a["stored_size"] for a in manifest["artifacts"])
+    demo.row(
+        "postgresql",
+        "backup",
+        f"dump {_mb(raw)} -> stored {_mb(stored)} "
+        f"({stored / max(raw, 1):.0%}), {raw / 1024 / 1024 / demo.last_s:,.0f} MiB/s",
+    )
+    verify = demo.timed(
+        "postgresql",
+        "verify",
+        lambda: verify_backup_flow(
+            backup_id=manifest["backup_id"], engine="postgresql", target="demo-pg"
+        ),
+    )
+    demo.row("postgresql", "verify", f"{len(verify['artifacts'])} artifacts, ok={verify['ok']}")
+    report = demo.timed(
+        "postgresql",
+        "restore into shop_restored",
+        lambda: restore_postgresql(
             target="demo-pg", backup_id=manifest["backup_id"], target_database="shop_restored"
+        ),
+    )
+    checks = Table("table", "rows in backup", "rows restored", "match")
+    for c in report["row_checks"]:
+        checks.add_row(
+            c["table"],
+            f"{c['expected']:,}",
+            f"{c['actual']:,}",
+            "[green]yes[/green]" if c["ok"] else "[red]NO[/red]",
         )
-        restore_s = time.monotonic() - t
+    demo.console.print(checks)
+    demo.row("postgresql", "restore", f"rows match manifest: {report['rows_ok']}")
+    demo.ok &= bool(verify["ok"] and report["rows_ok"])
+    return "postgresql", "demo-pg"
 
-        checks = Table("table", "rows in backup", "rows restored", "match")
-        for c in report["row_checks"]:
-            checks.add_row(
-                c["table"],
-                f"{c['expected']:,}",
-                f"{c['actual']:,}",
-                "[green]yes[/green]" if c["ok"] else "[red]NO[/red]",
-            )
-        console.print(checks)
 
-        summary = Table("step", "seconds", "figures", title="strongroom demo summary")
-        summary.add_row(
-            "backup",
-            f"{backup_s:.1f}",
-            f"dump {_mb(raw)} -> stored {_mb(stored)} "
-            f"({stored / max(raw, 1):.0%}), {raw / 1024 / 1024 / backup_s:,.0f} MiB/s",
+def _load_redis(host: str, port: int, password: str, keys: int) -> None:
+    import redis
+
+    client = redis.Redis(host=host, port=port, password=password)
+    pipe = client.pipeline(transaction=False)
+    for i in range(keys):
+        kind = i % 5
+        if kind == 0:
+            pipe.set(f"session:{i}", os.urandom(24).hex(), ex=86_400)
+        elif kind == 1:
+            pipe.hset(f"user:{i}", mapping={"name": f"user {i}", "plan": "pro", "n": i})
+        elif kind == 2:
+            pipe.rpush(f"queue:{i % 500}", f"job-{i}")
+        elif kind == 3:
+            pipe.zadd("leaderboard", {f"player:{i}": i % 1000})
+        else:
+            pipe.set(f"cache:{i}".encode(), os.urandom(64))
+        if i % 5000 == 4999:
+            pipe.execute()
+    pipe.execute()
+    client.close()
+
+
+def _redis(demo: Demo) -> tuple[str, str]:
+    from pydantic import SecretStr
+
+    from blocks import RedisTarget
+    from flows.redis import backup_redis_flow, restore_redis_flow
+    from flows.verify import verify_backup_flow
+    from strongroom.sandbox.redis import RedisServer
+
+    source = demo.stack.enter_context(RedisServer())
+    spare = demo.stack.enter_context(RedisServer())
+    _load_redis(source.host, source.port, source.password, REDIS_KEYS)
+    demo.console.print(f"Redis on 127.0.0.1:{source.port}: {REDIS_KEYS:,} writes of 5 key types")
+    for name, server in (("demo-redis", source), ("demo-redis-copy", spare)):
+        RedisTarget(
+            host=server.host,
+            port=server.port,
+            password=SecretStr(server.password),
+            rpo_hours=24,
+            rto_minutes=15,
+        ).save(name, overwrite=True)
+    manifest = demo.timed("redis", "backup", lambda: backup_redis_flow(target="demo-redis"))
+    stored = sum(a["stored_size"] for a in manifest["artifacts"])
+    keys = sum(
+        manifest["details"].get("keyspace", {}).get(db, {}).get("keys", 0)
+        for db in manifest["details"].get("keyspace", {})
+    )
+    demo.row(
+        "redis",
+        "backup",
+        f"{manifest['details'].get('method')} snapshot, {keys:,} keys, stored {_mb(stored)}",
+    )
+    verify = demo.timed(
+        "redis",
+        "verify",
+        lambda: verify_backup_flow(
+            backup_id=manifest["backup_id"], engine="redis", target="demo-redis"
+        ),
+    )
+    demo.row("redis", "verify", f"{len(verify['artifacts'])} artifacts, ok={verify['ok']}")
+    report = demo.timed(
+        "redis",
+        "restore (live) into a second server",
+        lambda: restore_redis_flow(
+            target="demo-redis-copy", source_target="demo-redis", backup_id=manifest["backup_id"]
+        ),
+    )
+    restored = sum(c.get("restored") or 0 for c in report["key_checks"])
+    demo.row(
+        "redis",
+        "restore",
+        f"{restored:,} keys; counts match: {report['keys_ok']}, "
+        f"sampled values match: {report['sample']['ok']}",
+    )
+    demo.ok &= bool(verify["ok"] and report["keys_ok"])
+    RedisTarget.delete("demo-redis-copy")  # a restore destination, not a target to audit
+    return "redis", "demo-redis"
+
+
+def main() -> int:
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    _prefect_env()
+    started = time.monotonic()
+    with ExitStack() as stack:
+        demo = Demo(stack)
+        demo.console.rule("[bold]strongroom demo")
+        _setup_common()
+        targets = [_postgres(demo), _redis(demo)]
+
+        from rich.table import Table
+
+        from flows.audit import write_compliance_report
+        from strongroom.catalog import Catalog
+        from strongroom.drills.demo import demo_drills
+        from strongroom.repository.local import LocalRepository
+
+        demo.console.rule("catalog (strongroom list)")
+        listing = Table("backup id", "engine", "target", "raw", "stored")
+        for m in Catalog(LocalRepository(DEMO_DIR / "repository")).list():
+            listing.add_row(m.backup_id, m.engine, m.target, _mb(m.raw_size), _mb(m.stored_size))
+        demo.console.print(listing)
+
+        demo.console.rule("restore drills (flow restore-drill)")
+        records = demo_drills(targets, console=demo.console)
+        demo.ok &= all(r["ok"] for r in records)
+
+        from flows.deep_verify import deep_verify_flow
+
+        verified = demo.timed("all", "deep verify", deep_verify_flow)
+        demo.row(
+            "all", "deep verify", f"{verified['verified']} backups re-read, ok={verified['ok']}"
         )
-        summary.add_row(
-            "verify", f"{verify_s:.1f}", f"{len(verify['artifacts'])} artifacts, ok={verify['ok']}"
+
+        demo.console.rule("compliance audit (flow compliance-audit)")
+        report_path, cs = write_compliance_report(output_dir=DEMO_DIR / "reports")
+        demo.console.print(demo.summary)
+        demo.console.print(f"compliance report: {report_path}")
+        failed = f" (failed: {', '.join(cs['failed'])})" if cs["failed"] else ""
+        demo.console.print(
+            f"controls: {cs['pass']} pass, {cs['warn']} warn, {cs['fail']} fail{failed}; "
+            "a local folder cannot enforce object lock or versioning: use an S3 repository "
+            "with object lock for a clean audit"
         )
-        summary.add_row("restore", f"{restore_s:.1f}", f"rows match manifest: {report['rows_ok']}")
-        console.print(summary)
-        console.print(
-            f"backup id {manifest['backup_id']}; repository {repo_path}; "
-            f"age identity {DEMO_DIR / 'age-identity.txt'}"
+        demo.console.print(
+            f"repository {DEMO_DIR / 'repository'}; age identity {DEMO_DIR / 'age-identity.txt'}"
         )
-    console.print(f"done in {time.monotonic() - t0:.0f} s; throwaway servers stopped")
-    return 0 if report["rows_ok"] and verify["ok"] else 1
+    demo.console.print(f"done in {time.monotonic() - started:.0f} s; throwaway servers stopped")
+    return 0 if demo.ok else 1
 
 
 if __name__ == "__main__":

@@ -128,6 +128,17 @@ class PgDumpListCheck:
 register_check("sql", Utf8Check)
 register_check("pg_dump-custom", PgDumpListCheck)
 
+# engine modules that register their own checks when imported
+ENGINE_CHECK_MODULES = ("strongroom.engines.redis",)
+
+
+def load_engine_checks() -> None:
+    """Import every engine's check module (lazily: they import this module)."""
+    import importlib
+
+    for module in ENGINE_CHECK_MODULES:
+        importlib.import_module(module)
+
 
 def verify_backup(
     repo: Repository,
@@ -137,6 +148,7 @@ def verify_backup(
     progress: Callable[[str, int | None], Progress] | None = None,
 ) -> dict[str, Any]:
     """Check every artifact of ``manifest``; returns a report (``ok`` False on any failure)."""
+    load_engine_checks()
     results: list[dict[str, Any]] = []
     started = time.monotonic()
     for artifact in manifest.artifacts:

@@ -1,0 +1,75 @@
+"""Prefect block type for a Redis target. The password is SecretStr (masked in the UI/API)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+from strongroom.engines.redis_conn import RedisConnection
+
+
+class RedisTarget(Block):
+    """A Redis server to back up (and restore into), and how to restart it for file restores."""
+
+    _block_type_name = "strongroom Redis target"
+    _block_type_slug = "strongroom-redis-target"
+    _description = (
+        "A Redis server that strongroom backs up (replication SYNC, BGSAVE or logical export) "
+        "and restores (live via a scratch server + MIGRATE, or file with a coordinated restart)."
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    username: str | None = Field(default=None, description="ACL user (Redis 6+).")
+    password: SecretStr | None = None
+    tls: bool = False
+    tls_ca_file: str | None = Field(default=None, description="CA bundle for TLS.")
+    dbs: list[int] = Field(
+        default_factory=list,
+        description="Databases to export/restore; empty means every database with keys.",
+    )
+    backup_method: Literal["auto", "sync", "bgsave", "logical"] = Field(
+        default="auto",
+        description="auto tries replication SYNC, then BGSAVE + file, then SCAN + DUMP.",
+    )
+    data_path: str | None = Field(
+        default=None,
+        description="The server's RDB file as the runner sees it (shared volume): used by the "
+        "BGSAVE fallback and by file restores.",
+    )
+    stop_command: str | None = Field(
+        default=None,
+        description="File restores: local command that stops the server (e.g. systemctl stop "
+        "redis-server). Runs without a shell; REDISCLI_AUTH holds the password.",
+    )
+    start_command: str | None = Field(
+        default=None, description="File restores: local command that starts the server."
+    )
+    k8s_statefulset: str | None = Field(
+        default=None,
+        description="StatefulSet running this Redis (Kubernetes API coordination is not "
+        "available yet: use kubectl in stop/start commands).",
+    )
+    k8s_namespace: str = "default"
+    rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
+    rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
+
+    def to_connection(self, name: str) -> RedisConnection:
+        return RedisConnection(
+            name=name,
+            host=self.host,
+            port=self.port,
+            username=self.username,
+            password=self.password,
+            tls=self.tls,
+            tls_ca_file=self.tls_ca_file,
+            dbs=list(self.dbs),
+            backup_method=self.backup_method,
+            data_path=self.data_path,
+            stop_command=self.stop_command,
+            start_command=self.start_command,
+            k8s_statefulset=self.k8s_statefulset,
+            k8s_namespace=self.k8s_namespace,
+        )

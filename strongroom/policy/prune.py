@@ -1,0 +1,482 @@
+"""Applying a retention policy to a repository, safely.
+
+Order of operations for each backup the policy lets go:
+
+1. read the lock state of its manifest and of every object under its data
+   folder; if anything is still locked (retain-until in the future, or a legal
+   hold) the backup is left whole and reported as "locked until ...";
+2. delete the manifest first (the backup stops existing for every reader), then
+   the artifacts. A crash in between leaves data without a manifest, which the
+   orphan pass of a later run removes: never a manifest pointing at deleted data.
+
+Then, optionally: orphans (data folders without a manifest, older than a grace
+period, so a backup still uploading is never touched), interrupted uploads
+(``cleanup_incomplete`` with the same grace), and PITR WAL older than the oldest
+retained base backup. ``dry_run`` reads everything (locks included) and
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from strongroom.catalog import Catalog, Manifest, manifest_key
+from strongroom.errors import StrongroomError
+from strongroom.ids import BACKUP_ID_RE, backup_id_time
+from strongroom.policy.locks import LockState, ObjectStore, object_store
+from strongroom.policy.pins import label_pinned, pinned_ids
+from strongroom.policy.retention import (
+    BackupPoint,
+    Decision,
+    RetentionPolicy,
+    evaluate,
+    with_locks,
+)
+from strongroom.policy.wal import prune_wal, wal_targets
+from strongroom.repository.base import Repository
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ORPHAN_GRACE = dt.timedelta(hours=24)
+PolicyLookup = Callable[[str, str], RetentionPolicy]
+
+
+def depends_on(manifest: Manifest) -> tuple[str, ...]:
+    """Backups this one needs to be restored (incremental chains)."""
+    found: list[str] = []
+    for name in ("depends_on", "parent_backup_id", "parent", "base_backup_id", "based_on"):
+        value = manifest.details.get(name)
+        if isinstance(value, str) and BACKUP_ID_RE.fullmatch(value):
+            found.append(value)
+        elif isinstance(value, list):
+            found.extend(v for v in value if isinstance(v, str) and BACKUP_ID_RE.fullmatch(v))
+    return tuple(dict.fromkeys(found))
+
+
+def point(manifest: Manifest, *, pinned: bool = False) -> BackupPoint:
+    return BackupPoint(
+        backup_id=manifest.backup_id,
+        started_at=manifest.started_at,
+        finished_at=manifest.finished_at,
+        engine=manifest.engine,
+        target=manifest.target,
+        kind=manifest.kind,
+        pinned=pinned or label_pinned(manifest),
+        depends_on=depends_on(manifest),
+        stored_size=manifest.stored_size,
+    )
+
+
+@dataclass
+class BackupOutcome:
+    decision: Decision
+    action: str  # keep | delete | would-delete | locked | error
+    detail: str = ""
+    locked: list[dict[str, str]] = field(default_factory=list)
+    freed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.decision.to_dict(),
+            "action": self.action,
+            "detail": self.detail,
+            "locked_objects": self.locked,
+            "bytes_freed": self.freed,
+        }
+
+
+@dataclass
+class RetentionReport:
+    dry_run: bool
+    now: dt.datetime
+    policies: dict[str, str] = field(default_factory=dict)
+    backups: list[BackupOutcome] = field(default_factory=list)
+    orphans: list[dict[str, Any]] = field(default_factory=list)
+    dangling: list[dict[str, Any]] = field(default_factory=list)
+    incomplete_uploads_removed: int = 0
+    wal: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def count(self, action: str) -> int:
+        return sum(1 for b in self.backups if b.action == action)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not any(b.action == "error" for b in self.backups)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "dry_run": self.dry_run,
+            "now": self.now.isoformat(),
+            "policies": self.policies,
+            "summary": {
+                "backups": len(self.backups),
+                "kept": self.count("keep"),
+                "deleted": self.count("deleted"),
+                "would_delete": self.count("would-delete"),
+                "locked": self.count("locked"),
+                "errors": self.count("error") + len(self.errors),
+                # in a dry run: what would be freed
+                "bytes_freed": sum(b.freed for b in self.backups)
+                + sum(
+                    int(o.get("bytes", 0))
+                    for o in self.orphans
+                    if o["action"] in ("deleted", "would delete")
+                )
+                + sum(int(w.get("bytes_freed", 0)) for w in self.wal),
+                "orphans": len(self.orphans),
+                "wal_segments_deleted": sum(int(w["deleted"]) for w in self.wal),
+                "wal_segments_would_delete": sum(int(w["would_delete"]) for w in self.wal),
+            },
+            "backups": [b.to_dict() for b in self.backups],
+            "orphans": self.orphans,
+            "dangling": self.dangling,
+            "incomplete_uploads_removed": self.incomplete_uploads_removed,
+            "wal": self.wal,
+            "errors": self.errors,
+        }
+
+
+def _data_prefix(engine: str, target: str, backup_id: str) -> str:
+    return f"data/{engine}/{target}/{backup_id}/"
+
+
+def _backup_keys(repo: Repository, manifest: Manifest) -> list[tuple[str, int]]:
+    """Every object that belongs to a backup: manifest first, then its data."""
+    keys: dict[str, int] = {}
+    for artifact in manifest.artifacts:
+        keys[artifact.key] = artifact.stored_size
+    for info in repo.list(_data_prefix(manifest.engine, manifest.target, manifest.backup_id)):
+        keys[info.key] = info.size
+    mkey = manifest_key(manifest.engine, manifest.target, manifest.backup_id)
+    return [(mkey, 0), *sorted(keys.items())]
+
+
+def _active_locks(store: ObjectStore, keys: list[str], now: dt.datetime) -> list[LockState]:
+    if not store.supports_locks:
+        return []
+    found = []
+    for key in keys:
+        state = store.lock(key)
+        if state is not None and state.active(now):
+            found.append(state)
+    return found
+
+
+def _lock_summary(locks: list[LockState]) -> tuple[dt.datetime, str]:
+    strongest = max(locks, key=lambda s: s.until)
+    detail = strongest.describe()
+    if len(locks) > 1:
+        detail += f"; {len(locks)} objects locked"
+    until = strongest.until if not strongest.legal_hold else dt.datetime.max.replace(tzinfo=dt.UTC)
+    return until, detail
+
+
+def plan(
+    repo: Repository,
+    policy_for: PolicyLookup | RetentionPolicy,
+    *,
+    engine: str | None = None,
+    target: str | None = None,
+    now: dt.datetime | None = None,
+    store: ObjectStore | None = None,
+) -> tuple[list[Decision], dict[str, Manifest], dict[str, list[LockState]]]:
+    """Evaluate the policy over the catalog; locks are read for deletion candidates.
+
+    Returns the decisions, the manifests by backup id and the active locks found.
+    """
+    moment = now or dt.datetime.now(dt.UTC)
+    lookup = _lookup(policy_for)
+    store = store or object_store(repo)
+    manifests = Catalog(repo).list(engine, target)
+    pins = pinned_ids(repo, engine, target)
+    by_id = {m.backup_id: m for m in manifests}
+    series: dict[tuple[str, str], list[BackupPoint]] = defaultdict(list)
+    for m in manifests:
+        pinned = (m.engine, m.target, m.backup_id) in pins
+        series[(m.engine, m.target)].append(point(m, pinned=pinned))
+    decisions: list[Decision] = []
+    locks: dict[str, list[LockState]] = {}
+    for (eng, tgt), points in sorted(series.items()):
+        policy = lookup(eng, tgt)
+        policy.check_usable()
+        first = evaluate(points, policy, moment)
+        found: dict[str, tuple[dt.datetime, str]] = {}
+        for d in first:
+            if d.keep:
+                continue
+            keys = [k for k, _ in _backup_keys(repo, by_id[d.backup_id])]
+            active = _active_locks(store, keys, moment)
+            if active:
+                locks[d.backup_id] = active
+                found[d.backup_id] = _lock_summary(active)
+        decisions.extend(with_locks(first, found, policy, moment) if found else first)
+    return decisions, by_id, locks
+
+
+def _lookup(policy_for: PolicyLookup | RetentionPolicy) -> PolicyLookup:
+    if isinstance(policy_for, RetentionPolicy):
+        fixed = policy_for
+        return lambda _engine, _target: fixed
+    return policy_for
+
+
+def _delete_backup(
+    repo: Repository,
+    store: ObjectStore,
+    manifest: Manifest,
+    now: dt.datetime,
+) -> tuple[str, str, list[dict[str, str]], int]:
+    """Manifest first, then data. Re-checks locks right before deleting."""
+    keys = _backup_keys(repo, manifest)
+    active = _active_locks(store, [k for k, _ in keys], now)
+    if active:
+        until, detail = _lock_summary(active)
+        return "locked", f"locked until {until.isoformat()} ({detail})", _lock_rows(active), 0
+    freed = 0
+    mkey = keys[0][0]
+    try:
+        store.remove(mkey)
+    except StrongroomError as exc:
+        return "error", f"could not delete the manifest {mkey}: {exc}", [], 0
+    failed: list[str] = []
+    for key, size in keys[1:]:
+        try:
+            store.remove(key)
+            freed += size
+        except StrongroomError as exc:
+            failed.append(f"{key}: {exc}")
+    if failed:
+        return (
+            "error",
+            "manifest deleted; some data could not be (an orphan, removed by a later run): "
+            + "; ".join(failed[:3]),
+            [],
+            freed,
+        )
+    return "deleted", f"manifest and {len(keys) - 1} object(s) deleted", [], freed
+
+
+def _lock_rows(locks: list[LockState]) -> list[dict[str, str]]:
+    return [{"key": s.key, "locked": s.describe()} for s in locks]
+
+
+def find_orphans(
+    repo: Repository,
+    *,
+    engine: str | None = None,
+    target: str | None = None,
+    grace: dt.timedelta = DEFAULT_ORPHAN_GRACE,
+    now: dt.datetime | None = None,
+    loaded: dict[str, Manifest] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(orphans, dangling): data folders without a manifest, and manifests whose
+    artifacts are missing. Orphans younger than ``grace`` are listed as 'recent'."""
+    moment = now or dt.datetime.now(dt.UTC)
+    prefix = "data/"
+    if engine:
+        prefix += f"{engine}/"
+        if target:
+            prefix += f"{target}/"
+    groups: dict[tuple[str, str, str], list[tuple[str, int, dt.datetime]]] = defaultdict(list)
+    present: set[str] = set()
+    for info in repo.list(prefix):
+        parts = info.key.split("/")
+        if len(parts) < 5:
+            continue
+        if target and parts[2] != target:
+            continue
+        groups[(parts[1], parts[2], parts[3])].append((info.key, info.size, info.modified))
+        present.add(info.key)
+    catalog_prefix = "catalog/" + (f"{engine}/" if engine else "")
+    if engine and target:
+        catalog_prefix += f"{target}/"
+    manifests = {
+        tuple(info.key[: -len(".json")].split("/")[1:4])
+        for info in repo.list(catalog_prefix)
+        if info.key.endswith(".json") and info.key.count("/") == 3
+    }
+    orphans: list[dict[str, Any]] = []
+    for (eng, tgt, bid), objects in sorted(groups.items()):
+        if (eng, tgt, bid) in manifests:
+            continue
+        newest = max(modified for _, _, modified in objects)
+        id_time = backup_id_time(bid) if BACKUP_ID_RE.fullmatch(bid) else None
+        recent = moment - newest < grace or (id_time is not None and moment - id_time < grace)
+        orphans.append(
+            {
+                "engine": eng,
+                "target": tgt,
+                "backup_id": bid,
+                "prefix": _data_prefix(eng, tgt, bid),
+                "objects": [k for k, _, _ in objects],
+                "bytes": sum(s for _, s, _ in objects),
+                "newest_object": newest.isoformat(),
+                "action": "recent" if recent else "orphan",
+            }
+        )
+    dangling: list[dict[str, Any]] = []
+    catalog = Catalog(repo)
+    for eng, tgt, bid in sorted(manifests):
+        if (engine and eng != engine) or (target and tgt != target):
+            continue
+        try:
+            cached = (loaded or {}).get(bid)
+            if cached is not None and (cached.engine, cached.target) == (eng, tgt):
+                manifest = cached
+            else:
+                manifest = catalog.load(eng, tgt, bid)
+        except StrongroomError as exc:
+            dangling.append({"engine": eng, "target": tgt, "backup_id": bid, "error": str(exc)})
+            continue
+        missing = [a.key for a in manifest.artifacts if a.key not in present]
+        if missing:
+            dangling.append(
+                {"engine": eng, "target": tgt, "backup_id": bid, "missing_artifacts": missing}
+            )
+    return orphans, dangling
+
+
+def _cleanup_incomplete(repo: Repository, grace: dt.timedelta) -> int:
+    import inspect
+
+    params = inspect.signature(repo.cleanup_incomplete).parameters
+    if "older_than" in params:
+        return int(repo.cleanup_incomplete("", older_than=grace))  # type: ignore[call-arg]
+    log.warning("%s cannot spare recent uploads: interrupted uploads not cleaned", repo.describe())
+    return 0
+
+
+def prune(
+    repo: Repository,
+    policy_for: PolicyLookup | RetentionPolicy,
+    *,
+    engine: str | None = None,
+    target: str | None = None,
+    dry_run: bool = False,
+    now: dt.datetime | None = None,
+    orphan_grace: dt.timedelta = DEFAULT_ORPHAN_GRACE,
+    clean_orphans: bool = True,
+    prune_wal_archive: bool = True,
+    purge_versions: bool = True,
+) -> RetentionReport:
+    """Apply the policy: delete what no rule keeps (see the module docstring)."""
+    moment = now or dt.datetime.now(dt.UTC)
+    lookup = _lookup(policy_for)
+    store = object_store(repo, purge_versions=purge_versions)
+    report = RetentionReport(dry_run=dry_run, now=moment)
+    decisions, manifests, locks = plan(
+        repo, lookup, engine=engine, target=target, now=moment, store=store
+    )
+    for key in sorted({(d.backup.engine, d.backup.target) for d in decisions}):
+        report.policies["/".join(key)] = lookup(*key).describe()
+
+    for d in decisions:
+        manifest = manifests[d.backup_id]
+        if d.keep:
+            locked_rule = next((r for r in d.rules if r.startswith("object-lock")), None)
+            if locked_rule is not None and len(d.rules) == 1:
+                outcome = BackupOutcome(
+                    d,
+                    "locked",
+                    locked_rule.replace("object-lock", "locked", 1),
+                    locked=_lock_rows(locks.get(d.backup_id, [])),
+                )
+            else:
+                outcome = BackupOutcome(d, "keep", d.reason)
+        elif dry_run:
+            outcome = BackupOutcome(d, "would-delete", d.reason, freed=manifest.stored_size)
+        else:
+            action, detail, locked_rows, freed = _delete_backup(repo, store, manifest, moment)
+            outcome = BackupOutcome(d, action, detail, locked=locked_rows, freed=freed)
+            log.info("retention: %s %s: %s", action, d.backup_id, detail)
+        report.backups.append(outcome)
+
+    if clean_orphans:
+        _orphan_pass(repo, store, report, engine, target, orphan_grace, moment, dry_run, manifests)
+
+    if prune_wal_archive and engine in (None, "postgresql"):
+        _wal_pass(repo, store, report, target, moment, dry_run)
+    return report
+
+
+def _orphan_pass(
+    repo: Repository,
+    store: ObjectStore,
+    report: RetentionReport,
+    engine: str | None,
+    target: str | None,
+    grace: dt.timedelta,
+    now: dt.datetime,
+    dry_run: bool,
+    loaded: dict[str, Manifest],
+) -> None:
+    orphans, dangling = find_orphans(
+        repo, engine=engine, target=target, grace=grace, now=now, loaded=loaded
+    )
+    report.dangling = dangling
+    for orphan in orphans:
+        if orphan["action"] == "recent":
+            orphan["action"] = "too recent (grace period)"
+        else:
+            active = _active_locks(store, orphan["objects"], now)
+            if active:
+                until, detail = _lock_summary(active)
+                orphan["action"] = "locked"
+                orphan["detail"] = f"locked until {until.isoformat()} ({detail})"
+            elif dry_run:
+                orphan["action"] = "would delete"
+            else:
+                try:
+                    for key in orphan["objects"]:
+                        store.remove(key)
+                    orphan["action"] = "deleted"
+                except StrongroomError as exc:
+                    orphan["action"] = "error"
+                    orphan["detail"] = str(exc)
+                    report.errors.append(f"orphan {orphan['prefix']}: {exc}")
+        orphan["objects"] = len(orphan["objects"])
+        report.orphans.append(orphan)
+    if not dry_run:
+        try:
+            report.incomplete_uploads_removed = _cleanup_incomplete(repo, grace)
+        except StrongroomError as exc:
+            report.errors.append(f"cleaning interrupted uploads: {exc}")
+
+
+def _wal_pass(
+    repo: Repository,
+    store: ObjectStore,
+    report: RetentionReport,
+    target: str | None,
+    now: dt.datetime,
+    dry_run: bool,
+) -> None:
+    targets = wal_targets(repo)
+    if target:
+        targets = [t for t in targets if t == target]
+    if not targets:
+        return
+    gone = {
+        o.decision.backup_id
+        for o in report.backups
+        if o.action in ("deleted", "would-delete")
+        or (o.action == "error" and o.detail.startswith("manifest deleted"))
+    }
+    # listed after the deletions: what is in the catalog now is the truth
+    bases: dict[str, list[Manifest]] = defaultdict(list)
+    for m in Catalog(repo).list("postgresql"):
+        if m.kind != "base" or m.backup_id in gone:
+            continue
+        wal_dir = m.details.get("wal_target")
+        bases[wal_dir if isinstance(wal_dir, str) and wal_dir else m.target].append(m)
+    for tgt in targets:
+        wal = prune_wal(repo, store, tgt, bases.get(tgt, []), dry_run=dry_run, now=now)
+        report.wal.append(wal.to_dict())
+        report.errors.extend(f"WAL {e}" for e in wal.errors)
