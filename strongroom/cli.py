@@ -334,7 +334,8 @@ def _register_plugins() -> None:
     cli_audit.register(app)
 
 
-_register_plugins()
+if __name__ != "__main__":  # as __main__, the plugins would import a second copy of us
+    _register_plugins()
 
 
 def main() -> None:
@@ -342,4 +343,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from strongroom.cli import main as _main
+
+    _main()
