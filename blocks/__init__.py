@@ -1,12 +1,20 @@
 """Prefect block types for strongroom: targets, repository, encryption keys."""
 
+from blocks.clickhouse import ClickHouseTarget
 from blocks.keys import EncryptionKey
 from blocks.policy import RetentionPolicyBlock
 from blocks.redis import RedisTarget
 from blocks.repository import BackupRepository
 from blocks.targets import PostgresTarget
 
-ALL_BLOCKS = (PostgresTarget, RedisTarget, BackupRepository, EncryptionKey, RetentionPolicyBlock)
+ALL_BLOCKS = (
+    PostgresTarget,
+    ClickHouseTarget,
+    RedisTarget,
+    BackupRepository,
+    EncryptionKey,
+    RetentionPolicyBlock,
+)
 
 
 def register_all() -> list[str]:
@@ -19,6 +27,7 @@ def register_all() -> list[str]:
 __all__ = [
     "ALL_BLOCKS",
     "BackupRepository",
+    "ClickHouseTarget",
     "EncryptionKey",
     "PostgresTarget",
     "RedisTarget",

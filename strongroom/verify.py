@@ -129,7 +129,10 @@ register_check("sql", Utf8Check)
 register_check("pg_dump-custom", PgDumpListCheck)
 
 # engine modules that register their own checks when imported
-ENGINE_CHECK_MODULES = ("strongroom.engines.redis",)
+ENGINE_CHECK_MODULES = (
+    "strongroom.engines.clickhouse_verify",
+    "strongroom.engines.redis",
+)
 
 
 def load_engine_checks() -> None:

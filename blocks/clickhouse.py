@@ -1,0 +1,48 @@
+"""Prefect block type for a ClickHouse target. The password is SecretStr (masked in the UI/API)."""
+
+from __future__ import annotations
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+from strongroom.engines.clickhouse_conn import ClickHouseConnection
+
+
+class ClickHouseTarget(Block):
+    """A ClickHouse server to back up (and restore into)."""
+
+    _block_type_name = "strongroom ClickHouse target"
+    _block_type_slug = "strongroom-clickhouse-target"
+    _description = (
+        "A ClickHouse server that strongroom backs up and restores (HTTP interface for data, "
+        "native port for clickhouse-client)."
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9000, description="Native protocol port (clickhouse-client).")
+    http_port: int = Field(default=8123, description="HTTP interface port (data streams).")
+    user: str = "default"
+    password: SecretStr | None = None
+    secure: bool = Field(default=False, description="Use HTTPS for the HTTP interface.")
+    databases: list[str] = Field(
+        default_factory=list,
+        description="Databases to back up (names or glob patterns); empty means all non-system.",
+    )
+    exclude_databases: list[str] = Field(
+        default_factory=list, description="Databases to skip (names or glob patterns)."
+    )
+    rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
+    rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
+
+    def to_connection(self, name: str) -> ClickHouseConnection:
+        return ClickHouseConnection(
+            name=name,
+            host=self.host,
+            port=self.port,
+            http_port=self.http_port,
+            user=self.user,
+            password=self.password,
+            secure=self.secure,
+            databases=list(self.databases),
+            exclude_databases=list(self.exclude_databases),
+        )

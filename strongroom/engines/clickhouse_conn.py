@@ -1,0 +1,48 @@
+"""How to reach a ClickHouse server and what to back up (the engine's config model).
+
+Prefect's ``ClickHouseTarget`` block converts itself into this; tests and the
+bench build it directly. The password is a ``SecretStr``; it travels only in
+the ``X-ClickHouse-Key`` HTTP header, never in a URL, argv or a message.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+
+from strongroom.ids import check_name
+
+
+class ClickHouseConnection(BaseModel):
+    """A ClickHouse server: HTTP for queries and data streams, the native port for
+    ``clickhouse-client`` and other native-protocol tools."""
+
+    name: str = Field(description="target name used in the repository layout")
+    host: str = "127.0.0.1"
+    port: int = Field(default=9000, description="native protocol port (clickhouse-client)")
+    http_port: int = Field(default=8123, description="HTTP interface port (used for data)")
+    user: str = "default"
+    password: SecretStr | None = None
+    secure: bool = Field(default=False, description="HTTPS for the HTTP interface")
+    verify_tls: bool = True
+    ca_file: str | None = None
+    databases: list[str] = Field(
+        default_factory=list,
+        description="databases to back up (names or glob patterns); empty means all non-system",
+    )
+    exclude_databases: list[str] = Field(
+        default_factory=list, description="databases to skip (names or glob patterns)"
+    )
+    connect_timeout: float = 10.0
+    read_timeout: float = 3600.0
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        return check_name(value, "target name")
+
+    def secrets(self) -> list[str]:
+        return [self.password.get_secret_value()] if self.password else []
+
+    def describe(self) -> str:
+        scheme = "https" if self.secure else "http"
+        return f"{scheme}://{self.host}:{self.http_port}"
