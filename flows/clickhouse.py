@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.clickhouse import ClickHouseTarget
+from flows.audit import AUDITED
 from flows.common import (
     RETRY_DELAY_S,
     TRANSIENT_RETRIES,
@@ -18,6 +19,7 @@ from flows.common import (
     retry_transient,
     secure_logging,
 )
+from flows.locks import target_lock
 from strongroom import progress
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.clickhouse import backup_clickhouse
@@ -52,7 +54,7 @@ def dump_clickhouse(
     return manifest.model_dump(mode="json")
 
 
-@flow(name="backup-clickhouse")
+@flow(name="backup-clickhouse", **AUDITED)
 def backup_clickhouse_flow(
     target: str,
     repository: str = "default",
@@ -66,7 +68,8 @@ def backup_clickhouse_flow(
     enc = load_key(encryption_key)
     log = get_run_logger()
     log.info("backing up ClickHouse target %s into %s", target, repo.describe())
-    manifest = dump_clickhouse(conn, repo, repo_config, enc, labels or {})
+    with target_lock("clickhouse", target):
+        manifest = dump_clickhouse(conn, repo, repo_config, enc, labels or {})
     sizes: dict[tuple[str, str], int] = {}
     for a in manifest["artifacts"]:
         meta = a.get("meta", {})
@@ -117,7 +120,7 @@ def run_clickhouse_restore(
     return restore_clickhouse(conn, repo, enc, req, progress=progress.current())
 
 
-@flow(name="restore-clickhouse")
+@flow(name="restore-clickhouse", **AUDITED)
 def restore_clickhouse_flow(
     target: str,
     backup_id: str = "latest",
@@ -151,7 +154,8 @@ def restore_clickhouse_flow(
     repo, _ = load_repository(repository)
     enc = load_key(encryption_key)
     log = get_run_logger()
-    report = run_clickhouse_restore(conn, repo, enc, req)
+    with target_lock("clickhouse", target):
+        report = run_clickhouse_restore(conn, repo, enc, req)
     dry = bool(report.get("dry_run"))
     verb = "would restore" if dry else "restored"
     into = ", ".join(f"`{s}` -> `{t}`" for s, t in report["databases"].items())

@@ -19,6 +19,7 @@ from flows.common import (
     retry_transient,
     secure_logging,
 )
+from flows.locks import target_lock
 from strongroom import progress
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.postgres import backup_postgres
@@ -66,7 +67,8 @@ def backup_postgresql(
     enc = load_key(encryption_key)
     log = get_run_logger()
     log.info("backing up PostgreSQL target %s into %s", target, repo.describe())
-    manifest = dump_databases(conn, repo, repo_config, enc, labels or {})
+    with target_lock("postgresql", target):
+        manifest = dump_databases(conn, repo, repo_config, enc, labels or {})
     rows = [
         {
             "database": db["name"],
@@ -144,7 +146,8 @@ def restore_postgresql(
     repo, _ = load_repository(repository)
     enc = load_key(encryption_key)
     log = get_run_logger()
-    report = run_restore(conn, repo, enc, req)
+    with target_lock("postgresql", target):
+        report = run_restore(conn, repo, enc, req)
     checks = report.get("row_checks", [])
     verb = "would restore" if report.get("dry_run") else "restored"
     publish(

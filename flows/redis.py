@@ -19,6 +19,7 @@ from flows.common import (
     retry_transient,
     secure_logging,
 )
+from flows.locks import target_lock
 from strongroom import progress
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.redis import backup_redis
@@ -69,7 +70,8 @@ def backup_redis_flow(
     enc = load_key(encryption_key)
     log = get_run_logger()
     log.info("backing up Redis target %s (%s) into %s", target, conn.address, repo.describe())
-    manifest = snapshot_redis(conn, repo, repo_config, enc, labels or {}, method)
+    with target_lock("redis", target):
+        manifest = snapshot_redis(conn, repo, repo_config, enc, labels or {}, method)
     details = manifest["details"]
     for attempt in details.get("attempts", []):
         log.warning("method %s %s: %s", attempt["method"], attempt["outcome"], attempt["reason"])
@@ -151,7 +153,8 @@ def restore_redis_flow(
     repo, _ = load_repository(repository)
     enc = load_key(encryption_key)
     log = get_run_logger()
-    report = run_redis_restore(conn, repo, enc, req)
+    with target_lock("redis", target):
+        report = run_redis_restore(conn, repo, enc, req)
     planned = bool(report.get("dry_run"))
     checks = report.get("key_checks", [])
     lines = [

@@ -89,6 +89,13 @@ def classify_failure(tool: str, what: str, code: int, stderr: str) -> Exception:
     detail = " | ".join(last) or f"exit code {code}"
     if "password authentication failed" in text or "no password supplied" in text:
         return AccessDenied(f"{what}: the server refused the credentials ({tool}: {detail})")
-    if "could not connect" in text or "connection refused" in text or "timeout expired" in text:
+    transient = (
+        "could not connect",
+        "connection refused",
+        "timeout expired",
+        "server closed the connection unexpectedly",
+        "terminating connection due to administrator command",
+    )
+    if any(phrase in text for phrase in transient):
         return ServiceUnavailable(f"{what}: server unreachable ({tool}: {detail})")
     return ToolFailed(f"{what}: {tool} failed with exit code {code}: {detail}")

@@ -1,0 +1,222 @@
+"""backup-fleet: back up many targets, each as its own flow run of its deployment.
+
+The fleet does no database work itself. For every target it starts one run of the
+engine's per-target deployment (e.g. ``backup-postgresql/on-demand``), so on the
+Kubernetes work pool every target gets its own Job (own pod, resources, logs, retries).
+Two Prefect global concurrency limits bound how many run at once:
+
+* ``strongroom-engine-<engine>``: at most ``per_engine_limit`` runs of that engine;
+* ``strongroom-host-<host>``: at most ``per_host_limit`` runs against one database host.
+
+Both are shared by every fleet run (a manual fleet run and the nightly one respect the
+same limits). The fleet waits for every child, publishes one summary (markdown + table
+artifact), emits ``strongroom.<kind>.completed`` per successful target (resource
+``strongroom.target.<engine>.<target>``; the Proactive "no backup within RPO" automation
+watches it) and fails if any child did not complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run as current_run
+
+from flows.audit import AUDITED
+from flows.common import _slug
+from flows.locks import LEASE_S, engine_limit_name, ensure_limit, host_limit_name
+from strongroom.errors import InvalidInput, StrongroomError
+
+Engine = Literal["postgresql", "clickhouse", "redis"]
+Kind = Literal["backup", "base-backup", "wal-check", "drill"]
+
+# Which deployment does the work for one target, per (engine, kind).
+DEPLOYMENTS: dict[tuple[str, str], str] = {
+    ("postgresql", "backup"): "backup-postgresql/on-demand",
+    ("postgresql", "base-backup"): "base-backup-postgresql/on-demand",
+    ("postgresql", "wal-check"): "wal-check-postgresql/on-demand",
+    ("clickhouse", "backup"): "backup-clickhouse/on-demand",
+    ("redis", "backup"): "backup-redis/on-demand",
+    ("postgresql", "drill"): "restore-drill/on-demand",
+    ("clickhouse", "drill"): "restore-drill/on-demand",
+    ("redis", "drill"): "restore-drill/on-demand",
+}
+# Block type holding the targets of each engine (all its named blocks = the fleet).
+TARGET_BLOCK_TYPES: dict[str, str] = {
+    "postgresql": "strongroom-postgres-target",
+    "clickhouse": "strongroom-clickhouse-target",
+    "redis": "strongroom-redis-target",
+}
+
+
+def target_resource_id(engine: str, target: str) -> str:
+    return f"strongroom.target.{engine}.{target}"
+
+
+async def discover_targets(engine: str, names: list[str] | None) -> dict[str, str]:
+    """Target name -> database host, from the engine's target blocks (secrets not read)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    slug = TARGET_BLOCK_TYPES[engine]
+    async with get_client() as client:
+        try:
+            docs = await client.read_block_documents_by_type(slug, include_secrets=False)
+        except ObjectNotFound:
+            docs = []
+    hosts = {
+        d.name: str((d.data or {}).get("host") or "unknown")
+        for d in docs
+        if d.name and not d.is_anonymous
+    }
+    if names is None:
+        return dict(sorted(hosts.items()))
+    missing = [n for n in names if n not in hosts]
+    if missing:
+        raise InvalidInput(
+            f"no {slug} block named {', '.join(map(repr, missing))}; "
+            f"known {engine} targets: {', '.join(sorted(hosts)) or 'none'}"
+        )
+    return {n: hosts[n] for n in names}
+
+
+async def _run_one(
+    deployment: str,
+    engine: str,
+    kind: str,
+    target: str,
+    host: str,
+    parameters: dict[str, Any],
+    timeout_s: float,
+    poll_s: float,
+) -> dict[str, Any]:
+    from prefect.concurrency.asyncio import concurrency
+    from prefect.deployments import arun_deployment
+    from prefect.events import emit_event
+
+    row: dict[str, Any] = {"target": target, "host": host, "state": "NOT STARTED"}
+    waited = time.monotonic()
+    async with concurrency(
+        [engine_limit_name(engine), host_limit_name(host)],
+        lease_duration=LEASE_S,
+        strict=True,
+    ):
+        row["waited_s"] = round(time.monotonic() - waited, 1)
+        started = time.monotonic()
+        try:
+            child = await arun_deployment(
+                deployment,
+                parameters={**parameters, "target": target},
+                timeout=timeout_s,
+                poll_interval=poll_s,
+                tags=["strongroom", engine, kind, "fleet"],
+                idempotency_key=f"{current_run.get_id()}:{deployment}:{target}",
+            )
+        except Exception as exc:  # the deployment is missing, the API refused the run...
+            row.update(state="NOT STARTED", error=f"{type(exc).__name__}: {exc}")
+            return row
+        row["seconds"] = round(time.monotonic() - started, 1)
+    state = child.state
+    row.update(
+        state=state.name if state else "UNKNOWN",
+        flow_run=child.name,
+        flow_run_id=str(child.id),
+        error="" if state and state.is_completed() else (state.message if state else ""),
+    )
+    if state and state.is_completed():
+        emit_event(
+            event=f"strongroom.{kind}.completed",
+            resource={
+                "prefect.resource.id": target_resource_id(engine, target),
+                "prefect.resource.name": target,
+                "strongroom.engine": engine,
+            },
+            related=[
+                {
+                    "prefect.resource.id": f"prefect.flow-run.{child.id}",
+                    "prefect.resource.role": "flow-run",
+                    "prefect.resource.name": child.name,
+                }
+            ],
+            payload={"flow_run_id": str(child.id), "seconds": row["seconds"]},
+        )
+    return row
+
+
+async def _publish(title: str, key: str, lines: list[str], rows: list[dict[str, Any]]) -> None:
+    """flows.common.publish for an async flow (same keys: a markdown summary and a table)."""
+    from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+
+    body = f"# {title}\n\n" + "\n".join(lines)
+    await acreate_markdown_artifact(markdown=body, key=_slug(f"{key}-summary"), description=title)
+    if rows:
+        await acreate_table_artifact(table=rows, key=_slug(f"{key}-table"), description=title)
+
+
+@flow(name="backup-fleet", **AUDITED)
+async def backup_fleet(
+    engine: Engine = "postgresql",
+    kind: Kind = "backup",
+    targets: list[str] | None = None,
+    per_engine_limit: int = 4,
+    per_host_limit: int = 1,
+    parameters: dict[str, Any] | None = None,
+    deployment: str | None = None,
+    timeout_s: float = 12 * 3600,
+    poll_s: float = 5.0,
+) -> dict[str, Any]:
+    """Start one run of the per-target deployment for each target and wait for them all.
+
+    ``targets``: block names (None: every target block of ``engine``). ``parameters``
+    are passed to every child run (``target`` is set per child). ``deployment``
+    overrides the ``flow/deployment`` name picked from ``engine`` and ``kind``.
+    """
+    log = get_run_logger()
+    if per_engine_limit < 1 or per_host_limit < 1:
+        raise InvalidInput("per_engine_limit and per_host_limit must be at least 1")
+    name = deployment or DEPLOYMENTS.get((engine, kind))
+    if name is None:
+        raise InvalidInput(f"no {kind!r} deployment for engine {engine!r}")
+    parameters = dict(parameters or {})
+    if kind == "drill":  # restore-drill serves every engine: tell it which
+        parameters.setdefault("engine", engine)
+    hosts = await discover_targets(engine, targets)
+    log.info("%s %s over %d target(s) via %s", kind, engine, len(hosts), name)
+    await ensure_limit(engine_limit_name(engine), per_engine_limit, update=True)
+    for host in sorted(set(hosts.values())):
+        await ensure_limit(host_limit_name(host), per_host_limit, update=True)
+    rows = await asyncio.gather(
+        *(
+            _run_one(name, engine, kind, target, host, parameters, timeout_s, poll_s)
+            for target, host in hosts.items()
+        )
+    )
+    ok = [r for r in rows if r["state"] == "Completed"]
+    failed = [r for r in rows if r["state"] != "Completed"]
+    await _publish(
+        f"Fleet {kind} of {engine}: {len(ok)}/{len(rows)} completed",
+        f"backup-fleet-{engine}-{kind}",
+        [
+            f"- deployment: `{name}`",
+            f"- targets: {len(rows)} on {len(set(hosts.values()))} host(s); limits: "
+            f"{per_engine_limit} per engine, {per_host_limit} per host",
+            f"- completed: {len(ok)}, not completed: {len(failed)}",
+            *(f"- **{r['target']}**: {r['state']} {r.get('error', '')}" for r in failed),
+        ],
+        [
+            {
+                k: r.get(k, "")
+                for k in ("target", "host", "state", "seconds", "waited_s", "flow_run", "error")
+            }
+            for r in rows
+        ],
+    )
+    summary = {"engine": engine, "kind": kind, "deployment": name, "runs": rows}
+    if failed:
+        raise StrongroomError(
+            f"{len(failed)} of {len(rows)} {engine} {kind} runs did not complete: "
+            + ", ".join(f"{r['target']} ({r['state']})" for r in failed)
+        )
+    return summary
