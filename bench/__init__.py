@@ -1,0 +1,1 @@
+"""Benchmarks for strongroom (run with ``python -m bench.run``)."""
