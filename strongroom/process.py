@@ -8,6 +8,8 @@ scrubbed of secrets before it appears in any error.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import io
 import shutil
 import subprocess
 import threading
@@ -33,6 +35,21 @@ def tool_path(name: str, search: Sequence[str] = ()) -> str:
     return found
 
 
+F_SETPIPE_SZ = 1031  # Linux fcntl: pipe capacity
+PIPE_SIZE = 1024 * 1024
+
+
+def _widen_pipe(fd: int) -> None:
+    """A 1 MiB pipe lets the tool run ahead while we compress (Linux; best effort)."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+
+
+def buffered(stream: IO[bytes]) -> IO[bytes]:
+    """Read a pipe in whole 1 MiB chunks instead of whatever the pipe holds at the moment."""
+    return io.BufferedReader(stream, buffer_size=PIPE_SIZE)  # type: ignore[type-var]
+
+
 class Tool:
     """A running tool with a bounded, scrubbed stderr tail."""
 
@@ -48,6 +65,8 @@ class Tool:
         self.proc = subprocess.Popen(
             argv, env=env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, bufsize=0
         )
+        if stdout == subprocess.PIPE and self.proc.stdout is not None:
+            _widen_pipe(self.proc.stdout.fileno())
         self._tail: deque[bytes] = deque()
         self._tail_size = 0
         self._reader = threading.Thread(target=self._drain, daemon=True)

@@ -23,7 +23,7 @@ from strongroom.engines.pg_connect import connect
 from strongroom.errors import NotFound, StrongroomError
 from strongroom.ids import new_backup_id
 from strongroom.pipeline import Progress
-from strongroom.process import Tool, tool_path
+from strongroom.process import Tool, buffered, tool_path
 from strongroom.redact import register
 from strongroom.repository.base import Repository, StorageSettings
 
@@ -222,7 +222,7 @@ def _store_from_tool(
         artifact = store_artifact(
             repo,
             key,
-            tool.proc.stdout,
+            buffered(tool.proc.stdout),
             name=name,
             content=content,
             encryption=enc,
