@@ -34,7 +34,7 @@ K8S_VERSIONS = ["1.29.0", "1.33.0"]
 DEPLOYMENTS = declared_deployments(ROOT / "prefect.yaml")
 ENGINES = {"postgresql", "clickhouse", "redis"}
 KINDS = {"backup", "base-backup", "wal-check", "restore", "pitr", "verify", "fleet",
-         "retention", "compliance", "drill", "health"}
+         "retention", "compliance", "drill", "health", "deep-verify"}
 
 
 OPERATIONS = {
@@ -93,7 +93,10 @@ def test_prefect_yaml_declares_every_flow_with_tags_and_no_build() -> None:
         pool = dep["work_pool"]
         assert pool["name"] == "strongroom-k8s"
         assert pool["job_variables"]["image"], "the image is a job variable"
-        engine_free = _label(dep) in ("backup-fleet/on-demand", "verify-backup/on-demand")
+        engine_free = (
+            _label(dep) in ("backup-fleet/on-demand", "verify-backup/on-demand")
+            or dep["entrypoint"] in OPERATIONS  # retention, audit, health... span all engines
+        )
         assert engine_free or tags & ENGINES, f"{_label(dep)} has no engine tag"
 
 
