@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import IO
 
-from strongroom.catalog import Artifact
+from strongroom.catalog import Artifact, Catalog, Manifest
 from strongroom.config import EncryptionConfig
 from strongroom.errors import IntegrityError, NotFound
 from strongroom.pipeline import (
@@ -77,6 +77,13 @@ def check_durable(repo: Repository, artifact: Artifact) -> None:
             f"artifact {artifact.name} at {artifact.key} has {size} bytes, "
             f"manifest says {artifact.stored_size}"
         )
+
+
+def publish_backup(repo: Repository, manifest: Manifest) -> str:
+    """Make a backup visible: confirm every artifact is durable, then write the manifest last."""
+    for artifact in manifest.artifacts:
+        check_durable(repo, artifact)
+    return Catalog(repo).write(manifest)
 
 
 def read_artifact(

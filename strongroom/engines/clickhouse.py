@@ -20,8 +20,8 @@ import threading
 from collections.abc import Callable
 from typing import IO, Any, cast
 
-from strongroom.artifacts import check_durable, store_artifact
-from strongroom.catalog import Artifact, Catalog, Manifest, data_key
+from strongroom.artifacts import publish_backup, store_artifact
+from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines import clickhouse_inspect as inspect
 from strongroom.engines.clickhouse_conn import ClickHouseConnection
@@ -382,8 +382,6 @@ def backup_clickhouse(
                     "tables": [_manifest_entry(o) for o in mine],
                 }
             )
-        for artifact in artifacts:
-            check_durable(repo, artifact)
         manifest = Manifest(
             backup_id=bid,
             engine=ENGINE,
@@ -406,7 +404,7 @@ def backup_clickhouse(
             },
             labels=dict(labels or {}),
         )
-        Catalog(repo).write(manifest)
+        publish_backup(repo, manifest)
     except BaseException:
         for artifact in artifacts:
             repo.delete(artifact.key)

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from strongroom.artifacts import check_durable, store_artifact
-from strongroom.catalog import Artifact, Catalog, Manifest, data_key
+from strongroom.artifacts import publish_backup, store_artifact
+from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines import pg_inspect
 from strongroom.engines.pg_connect import connect
@@ -312,8 +312,6 @@ def backup_postgres(
                     "tables": tables,
                 }
             )
-        for artifact in artifacts:
-            check_durable(repo, artifact)
         manifest = Manifest(
             backup_id=bid,
             engine=ENGINE,
@@ -328,7 +326,7 @@ def backup_postgres(
             details={"format": "custom", "databases": db_details},
             labels=dict(labels or {}),
         )
-        Catalog(repo).write(manifest)
+        publish_backup(repo, manifest)
     except BaseException:
         for artifact in artifacts:
             repo.delete(artifact.key)

@@ -27,8 +27,8 @@ from typing import IO, Any
 
 import redis
 
-from strongroom.artifacts import check_durable, store_artifact
-from strongroom.catalog import Artifact, Catalog, Manifest, data_key
+from strongroom.artifacts import publish_backup, store_artifact
+from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.redis_conn import (
     BackupMethod,
@@ -448,7 +448,6 @@ def backup_redis(
         client.close()
     artifact, details = result
     try:
-        check_durable(repo, artifact)
         if "keyspace" not in details:
             details["keyspace"] = _ks_json(keyspace(info))
             details["keyspace_source"] = "INFO keyspace before the snapshot"
@@ -471,7 +470,7 @@ def backup_redis(
             details=details,
             labels=dict(labels or {}),
         )
-        Catalog(repo).write(manifest)
+        publish_backup(repo, manifest)
     except BaseException:
         repo.delete(artifact.key)
         raise
