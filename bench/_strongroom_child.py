@@ -82,7 +82,7 @@ def _instrument() -> None:
         return store(repo, key, cast(IO[bytes], _TimedSource(source)), **kwargs)
 
     engine.store_artifact = _timed("store_artifact_total", store_artifact)
-    engine.check_durable = _timed("check_durable", engine.check_durable)
+    engine.publish_backup = _timed("publish_backup", engine.publish_backup)
     engine.connect = _timed("connect", engine.connect)
     engine.tool_version = _timed("tool_version", engine.tool_version)
     pg_inspect.count_rows = _timed("count_rows_parallel_thread", pg_inspect.count_rows)
