@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 from typing import IO
 
-from strongroom.catalog import Artifact, Catalog, Manifest
+from strongroom.catalog import Artifact, Catalog, Manifest, data_key, manifest_key
 from strongroom.config import EncryptionConfig
-from strongroom.errors import IntegrityError, NotFound
+from strongroom.errors import Conflict, IntegrityError, NotFound
 from strongroom.pipeline import (
     COMPRESSION,
     ENCRYPTION,
@@ -76,6 +76,16 @@ def check_durable(repo: Repository, artifact: Artifact) -> None:
         raise IntegrityError(
             f"artifact {artifact.name} at {artifact.key} has {size} bytes, "
             f"manifest says {artifact.stored_size}"
+        )
+
+
+def claim_backup_id(repo: Repository, engine: str, target: str, backup_id: str) -> None:
+    """Refuse a backup id that is already published or has data (never write over a backup)."""
+    if repo.exists(manifest_key(engine, target, backup_id)) or any(
+        True for _ in repo.list(data_key(engine, target, backup_id, ""))
+    ):
+        raise Conflict(
+            f"backup id {backup_id} already exists for {engine}/{target}; it is never overwritten"
         )
 
 

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import IO, Any, cast
 
-from strongroom.artifacts import publish_backup, store_artifact
+from strongroom.artifacts import claim_backup_id, publish_backup, store_artifact
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines import clickhouse_inspect as inspect
@@ -322,6 +322,7 @@ def backup_clickhouse(
     register(*conn.secrets(), *repo_config.secrets(), *enc.secrets())
     started = dt.datetime.now(dt.UTC)
     bid = backup_id or new_backup_id(started)
+    claim_backup_id(repo, ENGINE, conn.name, bid)
     settings = StorageSettings(
         retain_until=started + dt.timedelta(days=repo_config.retention_days)
         if repo_config.retention_days

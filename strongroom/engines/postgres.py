@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from strongroom.artifacts import publish_backup, store_artifact
+from strongroom.artifacts import claim_backup_id, publish_backup, store_artifact
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines import pg_inspect
@@ -262,6 +262,7 @@ def backup_postgres(
         if repo_config.retention_days
         else None
     )
+    claim_backup_id(repo, ENGINE, conn.name, bid)
     with connect(conn) as c:
         server = pg_inspect.server_facts(c)
         databases = _select_databases(pg_inspect.list_databases(c), conn.databases)

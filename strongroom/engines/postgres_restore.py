@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from psycopg import sql
 from pydantic import BaseModel, Field
 
@@ -31,6 +32,7 @@ from strongroom.engines import pg_inspect
 from strongroom.engines.pg_connect import connect
 from strongroom.engines.postgres import ENGINE, pg_tool
 from strongroom.errors import (
+    Conflict,
     IntegrityError,
     InvalidInput,
     NotFound,
@@ -537,29 +539,47 @@ def restore_postgres(
 
 
 def _swap_in(conn: PostgresConnection, scratch: str, target: str, exists: bool) -> None:
-    """Replace ``target`` with ``scratch`` (the old one is dropped only after the rename)."""
+    """Replace ``target`` with ``scratch``; the old database is dropped only after the swap.
+
+    Both renames run in one transaction, so a failure (or a kill) leaves the target
+    exactly as it was, never missing.
+    """
+
+    def rename(c: psycopg.Connection, old: str, new: str) -> None:
+        c.execute(
+            sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                sql.Identifier(old), sql.Identifier(new)
+            )
+        )
+
+    def kick(c: psycopg.Connection, database: str) -> None:
+        c.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        )
+
     with connect(conn) as c:
-        if exists:
-            old = f"sr_old_{secrets.token_hex(4)}"
-            c.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()",
-                (target,),
-            )
-            c.execute(
-                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                    sql.Identifier(target), sql.Identifier(old)
-                )
-            )
-            c.execute(
-                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                    sql.Identifier(scratch), sql.Identifier(target)
-                )
-            )
-            c.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(old)))
-        else:
-            c.execute(
-                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                    sql.Identifier(scratch), sql.Identifier(target)
-                )
-            )
+        kick(c, scratch)  # nobody else has business in our scratch database
+        if not exists:
+            try:
+                rename(c, scratch, target)
+            except psycopg.Error as exc:
+                raise Conflict(
+                    f"could not rename the restored copy {scratch!r} to {target!r}: "
+                    f"{exc.diag.message_primary or type(exc).__name__}"
+                ) from None
+            return
+        old = f"sr_old_{secrets.token_hex(4)}"
+        try:
+            kick(c, target)
+            kick(c, scratch)
+            with c.transaction():  # both renames commit together, or neither does
+                rename(c, target, old)
+                rename(c, scratch, target)
+        except psycopg.Error as exc:
+            raise Conflict(
+                f"could not put the restored copy in place of {target!r}: "
+                f"{exc.diag.message_primary or type(exc).__name__}; {target!r} is unchanged"
+            ) from None
+        c.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(old)))

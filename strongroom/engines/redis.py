@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import redis
 
-from strongroom.artifacts import publish_backup, store_artifact
+from strongroom.artifacts import claim_backup_id, publish_backup, store_artifact
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.redis_conn import (
@@ -397,6 +397,7 @@ def backup_redis(
         raise InvalidInput(f"unknown backup method {chosen!r}: expected one of {METHODS}")
     started = dt.datetime.now(dt.UTC)
     bid = backup_id or new_backup_id(started)
+    claim_backup_id(repo, ENGINE, conn.name, bid)
     settings = StorageSettings(
         retain_until=started + dt.timedelta(days=repo_config.retention_days)
         if repo_config.retention_days

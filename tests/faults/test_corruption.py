@@ -1,0 +1,218 @@
+"""Tampered artifacts and manifests are detected by verify and refused by restore, by name."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from strongroom.catalog import Catalog, Manifest, manifest_key
+from strongroom.config import EncryptionConfig, RepositoryConfig
+from strongroom.engines.postgres import backup_postgres
+from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
+from strongroom.errors import IntegrityError, NotFound
+from strongroom.repository.local import LocalRepository
+from strongroom.verify import verify_backup
+from tests.faults._support import databases
+from tests.fixtures.postgres import PgDatabase
+from tests.fixtures.strongroom_fixtures import pg_connection
+
+POPULATE = """
+CREATE TABLE items (id int PRIMARY KEY, val text);
+INSERT INTO items SELECT g, md5(g::text) FROM generate_series(1, 20000) g;
+CREATE TABLE notes (id int PRIMARY KEY, body text);
+INSERT INTO notes VALUES (1, 'live row');
+"""
+STATE = "SELECT (SELECT count(*) FROM items) || ':' || (SELECT string_agg(body, ',') FROM notes)"
+
+
+@pytest.fixture
+def backed_up(
+    pg_db: PgDatabase,
+    local_repo: tuple[LocalRepository, RepositoryConfig],
+    age_key: EncryptionConfig,
+) -> tuple[PgDatabase, LocalRepository, Manifest]:
+    pg_db.psql(POPULATE)
+    repo, config = local_repo
+    manifest = backup_postgres(pg_connection(pg_db), repo, config, age_key)
+    assert verify_backup(repo, manifest, age_key)["ok"]
+    # the live database moves on after the backup
+    pg_db.psql("UPDATE notes SET body = 'changed after backup'")
+    return pg_db, repo, manifest
+
+
+def _writable(path: Path) -> Path:
+    os.chmod(path, 0o644)
+    return path
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    _writable(path).write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    _writable(path).write_bytes(data[: len(data) - 100])
+
+
+def _dump_artifact(manifest: Manifest) -> str:
+    return next(a.name for a in manifest.artifacts if a.content == "pg_dump-custom")
+
+
+def _assert_refused(
+    db: PgDatabase, repo: LocalRepository, manifest: Manifest, key: EncryptionConfig, name: str
+) -> None:
+    """verify names the artifact; restore (whole, in place, drop_existing) refuses it and
+    leaves the live database exactly as it was."""
+    fresh = Catalog(repo).resolve(manifest.backup_id)
+    report = verify_backup(repo, fresh, key)
+    assert not report["ok"]
+    bad = [a for a in report["artifacts"] if not a["ok"]]
+    assert [a["artifact"] for a in bad] == [name]
+    assert name in bad[0]["error"]
+
+    state, dbs = db.psql(STATE), databases(db.server)
+    with pytest.raises(IntegrityError) as caught:
+        restore_postgres(
+            pg_connection(db),
+            repo,
+            key,
+            PgRestoreRequest(backup_id=manifest.backup_id, drop_existing=True),
+        )
+    assert name in str(caught.value)
+    assert db.psql(STATE) == state == "20000:changed after backup"
+    assert databases(db.server) == dbs  # the scratch database was removed
+
+
+@pytest.mark.parametrize("damage", [_flip_byte, _truncate], ids=["flipped-byte", "truncated"])
+def test_damaged_artifact_is_detected_and_refused(
+    backed_up: tuple[PgDatabase, LocalRepository, Manifest],
+    age_key: EncryptionConfig,
+    damage: Callable[[Path], None],
+) -> None:
+    db, repo, manifest = backed_up
+    name = _dump_artifact(manifest)
+    damage(repo.root / manifest.artifact(name).key)
+    _assert_refused(db, repo, manifest, age_key, name)
+
+
+def _edit_manifest(
+    repo: LocalRepository, manifest: Manifest, edit: Callable[[dict[str, Any]], None]
+) -> None:
+    path = repo.root / manifest_key(manifest.engine, manifest.target, manifest.backup_id)
+    data = json.loads(path.read_bytes())
+    edit(data)
+    _writable(path).write_text(json.dumps(data))
+
+
+def test_manifest_checksum_edited_is_detected_and_refused(
+    backed_up: tuple[PgDatabase, LocalRepository, Manifest], age_key: EncryptionConfig
+) -> None:
+    db, repo, manifest = backed_up
+    name = _dump_artifact(manifest)
+
+    def edit(data: dict[str, Any]) -> None:
+        for artifact in data["artifacts"]:
+            if artifact["name"] == name:
+                artifact["stored_sha256"] = "0" * 64
+
+    _edit_manifest(repo, manifest, edit)
+    _assert_refused(db, repo, manifest, age_key, name)
+
+
+def _bump_rows(data: dict[str, Any]) -> None:
+    for table in data["details"]["databases"][0]["tables"]:
+        if table["name"] == "items":
+            table["rows"] += 1
+
+
+def test_manifest_row_count_edited_is_refused_by_restore(
+    backed_up: tuple[PgDatabase, LocalRepository, Manifest], age_key: EncryptionConfig
+) -> None:
+    db, repo, manifest = backed_up
+    _edit_manifest(repo, manifest, _bump_rows)
+    state, dbs = db.psql(STATE), databases(db.server)
+    with pytest.raises(IntegrityError) as caught:
+        restore_postgres(
+            pg_connection(db),
+            repo,
+            age_key,
+            PgRestoreRequest(backup_id=manifest.backup_id, drop_existing=True),
+        )
+    assert "items" in str(caught.value)
+    assert db.psql(STATE) == state
+    assert databases(db.server) == dbs
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: verify_backup checks only artifact bytes; a manifest edited outside the "
+    "artifact checksums (row counts, table list) is not protected by any manifest checksum or "
+    "signature, so verify reports ok. Restore still refuses it (row comparison).",
+)
+def test_manifest_row_count_edited_is_detected_by_verify(
+    backed_up: tuple[PgDatabase, LocalRepository, Manifest], age_key: EncryptionConfig
+) -> None:
+    """A hand-edited row count must not pass verify (the promise is: tampering is detected)."""
+    _db, repo, manifest = backed_up
+    _edit_manifest(repo, manifest, _bump_rows)
+    report = verify_backup(repo, Catalog(repo).resolve(manifest.backup_id), age_key)
+    assert not report["ok"], "verify accepted a manifest whose row count was edited by hand"
+
+
+def test_missing_artifact_is_detected_and_refused(
+    backed_up: tuple[PgDatabase, LocalRepository, Manifest], age_key: EncryptionConfig
+) -> None:
+    db, repo, manifest = backed_up
+    name = _dump_artifact(manifest)
+    (repo.root / manifest.artifact(name).key).unlink()
+    report = verify_backup(repo, Catalog(repo).resolve(manifest.backup_id), age_key)
+    bad = [a for a in report["artifacts"] if not a["ok"]]
+    assert not report["ok"] and [a["artifact"] for a in bad] == [name]
+    assert name in bad[0]["error"]
+    state, dbs = db.psql(STATE), databases(db.server)
+    with pytest.raises(NotFound) as caught:
+        restore_postgres(
+            pg_connection(db),
+            repo,
+            age_key,
+            PgRestoreRequest(backup_id=manifest.backup_id, drop_existing=True),
+        )
+    assert name in str(caught.value)
+    assert db.psql(STATE) == state
+    assert databases(db.server) == dbs
+
+
+def test_wrong_key_is_detected_and_refused(
+    backed_up: tuple[PgDatabase, LocalRepository, Manifest],
+) -> None:
+    from pydantic import SecretStr
+    from pyrage import x25519
+
+    db, repo, manifest = backed_up
+    other = x25519.Identity.generate()
+    wrong = EncryptionConfig(
+        recipients=[str(other.to_public())], identities=[SecretStr(str(other))]
+    )
+    report = verify_backup(repo, manifest, wrong)
+    assert not report["ok"]
+    assert all(
+        "wrong key" in a["error"] and a["artifact"] in a["error"] for a in report["artifacts"]
+    )
+    state, dbs = db.psql(STATE), databases(db.server)
+    with pytest.raises(IntegrityError) as caught:
+        restore_postgres(
+            pg_connection(db),
+            repo,
+            wrong,
+            PgRestoreRequest(backup_id=manifest.backup_id, drop_existing=True),
+        )
+    assert "wrong key" in str(caught.value)
+    assert db.psql(STATE) == state
+    assert databases(db.server) == dbs
