@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import pgbackrest as pgbr_mod
+from strongroom.engines.pg_wal_fast import archive_command
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -130,7 +131,7 @@ class Bench:
             owner="postgres",
             push={
                 "mode": mode,
-                "parallel": 4,
+                "parallel": int(os.environ.get("PITR_BENCH_PUSH_PARALLEL", "4")),
                 "linger_seconds": 2.0,
                 "compression_level": WAL_LEVEL,
             },
@@ -274,7 +275,8 @@ class Bench:
             _copytree(self.sr_snapshot, repo)
             mode = "sync" if contender.endswith("sync") else "async"
             cfg = self.wal_config(base / "wal.toml", repo, mode)
-            command = f"{self.wal_cmd} push --config {cfg} %p"
+            # the recommended archive_command (docs/pitr.md): a shell test, then the tool
+            command = archive_command(self.wal_cmd, str(cfg))
             archive_dir = repo / "wal"
         else:
             pgbr = self.pgbackrest(base / "pgbr", server, asynchronous=contender.endswith("async"))

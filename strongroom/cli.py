@@ -327,10 +327,11 @@ def _print_restore(r: dict[str, Any]) -> None:
 
 def _register_plugins() -> None:
     """Commands that live in their own modules (one per engine or concern)."""
-    from strongroom import cli_audit, cli_clickhouse, cli_ops, cli_policy, cli_redis
+    from strongroom import cli_audit, cli_clickhouse, cli_ops, cli_pitr, cli_policy, cli_redis
 
     cli_clickhouse.register(backup_app, restore_app)
     cli_redis.register(backup_app, restore_app)
+    cli_pitr.register(app, backup_app, restore_app)
     cli_policy.register(app)
     cli_audit.register(app)
     cli_ops.register(app)

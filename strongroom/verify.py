@@ -131,6 +131,7 @@ register_check("pg_dump-custom", PgDumpListCheck)
 # engine modules that register their own checks when imported
 ENGINE_CHECK_MODULES = (
     "strongroom.engines.clickhouse_verify",
+    "strongroom.engines.pg_basebackup",
     "strongroom.engines.redis",
 )
 

@@ -212,30 +212,34 @@ def s3_client_from_aws_credentials(
 
 
 def s3_client_from_config(config: RepositoryConfig) -> S3Client:
-    """Build an S3 client for ``config`` through prefect-aws ``AwsCredentials``.
+    """Build an S3 client for ``config`` with botocore directly.
 
-    With no access key in ``config`` boto3's default chain applies (environment,
-    shared config, instance/IRSA role). prefect-aws is imported lazily: it pulls
-    in Prefect, which costs a few seconds at start-up.
+    With no access key in ``config`` botocore's default chain applies (environment,
+    shared config, instance/IRSA role). Neither boto3 nor prefect-aws is imported:
+    this is the path of ``strongroom-wal`` (PostgreSQL's archive_command), where
+    Prefect's import time (seconds) would stall WAL archiving. Blocks go through
+    ``S3Repository.from_aws_credentials`` / ``from_s3_bucket`` instead.
     """
-    from prefect_aws import AwsClientParameters, AwsCredentials
+    from botocore.session import Session
 
-    credentials = AwsCredentials(
-        aws_access_key_id=config.access_key_id,
-        aws_secret_access_key=config.secret_access_key,
-        region_name=config.region,
-        aws_client_parameters=AwsClientParameters(endpoint_url=config.endpoint_url),
+    session = Session()
+    secret = config.secret_access_key.get_secret_value() if config.secret_access_key else None
+    client: S3Client = session.create_client(  # type: ignore[assignment]
+        "s3",
+        region_name=config.region or None,
+        endpoint_url=config.endpoint_url or None,
+        aws_access_key_id=config.access_key_id or None,
+        aws_secret_access_key=secret,
+        config=_botocore_config(config.endpoint_url),
     )
-    return s3_client_from_aws_credentials(
-        credentials, endpoint_url=config.endpoint_url, region=config.region
-    )
+    return client
 
 
 class S3Repository(Repository):
     """A repository in ``s3://bucket/prefix``.
 
-    ``S3Repository(config)`` builds its own client from ``config`` (through
-    prefect-aws). Use ``from_client`` to hand over an already-built boto3 client,
+    ``S3Repository(config)`` builds its own client from ``config`` (botocore only,
+    no Prefect import). Use ``from_client`` to hand over an already-built boto3 client,
     or ``from_aws_credentials`` / ``from_s3_bucket`` for prefect-aws blocks.
     """
 

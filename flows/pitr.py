@@ -1,0 +1,335 @@
+"""Prefect flows for PostgreSQL point-in-time recovery (orchestration only).
+
+- ``base-backup-postgresql``: pg_basebackup streamed into the repository; done
+  only when the WAL it needs is archived. Can (re)write the WAL configuration
+  file ``strongroom-wal`` reads.
+- ``wal-check-postgresql``: continuity of the WAL archive and the recoverable
+  window, as JSON; fails (so automations alert) when there is a gap.
+- ``pitr-restore-postgresql``: restore to a time / LSN / xid / restore point /
+  immediate / latest, into an empty data directory; optionally start, wait, verify.
+- ``create-restore-point-postgresql``: a named restore point, archived and recorded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from blocks import PostgresTarget
+from flows.audit import AUDITED
+from flows.common import (
+    RETRY_DELAY_S,
+    TRANSIENT_RETRIES,
+    human_size,
+    load_key,
+    load_repository,
+    publish,
+    retry_transient,
+    secure_logging,
+)
+from flows.locks import target_lock
+from strongroom import progress
+from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
+from strongroom.engines.pg_basebackup import base_backup_postgres, base_backups
+from strongroom.engines.pg_pitr_plan import PitrRequest
+from strongroom.engines.pg_pitr_points import create_restore_point
+from strongroom.engines.pg_pitr_restore import pitr_restore
+from strongroom.engines.pg_wal_check import wal_check
+from strongroom.engines.pg_wal_config import write_wal_config
+from strongroom.errors import IntegrityError
+from strongroom.redact import register
+from strongroom.repository import Repository
+
+
+def _target(name: str) -> tuple[PostgresConnection, PostgresTarget]:
+    block = PostgresTarget.load(name)
+    conn = block.to_connection(name)  # type: ignore[union-attr]
+    register(*conn.secrets())
+    return conn, block  # type: ignore[return-value]
+
+
+def write_wal_config_from_blocks(
+    target: str,
+    path: str,
+    *,
+    repository: str = "default",
+    encryption_key: str = "default",
+    identity_file: str | None = None,
+    owner: str | None = "postgres",
+    system_identifier: int | None = None,
+    push: dict[str, Any] | None = None,
+    fetch: dict[str, Any] | None = None,
+) -> str:
+    """Write the TOML ``strongroom-wal`` reads, from the repository and key blocks
+    (only the public recipients; the identity stays in its block unless
+    ``identity_file`` is written separately for a restore host)."""
+    _, repo_config = load_repository(repository)
+    enc = load_key(encryption_key)
+    written = write_wal_config(
+        path,
+        target=target,
+        repository=repo_config,
+        recipients=enc.recipients,
+        identity_file=identity_file,
+        system_identifier=system_identifier,
+        push=push,
+        fetch=fetch,
+        owner=owner,
+    )
+    return str(written)
+
+
+@task(
+    retries=TRANSIENT_RETRIES,
+    retry_delay_seconds=RETRY_DELAY_S,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def take_base_backup(
+    conn: PostgresConnection,
+    repo: Repository,
+    repo_config: RepositoryConfig,
+    enc: EncryptionConfig,
+    labels: dict[str, str],
+    manifest_checksums: str,
+    wal_timeout_s: float,
+) -> dict[str, Any]:
+    reporter = progress.current()
+    manifest = base_backup_postgres(
+        conn,
+        repo,
+        repo_config,
+        enc,
+        labels=labels,
+        progress=reporter("base.tar", None) if reporter else None,
+        manifest_checksums=manifest_checksums,
+        wal_timeout_s=wal_timeout_s,
+    )
+    return manifest.model_dump(mode="json")
+
+
+@flow(name="base-backup-postgresql", **AUDITED)
+def base_backup_postgresql(
+    target: str,
+    repository: str = "default",
+    encryption_key: str = "default",
+    labels: dict[str, str] | None = None,
+    manifest_checksums: str = "SHA256",
+    wal_timeout_s: float = 300.0,
+    wal_config_path: str | None = None,
+    wal_config_owner: str | None = "postgres",
+) -> dict[str, Any]:
+    """Physical base backup of ``target`` (pg_basebackup tar, streamed and encrypted).
+
+    With ``wal_config_path`` the flow first writes the configuration file that
+    ``archive_command = 'strongroom-wal push %p'`` reads on the database host.
+    """
+    secure_logging()
+    conn, _ = _target(target)
+    repo, repo_config = load_repository(repository)
+    enc = load_key(encryption_key)
+    log = get_run_logger()
+    if wal_config_path:
+        written = write_wal_config_from_blocks(
+            target,
+            wal_config_path,
+            repository=repository,
+            encryption_key=encryption_key,
+            owner=wal_config_owner,
+        )
+        log.info("wrote the WAL configuration %s", written)
+    log.info("base backup of PostgreSQL target %s into %s", target, repo.describe())
+    with target_lock("postgresql", target):
+        manifest = take_base_backup(
+            conn, repo, repo_config, enc, labels or {}, manifest_checksums, wal_timeout_s
+        )
+    d = manifest["details"]
+    stored = sum(a["stored_size"] for a in manifest["artifacts"])
+    raw = sum(a["raw_size"] for a in manifest["artifacts"])
+    publish(
+        f"PostgreSQL base backup {manifest['backup_id']}",
+        f"base-backup-postgresql-{target}",
+        [
+            f"- target: `{target}` ({manifest['server']['version']}), system "
+            f"{d['system_identifier']}, timeline {d['timeline']}",
+            f"- WAL: {d['start_wal']} (start {d['start_lsn']}) to stop {d['stop_lsn']}, "
+            f"{len(d['archived_wal'])} file(s) confirmed archived",
+            f"- size: {human_size(raw)} tar, stored {human_size(stored)}",
+            f"- finished: {manifest['finished_at']}",
+        ],
+        [
+            {"field": key, "value": str(d[key])}
+            for key in ("start_lsn", "stop_lsn", "start_wal", "stop_wal", "timeline", "next_xid")
+        ],
+    )
+    log.info("base backup %s complete: %s stored", manifest["backup_id"], human_size(stored))
+    return manifest
+
+
+@flow(name="wal-check-postgresql", **AUDITED)
+def wal_check_postgresql(
+    target: str, repository: str = "default", fail_on_problem: bool = True
+) -> dict[str, Any]:
+    """WAL continuity and recoverable window of ``target``; fails on gaps when asked."""
+    secure_logging()
+    repo, _ = load_repository(repository)
+    report = wal_check(repo, target, base_backups(repo, target))
+    window = report.get("window") or {}
+    publish(
+        f"WAL continuity of {target}: {'ok' if report['ok'] else 'PROBLEMS'}",
+        f"wal-check-postgresql-{target}",
+        [
+            f"- timelines: {[t['timeline'] for t in report['timelines']]}",
+            f"- base backups: {len(report['backups'])}",
+            f"- recoverable window: {window.get('earliest', {}).get('time', '-')} to "
+            f"{window.get('latest', {}).get('time', '-')}",
+            f"- problems: {', '.join(report['problems']) or 'none'}",
+        ],
+        report["gaps"] or [{"gaps": "none"}],
+    )
+    if fail_on_problem and not report["ok"]:
+        raise IntegrityError(f"WAL archive of {target}: {'; '.join(report['problems'])}")
+    return report
+
+
+@task(cache_policy=NO_CACHE)
+def run_pitr(
+    repo: Repository,
+    repo_config: RepositoryConfig,
+    enc: EncryptionConfig,
+    req: PitrRequest,
+    password: str | None,
+) -> dict[str, Any]:
+    reporter = progress.current()
+    return pitr_restore(
+        repo,
+        repo_config,
+        enc,
+        req,
+        progress=reporter("base.tar", None) if reporter else None,
+        password=password,
+    )
+
+
+@flow(name="pitr-restore-postgresql", **AUDITED)
+def pitr_restore_postgresql(
+    target: str,
+    data_dir: str,
+    backup_id: str = "auto",
+    recovery_target: Literal["latest", "immediate", "time", "lsn", "xid", "name"] = "latest",
+    target_time: dt.datetime | None = None,
+    target_lsn: str | None = None,
+    target_xid: int | None = None,
+    target_name: str | None = None,
+    inclusive: bool = True,
+    target_timeline: str = "latest",
+    action: Literal["promote", "pause", "shutdown"] = "promote",
+    start: bool = False,
+    port: int | None = None,
+    socket_dir: str | None = None,
+    wait_timeout_s: float = 1800.0,
+    verify_query: str | None = None,
+    verify_database: str = "postgres",
+    verify_expect: str | None = None,
+    db_user: str = "postgres",
+    os_user: str | None = None,
+    archive_after: str | None = None,
+    prefetch: int = 8,
+    dry_run: bool = False,
+    repository: str = "default",
+    encryption_key: str = "default",
+) -> dict[str, Any]:
+    """Point-in-time recovery of ``target`` into the empty ``data_dir``.
+
+    The base backup is chosen automatically for the target; a target outside the
+    recoverable window is refused with the window in the error.
+    """
+    secure_logging()
+    req = PitrRequest(
+        target=target,
+        data_dir=data_dir,
+        backup_id=backup_id,
+        recovery_target=recovery_target,
+        target_time=target_time,
+        target_lsn=target_lsn,
+        target_xid=target_xid,
+        target_name=target_name,
+        inclusive=inclusive,
+        target_timeline=target_timeline,
+        action=action,
+        start=start,
+        port=port,
+        socket_dir=socket_dir,
+        wait_timeout_s=wait_timeout_s,
+        verify_query=verify_query,
+        verify_database=verify_database,
+        verify_expect=verify_expect,
+        db_user=db_user,
+        os_user=os_user,
+        archive_after=archive_after,
+        prefetch=prefetch,
+        dry_run=dry_run,
+    )
+    repo, repo_config = load_repository(repository)
+    enc = load_key(encryption_key)
+    log = get_run_logger()
+    report = run_pitr(repo, repo_config, enc, req, None)
+    plan = report["plan"]
+    recovery = report.get("recovery") or {}
+    lines = [
+        f"- target `{target}` -> `{report['data_dir']}` ({recovery_target}"
+        f"{': ' + str(plan['recovery_settings']) if recovery_target != 'latest' else ''})",
+        f"- base backup `{plan['backup']['backup_id']}` (timeline {plan['backup']['timeline']},"
+        f" stop {plan['backup']['stop_lsn']}), recovering along timeline {plan['timeline']}",
+    ]
+    if report.get("dry_run"):
+        lines.append("- dry run: nothing was changed")
+    if recovery:
+        lines.append(
+            f"- server {recovery['state']} in {recovery['seconds']} s on timeline "
+            f"{recovery.get('timeline', '?')}, at {recovery.get('replay_lsn', '?')}"
+        )
+        if recovery.get("verify"):
+            lines.append(f"- verification: `{recovery['verify']['output'][:200]}`")
+    lines.extend(f"- note: {n}" for n in plan.get("notes", []))
+    publish(
+        f"PostgreSQL PITR of {target}",
+        f"pitr-restore-postgresql-{target}",
+        lines,
+        plan["window"],
+    )
+    log.info("PITR of %s into %s: %s", target, report["data_dir"], recovery.get("state", "ready"))
+    return report
+
+
+@task(
+    retries=TRANSIENT_RETRIES,
+    retry_delay_seconds=RETRY_DELAY_S,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def make_restore_point(
+    conn: PostgresConnection, repo: Repository, name: str, wait_s: float
+) -> dict[str, Any]:
+    return create_restore_point(conn, repo, name, wait_s=wait_s)
+
+
+@flow(name="create-restore-point-postgresql", **AUDITED)
+def create_restore_point_postgresql(
+    target: str, name: str, repository: str = "default", wait_s: float = 120.0
+) -> dict[str, Any]:
+    """Create a named restore point on ``target`` and wait until its WAL is archived."""
+    secure_logging()
+    conn, _ = _target(target)
+    repo, _ = load_repository(repository)
+    record = make_restore_point(conn, repo, name, wait_s)
+    publish(
+        f"Restore point {name} on {target}",
+        f"restore-point-{target}-{name}",
+        [f"- `{name}` at LSN {record['lsn']} (timeline {record['timeline']}), {record['time']}"],
+        [record],
+    )
+    return record

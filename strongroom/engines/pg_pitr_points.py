@@ -1,0 +1,94 @@
+"""Named restore points: ``pg_create_restore_point`` plus a record in the repository.
+
+The record (``pitr/<target>/restore_points/<name>.json``, never overwritten)
+keeps the restore point's LSN, timeline and time, so a PITR restore to a name
+can choose its base backup and check the recoverable window like an LSN target.
+The WAL segment holding the restore point is switched out and waited for, so
+the name is restorable once this returns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from strongroom.config import PostgresConnection
+from strongroom.engines import pg_wal_names as names
+from strongroom.engines.pg_basebackup import wait_for_wal
+from strongroom.engines.pg_connect import connect
+from strongroom.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from strongroom.ids import check_name
+from strongroom.repository.base import Repository
+
+
+def point_key(target: str, name: str) -> str:
+    return f"pitr/{target}/restore_points/{name}.json"
+
+
+def create_restore_point(
+    conn: PostgresConnection,
+    repo: Repository,
+    name: str,
+    *,
+    wait_s: float = 120.0,
+) -> dict[str, Any]:
+    """Create restore point ``name`` on ``conn``'s cluster and record it."""
+    check_name(name, "restore point name")
+    key = point_key(conn.name, name)
+    if repo.exists(key):
+        raise Conflict(f"restore point {name!r} already exists for target {conn.name}")
+    with connect(conn) as c:
+        row = c.execute(
+            "SELECT pg_create_restore_point(%s)::text, now(),"
+            " (SELECT timeline_id FROM pg_control_checkpoint()),"
+            " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),"
+            " (SELECT system_identifier FROM pg_control_system())",
+            (name,),
+        ).fetchone()
+        assert row is not None
+        lsn_text, created, tli, size, sysid = row
+        c.execute("SELECT pg_switch_wal()")
+        # the checkpoint's timeline can lag a promotion; the current WAL file tells the truth
+        walrow = c.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()
+    if walrow is not None:
+        tli = names.timeline_of(str(walrow[0]))
+    lsn = names.parse_lsn(lsn_text)
+    segment = names.segment_of_lsn(int(tli), lsn, int(size))
+    missing = wait_for_wal(repo, conn.name, [segment], timeout_s=wait_s)
+    record = {
+        "name": name,
+        "target": conn.name,
+        "lsn": names.format_lsn(lsn),
+        "timeline": int(tli),
+        "time": created.astimezone(dt.UTC).isoformat(),
+        "segment": segment,
+        "system_identifier": int(sysid),
+        "archived": not missing,
+    }
+    repo.put_bytes(key, json.dumps(record, indent=2).encode(), overwrite=False)
+    if missing:
+        raise ServiceUnavailable(
+            f"restore point {name!r} created at {record['lsn']}, but its WAL segment "
+            f"{segment} is not archived after {wait_s:.0f} s; check archive_command"
+        )
+    return record
+
+
+def load_restore_point(repo: Repository, target: str, name: str) -> dict[str, Any] | None:
+    try:
+        check_name(name, "restore point name")
+    except InvalidInput:
+        return None
+    try:
+        return dict(json.loads(repo.get_bytes(point_key(target, name))))
+    except NotFound:
+        return None
+
+
+def list_restore_points(repo: Repository, target: str) -> list[dict[str, Any]]:
+    found = []
+    for info in repo.list(f"pitr/{target}/restore_points/"):
+        if info.key.endswith(".json"):
+            found.append(dict(json.loads(repo.get_bytes(info.key))))
+    return sorted(found, key=lambda r: names.parse_lsn(r["lsn"]))

@@ -1,0 +1,101 @@
+"""The answers ``strongroom-wal`` gives without starting any machinery.
+
+* push: the pusher already stored this very file (an ``ok`` marker that is a hard
+  link to it, or a text record of its size, mtime, inode and repository) -> 0.
+* fetch: the fetcher already verified this file into the cache -> rename it to
+  ``%p`` -> 0.
+
+Only ``os`` is used: this is what PostgreSQL waits for once per WAL file, and
+Python's own start-up is the bulk of it.
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from strongroom.engines.pg_wal_config import WalConfig
+
+MARKER_VERSION = "srwal-ok-1"
+
+
+def push_dir(cfg: WalConfig, pg_wal: str) -> str:
+    return os.path.join(cfg.spool_base(pg_wal), "push")
+
+
+def fetch_dir(cfg: WalConfig, pg_wal: str) -> str:
+    return os.path.join(cfg.spool_base(pg_wal), "fetch")
+
+
+def file_identity(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def format_marker(identity: tuple[int, int, int], repo_id: str, sha256: str) -> str:
+    size, mtime_ns, ino = identity
+    return f"{MARKER_VERSION} {size} {mtime_ns} {ino} {repo_id} {sha256}\n"
+
+
+def marker_matches(marker_path: str, wal_path: str, repo_id: str) -> bool:
+    """True when the marker says: this very file went durably into the repository.
+
+    The pusher's marker is a hard link to the WAL file it stored (so the shell can
+    check it with ``[ MARKER -ef %p ]``: same inode, without starting anything); where
+    hard links are not possible it is a text record of size, mtime, inode and
+    repository."""
+    try:
+        marker = os.stat(marker_path)
+        wal = os.stat(wal_path)
+    except OSError:
+        return False
+    if (marker.st_dev, marker.st_ino) == (wal.st_dev, wal.st_ino):
+        return True
+    try:
+        with open(marker_path) as f:
+            parts = f.read().split()
+        if len(parts) != 6 or parts[0] != MARKER_VERSION or parts[4] != repo_id:
+            return False
+        return (int(parts[1]), int(parts[2]), int(parts[3])) == file_identity(wal_path)
+    except (OSError, ValueError):
+        return False
+
+
+def push_fast(cfg: WalConfig, wal_path: str) -> bool:
+    """True when ``wal_path`` is already archived (by the pusher, ahead of this call)."""
+    path = os.path.abspath(wal_path)
+    pg_wal, name = os.path.split(path)
+    return marker_matches(os.path.join(push_dir(cfg, pg_wal), "ok", name), path, cfg.repo_id)
+
+
+def fetch_fast(cfg: WalConfig, name: str, dest_path: str) -> bool:
+    """True when ``name`` was waiting, verified, in the cache and is now at ``dest_path``."""
+    dest = os.path.abspath(dest_path)
+    folder = fetch_dir(cfg, os.path.dirname(dest))
+    if "/" in name or name.startswith("."):
+        return False
+    try:
+        os.replace(os.path.join(folder, "cache", name), dest)
+    except OSError:
+        return False
+    took = os.path.join(folder, "took")
+    tmp = f"{took}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(name)
+        os.replace(tmp, took)  # the fetcher moves its prefetch window on
+    except OSError:
+        pass
+    return True
+
+
+def archive_command(command: str = "strongroom-wal", config: str | None = None) -> str:
+    """The recommended ``archive_command``: the shell's own ``-ef`` test answers for
+    files the pusher already stored (same inode as the marker), so most calls start no
+    process at all; everything else runs ``strongroom-wal push``. Assumes the default
+    spool (``pg_wal/strongroom``); archive_command runs in the data directory."""
+    import shlex
+
+    option = f" --config {shlex.quote(config)}" if config else ""
+    return f"[ pg_wal/strongroom/push/ok/%f -ef %p ] || {command} push{option} %p"
