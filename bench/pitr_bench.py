@@ -284,7 +284,11 @@ class Bench:
             _copytree(self.pgbr_snapshot, pgbr.repo)
             command = pgbr.archive_command()
             archive_dir = pgbr.repo / "archive"
-        backlog = _ready(server.data_dir)
+        status = server.data_dir / "pg_wal" / "archive_status"
+        backlog_names = sorted(
+            n[: -len(".ready")] for n in os.listdir(status) if n.endswith(".ready")
+        )
+        backlog = len(backlog_names)
         quoted = command.replace("'", "''")
         t0 = time.perf_counter()
         server.psql(f"ALTER SYSTEM SET archive_command = '{quoted}'; SELECT pg_reload_conf();")
@@ -296,6 +300,12 @@ class Bench:
         server.stop()
         _wait_no_process(str(base))
         shutil.rmtree(base / "data", ignore_errors=True)  # the archive is what PITR needs
+        archived = {
+            p.name.split("-")[0].split(".")[0] for p in archive_dir.rglob("*") if p.is_file()
+        }
+        missing = [n for n in backlog_names if n not in archived]
+        if missing:
+            raise RuntimeError(f"drain {contender}: {len(missing)} file(s) not in the archive")
         record = {
             "contender": contender,
             "run": run,

@@ -31,6 +31,7 @@ from flows.common import (
     secure_logging,
 )
 from flows.locks import target_lock
+from flows.retention import policy_lock
 from strongroom import progress
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.pg_basebackup import base_backup_postgres, base_backups
@@ -130,6 +131,7 @@ def base_backup_postgresql(
     secure_logging()
     conn, _ = _target(target)
     repo, repo_config = load_repository(repository)
+    repo_config = policy_lock(repo, repo_config, "postgresql", target, kind="base")
     enc = load_key(encryption_key)
     log = get_run_logger()
     if wal_config_path:

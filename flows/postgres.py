@@ -20,6 +20,7 @@ from flows.common import (
     secure_logging,
 )
 from flows.locks import target_lock
+from flows.retention import policy_lock
 from strongroom import progress
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.postgres import backup_postgres
@@ -64,6 +65,7 @@ def backup_postgresql(
     secure_logging()
     conn = _target(target)
     repo, repo_config = load_repository(repository)
+    repo_config = policy_lock(repo, repo_config, "postgresql", target)
     enc = load_key(encryption_key)
     log = get_run_logger()
     log.info("backing up PostgreSQL target %s into %s", target, repo.describe())

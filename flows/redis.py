@@ -20,6 +20,7 @@ from flows.common import (
     secure_logging,
 )
 from flows.locks import target_lock
+from flows.retention import policy_lock
 from strongroom import progress
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.redis import backup_redis
@@ -67,6 +68,7 @@ def backup_redis_flow(
     secure_logging()
     conn = _target(target)
     repo, repo_config = load_repository(repository)
+    repo_config = policy_lock(repo, repo_config, "redis", target)
     enc = load_key(encryption_key)
     log = get_run_logger()
     log.info("backing up Redis target %s (%s) into %s", target, conn.address, repo.describe())

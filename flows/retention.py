@@ -19,8 +19,10 @@ from flows.common import (
     retry_transient,
     secure_logging,
 )
+from strongroom.config import RepositoryConfig
 from strongroom.errors import NotFound, StrongroomError
 from strongroom.policy.prune import prune
+from strongroom.policy.upload import upload_settings
 from strongroom.repository import Repository
 
 
@@ -34,6 +36,32 @@ def load_policy(name: str) -> RetentionPolicyBlock:
             "create one, e.g. RetentionPolicyBlock(...).save(name)"
         ) from exc
     return block  # type: ignore[return-value]
+
+
+def policy_lock(
+    repo: Repository,
+    repo_config: RepositoryConfig,
+    engine: str,
+    target: str,
+    *,
+    policy: str = "default",
+    kind: str = "logical",
+) -> RepositoryConfig:
+    """The repository config for one backup run, with the object-lock retain-until of the
+    retention rule that will keep this backup longest (only on locked repositories)."""
+    if not repo_config.lock_mode:
+        return repo_config
+    block = try_load_policy(policy)
+    settings = upload_settings(
+        repo,
+        repo_config,
+        engine,
+        target,
+        dt.datetime.now(dt.UTC),
+        block.policy_for(engine, target) if block else None,
+        kind=kind,
+    )
+    return repo_config.model_copy(update={"retain_until": settings.retain_until})
 
 
 def try_load_policy(name: str) -> RetentionPolicyBlock | None:

@@ -8,10 +8,11 @@ back into a sink with every check applied.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from typing import IO
 
 from strongroom.catalog import Artifact, Catalog, Manifest, data_key, manifest_key
-from strongroom.config import EncryptionConfig
+from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.errors import Conflict, IntegrityError, NotFound
 from strongroom.pipeline import (
     COMPRESSION,
@@ -89,11 +90,26 @@ def claim_backup_id(repo: Repository, engine: str, target: str, backup_id: str) 
         )
 
 
-def publish_backup(repo: Repository, manifest: Manifest) -> str:
-    """Make a backup visible: confirm every artifact is durable, then write the manifest last."""
+def storage_settings(repo_config: RepositoryConfig, started: dt.datetime) -> StorageSettings:
+    """Object-lock retain-until for every object of a new backup: the repository's
+    retention days, or the retention policy's longest-keeping rule when the run set one."""
+    floor = (
+        started + dt.timedelta(days=repo_config.retention_days)
+        if repo_config.retention_days
+        else None
+    )
+    candidates = [d for d in (floor, repo_config.retain_until) if d is not None]
+    return StorageSettings(retain_until=max(candidates) if candidates else None)
+
+
+def publish_backup(
+    repo: Repository, manifest: Manifest, settings: StorageSettings | None = None
+) -> str:
+    """Make a backup visible: confirm every artifact is durable, then write the manifest
+    last (locked as long as the data it describes)."""
     for artifact in manifest.artifacts:
         check_durable(repo, artifact)
-    return Catalog(repo).write(manifest)
+    return Catalog(repo).write(manifest, settings)
 
 
 def read_artifact(

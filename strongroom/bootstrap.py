@@ -260,9 +260,7 @@ def render_prefect_yaml(
     root = prefect_file.resolve().parent
     workdir = spec.working_directory or (K8S_WORKDIR if pool_type == "kubernetes" else str(root))
     data.pop("definitions", None)  # anchors are already resolved by the YAML loader
-    data["pull"] = [
-        {"prefect.deployments.steps.set_working_directory": {"directory": workdir}}
-    ]
+    data["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": workdir}}]
     kept, names, skipped = [], [], []
     for dep in declared_deployments(prefect_file):
         flow_name = dep.pop("flow_name")

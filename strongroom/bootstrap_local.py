@@ -91,15 +91,28 @@ class PrefectServer:
             )
             self.log_path.write_text("")
             self.proc = spawn(
-                [*prefect_command(), "server", "start", "--host", self.host,
-                 "--port", str(self.port)],
+                [
+                    *prefect_command(),
+                    "server",
+                    "start",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.port),
+                ],
                 log_path=self.log_path,
                 cwd=self.home,
                 env=env,
             )
             try:
-                wait_until("prefect server", self._ready, self.proc, [self.log_path],
-                           timeout=timeout, interval=0.5)
+                wait_until(
+                    "prefect server",
+                    self._ready,
+                    self.proc,
+                    [self.log_path],
+                    timeout=timeout,
+                    interval=0.5,
+                )
                 return self
             except ServerStartError as exc:
                 self.stop()
@@ -155,14 +168,24 @@ class ProcessWorker:
                 **self.extra_env,
             },
         )
-        cmd = [*prefect_command(), "worker", "start", "--pool", self.pool, "--type", "process",
-               "--name", f"strongroom-{self.pool}"]
+        cmd = [
+            *prefect_command(),
+            "worker",
+            "start",
+            "--pool",
+            self.pool,
+            "--type",
+            "process",
+            "--name",
+            f"strongroom-{self.pool}",
+        ]
         if self.limit:
             cmd += ["--limit", str(self.limit)]
         self.log_path.write_text("")
         self.proc = spawn(cmd, log_path=self.log_path, cwd=self.cwd, env=env)
-        wait_until("prefect worker", self._ready, self.proc, [self.log_path],
-                   timeout=timeout, interval=0.5)
+        wait_until(
+            "prefect worker", self._ready, self.proc, [self.log_path], timeout=timeout, interval=0.5
+        )
         return self
 
     def _ready(self) -> bool:

@@ -125,8 +125,10 @@ def down() -> int:
     while time.monotonic() < deadline and _identity(pid) == state["identity"]:
         time.sleep(0.3)
     if _identity(pid) == state["identity"]:
-        print(f"supervisor {pid} did not stop in 90 s: SIGKILL (its servers get their "
-              "parent-death signal)")
+        print(
+            f"supervisor {pid} did not stop in 90 s: SIGKILL (its servers get their "
+            "parent-death signal)"
+        )
         os.kill(pid, signal.SIGKILL)
     STATE_FILE.unlink(missing_ok=True)
     print("stopped")
@@ -178,8 +180,11 @@ def serve() -> int:
             load_sample_data(conn, int(os.environ.get("STRONGROOM_UP_SAMPLE_MB", "20")))
         secrets_env["UP_PG_PASSWORD"] = pg.password
         blocks.setdefault("strongroom-postgres-target", {})["demo-pg"] = {
-            "host": pg.host, "port": pg.port, "user": pg.superuser,
-            "password": "${UP_PG_PASSWORD}", "databases": ["shop"],
+            "host": pg.host,
+            "port": pg.port,
+            "user": pg.superuser,
+            "password": "${UP_PG_PASSWORD}",
+            "databases": ["shop"],
         }
         targets["demo-pg"] = f"postgresql://127.0.0.1:{pg.port}/shop"
 
@@ -190,9 +195,13 @@ def serve() -> int:
             redis.start()
             stops.append(redis.stop)
             secrets_env["UP_REDIS_PASSWORD"] = redis.password
-            blocks["strongroom-redis-target"] = {"demo-redis": {
-                "host": redis.host, "port": redis.port, "password": "${UP_REDIS_PASSWORD}",
-            }}
+            blocks["strongroom-redis-target"] = {
+                "demo-redis": {
+                    "host": redis.host,
+                    "port": redis.port,
+                    "password": "${UP_REDIS_PASSWORD}",
+                }
+            }
             targets["demo-redis"] = f"redis://127.0.0.1:{redis.port}"
             log(f"Redis on 127.0.0.1:{redis.port}")
         if (
@@ -205,9 +214,13 @@ def serve() -> int:
             ch = ClickHouseServer()
             ch.start()
             stops.append(ch.stop)
-            blocks["strongroom-clickhouse-target"] = {"demo-clickhouse": {
-                "host": ch.host, "port": ch.tcp_port, "http_port": ch.http_port,
-            }}
+            blocks["strongroom-clickhouse-target"] = {
+                "demo-clickhouse": {
+                    "host": ch.host,
+                    "port": ch.tcp_port,
+                    "http_port": ch.http_port,
+                }
+            }
             targets["demo-clickhouse"] = f"clickhouse http://127.0.0.1:{ch.http_port}"
             log(f"ClickHouse on 127.0.0.1:{ch.http_port}")
 
@@ -228,9 +241,12 @@ def serve() -> int:
         secrets_env["UP_AGE_IDENTITY"] = str(identity)
         repository = STATE_DIR / "repository"
         blocks["strongroom-repository"] = {"default": {"local_path": str(repository)}}
-        blocks["strongroom-encryption-key"] = {"default": {
-            "recipients": [str(identity.to_public())], "identity": "${UP_AGE_IDENTITY}",
-        }}
+        blocks["strongroom-encryption-key"] = {
+            "default": {
+                "recipients": [str(identity.to_public())],
+                "identity": "${UP_AGE_IDENTITY}",
+            }
+        }
         config: dict[str, Any] = {
             "work_pools": [
                 {"name": "strongroom-k8s", "type": "kubernetes"},

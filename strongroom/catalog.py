@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from strongroom.errors import InvalidInput, NotFound, StrongroomError
 from strongroom.ids import check_backup_id, check_engine, check_name, nearest
-from strongroom.repository.base import Repository
+from strongroom.repository.base import Repository, StorageSettings
 
 FORMAT_VERSION = 1
 
@@ -101,11 +101,11 @@ class Catalog:
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
 
-    def write(self, manifest: Manifest) -> str:
+    def write(self, manifest: Manifest, settings: StorageSettings | None = None) -> str:
         """Publish a backup. Refuses to overwrite an existing manifest."""
         key = manifest_key(manifest.engine, manifest.target, manifest.backup_id)
         body = manifest.model_dump_json(indent=2).encode()
-        self.repo.put_bytes(key, body, overwrite=False)
+        self.repo.put_bytes(key, body, overwrite=False, settings=settings)
         return key
 
     def _ids(self, engine: str | None, target: str | None) -> list[tuple[str, str, str]]:

@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
 
             flow_name, _, name = deployment.partition("/")
             match = [
-                d for d in declared_deployments()
+                d
+                for d in declared_deployments()
                 if d["flow_name"] == flow_name and d.get("name") == name
             ]
             if not match:

@@ -105,8 +105,11 @@ def _print_backup(out: Any, m: dict[str, Any]) -> None:
     out.print(
         f"  Redis {d.get('redis_version')}, RDB {d.get('rdb_version')}, method "
         f"[bold]{d['method']}[/bold]"
-        + (f" after {', '.join(a['method'] + ' ' + a['outcome'] for a in d['attempts'])}"
-           if d.get("attempts") else "")
+        + (
+            f" after {', '.join(a['method'] + ' ' + a['outcome'] for a in d['attempts'])}"
+            if d.get("attempts")
+            else ""
+        )
     )
     for attempt in d.get("attempts", []):
         out.print(
@@ -144,7 +147,10 @@ def _print_restore(out: Any, r: dict[str, Any]) -> None:
         table = Table("db", "manifest", "loaded", "restored", "ok")
         for c in checks:
             table.add_row(
-                str(c["db"]), str(c["manifest"]), str(c["loaded"]), str(c["restored"]),
+                str(c["db"]),
+                str(c["manifest"]),
+                str(c["loaded"]),
+                str(c["restored"]),
                 "yes" if c["ok"] else "NO",
             )
         out.print(table)

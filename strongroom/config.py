@@ -7,6 +7,7 @@ them from flags, environment variables or a TOML file. Secrets are
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from typing import Literal
 
@@ -83,6 +84,11 @@ class RepositoryConfig(BaseModel):
     lock_mode: Literal["GOVERNANCE", "COMPLIANCE"] | None = None
     retention_days: int = Field(default=0, ge=0)
     compression_level: int = Field(default=3, ge=1, le=22)
+    retain_until: dt.datetime | None = Field(
+        default=None,
+        description="set per backup run from the retention policy: the object-lock "
+        "retain-until of the rule that will keep the new backup longest",
+    )
     part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
     max_attempts: int = Field(default=5, ge=1, description="storage retries with backoff")
 

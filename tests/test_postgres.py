@@ -326,3 +326,27 @@ def test_directory_format_with_parallel_jobs(
         == "0"
     )
     source.server.drop_database(into)
+
+
+def test_objects_are_locked_until_the_policys_retain_until(
+    source: PgDatabase, age_key: EncryptionConfig, s3_server: Any, s3_locked_bucket: str
+) -> None:
+    """On an object-lock bucket every artifact AND the manifest get the retain-until the
+    run computed from the retention policy (here: 7 years), not just retention_days."""
+    import datetime as dt
+
+    from strongroom.repository.s3 import S3Repository
+
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(days=7 * 365)
+    config = RepositoryConfig(
+        kind="s3", bucket=s3_locked_bucket, endpoint_url=s3_server.endpoint_url,
+        access_key_id=s3_server.access_key, secret_access_key=SecretStr(s3_server.secret_key),
+        lock_mode="COMPLIANCE", retention_days=1, retain_until=until,
+    )
+    manifest = backup_postgres(pg_connection(source), S3Repository(config), config, age_key)
+    keys = [a.key for a in manifest.artifacts]
+    keys.append(manifest_key("postgresql", "pg1", manifest.backup_id))
+    for key in keys:
+        head = s3_server.s3().head_object(Bucket=s3_locked_bucket, Key=key)
+        assert head["ObjectLockMode"] == "COMPLIANCE"
+        assert head["ObjectLockRetainUntilDate"] >= until - dt.timedelta(seconds=2)

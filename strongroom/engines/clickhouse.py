@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import IO, Any, cast
 
-from strongroom.artifacts import claim_backup_id, publish_backup, store_artifact
+from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines import clickhouse_inspect as inspect
@@ -323,11 +323,7 @@ def backup_clickhouse(
     started = dt.datetime.now(dt.UTC)
     bid = backup_id or new_backup_id(started)
     claim_backup_id(repo, ENGINE, conn.name, bid)
-    settings = StorageSettings(
-        retain_until=started + dt.timedelta(days=repo_config.retention_days)
-        if repo_config.retention_days
-        else None
-    )
+    settings = storage_settings(repo_config, started)
     client = ClickHouseHTTP(conn)
     server = inspect.server_facts(client)
     databases = inspect.select_databases(
@@ -405,7 +401,7 @@ def backup_clickhouse(
             },
             labels=dict(labels or {}),
         )
-        publish_backup(repo, manifest)
+        publish_backup(repo, manifest, settings)
     except BaseException:
         for artifact in artifacts:
             repo.delete(artifact.key)

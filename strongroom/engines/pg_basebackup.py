@@ -18,7 +18,7 @@ import datetime as dt
 import time
 from typing import IO, Any, cast
 
-from strongroom.artifacts import claim_backup_id, publish_backup, store_artifact
+from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
 from strongroom.catalog import Artifact, Catalog, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines import pg_inspect
@@ -37,7 +37,7 @@ from strongroom.ids import new_backup_id
 from strongroom.pipeline import Progress
 from strongroom.process import Tool
 from strongroom.redact import register
-from strongroom.repository.base import Repository, StorageSettings
+from strongroom.repository.base import Repository
 from strongroom.verify import register_check
 
 KIND = "base"
@@ -159,11 +159,7 @@ def base_backup_postgres(
     started = dt.datetime.now(dt.UTC)
     bid = backup_id or new_backup_id(started)
     claim_backup_id(repo, ENGINE, conn.name, bid)
-    settings = StorageSettings(
-        retain_until=started + dt.timedelta(days=repo_config.retention_days)
-        if repo_config.retention_days
-        else None
-    )
+    settings = storage_settings(repo_config, started)
     key = data_key(ENGINE, conn.name, bid, ARTIFACT)
     tap = TarTap()
     argv = [
@@ -264,7 +260,7 @@ def base_backup_postgres(
             details=details,
             labels=dict(labels or {}),
         )
-        publish_backup(repo, manifest)
+        publish_backup(repo, manifest, settings)
     except BaseException:
         if artifact is not None or repo.exists(key):
             repo.delete(key)

@@ -360,9 +360,10 @@ class Pusher:
                         busy.pop(future)
                     idle_since = time.monotonic()
                     continue
-                if limit is not None and started >= limit:
-                    return
-                if time.monotonic() - idle_since >= linger_s:
+                if (limit is not None and started >= limit) or (
+                    time.monotonic() - idle_since >= linger_s
+                ):
+                    self.clean_markers()  # do not leave links pinning acknowledged files
                     return
                 time.sleep(0.02)
 

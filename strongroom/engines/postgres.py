@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from strongroom.artifacts import claim_backup_id, publish_backup, store_artifact
+from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines import pg_inspect
@@ -257,11 +257,7 @@ def backup_postgres(
     register(*conn.secrets(), *repo_config.secrets(), *enc.secrets())
     started = dt.datetime.now(dt.UTC)
     bid = backup_id or new_backup_id(started)
-    settings = StorageSettings(
-        retain_until=started + dt.timedelta(days=repo_config.retention_days)
-        if repo_config.retention_days
-        else None
-    )
+    settings = storage_settings(repo_config, started)
     claim_backup_id(repo, ENGINE, conn.name, bid)
     with connect(conn) as c:
         server = pg_inspect.server_facts(c)
@@ -327,7 +323,7 @@ def backup_postgres(
             details={"format": "custom", "databases": db_details},
             labels=dict(labels or {}),
         )
-        publish_backup(repo, manifest)
+        publish_backup(repo, manifest, settings)
     except BaseException:
         for artifact in artifacts:
             repo.delete(artifact.key)

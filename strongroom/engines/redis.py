@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import redis
 
-from strongroom.artifacts import claim_backup_id, publish_backup, store_artifact
+from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.redis_conn import (
@@ -398,11 +398,7 @@ def backup_redis(
     started = dt.datetime.now(dt.UTC)
     bid = backup_id or new_backup_id(started)
     claim_backup_id(repo, ENGINE, conn.name, bid)
-    settings = StorageSettings(
-        retain_until=started + dt.timedelta(days=repo_config.retention_days)
-        if repo_config.retention_days
-        else None
-    )
+    settings = storage_settings(repo_config, started)
     client = conn.client()
     try:
         info = server_info(client, f"Redis target {conn.name!r} at {conn.address}")
@@ -421,7 +417,12 @@ def backup_redis(
         if chosen in ("auto", "sync"):
             try:
                 result = _via_sync(
-                    conn, repo, rdb_key, enc, level=level, settings=settings,
+                    conn,
+                    repo,
+                    rdb_key,
+                    enc,
+                    level=level,
+                    settings=settings,
                     progress=reporter(ARTIFACT_RDB),
                 )
             except SyncRefused as exc:
@@ -432,7 +433,13 @@ def backup_redis(
         if result is None and chosen in ("auto", "bgsave"):
             try:
                 result = _via_bgsave(
-                    conn, client, repo, rdb_key, enc, level=level, settings=settings,
+                    conn,
+                    client,
+                    repo,
+                    rdb_key,
+                    enc,
+                    level=level,
+                    settings=settings,
                     progress=reporter(ARTIFACT_RDB),
                 )
             except MethodUnavailable as exc:
@@ -442,8 +449,14 @@ def backup_redis(
                 log.warning("%s: BGSAVE fallback unavailable (%s); logical export", conn.name, exc)
         if result is None:
             result = _via_logical(
-                conn, info, repo, data_key(ENGINE, conn.name, bid, ARTIFACT_LOGICAL), enc,
-                level=level, settings=settings, progress=reporter(ARTIFACT_LOGICAL),
+                conn,
+                info,
+                repo,
+                data_key(ENGINE, conn.name, bid, ARTIFACT_LOGICAL),
+                enc,
+                level=level,
+                settings=settings,
+                progress=reporter(ARTIFACT_LOGICAL),
             )
     finally:
         client.close()
@@ -471,7 +484,7 @@ def backup_redis(
             details=details,
             labels=dict(labels or {}),
         )
-        publish_backup(repo, manifest)
+        publish_backup(repo, manifest, settings)
     except BaseException:
         repo.delete(artifact.key)
         raise

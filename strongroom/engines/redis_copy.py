@@ -30,9 +30,7 @@ MIGRATE_TIMEOUT_MS = 60_000
 BIG = 100_000
 
 
-def scan_keys(
-    client: redis.Redis, pattern: str | None, batch: int
-) -> Iterator[list[bytes]]:
+def scan_keys(client: redis.Redis, pattern: str | None, batch: int) -> Iterator[list[bytes]]:
     """SCAN batches (MATCH ``pattern``); a key may appear twice while a db rehashes."""
     cursor = 0
     while True:
@@ -76,8 +74,17 @@ def migrate_keys(
         for keys in _guarded_scan(client, pattern, batch, db):
             try:
                 client.execute_command(
-                    "MIGRATE", target.host, target.port, "", db, MIGRATE_TIMEOUT_MS,
-                    "COPY", "REPLACE", *auth, "KEYS", *keys,
+                    "MIGRATE",
+                    target.host,
+                    target.port,
+                    "",
+                    db,
+                    MIGRATE_TIMEOUT_MS,
+                    "COPY",
+                    "REPLACE",
+                    *auth,
+                    "KEYS",
+                    *keys,
                 )
             except redis.ResponseError as exc:
                 raise _migrate_error(exc, moved) from None

@@ -152,9 +152,7 @@ def _check_versions(manifest: Manifest, target_version: str, *, local: bool) -> 
     return facts
 
 
-def _scope(
-    req: RedisRestoreRequest, conn: RedisConnection, backup_ks: dict[int, int]
-) -> list[int]:
+def _scope(req: RedisRestoreRequest, conn: RedisConnection, backup_ks: dict[int, int]) -> list[int]:
     for db in req.dbs:
         if not 0 <= db <= MAX_DB:
             raise InvalidInput(f"db index {db} out of range 0..{MAX_DB}")
@@ -189,9 +187,7 @@ def _target_dbs_exist(conn: RedisConnection, dbs: list[int]) -> None:
             client.close()
 
 
-def _target_counts(
-    conn: RedisConnection, dbs: list[int], pattern: str | None
-) -> dict[int, int]:
+def _target_counts(conn: RedisConnection, dbs: list[int], pattern: str | None) -> dict[int, int]:
     out: dict[int, int] = {}
     for db in dbs:
         client = conn.client(db)
@@ -380,8 +376,7 @@ def restore_redis(
         raise InvalidInput(f"backup {manifest.backup_id} is not a strongroom Redis backup")
     artifact = manifest.artifacts[0]
     backup_ks = {
-        int(db): int(v.get("keys", 0))
-        for db, v in (manifest.details.get("keyspace") or {}).items()
+        int(db): int(v.get("keys", 0)) for db, v in (manifest.details.get("keyspace") or {}).items()
     }
     if req.mode == "file":
         if manifest.kind != "rdb":
@@ -448,9 +443,7 @@ def restore_redis(
         **file_facts,
     }
     if conflicts and not req.flush_existing:
-        what = (
-            f"the target holds keys matching {pattern!r}" if pattern else "the target holds keys"
-        )
+        what = f"the target holds keys matching {pattern!r}" if pattern else "the target holds keys"
         detail = ", ".join(f"db{db}: {n}" for db, n in sorted(conflicts.items()))
         if not req.dry_run:
             raise TargetNotEmpty(
@@ -581,8 +574,7 @@ def _file_preflight(conn: RedisConnection, client: redis.Redis) -> dict[str, Any
             same = served.name == mine.name
         if not same:
             raise InvalidInput(
-                f"data_path {mine} is not the file the server loads ({served}). "
-                "Nothing was changed"
+                f"data_path {mine} is not the file the server loads ({served}). Nothing was changed"
             )
     return facts
 
@@ -641,9 +633,7 @@ def _restore_file(
             handle.flush()
             os.fsync(handle.fileno())
         # 2. proven loadable by a scratch server before the target is touched
-        with ScratchRedis(
-            databases=max(dbs, default=0) + 1, parent=req.scratch_dir
-        ) as scratch:
+        with ScratchRedis(databases=max(dbs, default=0) + 1, parent=req.scratch_dir) as scratch:
             scratch.rdb_path.symlink_to(temp)
             scratch.start(timeout=120.0 + artifact.raw_size / (20 * 1024 * 1024))
             loaded, samples = _scratch_state(scratch, dbs, None, req.sample_size)
