@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import pgbackrest as pgbr_mod
+from strongroom.engines.pg_wal_config import load_wal_config
 from strongroom.engines.pg_wal_fast import archive_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -276,7 +277,8 @@ class Bench:
             mode = "sync" if contender.endswith("sync") else "async"
             cfg = self.wal_config(base / "wal.toml", repo, mode)
             # the recommended archive_command (docs/pitr.md): a shell test, then the tool
-            command = archive_command(self.wal_cmd, str(cfg))
+            repo_id = load_wal_config(str(cfg)).repo_id
+            command = archive_command(self.wal_cmd, str(cfg), repo_id)
             archive_dir = repo / "wal"
         else:
             pgbr = self.pgbackrest(base / "pgbr", server, asynchronous=contender.endswith("async"))

@@ -215,7 +215,7 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
             from flows.common import load_key
             from flows.pitr import write_wal_config_from_blocks
             from strongroom.engines.pg_pitr_restore import default_wal_command
-            from strongroom.engines.pg_wal_config import write_identity_file
+            from strongroom.engines.pg_wal_config import load_wal_config, write_identity_file
             from strongroom.engines.pg_wal_fast import archive_command
             from strongroom.errors import InvalidInput
 
@@ -235,7 +235,8 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
                 owner=owner,
             )
             command = default_wal_command(owner)
-            archive = archive_command(command, path).replace("'", "''")
+            repo_id = load_wal_config(path).repo_id
+            archive = archive_command(command, path, repo_id).replace("'", "''")
             lines = ["archive_mode = on", f"archive_command = '{archive}'"]
             data = {"config": path, "identity_file": identity_file, "postgresql.conf": lines}
             _emit(as_json, data, lambda: out.print("\n".join([f"# wrote {path}", *lines])))

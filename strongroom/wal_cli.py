@@ -1,10 +1,10 @@
 """``strongroom-wal``: the WAL hot path PostgreSQL calls once per 16 MiB segment.
 
-    archive_command = '[ pg_wal/strongroom/push/ok/%f -ef %p ] || strongroom-wal push %p'
+    archive_command = 'strongroom-wal push %p'
     restore_command = 'strongroom-wal fetch %f %p'
 
-(The bracket test lets the shell answer for files the background pusher already
-stored; ``archive_command = 'strongroom-wal push %p'`` alone works too.)
+(``strongroom wal-config`` prints a faster archive_command that lets the shell
+answer for files the background pusher already stored: see docs/pitr.md.)
 
 Usage::
 

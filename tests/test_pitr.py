@@ -131,12 +131,16 @@ def test_push_is_durable_parallel_and_never_overwrites(
     # the marker is a hard link to the stored file: the shell answers PostgreSQL alone
     import subprocess
 
-    line = archive_command("false", None).replace("%f", sorted(files)[-1])
-    line = line.replace("%p", f"pg_wal/{sorted(files)[-1]}")
-    assert subprocess.run(["sh", "-c", line], cwd=w.pg_wal.parent).returncode == 0
-    line = archive_command("false", None).replace("%f", "00000001000000000000000F")
-    line = line.replace("%p", "pg_wal/00000001000000000000000F")
-    assert subprocess.run(["sh", "-c", line], cwd=w.pg_wal.parent).returncode == 1
+    repo_id = load_wal_config(str(w.config)).repo_id
+
+    def shell(name: str, repo: str) -> int:
+        line = archive_command("false", None, repo).replace("%f", name)
+        line = line.replace("%p", f"pg_wal/{name}")
+        return subprocess.run(["sh", "-c", line], cwd=w.pg_wal.parent).returncode
+
+    assert shell(sorted(files)[-1], repo_id) == 0
+    assert shell("00000001000000000000000F", repo_id) == 1  # not pushed: runs the tool
+    assert shell(sorted(files)[-1], "0123456789abcdef0") == 1  # another repository
     assert fake_segment(first)[:64] not in stored  # encrypted
 
     # duplicate push of identical content (marker gone: e.g. after a crash) succeeds
@@ -376,7 +380,8 @@ def _cluster(root: Path, target: str, key: x25519.Identity) -> Cluster:
     command = default_wal_command("postgres")
     server = PostgresServer(
         root / "src",
-        archive_command=archive_command(command, str(config)),  # the documented line
+        # the line `strongroom wal-config` prints
+        archive_command=archive_command(command, str(config), load_wal_config(str(config)).repo_id),
         settings={"archive_timeout": 0},
     )
     server.start()

@@ -62,11 +62,17 @@ def marker_matches(marker_path: str, wal_path: str, repo_id: str) -> bool:
         return False
 
 
+def ok_dir(push_root: str, repo_id: str) -> str:
+    """Where the markers of files stored in one repository (and target) live."""
+    return os.path.join(push_root, f"ok-{repo_id}")
+
+
 def push_fast(cfg: WalConfig, wal_path: str) -> bool:
     """True when ``wal_path`` is already archived (by the pusher, ahead of this call)."""
     path = os.path.abspath(wal_path)
     pg_wal, name = os.path.split(path)
-    return marker_matches(os.path.join(push_dir(cfg, pg_wal), "ok", name), path, cfg.repo_id)
+    marker = os.path.join(ok_dir(push_dir(cfg, pg_wal), cfg.repo_id), name)
+    return marker_matches(marker, path, cfg.repo_id)
 
 
 def fetch_fast(cfg: WalConfig, name: str, dest_path: str) -> bool:
@@ -90,12 +96,21 @@ def fetch_fast(cfg: WalConfig, name: str, dest_path: str) -> bool:
     return True
 
 
-def archive_command(command: str = "strongroom-wal", config: str | None = None) -> str:
-    """The recommended ``archive_command``: the shell's own ``-ef`` test answers for
-    files the pusher already stored (same inode as the marker), so most calls start no
-    process at all; everything else runs ``strongroom-wal push``. Assumes the default
-    spool (``pg_wal/strongroom``); archive_command runs in the data directory."""
+def archive_command(
+    command: str = "strongroom-wal", config: str | None = None, repo_id: str | None = None
+) -> str:
+    """``archive_command`` for postgresql.conf. With ``repo_id`` (the configuration's
+    repository id, see ``WalConfig.repo_id``; ``strongroom wal-config`` prints the
+    line) the shell's own ``-ef`` test answers for files the pusher already stored
+    in that repository (same inode as the marker), so most calls under a backlog start
+    no process at all; everything else runs ``strongroom-wal push``. If the
+    configuration later points elsewhere the test simply stops matching. Assumes the
+    default spool (``pg_wal/strongroom``); archive_command runs in the data directory."""
     import shlex
 
     option = f" --config {shlex.quote(config)}" if config else ""
-    return f"[ pg_wal/strongroom/push/ok/%f -ef %p ] || {command} push{option} %p"
+    full = f"{command} push{option} %p"
+    if not repo_id:
+        return full
+    marker = f"pg_wal/strongroom/push/ok-{repo_id}/%f"
+    return f"[ {marker} -ef %p ] || {full}"

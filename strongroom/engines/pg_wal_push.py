@@ -8,10 +8,12 @@ object storage. So:
 * A **pusher** (``run_pusher``) uploads every file that has a ``.ready`` marker
   in ``pg_wal/archive_status``, oldest first and ``parallel`` at a time, and for
   each file it stored durably makes an ``ok`` marker in the spool
-  (``pg_wal/strongroom/push/ok/<name>``): a hard link to the very file it read,
-  so ``[ MARKER -ef %p ]`` in the shell can answer PostgreSQL (a text record of
-  size, mtime, inode and repository where links are impossible); a failure
-  writes an ``err`` marker with the message.
+  (``pg_wal/strongroom/push/ok-<repository id>/<name>``): a hard link to the
+  very file it read, so ``[ MARKER -ef %p ]`` in the shell can answer PostgreSQL
+  (a text record of size, mtime, inode and repository where links are
+  impossible). The folder is per repository and target: a copy of the data
+  directory that archives somewhere else never inherits "stored" answers. A
+  failure writes an ``err`` marker with the message.
 * ``wal_push`` (the archive_command) returns 0 at once when a valid ``ok``
   marker exists for its file. Otherwise it starts the pusher (``async``
   mode: a detached process that lingers briefly for the next files; ``sync``
@@ -29,6 +31,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -45,6 +48,7 @@ from strongroom.engines.pg_wal_fast import (
     file_identity,
     format_marker,
     marker_matches,
+    ok_dir,
     push_dir,
 )
 
@@ -63,14 +67,17 @@ class PushSpool:
 
     root: Path
     pg_wal: Path
+    repo_id: str
 
     @classmethod
     def for_config(cls, cfg: WalConfig, pg_wal: Path) -> PushSpool:
-        return cls(Path(push_dir(cfg, str(pg_wal))), pg_wal)
+        return cls(Path(push_dir(cfg, str(pg_wal))), pg_wal, cfg.repo_identity())
 
     @property
     def ok(self) -> Path:
-        return self.root / "ok"
+        """Markers of files stored in *this* repository and target (a copied data
+        directory archiving elsewhere, or a changed configuration, starts empty)."""
+        return Path(ok_dir(str(self.root), self.repo_id))
 
     @property
     def err(self) -> Path:
@@ -318,7 +325,11 @@ class Pusher:
             _write_atomic(final, record)
 
     def clean_markers(self) -> None:
-        """Drop markers of files PostgreSQL has marked done (or removed)."""
+        """Drop markers of files PostgreSQL has marked done (or removed), and those
+        left for another repository (their links would pin old files)."""
+        for other in self.spool.root.glob("ok-*"):
+            if other != self.spool.ok:
+                shutil.rmtree(other, ignore_errors=True)
         for folder in (self.spool.ok, self.spool.err):
             with contextlib.suppress(FileNotFoundError):
                 for name in os.listdir(folder):
