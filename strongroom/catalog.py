@@ -138,15 +138,23 @@ class Catalog:
         return [self.load(e, t, b) for e, t, b in self._ids(engine, target)]
 
     def resolve(
-        self, backup_id: str, engine: str | None = None, target: str | None = None
+        self,
+        backup_id: str,
+        engine: str | None = None,
+        target: str | None = None,
+        *,
+        kind: str | None = None,
     ) -> Manifest:
-        """Find one backup by id (or ``latest``), optionally within engine/target."""
+        """Find one backup by id (or ``latest``), optionally within engine/target and of
+        one kind (e.g. ``logical`` dumps, not ``base`` backups of the same target)."""
         ids = self._ids(engine, target)
         scope = "/".join(x for x in (engine, target) if x) or "the repository"
         if backup_id == "latest":
-            if not ids:
-                raise NotFound(f"no backups in {scope}")
-            return self.load(*ids[-1])
+            for found in reversed(ids):
+                manifest = self.load(*found)
+                if kind is None or manifest.kind == kind:
+                    return manifest
+            raise NotFound(f"no backups in {scope}" + (f" of kind {kind}" if kind else ""))
         if not isinstance(backup_id, str) or not backup_id:
             raise InvalidInput("backup id is empty")
         try:
@@ -164,4 +172,7 @@ class Catalog:
             raise InvalidInput(
                 f"backup id {backup_id} exists for several targets; give --engine/--target"
             )
-        return self.load(*matches[0])
+        manifest = self.load(*matches[0])
+        if kind is not None and manifest.kind != kind:
+            raise InvalidInput(f"backup {backup_id} is a {manifest.kind} backup, not a {kind} one")
+        return manifest

@@ -18,7 +18,16 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from strongroom.cli import JsonOpt, KeyOpt, RepoOpt, _emit, _handled, _open_repo, err, out
+from strongroom.cli_common import (
+    JsonOpt,
+    KeyOpt,
+    RepoOpt,
+    _emit,
+    _handled,
+    _open_repo,
+    err,
+    out,
+)
 
 retention_app = typer.Typer(help="Retention policies.", no_args_is_help=True)
 

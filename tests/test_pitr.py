@@ -425,6 +425,7 @@ def _restore(c: Cluster, tmp: Path, **kw: Any) -> dict[str, Any]:
         data_dir=str(tmp / "data"),
         start=True,
         port=free_port(),
+        socket_dir=str(tmp),
         wait_timeout_s=120,
         **kw,
     )
@@ -617,6 +618,7 @@ def test_timeline_switch_restore_promote_write_restore_again(
             data_dir=str(first / "data"),
             start=True,
             port=free_port(),
+            socket_dir=str(first),
             archive_after="tl",
             wait_timeout_s=120,
         )

@@ -350,3 +350,28 @@ def test_objects_are_locked_until_the_policys_retain_until(
         head = s3_server.s3().head_object(Bucket=s3_locked_bucket, Key=key)
         assert head["ObjectLockMode"] == "COMPLIANCE"
         assert head["ObjectLockRetainUntilDate"] >= until - dt.timedelta(seconds=2)
+
+
+def test_latest_logical_restore_skips_newer_base_backups(
+    source: PgDatabase, local_repo: tuple[Repository, RepositoryConfig], age_key: EncryptionConfig
+) -> None:
+    """A base (PITR) backup of the same target is newer, but `latest` for a logical
+    restore means the newest logical dump; naming the base backup is refused clearly."""
+    import datetime as dt
+
+    from strongroom.catalog import Manifest
+    from strongroom.ids import new_backup_id
+
+    repo, _ = local_repo
+    logical = _backup(source, local_repo, age_key)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
+    base = Manifest(
+        backup_id=new_backup_id(later), engine="postgresql", target="pg1", kind="base",
+        started_at=later, finished_at=later, repository=repo.describe(), artifacts=[],
+    )
+    Catalog(repo).write(base)
+    assert Catalog(repo).resolve("latest", "postgresql", "pg1").backup_id == base.backup_id
+    plan = _restore(source, local_repo, age_key, target_database="x_plan", dry_run=True)
+    assert plan["backup_id"] == logical.backup_id
+    with pytest.raises(InvalidInput, match="base backup"):
+        _restore(source, local_repo, age_key, backup_id=base.backup_id, dry_run=True)

@@ -138,7 +138,9 @@ def run_drill(
     rto_s: float | None = None
     restored = False
     try:
-        manifest = Catalog(repo).resolve(backup_id, engine, target)
+        # PostgreSQL drills restore logical dumps (base backups are for PITR)
+        kind = "logical" if engine == "postgresql" else None
+        manifest = Catalog(repo).resolve(backup_id, engine, target, kind=kind)
         record.update(
             {
                 "backup_id": manifest.backup_id,

@@ -38,7 +38,10 @@ class PitrRequest(BaseModel):
     action: Literal["promote", "pause", "shutdown"] = "promote"
     start: bool = Field(default=False, description="start the server and wait for the target")
     port: int | None = Field(default=None, ge=1, le=65535)
-    socket_dir: str | None = None
+    socket_dir: str | None = Field(
+        default=None,
+        description="Unix socket directory (default: a new temp dir, kept while it runs)",
+    )
     wait_timeout_s: float = Field(default=1800.0, gt=0)
     verify_query: str | None = Field(default=None, description="SQL run after recovery")
     verify_database: str = "postgres"

@@ -333,7 +333,9 @@ def _plan(
         raise InvalidInput("schema_only and data_only exclude each other")
     if req.tables and req.schemas:
         raise InvalidInput("give tables or schemas, not both")
-    manifest = Catalog(repo).resolve(req.backup_id, ENGINE, req.source_target or conn.name)
+    manifest = Catalog(repo).resolve(
+        req.backup_id, ENGINE, req.source_target or conn.name, kind="logical"
+    )
     entry = _pick_database(manifest, req.database)
     target_db = _check_identifier(req.target_database or entry["name"], "target database")
     selected = _select_tables(entry, req.tables, req.schemas)
