@@ -2,7 +2,7 @@
 
 Engines hand over a byte source (usually a tool's stdout) and get back an
 ``Artifact`` record for the manifest; restores and verify get the plaintext
-back into a sink with every check applied.
+back into a sink with every check applied, the manifest's seal first.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from strongroom.pipeline import (
     store_stream,
 )
 from strongroom.repository.base import Repository, StorageSettings
+from strongroom.seal import origin_of
 
 
 def store_artifact(
@@ -106,7 +107,7 @@ def publish_backup(
     repo: Repository, manifest: Manifest, settings: StorageSettings | None = None
 ) -> str:
     """Make a backup visible: confirm every artifact is durable, then write the manifest
-    last (locked as long as the data it describes)."""
+    last (sealed to the artifacts' recipients, locked as long as the data it describes)."""
     for artifact in manifest.artifacts:
         check_durable(repo, artifact)
     return Catalog(repo).write(manifest, settings)
@@ -120,8 +121,16 @@ def read_artifact(
     encryption: EncryptionConfig,
     holdback: int = HOLDBACK,
     progress: Progress | None = None,
+    check_seal: bool = True,
 ) -> StreamStats:
-    """Stream an artifact's plaintext into ``sink`` with every check applied."""
+    """Stream an artifact's plaintext into ``sink`` with every check applied.
+
+    An artifact of a manifest read from the catalog is refused before any byte flows
+    when that manifest does not match its seal (``check_seal=False``: the caller, i.e.
+    verify, checks the seal itself)."""
+    origin = origin_of(artifact) if check_seal else None
+    if origin is not None:
+        origin.check([i.get_secret_value() for i in encryption.identities])
     try:
         source = repo.open_read(artifact.key)
     except NotFound:

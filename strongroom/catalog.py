@@ -2,12 +2,15 @@
 
 A backup exists only once its manifest is written to
 ``catalog/<engine>/<target>/<backup_id>.json``; the manifest is written last,
-after every artifact is durable and verified, and never overwritten.
+after every artifact is durable and verified, and never overwritten. It is
+sealed when written (``strongroom.seal``): verify and restore refuse a manifest
+that changed after it was published.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -15,6 +18,15 @@ from pydantic import BaseModel, Field
 from strongroom.errors import InvalidInput, NotFound, StrongroomError
 from strongroom.ids import check_backup_id, check_engine, check_name, nearest
 from strongroom.repository.base import Repository, StorageSettings
+from strongroom.seal import (
+    SEAL_FIELD,
+    SEALED_FORMAT,
+    Origin,
+    attach,
+    make_seal,
+    parse_document,
+    recipients_of,
+)
 
 FORMAT_VERSION = 1
 
@@ -54,6 +66,14 @@ class Manifest(BaseModel):
     artifacts: list[Artifact]
     details: dict[str, Any] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
+    seal: str | None = Field(
+        default=None,
+        description="age-encrypted digests of the rest of the manifest (strongroom.seal)",
+    )
+
+    def document(self) -> dict[str, Any]:
+        """The manifest as JSON data, without its seal (what the seal covers)."""
+        return dict(json.loads(self.model_dump_json(exclude={SEAL_FIELD})))
 
     @property
     def raw_size(self) -> int:
@@ -102,10 +122,21 @@ class Catalog:
         self.repo = repo
 
     def write(self, manifest: Manifest, settings: StorageSettings | None = None) -> str:
-        """Publish a backup. Refuses to overwrite an existing manifest."""
+        """Publish a backup, sealed to the recipients its artifacts were encrypted to
+        (a manifest without recipients cannot be sealed and is written unsealed).
+        Refuses to overwrite an existing manifest. ``manifest`` gets its seal."""
         key = manifest_key(manifest.engine, manifest.target, manifest.backup_id)
-        body = manifest.model_dump_json(indent=2).encode()
-        self.repo.put_bytes(key, body, overwrite=False, settings=settings)
+        recipients = recipients_of(manifest.document())
+        if recipients:
+            version = max(manifest.format_version, SEALED_FORMAT)
+            sealed = manifest.model_copy(update={"format_version": version, SEAL_FIELD: None})
+            seal = make_seal(sealed.document(), recipients)
+            body = sealed.model_copy(update={SEAL_FIELD: seal}).model_dump_json(indent=2)
+        else:
+            version, seal = manifest.format_version, None
+            body = manifest.model_dump_json(indent=2, exclude={SEAL_FIELD})
+        self.repo.put_bytes(key, body.encode(), overwrite=False, settings=settings)
+        manifest.format_version, manifest.seal = version, seal
         return key
 
     def _ids(self, engine: str | None, target: str | None) -> list[tuple[str, str, str]]:
@@ -126,12 +157,27 @@ class Catalog:
         return sorted(found, key=lambda t: t[2])
 
     def load(self, engine: str, target: str, backup_id: str) -> Manifest:
+        """Read one manifest. It remembers the stored document and seal, so reading its
+        artifacts (``read_artifact``) refuses it if the seal does not match."""
         key = manifest_key(engine, target, backup_id)
         raw = self.repo.get_bytes(key)
         try:
-            return Manifest.model_validate_json(raw)
+            manifest = Manifest.model_validate_json(raw)
+            doc = parse_document(raw, key)
         except ValueError as exc:
             raise StrongroomError(f"manifest {key} is malformed: {exc}") from None
+        seal = doc.pop(SEAL_FIELD, None)
+        origin = Origin(
+            key=key,
+            document=doc,
+            seal=seal if isinstance(seal, str) else None,
+            format_version=manifest.format_version,
+            claimed_key=manifest_key(manifest.engine, manifest.target, manifest.backup_id),
+        )
+        attach(manifest, origin)
+        for artifact in manifest.artifacts:
+            attach(artifact, origin)
+        return manifest
 
     def list(self, engine: str | None = None, target: str | None = None) -> list[Manifest]:
         """Manifests, oldest first."""

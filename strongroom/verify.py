@@ -1,5 +1,6 @@
-"""Verify a backup: read every artifact back, check checksums, decrypt, decompress,
-and check the content's structure with the engine's own tool.
+"""Verify a backup: check the stored manifest against its seal, read every artifact
+back, check checksums, decrypt, decompress, and check the content's structure with
+the engine's own tool.
 
 Structure checkers are registered per artifact content type, so engines add
 their own (``pg_restore --list`` for dumps, RDB header/CRC for Redis, ...).
@@ -15,11 +16,19 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from strongroom.artifacts import read_artifact
-from strongroom.catalog import Artifact, Manifest
+from strongroom.catalog import Artifact, Manifest, manifest_key
 from strongroom.config import EncryptionConfig
 from strongroom.errors import IntegrityError, NotFound, StrongroomError
 from strongroom.pipeline import Progress
 from strongroom.repository.base import Repository
+from strongroom.seal import (
+    SEAL_FIELD,
+    SEALED_FORMAT,
+    check_name,
+    check_seal,
+    origin_of,
+    parse_document,
+)
 
 
 class ContentCheck(Protocol):
@@ -144,6 +153,48 @@ def load_engine_checks() -> None:
         importlib.import_module(module)
 
 
+def check_manifest(repo: Repository, manifest: Manifest, enc: EncryptionConfig) -> dict[str, Any]:
+    """The stored manifest against its seal, and ``manifest`` against the stored one.
+    Returns ``{"key", "sealed", "ok"}`` plus ``error`` or ``warning``."""
+    claimed = manifest_key(manifest.engine, manifest.target, manifest.backup_id)
+    origin = origin_of(manifest)
+    key = origin.key if origin is not None else claimed
+    result: dict[str, Any] = {"key": key, "sealed": False, "ok": False}
+    try:
+        check_name(key, claimed)
+        doc = parse_document(repo.get_bytes(key), key)
+        seal = doc.pop(SEAL_FIELD, None)
+        if seal is not None:
+            result["sealed"] = True
+            if not isinstance(seal, str):
+                raise IntegrityError(f"manifest {key}: its seal is not a string (edited?)")
+            check_seal(doc, seal, [i.get_secret_value() for i in enc.identities], key)
+        elif int(doc.get("format_version") or 0) >= SEALED_FORMAT:
+            raise IntegrityError(
+                f"manifest {key} has lost its seal (format {doc.get('format_version')} "
+                "manifests are always sealed); it is not trusted"
+            )
+        # through the model on both sides: formatting (e.g. of times) is not a difference
+        if Manifest.model_validate(doc).document() != manifest.document():
+            raise IntegrityError(f"the manifest being verified differs from the stored {key}")
+    except NotFound:
+        result["error"] = f"manifest {key} is not in the repository"
+        return result
+    except StrongroomError as exc:
+        result["error"] = str(exc)
+        return result
+    except ValueError as exc:  # the stored document does not fit the manifest model
+        result["error"] = f"manifest {key} is malformed: {str(exc)[:300]}"
+        return result
+    result["ok"] = True
+    if not result["sealed"]:
+        result["warning"] = (
+            f"unsealed manifest {key}: written before manifests were sealed (or without "
+            "recipients), so edits to it cannot be detected"
+        )
+    return result
+
+
 def verify_backup(
     repo: Repository,
     manifest: Manifest,
@@ -151,10 +202,17 @@ def verify_backup(
     *,
     progress: Callable[[str, int | None], Progress] | None = None,
 ) -> dict[str, Any]:
-    """Check every artifact of ``manifest``; returns a report (``ok`` False on any failure)."""
+    """Check the manifest's seal and every artifact of ``manifest``; returns a report
+    (``ok`` False on any failure; a failed manifest check is listed first among the
+    ``artifacts`` as ``manifest``, an unsealed manifest is a ``warnings`` entry)."""
     load_engine_checks()
     results: list[dict[str, Any]] = []
     started = time.monotonic()
+    sealed = check_manifest(repo, manifest, enc)
+    if not sealed["ok"]:
+        results.append(
+            {"artifact": "manifest", "key": sealed["key"], "ok": False, "error": sealed["error"]}
+        )
     for artifact in manifest.artifacts:
         item: dict[str, Any] = {"artifact": artifact.name, "key": artifact.key}
         t0 = time.monotonic()
@@ -168,6 +226,7 @@ def verify_backup(
                 encryption=enc,
                 holdback=0,
                 progress=progress(artifact.name, artifact.stored_size) if progress else None,
+                check_seal=False,
             )
             item["checksums"] = "ok"
             if check is not None:
@@ -189,6 +248,8 @@ def verify_backup(
         "engine": manifest.engine,
         "target": manifest.target,
         "ok": all(r["ok"] for r in results),
+        "manifest": sealed,
+        "warnings": [sealed["warning"]] if "warning" in sealed else [],
         "artifacts": results,
         "bytes_read": sum(a.stored_size for a in manifest.artifacts),
         "duration_s": round(time.monotonic() - started, 3),

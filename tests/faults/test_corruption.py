@@ -39,7 +39,8 @@ def backed_up(
     pg_db.psql(POPULATE)
     repo, config = local_repo
     manifest = backup_postgres(pg_connection(pg_db), repo, config, age_key)
-    assert verify_backup(repo, manifest, age_key)["ok"]
+    report = verify_backup(repo, manifest, age_key)
+    assert report["ok"] and report["manifest"]["sealed"] and not report["warnings"]
     # the live database moves on after the backup
     pg_db.psql("UPDATE notes SET body = 'changed after backup'")
     return pg_db, repo, manifest
@@ -73,7 +74,7 @@ def _assert_refused(
     fresh = Catalog(repo).resolve(manifest.backup_id)
     report = verify_backup(repo, fresh, key)
     assert not report["ok"]
-    bad = [a for a in report["artifacts"] if not a["ok"]]
+    bad = [a for a in report["artifacts"] if not a["ok"] and a["artifact"] != "manifest"]
     assert [a["artifact"] for a in bad] == [name]
     assert name in bad[0]["error"]
 
@@ -124,6 +125,11 @@ def test_manifest_checksum_edited_is_detected_and_refused(
 
     _edit_manifest(repo, manifest, edit)
     _assert_refused(db, repo, manifest, age_key, name)
+    # the seal names the manifest and the edited artifact too
+    report = verify_backup(repo, Catalog(repo).resolve(manifest.backup_id), age_key)
+    assert report["artifacts"][0]["artifact"] == "manifest"
+    assert "does not match its seal" in report["artifacts"][0]["error"]
+    assert name in report["artifacts"][0]["error"]
 
 
 def _bump_rows(data: dict[str, Any]) -> None:
@@ -145,17 +151,13 @@ def test_manifest_row_count_edited_is_refused_by_restore(
             age_key,
             PgRestoreRequest(backup_id=manifest.backup_id, drop_existing=True),
         )
-    assert "items" in str(caught.value)
+    # refused by the seal before anything is loaded, naming the manifest and the field
+    key = manifest_key(manifest.engine, manifest.target, manifest.backup_id)
+    assert key in str(caught.value) and "details" in str(caught.value)
     assert db.psql(STATE) == state
     assert databases(db.server) == dbs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: verify_backup checks only artifact bytes; a manifest edited outside the "
-    "artifact checksums (row counts, table list) is not protected by any manifest checksum or "
-    "signature, so verify reports ok. Restore still refuses it (row comparison).",
-)
 def test_manifest_row_count_edited_is_detected_by_verify(
     backed_up: tuple[PgDatabase, LocalRepository, Manifest], age_key: EncryptionConfig
 ) -> None:
@@ -164,6 +166,113 @@ def test_manifest_row_count_edited_is_detected_by_verify(
     _edit_manifest(repo, manifest, _bump_rows)
     report = verify_backup(repo, Catalog(repo).resolve(manifest.backup_id), age_key)
     assert not report["ok"], "verify accepted a manifest whose row count was edited by hand"
+    key = manifest_key(manifest.engine, manifest.target, manifest.backup_id)
+    assert report["manifest"]["sealed"] and not report["manifest"]["ok"]
+    first = report["artifacts"][0]
+    assert first["artifact"] == "manifest" and not first["ok"]
+    assert key in first["error"] and "details" in first["error"]
+    # the artifacts themselves are intact and still reported ok
+    assert all(a["ok"] for a in report["artifacts"][1:])
+
+
+def _drop_table(data: dict[str, Any]) -> None:
+    tables = data["details"]["databases"][0]["tables"]
+    data["details"]["databases"][0]["tables"] = [t for t in tables if t["name"] != "notes"]
+
+
+def _set(path: tuple[str, ...], value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(data: dict[str, Any]) -> None:
+        node = data
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+
+    return edit
+
+
+def _first_artifact(field: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(data: dict[str, Any]) -> None:
+        data["artifacts"][0][field] = value
+
+    return edit
+
+
+EDITS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "table-list": (_drop_table, "details"),
+    "finished_at": (_set(("finished_at",), "2020-01-01T00:00:00Z"), "finished_at"),
+    "labels": (_set(("labels",), {"keep": "forever"}), "labels"),
+    "kind": (_set(("kind",), "base"), "kind"),
+    "server": (_set(("server",), {"version": "99"}), "server"),
+    "raw_size": (_first_artifact("raw_size", 1), "artifacts"),
+    "recipients": (_first_artifact("recipients", []), "artifacts"),
+    "added-field": (_set(("comment",), "harmless?"), "added comment"),
+    "format-downgrade": (_set(("format_version",), 1), "format_version"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_any_manifest_field_edited_is_detected_by_verify(
+    backed_up: tuple[PgDatabase, LocalRepository, Manifest],
+    age_key: EncryptionConfig,
+    edit: str,
+) -> None:
+    """Any edit to a sealed manifest fails verify, naming the manifest and what changed."""
+    _db, repo, manifest = backed_up
+    change, named = EDITS[edit]
+    _edit_manifest(repo, manifest, change)
+    report = verify_backup(repo, Catalog(repo).resolve(manifest.backup_id), age_key)
+    assert not report["ok"]
+    first = report["artifacts"][0]
+    assert first["artifact"] == "manifest"
+    assert manifest_key(manifest.engine, manifest.target, manifest.backup_id) in first["error"]
+    assert named in first["error"]
+
+
+def test_table_list_edited_is_refused_by_restore(
+    backed_up: tuple[PgDatabase, LocalRepository, Manifest], age_key: EncryptionConfig
+) -> None:
+    """A table dropped from the manifest's list (a restore would silently skip it) is refused."""
+    db, repo, manifest = backed_up
+    _edit_manifest(repo, manifest, _drop_table)
+    state, dbs = db.psql(STATE), databases(db.server)
+    with pytest.raises(IntegrityError, match="does not match its seal"):
+        restore_postgres(
+            pg_connection(db),
+            repo,
+            age_key,
+            PgRestoreRequest(backup_id=manifest.backup_id, drop_existing=True),
+        )
+    assert db.psql(STATE) == state
+    assert databases(db.server) == dbs
+
+
+def test_stripped_seal_is_refused_and_unsealed_old_manifest_warns(
+    backed_up: tuple[PgDatabase, LocalRepository, Manifest], age_key: EncryptionConfig
+) -> None:
+    """Removing the seal of a sealed-format manifest is an error; a format-1 manifest
+    without a seal (written before sealing existed) verifies with an "unsealed" warning."""
+    db, repo, manifest = backed_up
+    key = manifest_key(manifest.engine, manifest.target, manifest.backup_id)
+
+    def strip(data: dict[str, Any]) -> None:
+        del data["seal"]
+
+    _edit_manifest(repo, manifest, strip)
+    report = verify_backup(repo, Catalog(repo).resolve(manifest.backup_id), age_key)
+    assert not report["ok"] and "lost its seal" in report["artifacts"][0]["error"]
+    with pytest.raises(IntegrityError, match="lost its seal"):
+        restore_postgres(
+            pg_connection(db),
+            repo,
+            age_key,
+            PgRestoreRequest(backup_id=manifest.backup_id, drop_existing=True, dry_run=False),
+        )
+
+    _edit_manifest(repo, manifest, _set(("format_version",), 1))
+    report = verify_backup(repo, Catalog(repo).resolve(manifest.backup_id), age_key)
+    assert report["ok"] and not report["manifest"]["sealed"]
+    assert report["warnings"] and "unsealed manifest" in report["warnings"][0]
+    assert key in report["warnings"][0]
 
 
 def test_missing_artifact_is_detected_and_refused(
