@@ -17,7 +17,8 @@ class RedisTarget(Block):
     _block_type_slug = "strongroom-redis-target"
     _description = (
         "A Redis server that strongroom backs up (replication SYNC, BGSAVE or logical export) "
-        "and restores (live via a scratch server + MIGRATE, or file with a coordinated restart)."
+        "and restores (live via a scratch server + MIGRATE, or file with a coordinated restart: "
+        "local commands or a Kubernetes StatefulSet scaled down and up)."
     )
 
     host: str = "127.0.0.1"
@@ -49,10 +50,27 @@ class RedisTarget(Block):
     )
     k8s_statefulset: str | None = Field(
         default=None,
-        description="StatefulSet running this Redis (Kubernetes API coordination is not "
-        "available yet: use kubectl in stop/start commands).",
+        description="File restores on Kubernetes: the StatefulSet running this Redis. Without "
+        "stop/start commands, strongroom scales it to 0 through the Kubernetes API (scale "
+        "subresource), waits until its pods are gone, puts the RDB at data_path (the volume "
+        "as the runner mounts it), scales it back to the replica count it had and waits for "
+        "Ready pods. RBAC: deployments/k8s/rbac-redis-restart.yaml.",
     )
-    k8s_namespace: str = "default"
+    k8s_namespace: str = Field(default="default", description="Namespace of the StatefulSet.")
+    k8s_kubeconfig: str | None = Field(
+        default=None,
+        description="kubeconfig file for the Kubernetes API (a path on the runner); empty: "
+        "the flow-run pod's in-cluster service account.",
+    )
+    k8s_context: str | None = Field(
+        default=None, description="Context in k8s_kubeconfig; empty: its current-context."
+    )
+    k8s_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds to wait for the pods to be gone after scaling to 0, and for all "
+        "replicas to be Ready after scaling back.",
+    )
     rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
     rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
 
@@ -72,4 +90,7 @@ class RedisTarget(Block):
             start_command=self.start_command,
             k8s_statefulset=self.k8s_statefulset,
             k8s_namespace=self.k8s_namespace,
+            k8s_kubeconfig=self.k8s_kubeconfig,
+            k8s_context=self.k8s_context,
+            k8s_timeout=self.k8s_timeout,
         )

@@ -55,8 +55,25 @@ class RedisConnection(BaseModel):
     start_command: str | None = Field(
         default=None, description="local command that starts the server (file restores)"
     )
-    k8s_statefulset: str | None = Field(default=None, description="StatefulSet running Redis")
-    k8s_namespace: str = "default"
+    k8s_statefulset: str | None = Field(
+        default=None,
+        description="StatefulSet running Redis: file restores without stop/start commands "
+        "scale it to 0 and back through the Kubernetes API",
+    )
+    k8s_namespace: str = Field(default="default", description="namespace of the StatefulSet")
+    k8s_kubeconfig: str | None = Field(
+        default=None,
+        description="kubeconfig file for the Kubernetes API; None: the in-cluster service account",
+    )
+    k8s_context: str | None = Field(
+        default=None, description="context in k8s_kubeconfig (None: its current-context)"
+    )
+    k8s_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        description="seconds to wait for the pods to go away after scaling to 0, and to be "
+        "Ready again after scaling back",
+    )
     connect_timeout: float = Field(default=10.0, gt=0)
     command_timeout: float = Field(default=300.0, gt=0)
     load_timeout: float = Field(

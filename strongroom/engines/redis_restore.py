@@ -18,10 +18,13 @@ live
     of the databases.
 file
     the RDB is written next to the server's data file and proven loadable by
-    a scratch server; then the server is stopped with the configured command,
+    a scratch server; then the server is stopped (the configured command, or
+    its StatefulSet scaled to 0 through the Kubernetes API, see redis_k8s),
     the old file is kept as ``<file>.pre-restore-<backup id>``, the new one is
-    renamed into place and the server started again; strongroom waits until
-    it has finished LOADING.
+    renamed into place and the server started again (the start command, or
+    the StatefulSet scaled back to its replica count); strongroom waits until
+    it has finished LOADING. A failure once the server is down puts the old
+    file back and starts the server again.
 
 Afterwards key counts per database are compared with the backup as loaded and
 with the manifest, and a sample of values is compared key by key.
@@ -68,6 +71,7 @@ from strongroom.engines.redis_copy import (
     wait_down,
     wait_ready,
 )
+from strongroom.engines.redis_k8s import K8sSettings, StatefulSetRestart
 from strongroom.engines.redis_logical import LogicalParser
 from strongroom.engines.redis_rdb import first_release, max_rdb_version
 from strongroom.engines.redis_scratch import ScratchRedis, local_redis_version
@@ -388,7 +392,9 @@ def restore_redis(
             raise InvalidInput(
                 "file mode replaces the whole dataset: key_pattern and dbs need mode=live"
             )
-        _file_coordination(conn)
+        restart = _file_coordination(conn)
+    else:
+        restart = None
     client = conn.client()
     try:
         info = server_info(client, f"Redis target {conn.name!r} at {conn.address}")
@@ -442,6 +448,10 @@ def restore_redis(
         "stored_size": artifact.stored_size,
         **file_facts,
     }
+    if req.mode == "file":
+        plan["coordination"] = "kubernetes" if restart is not None else "commands"
+        if restart is not None:
+            plan["kubernetes"] = kube_facts(restart)
     if conflicts and not req.flush_existing:
         what = f"the target holds keys matching {pattern!r}" if pattern else "the target holds keys"
         detail = ", ".join(f"db{db}: {n}" for db, n in sorted(conflicts.items()))
@@ -458,7 +468,7 @@ def restore_redis(
     if req.mode == "live":
         report = _restore_live(conn, repo, manifest, enc, req, plan, dbs, conflicts, progress)
     else:
-        report = _restore_file(conn, repo, manifest, enc, req, plan, dbs, progress)
+        report = _restore_file(conn, repo, manifest, enc, req, plan, dbs, restart, progress)
     report["dry_run"] = False
     report["duration_s"] = round(time.monotonic() - started, 3)
     report["restored_at"] = dt.datetime.now(dt.UTC).isoformat()
@@ -518,21 +528,15 @@ def _restore_live(
 # -- file mode ----------------------------------------------------------------------------
 
 
-def _file_coordination(conn: RedisConnection) -> None:
-    if not (conn.stop_command and conn.start_command):
-        if conn.k8s_statefulset:
-            ns = conn.k8s_namespace
-            raise InvalidInput(
-                f"restarting StatefulSet {conn.k8s_statefulset!r} through the Kubernetes API is "
-                "not available in this version of strongroom. Configure the equivalent local "
-                f"commands on the target instead, e.g. stop_command='kubectl -n {ns} scale "
-                f"statefulset/{conn.k8s_statefulset} --replicas=0' and start_command='kubectl "
-                f"-n {ns} scale statefulset/{conn.k8s_statefulset} --replicas=1', with data_path "
-                "on a volume this runner mounts. Nothing was changed"
-            )
+def _file_coordination(conn: RedisConnection) -> StatefulSetRestart | None:
+    """How the server is restarted: local commands (None) or its StatefulSet, inspected
+    through the Kubernetes API (which proves the permissions) before anything changes."""
+    commands = bool(conn.stop_command and conn.start_command)
+    if not commands and not conn.k8s_statefulset:
         raise InvalidInput(
             f"file restores need stop_command and start_command on target {conn.name!r} "
-            "(how to stop and start the server). Nothing was changed"
+            "(how to stop and start the server), or k8s_statefulset (the StatefulSet to scale "
+            "down and up through the Kubernetes API). Nothing was changed"
         )
     if not conn.data_path:
         raise InvalidInput(
@@ -545,6 +549,16 @@ def _file_coordination(conn: RedisConnection) -> None:
             f"data_path folder {folder} is not a writable folder on this runner. "
             "Nothing was changed"
         )
+    if commands:
+        return None
+    restart = StatefulSetRestart(K8sSettings.from_connection(conn))
+    restart.inspect()
+    return restart
+
+
+def kube_facts(restart: StatefulSetRestart) -> dict[str, Any]:
+    """What the plan shows about the StatefulSet (read by ``inspect``)."""
+    return {**restart.facts, **restart.report()}
 
 
 def _file_preflight(conn: RedisConnection, client: redis.Redis) -> dict[str, Any]:
@@ -615,6 +629,7 @@ def _restore_file(
     req: RedisRestoreRequest,
     plan: dict[str, Any],
     dbs: list[int],
+    restart: StatefulSetRestart | None,
     progress: Progress | None,
 ) -> dict[str, Any]:
     data_path = Path(conn.data_path or "")
@@ -638,32 +653,58 @@ def _restore_file(
             scratch.start(timeout=120.0 + artifact.raw_size / (20 * 1024 * 1024))
             loaded, samples = _scratch_state(scratch, dbs, None, req.sample_size)
         # 3. stop, swap, start
-        _run_command(conn, conn.stop_command or "", "stop")
-        wait_down(conn, 120.0)
-        stopped = True
+        if restart is not None:
+            try:
+                restart.scale_down()  # returns once no pod of the StatefulSet is left
+            finally:
+                stopped = restart.changed
+        else:
+            _run_command(conn, conn.stop_command or "", "stop")
+            wait_down(conn, 120.0)
+            stopped = True
         if had_previous:
             os.replace(data_path, previous)
         os.replace(temp, data_path)
         swapped = True
         _fsync_dir(folder)
-        _run_command(conn, conn.start_command or "", "start")
+        _start(conn, restart)
         waited = wait_ready(conn, conn.load_timeout)
         stopped = False
     except BaseException as exc:
         with contextlib.suppress(OSError):
             temp.unlink()
-        if stopped:
-            _roll_back(conn, data_path, previous, swapped, had_previous, exc)
+        if not stopped:
+            raise
+        steps = _roll_back(conn, restart, data_path, previous, swapped, had_previous)
+        if isinstance(exc, StrongroomError):
+            exc.args = (f"{exc.args[0] if exc.args else exc}; {steps}",)
+            raise
+        if isinstance(exc, OSError):
+            raise ToolFailed(
+                f"file restore failed after the server was stopped: {scrub(str(exc))}; {steps}"
+            ) from exc
         raise
     if had_previous and not req.keep_previous:
         previous.unlink()
     checks = _verify_target(conn, dbs, None, expected, loaded, samples)
+    coordination: dict[str, Any] = {}
+    if restart is not None:
+        coordination["kubernetes"] = kube_facts(restart)
     return {
         **plan,
+        **coordination,
         "previous_data_file": str(previous) if had_previous and req.keep_previous else None,
         "load_wait_s": round(waited, 3),
         **checks,
     }
+
+
+def _start(conn: RedisConnection, restart: StatefulSetRestart | None) -> None:
+    """Start command, or the StatefulSet back at its replica count with all pods Ready."""
+    if restart is not None:
+        restart.scale_up()
+    else:
+        _run_command(conn, conn.start_command or "", "start")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -676,29 +717,50 @@ def _fsync_dir(folder: Path) -> None:
 
 def _roll_back(
     conn: RedisConnection,
+    restart: StatefulSetRestart | None,
     data_path: Path,
     previous: Path,
     swapped: bool,
     had_previous: bool,
-    cause: BaseException,
-) -> None:
+) -> str:
     """The server was stopped and did not come back with the restored file: put the old one
-    back and start it again, then let the original error propagate with what happened."""
-    steps = []
+    back and start it again. Returns what was done (and what state things are left in)."""
+    steps: list[str] = []
     try:
         if swapped:
+            if restart is not None:
+                # pods may be up (or crash-looping) on the restored file: none may run while
+                # the files move back
+                restart.scale_down()
+                steps.append(f"{restart.settings.label} scaled to 0 again")
             failed = data_path.with_name(f"{data_path.name}.failed-restore")
             os.replace(data_path, failed)
             steps.append(f"restored file moved to {failed}")
             if had_previous:
                 os.replace(previous, data_path)
                 steps.append("previous data file put back")
-        _run_command(conn, conn.start_command or "", "start")
+        _start(conn, restart)
+        if restart is not None:
+            steps.append(
+                f"{restart.settings.label} scaled back to {restart.original_replicas} "
+                "replica(s), all Ready"
+            )
         wait_ready(conn, conn.load_timeout)
         steps.append("server started again with its previous data")
+    except (StrongroomError, OSError) as exc:
+        steps.append(f"rollback incomplete: {scrub(str(exc))}")
+        if restart is not None and restart.changed:
+            steps.append(_last_resort_scale_up(restart))
+    return "; ".join(steps)
+
+
+def _last_resort_scale_up(restart: StatefulSetRestart) -> str:
+    """The rollback failed while the StatefulSet was at 0: at least ask for the replicas back."""
+    label, n = restart.settings.label, restart.original_replicas
+    try:
+        restart.scale_up()
     except StrongroomError as exc:
-        steps.append(f"rollback incomplete: {exc}")
-    except OSError as exc:
-        steps.append(f"rollback incomplete: {exc}")
-    if isinstance(cause, StrongroomError):
-        cause.args = (f"{cause.args[0] if cause.args else cause}; {'; '.join(steps)}",)
+        if restart.changed:
+            return f"{label} is left at 0 replicas ({exc}): scale it to {n} by hand"
+        return f"{label} scaled back to {n} replica(s) but not Ready yet ({exc})"
+    return f"{label} scaled back to {n} replica(s), all Ready (check which data file it loaded)"
