@@ -158,7 +158,9 @@ def check_manifest(repo: Repository, manifest: Manifest, enc: EncryptionConfig) 
     Returns ``{"key", "sealed", "ok"}`` plus ``error`` or ``warning``."""
     claimed = manifest_key(manifest.engine, manifest.target, manifest.backup_id)
     origin = origin_of(manifest)
-    key = origin.key if origin is not None else claimed
+    # loaded from the catalog: check the object it was read from (a manifest copied under
+    # another id is caught there); a copy given new ids since is checked under its own
+    key = origin.key if origin is not None and origin.claimed_key == claimed else claimed
     result: dict[str, Any] = {"key": key, "sealed": False, "ok": False}
     try:
         check_name(key, claimed)
