@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis as redispy
+import yaml
 from pydantic import SecretStr
 
 from strongroom.catalog import Manifest
@@ -39,6 +40,7 @@ from strongroom.sandbox.redis import RedisServer
 from tests.fixtures.k8s_api import K8sApiDouble, make_tls
 
 Print = dict[int, dict[bytes, tuple[str, str, bool]]]
+RBAC = Path(__file__).resolve().parents[1] / "deployments/k8s/rbac-redis-restart.yaml"
 
 
 def client(server: RedisServer, db: int = 0) -> redispy.Redis:
@@ -84,8 +86,10 @@ def backup(
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[K8sApiDouble]:
-    """A fresh Redis StatefulSet (one real pod) holding other data than the backup."""
-    server = RedisServer().start()
+    """A fresh Redis StatefulSet (one real pod) holding other data than the backup. It saves
+    on shutdown, like a persistent Redis: a file swapped before its pod is gone would be
+    overwritten with the old data."""
+    server = RedisServer(extra_config="save 3600 1").start()
     (tmp_path / "api").mkdir()
     api = K8sApiDouble(server, tmp_path / "api").start()
     c = client(server)
@@ -116,6 +120,13 @@ def k8s_conn(api: K8sApiDouble, tmp_path: Path, **extra: Any) -> RedisConnection
     )
 
 
+def shipped_role_rules() -> list[dict[str, Any]]:
+    docs = yaml.safe_load_all(RBAC.read_text())
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    rules: list[dict[str, Any]] = role["rules"]
+    return rules
+
+
 def request(**extra: Any) -> RedisRestoreRequest:
     return RedisRestoreRequest(mode="file", flush_existing=True, **extra)
 
@@ -142,6 +153,8 @@ def test_file_restore_through_statefulset(
     caplog.set_level(logging.DEBUG)
     repo, manifest, expected = backup
     api = cluster
+    # authorized exactly as the Role we ship allows, nothing more
+    api.rbac_rules = shipped_role_rules()
     conn = k8s_conn(api, tmp_path)
     pid_before = api.redis.proc.pid if api.redis.proc else None
     plan = restore_redis(conn, repo, age_key, request(dry_run=True))

@@ -217,10 +217,14 @@ class StatefulSetRestart:
                 f"({verb} {where}: 404 {detail})"
             )
         if exc.status == 403:
+            names = (
+                f", resourceNames must include {s.statefulset!r}"
+                if resource.startswith("statefulsets")
+                else ""
+            )
             return AccessDenied(
                 f"RBAC refused verb {verb!r} on {where} for {s.label} (403 Forbidden: "
-                f"{detail}); grant it to the runner's service account (see {RBAC_FILE}, "
-                f"resourceNames must include {s.statefulset!r})"
+                f"{detail}); grant it to the runner's service account (see {RBAC_FILE}{names})"
             )
         if exc.status == 401:
             return AccessDenied(
