@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,14 +44,15 @@ Print = dict[int, dict[bytes, tuple[str, str, bool]]]
 RBAC = Path(__file__).resolve().parents[1] / "deployments/k8s/rbac-redis-restart.yaml"
 
 
-def client(server: RedisServer, db: int = 0) -> redispy.Redis:
-    return redispy.Redis(host=server.host, port=server.port, db=db, password=server.password)
+def client(server: RedisServer, db: int = 0, port: int | None = None) -> redispy.Redis:
+    return redispy.Redis(host=server.host, port=port or server.port, db=db,
+                         password=server.password)
 
 
-def fingerprint(server: RedisServer, dbs: tuple[int, ...] = (0, 2)) -> Print:
+def fingerprint(server: RedisServer, port: int | None = None) -> Print:
     out: Print = {}
-    for db in dbs:
-        c = client(server, db)
+    for db in (0, 2):
+        c = client(server, db, port)
         out[db] = {}
         for key in sorted(set(c.scan_iter(count=1000))):
             d = value_digest(c, key)
@@ -143,24 +145,44 @@ def old_data_intact(api: K8sApiDouble) -> None:
     assert c.dbsize() == 2
 
 
+def replica_caught_up(api: K8sApiDouble, ordinal: int, expected: Print) -> bool:
+    """Poll pod ``ordinal`` (a Redis replica of pod 0) until it holds ``expected``."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if fingerprint(api.redis, api.replica_ports[ordinal]) == expected:
+                return True
+        except redispy.RedisError:
+            pass  # still syncing / loading
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
 def test_file_restore_through_statefulset(
     backup: tuple[LocalRepository, Manifest, Print],
     cluster: K8sApiDouble,
     age_key: Any,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    replicas: int,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     repo, manifest, expected = backup
     api = cluster
+    with api.lock:  # the StatefulSet runs `replicas` pods (pod 1: a replica of pod 0)
+        api.replicas = replicas
+        api.generation += 1
+    api.wait_settled()
     # authorized exactly as the Role we ship allows, nothing more
     api.rbac_rules = shipped_role_rules()
     conn = k8s_conn(api, tmp_path)
     pid_before = api.redis.proc.pid if api.redis.proc else None
     plan = restore_redis(conn, repo, age_key, request(dry_run=True))
     assert plan["coordination"] == "kubernetes"
-    assert plan["kubernetes"]["original_replicas"] == 1
-    assert plan["kubernetes"]["pods"] == ["redis-0"]  # the exporter pod is not selected
+    assert plan["kubernetes"]["original_replicas"] == replicas
+    # the exporter pod in the namespace is not selected
+    assert plan["kubernetes"]["pods"] == [f"redis-{i}" for i in range(replicas)]
     assert plan["kubernetes"]["auth"] == "kubeconfig"
     assert api.scale_history == []  # the dry-run PATCH (RBAC proof) persisted nothing
     assert any("dryRun=All" in path for method, path, _ in api.requests if method == "PATCH")
@@ -170,9 +192,11 @@ def test_file_restore_through_statefulset(
     assert report["keys_ok"] and report["matches_manifest"] and report["sample"]["ok"]
     assert report["coordination"] == "kubernetes"
     k8s = report["kubernetes"]
-    assert (k8s["statefulset"], k8s["namespace"], k8s["original_replicas"]) == ("redis", "cache", 1)
+    assert (k8s["statefulset"], k8s["namespace"]) == ("redis", "cache")
+    assert k8s["original_replicas"] == replicas
     assert k8s["scale_down_s"] >= 0 and k8s["scale_up_s"] >= 0 and report["load_wait_s"] >= 0
-    assert api.scale_history == [0, 1] and api.replicas == 1 and api.ready_count() == 1
+    assert api.scale_history == [0, replicas]  # back to the count it had, not 1
+    assert api.replicas == replicas and api.ready_count() == replicas
     assert api.redis.proc is not None and api.redis.proc.pid != pid_before
     assert fingerprint(api.redis) == expected
     assert client(api.redis).exists("old") == 0
@@ -181,6 +205,8 @@ def test_file_restore_through_statefulset(
     previous = Path(report["previous_data_file"])
     assert previous.name == f"dump.rdb.pre-restore-{manifest.backup_id}" and previous.exists()
     assert not list(api.redis.dir.glob(".strongroom-restore-*"))
+    if replicas > 1:
+        assert replica_caught_up(api, 1, expected)  # resynced from the restored pod 0
     assert_no_token(api, caplog, json.dumps(report, default=str))
 
 

@@ -82,7 +82,10 @@ def run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine to completion from sync code, also when this thread runs a loop."""
     try:
         asyncio.get_running_loop()
+        in_loop = True
     except RuntimeError:
+        in_loop = False
+    if not in_loop:  # outside the except block: errors do not chain a RuntimeError
         return asyncio.run(factory())
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(lambda: asyncio.run(factory())).result()
@@ -138,6 +141,7 @@ class StatefulSetRestart:
     changed: bool = False
     facts: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    _api: k8s.ApiClient | None = field(default=None, repr=False)
 
     # -- credentials and calls ------------------------------------------------------
 
@@ -188,23 +192,38 @@ class StatefulSetRestart:
         self.api_host = cfg.host
         return cfg
 
+    async def _session(self, step: Callable[[], Awaitable[T]]) -> T:
+        """Run one step (several API calls) on one client, with credentials loaded afresh."""
+        cfg = await self._configuration()
+        async with k8s.ApiClient(configuration=cfg) as api:
+            self._api = api
+            try:
+                return await step()
+            finally:
+                self._api = None
+
     async def _call(
         self,
         verb: str,
         resource: str,
         body: Callable[[k8s.ApiClient], Awaitable[T]],
     ) -> T:
-        """One API round trip with fresh credentials; failures become strongroom errors."""
-        cfg = await self._configuration()
+        """One API round trip; failures become strongroom errors."""
+        if self._api is None:
+            raise RuntimeError("Kubernetes API call outside a session")
         try:
-            async with k8s.ApiClient(configuration=cfg) as api:
-                return await body(api)
+            return await body(self._api)
         except ApiException as exc:
             raise self._api_error(exc, verb, resource) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ServiceUnavailable(
                 f"Kubernetes API at {self.api_host} unreachable while trying to {verb} "
                 f"{resource} of {self.settings.label}: {scrub(str(exc)) or type(exc).__name__}"
+            ) from None
+        except ValueError as exc:  # a reply the client models cannot hold
+            raise ToolFailed(
+                f"unexpected reply from the Kubernetes API to {verb} {resource} of "
+                f"{self.settings.label}: {scrub(str(exc))}"
             ) from None
 
     def _api_error(self, exc: ApiException, verb: str, resource: str) -> StrongroomError:
@@ -291,7 +310,7 @@ class StatefulSetRestart:
 
     def inspect(self) -> dict[str, Any]:
         """Read the StatefulSet and prove every permission the restart needs; changes nothing."""
-        return run_sync(self._inspect)
+        return run_sync(lambda: self._session(self._inspect))
 
     async def _inspect(self) -> dict[str, Any]:
         sts = await self._read()
@@ -324,7 +343,7 @@ class StatefulSetRestart:
 
     def scale_down(self) -> None:
         """Scale to 0 and wait until no pod of the StatefulSet is left."""
-        run_sync(self._scale_down)
+        run_sync(lambda: self._session(self._scale_down))
 
     async def _scale_down(self) -> None:
         if self.original_replicas is None:
@@ -354,7 +373,7 @@ class StatefulSetRestart:
 
     def scale_up(self) -> None:
         """Scale back to the original replica count and wait until they are all Ready."""
-        run_sync(self._scale_up)
+        run_sync(lambda: self._session(self._scale_up))
 
     async def _scale_up(self) -> None:
         replicas = self.original_replicas
