@@ -333,3 +333,29 @@ def test_swap_failure_after_scale_down_scales_back_up(
     assert not list(api.redis.dir.glob(".strongroom-restore-*"))
     assert isinstance(info.value, StrongroomError)
     assert_no_token(api, caplog, text)
+
+
+def test_other_refusals_change_nothing(
+    backup: tuple[LocalRepository, Manifest, Print],
+    cluster: K8sApiDouble,
+    age_key: Any,
+    tmp_path: Path,
+) -> None:
+    repo, _, _ = backup
+    api = cluster
+    missing = str(tmp_path / "no-such-kubeconfig")
+    with pytest.raises(InvalidInput, match="is not a file on this runner"):
+        restore_redis(k8s_conn(api, tmp_path, k8s_kubeconfig=missing), repo, age_key, request())
+    with pytest.raises(InvalidInput, match="k8s_context needs k8s_kubeconfig"):
+        restore_redis(k8s_conn(api, tmp_path, k8s_kubeconfig=None), repo, age_key, request())
+    with pytest.raises(InvalidInput, match="context 'nowhere' cannot be used"):
+        restore_redis(k8s_conn(api, tmp_path, k8s_context="nowhere"), repo, age_key, request())
+    assert api.scale_history == [] and not [r for r in api.requests if r[0] == "PATCH"]
+    old_data_intact(api)
+    with api.lock:  # someone scaled Redis away: there is nothing to restart
+        api.replicas = 0
+        api.generation += 1
+    api.wait_settled()
+    with pytest.raises(InvalidInput, match="is scaled to 0"):
+        restore_redis(k8s_conn(api, tmp_path), repo, age_key, request())
+    assert api.replicas == 0 and api.scale_history == []
