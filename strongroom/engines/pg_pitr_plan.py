@@ -1,6 +1,11 @@
 """Planning a point-in-time recovery: validate the target, pick the timeline and the
 base backup, and refuse targets outside the recoverable window (saying what the
 window is). Nothing is changed here.
+
+``PitrRequest`` is where operator and flow input enters: anything malformed (a time
+that is not one, a time out of range, an LSN, xid, timeline or restore-point name
+PostgreSQL would not accept, a NUL byte anywhere) raises ``InvalidInput`` when the
+request is built, never a raw ``ValidationError``/``ValueError``/``OverflowError``.
 """
 
 from __future__ import annotations
@@ -8,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
 from strongroom.catalog import Manifest
 from strongroom.engines import pg_wal_names as names
@@ -20,6 +25,17 @@ from strongroom.ids import check_backup_id, check_name
 from strongroom.repository.base import Repository
 
 TargetKind = Literal["latest", "immediate", "time", "lsn", "xid", "name"]
+MAX_XID = 2**64 - 1  # recovery_target_xid is read as an unsigned 64-bit number
+MAX_TIMELINE = 2**32 - 1
+NAME_BYTES = 63  # MAXFNAMELEN - 1: recovery_target_name's limit
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """Field names and reasons only (never the input: it may be long, binary or secret)."""
+    parts = [
+        f"{'.'.join(str(x) for x in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors()[:5]
+    ]
+    return "invalid PITR request: " + "; ".join(parts)
 
 
 class PitrRequest(BaseModel):
@@ -31,7 +47,7 @@ class PitrRequest(BaseModel):
     recovery_target: TargetKind = "latest"
     target_time: dt.datetime | None = None
     target_lsn: str | None = None
-    target_xid: int | None = Field(default=None, ge=3)
+    target_xid: int | None = Field(default=None, ge=3, le=MAX_XID)
     target_name: str | None = None
     inclusive: bool = Field(default=True, description="stop just after (True) or before")
     target_timeline: str = Field(default="latest", description="'latest', 'current' or a number")
@@ -42,7 +58,7 @@ class PitrRequest(BaseModel):
         default=None,
         description="Unix socket directory (default: a new temp dir, kept while it runs)",
     )
-    wait_timeout_s: float = Field(default=1800.0, gt=0)
+    wait_timeout_s: float = Field(default=1800.0, gt=0, allow_inf_nan=False)
     verify_query: str | None = Field(default=None, description="SQL run after recovery")
     verify_database: str = "postgres"
     verify_expect: str | None = Field(default=None, description="expected verify_query output")
@@ -64,21 +80,59 @@ class PitrRequest(BaseModel):
     prefetch: int = Field(default=8, ge=0, le=256)
     dry_run: bool = False
 
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise InvalidInput(_validation_message(exc)) from None
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and "\x00" in value:
+            raise InvalidInput(f"{info.field_name} contains a NUL byte")
+        return value
+
     @field_validator("target")
     @classmethod
     def _target_ok(cls, value: str) -> str:
         return check_name(value, "target name")
 
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_ok(cls, value: str) -> str:
+        if not value.strip():
+            raise InvalidInput("data_dir is empty")
+        return value
+
+    @field_validator("target_time")
+    @classmethod
+    def _time_ok(cls, value: dt.datetime | None) -> dt.datetime | None:
+        if value is not None and value.tzinfo is not None:
+            try:
+                value.astimezone(dt.UTC)
+            except (OverflowError, ValueError):
+                raise InvalidInput("target_time is out of range once converted to UTC") from None
+        return value
+
     @field_validator("archive_after")
     @classmethod
     def _archive_ok(cls, value: str | None) -> str | None:
-        return check_name(value, "target name") if value else value
+        return check_name(value, "archive_after target name") if value else value
 
     @field_validator("target_timeline")
     @classmethod
     def _timeline_ok(cls, value: str) -> str:
-        if value not in ("latest", "current") and not (value.isdigit() and int(value) >= 1):
-            raise ValueError("target_timeline must be 'latest', 'current' or a timeline number")
+        if value not in ("latest", "current") and not (
+            value.isascii()
+            and value.isdigit()
+            and len(value) <= 10
+            and 1 <= int(value) <= MAX_TIMELINE
+        ):
+            raise InvalidInput(
+                "target_timeline must be 'latest', 'current' or a timeline number "
+                f"(1 to {MAX_TIMELINE})"
+            )
         return value
 
     def check_target(self) -> None:
@@ -94,9 +148,14 @@ class PitrRequest(BaseModel):
             except names.WalNameError as exc:
                 raise InvalidInput(str(exc)) from None
         if self.target_name is not None and (
-            not self.target_name or len(self.target_name) > 63 or "'" in self.target_name
+            not self.target_name
+            or len(self.target_name.encode()) > NAME_BYTES
+            or "'" in self.target_name
+            or any(ord(c) < 32 or ord(c) == 127 for c in self.target_name)
         ):
-            raise InvalidInput("target_name: 1-63 characters, no quotes")
+            raise InvalidInput(
+                f"target_name: 1 to {NAME_BYTES} bytes, no quotes or control characters"
+            )
         if (
             self.recovery_target == "time"
             and self.target_time is not None

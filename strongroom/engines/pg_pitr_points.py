@@ -11,19 +11,34 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from typing import Any
 
 from strongroom.config import PostgresConnection
 from strongroom.engines import pg_wal_names as names
 from strongroom.engines.pg_basebackup import wait_for_wal
 from strongroom.engines.pg_connect import connect
-from strongroom.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from strongroom.errors import Conflict, IntegrityError, InvalidInput, NotFound, ServiceUnavailable
 from strongroom.ids import check_name
 from strongroom.repository.base import Repository
+
+MAX_WAIT_S = 86400.0
 
 
 def point_key(target: str, name: str) -> str:
     return f"pitr/{target}/restore_points/{name}.json"
+
+
+def check_wait(wait_s: float) -> float:
+    """A finite number of seconds, 0 to a day (NaN or infinity would wait forever)."""
+    if (
+        isinstance(wait_s, bool)
+        or not isinstance(wait_s, int | float)
+        or not math.isfinite(wait_s)
+        or not 0 <= wait_s <= MAX_WAIT_S
+    ):
+        raise InvalidInput(f"wait_s must be a number of seconds from 0 to {MAX_WAIT_S:.0f}")
+    return float(wait_s)
 
 
 def create_restore_point(
@@ -33,8 +48,10 @@ def create_restore_point(
     *,
     wait_s: float = 120.0,
 ) -> dict[str, Any]:
-    """Create restore point ``name`` on ``conn``'s cluster and record it."""
+    """Create restore point ``name`` on ``conn``'s cluster and record it. The name and
+    the wait are checked before anything is asked of the server."""
     check_name(name, "restore point name")
+    wait_s = check_wait(wait_s)
     key = point_key(conn.name, name)
     if repo.exists(key):
         raise Conflict(f"restore point {name!r} already exists for target {conn.name}")
@@ -81,14 +98,30 @@ def load_restore_point(repo: Repository, target: str, name: str) -> dict[str, An
     except InvalidInput:
         return None
     try:
-        return dict(json.loads(repo.get_bytes(point_key(target, name))))
+        record = _record(repo, point_key(target, name))
     except NotFound:
         return None
+    del record["_lsn"]
+    return record
+
+
+def _record(repo: Repository, key: str) -> dict[str, Any]:
+    """One stored restore point record; a malformed one is named, not a raw error."""
+    try:
+        record = dict(json.loads(repo.get_bytes(key)))
+        record["_lsn"] = names.parse_lsn(str(record["lsn"]))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise IntegrityError(f"restore point record {key} is malformed: {exc}") from None
+    return record
 
 
 def list_restore_points(repo: Repository, target: str) -> list[dict[str, Any]]:
-    found = []
-    for info in repo.list(f"pitr/{target}/restore_points/"):
-        if info.key.endswith(".json"):
-            found.append(dict(json.loads(repo.get_bytes(info.key))))
-    return sorted(found, key=lambda r: names.parse_lsn(r["lsn"]))
+    found = [
+        _record(repo, info.key)
+        for info in repo.list(f"pitr/{target}/restore_points/")
+        if info.key.endswith(".json")
+    ]
+    found.sort(key=lambda r: int(r["_lsn"]))
+    for record in found:
+        del record["_lsn"]
+    return found

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import io
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +14,15 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from strongroom.catalog import Catalog, Manifest
-from strongroom.config import EncryptionConfig, RepositoryConfig
+from strongroom.artifacts import publish_backup, store_artifact
+from strongroom.catalog import Catalog, Manifest, data_key
+from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
+from strongroom.engines import pg_wal_names as names
+from strongroom.engines.pg_wal_store import wal_key
 from strongroom.engines.postgres import backup_postgres
 from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
 from strongroom.errors import InvalidInput, NotFound
-from strongroom.ids import BACKUP_ID_RE, NAME_RE, check_backup_id, check_name
+from strongroom.ids import BACKUP_ID_RE, NAME_RE, check_backup_id, check_name, new_backup_id
 from strongroom.repository.local import LocalRepository
 from tests.faults._support import databases
 from tests.fixtures.postgres import PgDatabase
@@ -207,3 +213,460 @@ def test_cli_refuses_hostile_ids_with_exit_codes(
         body = json.loads(result.stdout)
         assert body["ok"] is False and body["kind"] in ("InvalidInput", "NotFound")
     assert _tree(repo.root) == before
+
+
+# -- PITR targets, restore points, retention: malformed times, LSNs, xids, names --------
+
+PITR_TARGET = "pitrsrc"
+SEGMENT = 16 * 1024 * 1024
+NEXT_XID = 740
+START_LSN, STOP_LSN = 0x2000028, 0x2000138
+WINDOW_END = 4 * SEGMENT  # the base backup's WAL runs through segment 3
+
+
+@pytest.fixture
+def pitr_world(
+    local_repo: tuple[LocalRepository, RepositoryConfig], age_key: EncryptionConfig
+) -> tuple[LocalRepository, RepositoryConfig, dt.datetime]:
+    """A repository with one base backup of PITR_TARGET (its artifact is not a tar: a
+    restore that got past validation would fail loudly) and the WAL after it. The plan
+    reads manifests and WAL names only. Returns the repo and the start of the window."""
+    repo, config = local_repo
+    stopped = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    bid = new_backup_id(stopped)
+    artifact = store_artifact(
+        repo,
+        data_key("postgresql", PITR_TARGET, bid, "base.tar"),
+        io.BytesIO(b"not a tar"),
+        name="base.tar",
+        content="pg_basebackup-tar",
+        encryption=age_key,
+        level=3,
+    )
+    details = {
+        "wal_segment_size": SEGMENT,
+        "timeline": 1,
+        "start_lsn": names.format_lsn(START_LSN),
+        "stop_lsn": names.format_lsn(STOP_LSN),
+        "start_wal": names.segment_of_lsn(1, START_LSN),
+        "stop_time": stopped.isoformat(),
+        "system_identifier": 7300000000000000001,
+        "next_xid": NEXT_XID,
+    }
+    manifest = Manifest(
+        backup_id=bid,
+        engine="postgresql",
+        target=PITR_TARGET,
+        kind="base",
+        started_at=stopped,
+        finished_at=stopped,
+        repository=repo.describe(),
+        artifacts=[artifact],
+        details=details,
+    )
+    publish_backup(repo, manifest)
+    for segno in (2, 3):
+        name = names.segment_name(1, segno)
+        repo.put_bytes(wal_key(PITR_TARGET, name), b"segment bytes are not read by the plan")
+    return repo, config, stopped
+
+
+def _in_window_lsn(value: str) -> bool:
+    try:
+        lsn = names.parse_lsn(value)
+    except (names.WalNameError, AttributeError):
+        return False
+    return STOP_LSN <= lsn <= WINDOW_END
+
+
+def _valid_name(value: str) -> bool:
+    return (
+        0 < len(value.encode()) <= 63
+        and "'" not in value
+        and not any(ord(c) < 32 or ord(c) == 127 for c in value)
+    )
+
+
+KNOWN_TIMES: list[Any] = [
+    "",
+    "garbage",
+    "\x00",
+    "2026-11-24T02:00:00\x00",
+    "2026-11-24T02:00:00",  # no time zone
+    "2026-13-01T00:00:00Z",
+    "2026-02-30T00:00:00+00:00",
+    "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
+    "9999-12-31T23:59:59-01:00",  # after year 9999 in UTC
+    "1970-01-01T00:00:00Z",
+    "2999-01-01T00:00:00Z",
+    "99999999999999999999",
+    "1e400",
+    10**30,
+    -(10**30),
+    0,
+    "'; DROP TABLE items; --",
+    "now",
+    "today",
+    dt.datetime(2026, 1, 1, 0, 0),  # naive
+    dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+    dt.datetime(9999, 12, 31, 23, 59, tzinfo=dt.timezone(dt.timedelta(hours=-1))),
+]
+KNOWN_LSNS = [
+    "0/0",
+    "FFFFFFFF/FFFFFFFF1",
+    "FFFFFFFF/FFFFFFFF",
+    "1/0",
+    "0/",
+    "/0",
+    "0/0/0",
+    "-1/0",
+    "0x0/0",
+    "0/16B3740\x00",
+    "\uff10/\uff12\uff10\uff10\uff10\uff11\uff13\uff18",  # full-width digits
+    "0/2000138; DROP TABLE items",
+    "0/2000138'",
+    "",
+    " ",
+]
+KNOWN_XIDS: list[Any] = [
+    0,
+    1,
+    2,
+    -1,
+    3,
+    739,
+    2**64,
+    2**64 + 1,
+    10**100,
+    -(2**63),
+    "x",
+    "1e9",
+    "",
+    "\x00",
+]
+KNOWN_NAMES = ["", "'", "a'b", "x\x00", "a\nb", "\t", "é" * 32, "a" * 64, "x'; DROP TABLE t; --"]
+KNOWN_TIMELINES = ["0", "-1", "00", "4294967296", "9" * 5000, "\u0661", "\u00b2", "1.0", "x"]
+OFFSETS = st.builds(
+    lambda m: dt.timezone(dt.timedelta(minutes=m)), st.integers(min_value=-1439, max_value=1439)
+)
+TIMES = st.one_of(
+    st.sampled_from(KNOWN_TIMES),
+    HOSTILE,
+    st.datetimes(timezones=st.none() | OFFSETS),
+    st.integers(),
+)
+LSNS = st.one_of(
+    st.sampled_from(KNOWN_LSNS),
+    HOSTILE,
+    st.builds(lambda a, b: f"{a:X}/{b:X}", st.integers(0, 2**40), st.integers(0, 2**40)),
+)
+XIDS = st.one_of(st.sampled_from(KNOWN_XIDS), st.integers(), HOSTILE)
+NAMES = st.one_of(st.sampled_from(KNOWN_NAMES), HOSTILE)
+TIMELINES = st.one_of(st.sampled_from(KNOWN_TIMELINES), HOSTILE, st.integers().map(str))
+CLEAR: dict[str, tuple[str, ...]] = {
+    "time": ("time",),
+    "lsn": ("lsn",),
+    "xid": ("target_xid", "transaction"),
+    "name": ("target_name",),
+    "timeline": ("timeline",),
+}
+
+
+def _pitr_request(kind: str, value: Any, data_dir: Path, *, dry_run: bool = False) -> Any:
+    from strongroom.engines.pg_pitr_plan import PitrRequest
+
+    fields: dict[str, Any] = {"target": PITR_TARGET, "data_dir": str(data_dir), "dry_run": dry_run}
+    if kind == "timeline":
+        fields["target_timeline"] = value
+    else:
+        fields["recovery_target"] = kind
+        fields[f"target_{kind}"] = value
+    return PitrRequest(**fields)
+
+
+def _accepted(kind: str, value: Any, stopped: dt.datetime) -> bool:
+    """The few generated values that are a valid target inside the window."""
+    if kind == "lsn":
+        return isinstance(value, str) and _in_window_lsn(value)
+    if kind == "xid":
+        return type(value) is int and NEXT_XID <= value <= 2**64 - 1
+    if kind == "timeline":
+        return value in ("latest", "current") or (
+            isinstance(value, str) and value.isascii() and value.isdigit() and int(value) == 1
+        )
+    if kind == "time" and isinstance(value, dt.datetime) and value.tzinfo is not None:
+        try:
+            return stopped <= value <= dt.datetime.now(dt.UTC)
+        except OverflowError:
+            return False
+    return False
+
+
+@SLOW_SETTINGS
+@given(
+    data=st.data(),
+    kind=st.sampled_from(["time", "lsn", "xid", "name", "timeline"]),
+)
+def test_pitr_restore_refuses_malformed_targets_and_touches_nothing(
+    pitr_world: tuple[LocalRepository, RepositoryConfig, dt.datetime],
+    age_key: EncryptionConfig,
+    tmp_path: Path,
+    data: st.DataObject,
+    kind: str,
+) -> None:
+    """A real (not dry-run) PITR restore with a malformed time, LSN, xid, restore-point
+    name or timeline raises InvalidInput naming the field; the repository is unchanged and
+    the data directory is never created. (A well-formed name no restore point has is
+    passed on, quoted, for PostgreSQL to decide: that is checked in a dry run.)"""
+    from strongroom.engines.pg_pitr_restore import pitr_restore
+
+    repo, config, stopped = pitr_world
+    strategy = {"time": TIMES, "lsn": LSNS, "xid": XIDS, "name": NAMES, "timeline": TIMELINES}
+    value = data.draw(strategy[kind])
+    assume(not _accepted(kind, value, stopped))
+    data_dir = tmp_path / f"restore-{uuid.uuid4().hex[:8]}"
+    before = _tree(repo.root)
+    if kind == "name" and isinstance(value, str) and _valid_name(value):
+        report = pitr_restore(
+            repo, config, age_key, _pitr_request(kind, value, data_dir, dry_run=True)
+        )
+        assert report["plan"]["recovery_settings"]["recovery_target_name"] == value
+    else:
+        with pytest.raises(InvalidInput) as caught:
+            pitr_restore(repo, config, age_key, _pitr_request(kind, value, data_dir))
+        message = str(caught.value)
+        assert any(w in message.lower() for w in CLEAR[kind]), message
+        assert "\x00" not in message and len(message) < 1000
+    assert not data_dir.exists()
+    assert _tree(repo.root) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("port", 0),
+        ("port", 70000),
+        ("wait_timeout_s", float("inf")),
+        ("wait_timeout_s", float("nan")),
+        ("wait_timeout_s", -1),
+        ("prefetch", 10**9),
+        ("data_dir", ""),
+        ("data_dir", "/tmp/x\x00y"),
+        ("socket_dir", "\x00"),
+        ("backup_id", "../../etc"),
+        ("backup_id", "x\x00"),
+        ("action", "'; DROP"),
+        ("recovery_target", "everything"),
+        ("target", "../other"),
+        ("archive_after", "a/b"),
+        ("verify_query", "SELECT 1\x00"),
+    ],
+)
+def test_pitr_request_refuses_malformed_parameters(
+    pitr_world: tuple[LocalRepository, RepositoryConfig, dt.datetime],
+    age_key: EncryptionConfig,
+    tmp_path: Path,
+    field: str,
+    value: Any,
+) -> None:
+    """Every other flow parameter of a PITR restore: InvalidInput, nothing touched."""
+    from strongroom.engines.pg_pitr_plan import PitrRequest
+    from strongroom.engines.pg_pitr_restore import pitr_restore
+
+    repo, config, _ = pitr_world
+    before = _tree(repo.root)
+    fields: dict[str, Any] = {"target": PITR_TARGET, "data_dir": str(tmp_path / "restore")}
+    fields[field] = value
+    with pytest.raises(InvalidInput) as caught:
+        pitr_restore(repo, config, age_key, PitrRequest(**fields))
+    assert field in str(caught.value) or field.replace("_", " ") in str(caught.value)
+    assert not (tmp_path / "restore").exists()
+    assert _tree(repo.root) == before
+
+
+@SLOW_SETTINGS
+@given(
+    name=st.one_of(NAMES, st.sampled_from(["../x", "a/b", "..", "latest"])),
+    wait=st.sampled_from([120.0, float("nan"), float("inf"), -1.0, 10.0**30]),
+)
+def test_create_restore_point_refuses_before_contacting_the_server(
+    local_repo: tuple[LocalRepository, RepositoryConfig], name: str, wait: float
+) -> None:
+    """A malformed restore-point name or wait is refused before any connection: the
+    connection here points at a port nothing listens on, so reaching the server at all
+    would be ServiceUnavailable, not InvalidInput. The repository is unchanged."""
+    from strongroom.engines.pg_pitr_points import create_restore_point
+    from strongroom.sandbox.ports import free_port
+
+    assume(not (NAME_RE.fullmatch(name) and ".." not in name) or wait != 120.0)
+    repo, _ = local_repo
+    repo.root.mkdir(parents=True, exist_ok=True)
+    conn = PostgresConnection(name=PITR_TARGET, port=free_port(), connect_timeout=1)
+    before = _tree(repo.root)
+    with pytest.raises(InvalidInput):
+        create_restore_point(conn, repo, name, wait_s=wait)
+    assert _tree(repo.root) == before
+
+
+def test_malformed_restore_point_record_is_named(
+    pitr_world: tuple[LocalRepository, RepositoryConfig, dt.datetime], tmp_path: Path
+) -> None:
+    """A stored restore-point record with a broken LSN is an IntegrityError naming it."""
+    from strongroom.engines.pg_pitr_points import list_restore_points, point_key
+    from strongroom.errors import IntegrityError
+
+    repo, _, _ = pitr_world
+    key = point_key(PITR_TARGET, "before-upgrade")
+    repo.put_bytes(
+        key, json.dumps({"name": "before-upgrade", "lsn": "FFFFFFFF/FFFFFFFF1"}).encode()
+    )
+    with pytest.raises(IntegrityError, match="before-upgrade"):
+        list_restore_points(repo, PITR_TARGET)
+
+
+def _cli_accepted(kind: str, value: str, stopped: dt.datetime) -> bool:
+    """Values the CLI turns into a valid target inside the window (or a well-formed name)."""
+    if kind == "xid":
+        try:
+            return NEXT_XID <= int(value) <= 2**64 - 1
+        except ValueError:
+            return False
+    if kind == "time":
+        try:
+            moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return False
+        return _accepted("time", moment, stopped)
+    if kind == "name":
+        return _valid_name(value)
+    return _accepted(kind, value, stopped)
+
+
+@pytest.fixture
+def pitr_blocks(
+    prefect_api: str,
+    pitr_world: tuple[LocalRepository, RepositoryConfig, dt.datetime],
+    age_key: EncryptionConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[LocalRepository, RepositoryConfig, dt.datetime]:
+    """The PITR flows, run by a real Prefect API, read this test's repository and key."""
+    import flows.pitr
+
+    repo, config, _ = pitr_world
+    monkeypatch.setattr(flows.pitr, "load_repository", lambda _name: (repo, config))
+    monkeypatch.setattr(flows.pitr, "load_key", lambda _name: age_key)
+    return pitr_world
+
+
+CLI_VALUES = st.one_of(
+    st.sampled_from([v for v in KNOWN_TIMES + KNOWN_LSNS + KNOWN_XIDS if isinstance(v, str)]),
+    st.sampled_from(KNOWN_NAMES + KNOWN_TIMELINES),
+    HOSTILE,
+)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(value=CLI_VALUES, kind=st.sampled_from(["time", "lsn", "xid", "name", "timeline"]))
+def test_cli_pitr_refuses_malformed_targets_with_exit_2(
+    pitr_blocks: tuple[LocalRepository, RepositoryConfig, dt.datetime],
+    tmp_path: Path,
+    value: str,
+    kind: str,
+) -> None:
+    """``strongroom restore postgresql-pitr --time/--lsn/--xid/--name/--timeline=<bad>``
+    (through the real flow) exits 2 without a traceback and changes nothing."""
+    from typer.testing import CliRunner
+
+    import strongroom.cli as cli
+
+    repo, _, stopped = pitr_blocks
+    assume(not _cli_accepted(kind, value, stopped))
+    data_dir = tmp_path / f"restore-{uuid.uuid4().hex[:8]}"
+    before = _tree(repo.root)
+    args = ["restore", "postgresql-pitr", PITR_TARGET, "--data-dir", str(data_dir), "--json"]
+    result = CliRunner().invoke(cli.app, [*args, f"--{kind}={value}"])
+    assert result.exit_code == 2, (result.exit_code, result.output[-800:])
+    assert "Traceback" not in result.output
+    if result.stdout.strip().startswith("{"):
+        body = json.loads(result.stdout.strip().splitlines()[-1])
+        assert body["ok"] is False and body["kind"] == "InvalidInput"
+    assert not data_dir.exists()
+    assert _tree(repo.root) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"recovery_target": "lsn", "target_lsn": "FFFFFFFF/FFFFFFFF1"},
+        {"recovery_target": "lsn", "target_lsn": "0/0"},
+        {"recovery_target": "xid", "target_xid": 2**70},
+        {"recovery_target": "name", "target_name": "x\x00"},
+        {"recovery_target": "time", "target_time": dt.datetime(2026, 1, 1)},  # no zone
+        {"recovery_target": "time", "target_time": dt.datetime(1, 1, 1, tzinfo=dt.UTC)},
+        {"target_timeline": "\u0661"},
+        {"port": 70000},
+        {"wait_timeout_s": float("inf")},
+        {"prefetch": -1},
+    ],
+    ids=lambda p: "-".join(str(k) for k in p if k != "recovery_target"),
+)
+def test_pitr_flow_refuses_malformed_parameters(
+    pitr_blocks: tuple[LocalRepository, RepositoryConfig, dt.datetime],
+    tmp_path: Path,
+    params: dict[str, Any],
+) -> None:
+    """The Prefect flow called with malformed (well-typed) parameters raises InvalidInput."""
+    from flows.pitr import pitr_restore_postgresql
+
+    repo, _, _ = pitr_blocks
+    before = _tree(repo.root)
+    with pytest.raises(InvalidInput):
+        pitr_restore_postgresql(target=PITR_TARGET, data_dir=str(tmp_path / "r"), **params)
+    assert not (tmp_path / "r").exists()
+    assert _tree(repo.root) == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG E: RetentionPolicy bounds no window or count, so an out-of-range value "
+    "(infinite or huge recovery_window_days, daily/weekly/monthly counts past the calendar, "
+    "yearly/compliance_floor_years past year 9999) crashes evaluate() with a raw "
+    "OverflowError/ValueError, and a malformed one is a pydantic ValidationError, not "
+    "InvalidInput. Nothing is deleted (evaluate runs before any deletion).",
+)
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("recovery_window_days", float("inf")),
+        ("recovery_window_days", 1e300),
+        ("recovery_window_days", 1e6),
+        ("daily", 10**30),
+        ("weekly", 10**20),
+        ("monthly", 10**20),
+        ("yearly", 10**6),
+        ("compliance_floor_years", 10**5),
+        ("recovery_window_days", "7 days"),
+        ("keep_last", -1),
+    ],
+)
+def test_retention_refuses_out_of_range_windows(field: str, value: Any) -> None:
+    from strongroom.policy.retention import BackupPoint, RetentionPolicy, evaluate
+
+    now = dt.datetime.now(dt.UTC)
+    points = [
+        BackupPoint(
+            backup_id=new_backup_id(now - dt.timedelta(days=i)),
+            started_at=now - dt.timedelta(days=i),
+            engine="postgresql",
+            target="pg1",
+        )
+        for i in range(3)
+    ]
+    with pytest.raises(InvalidInput):
+        evaluate(points, RetentionPolicy(**{field: value}), now)
