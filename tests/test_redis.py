@@ -387,7 +387,7 @@ def test_file_mode_needs_coordination(
     with pytest.raises(InvalidInput, match="stop_command and start_command"):
         restore_redis(conn_for(file_target.server), local_repo[0], age_key, req)
     k8s = file_target.conn(stop_command=None, start_command=None, k8s_statefulset="redis")
-    with pytest.raises(InvalidInput, match="kubectl -n default scale statefulset/redis"):
+    with pytest.raises(InvalidInput, match="not in a cluster"):
         restore_redis(k8s, local_repo[0], age_key, req)
     wrong = file_target.conn(data_path=str(file_target.server.base_dir / "other.rdb"))
     with pytest.raises(InvalidInput, match="not the file the server loads"):
