@@ -193,9 +193,7 @@ def test_statement_timeout_fails_clearly_and_leaves_nothing(
     pg_db.psql("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
     repo, config = local_repo
     role, password = timeout_role
-    conn = pg_connection(pg_db).model_copy(
-        update={"user": role, "password": SecretStr(password)}
-    )
+    conn = pg_connection(pg_db).model_copy(update={"user": role, "password": SecretStr(password)})
     with psycopg.connect(pg_db.server.dsn()) as holder:
         holder.execute("LOCK TABLE pg_catalog.pg_tablespace IN ACCESS EXCLUSIVE MODE")
         with pytest.raises(StrongroomError) as caught:
@@ -236,8 +234,10 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def _names_enospc(error: BaseException) -> bool:
     text = str(error)
-    return "No space left on device" in text or "ENOSPC" in text or (
-        isinstance(error, OSError) and error.errno == errno.ENOSPC
+    return (
+        "No space left on device" in text
+        or "ENOSPC" in text
+        or (isinstance(error, OSError) and error.errno == errno.ENOSPC)
     )
 
 
