@@ -20,8 +20,12 @@ system:
 	fi
 	@command -v uv >/dev/null 2>&1 || [ -x $(HOME)/.local/bin/uv ] || python3 -m pip install -q --user uv || python3 -m pip install -q --user --break-system-packages uv
 
+# Byte-compile the venv and our packages once (as the Docker image does): every Python
+# start then reads .pyc files instead of compiling ~0.3 s of imports from source, which
+# matters on machines that set PYTHONDONTWRITEBYTECODE. Up-to-date files are skipped.
 venv: system
 	@$(UV) sync --frozen --quiet
+	@$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" strongroom flows blocks bench tests >/dev/null || true
 
 lint: venv
 	$(VENV)/bin/ruff check .
