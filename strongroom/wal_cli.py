@@ -10,6 +10,7 @@ Usage::
 
     strongroom-wal push  [--config PATH] [--sync] WAL_PATH      (archive_command, %p)
     strongroom-wal fetch [--config PATH] WAL_NAME DEST_PATH     (restore_command, %f %p)
+    strongroom-wal verify [--config PATH]      (read back and check every archived file)
 
 ``wal-push`` / ``wal-fetch`` are accepted as aliases. The configuration file is
 ``--config PATH``, else ``$STRONGROOM_CONFIG``, else ``/etc/strongroom/wal.toml``
@@ -20,6 +21,8 @@ Exit codes: push: 0 only when the file is durably archived, else non-zero
 archive holds a different file under this name). fetch: 0 restored, 1 not in
 the archive, 200 fatal (corrupt file, gap in the archive, storage unreachable,
 bad configuration): PostgreSQL stops recovery instead of ending it early.
+verify (needs the identity file): 0 every archived file checks out, 4 some do not
+(each named on stderr), 2 bad configuration, 6 storage unreachable.
 
 Deliberately standard library only at start-up (no Prefect, typer, pydantic,
 boto3): a cached file is answered in a few milliseconds of Python.
@@ -28,6 +31,10 @@ boto3): a cached file is answered in a few milliseconds of Python.
 from __future__ import annotations
 
 import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from strongroom.engines.pg_wal_config import WalConfig
 
 USAGE = __doc__ or ""
 _VALUED = {"--config": "config", "-c": "config", "--pg-wal": "pg-wal"}
@@ -137,6 +144,8 @@ def _main(argv: list[str] | None = None) -> int:
 
             code, message = wal_fetch(cfg, args[0], args[1])
             return _fail(code, message if code != 1 else "")
+        if command == "verify":
+            return _verify(cfg)
         if command == "push-worker":
             from strongroom.engines.pg_wal_push import run_pusher
 
@@ -154,6 +163,34 @@ def _main(argv: list[str] | None = None) -> int:
 
         return _fail(fatal if command != "push" else 1, scrub(f"{type(exc).__name__}: {exc}"))
     return _fail(2, f"unknown command {command!r}\n{USAGE}")
+
+
+def _verify(cfg: WalConfig) -> int:
+    from strongroom.engines.pg_wal_verify import verify_archive
+    from strongroom.errors import StrongroomError
+    from strongroom.redact import register, scrub
+    from strongroom.repository import open_repository
+
+    try:
+        repo_config = cfg.repository_config()
+        identities = [
+            i.get_secret_value() for i in cfg.encryption_config(need_identity=True).identities
+        ]
+        register(*repo_config.secrets(), *identities)
+        report = verify_archive(
+            open_repository(repo_config),
+            cfg.target,
+            identities,
+            segment_size=cfg.segment_size,
+            system_identifier=cfg.system_identifier,
+        )
+    except StrongroomError as exc:
+        return _fail(exc.exit_code, scrub(str(exc)))
+    for failure in report["failed"]:
+        sys.stderr.write(f"strongroom-wal: {failure['error']}\n")
+    bad = len(report["failed"])
+    sys.stdout.write(f"{cfg.target}: {report['checked']} WAL file(s) checked, {bad} failed\n")
+    return 0 if report["ok"] else 4
 
 
 if __name__ == "__main__":

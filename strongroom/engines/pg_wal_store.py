@@ -180,10 +180,17 @@ def decode_into(
         raise IntegrityError(
             f"WAL {name}: archived object failed authentication ({exc}); it is truncated or altered"
         ) from None
-    # age authenticated every ciphertext chunk and zstd checks its frame checksum; the
-    # size and the WAL page header catch a file stored under the wrong name. (The SHA-256
-    # on the first line is for comparing duplicates at push: re-hashing 16 MiB here would
-    # add no protection the AEAD does not give, only CPU on the replay path.)
+    # age authenticated every ciphertext chunk, but anyone holding the public recipient
+    # can make a valid ciphertext: the frame's SHA-256 binds the clear first line (which
+    # push compares duplicates against) to what is decrypted, so content swapped under a
+    # kept header is refused. zstd checks its frame checksum; the size and the WAL page
+    # header catch a file stored under the wrong name. (Hashing the compressed frame, a
+    # few MiB, not the 16 MiB file, keeps the replay path cheap.)
+    if hashlib.sha256(compressed).hexdigest() != head.frame_sha256:
+        raise IntegrityError(
+            f"WAL {name}: the archived content does not match the checksum recorded at push "
+            "(frame sha256); the object was replaced or altered"
+        )
     size = 0
     first = b""
     try:
