@@ -16,9 +16,12 @@ and fails loudly rather than guess. For a timeline history file, ``<history>``
 lists its entries as ``parent:switchpoint,...`` so continuity checks can follow
 timelines without the key (LSNs and timeline ids are public in the names anyway).
 
-Integrity at fetch: age authenticates every ciphertext chunk, zstd checks its
-frame checksum (XXH64 of the content), the size must match the header and the
-WAL page header must match the name. With stock tools:
+Integrity at fetch: age authenticates every ciphertext chunk, the decrypted
+frame must have the SHA-256 of the first line (content swapped under a kept first
+line is refused), zstd checks its frame checksum (XXH64 of the content), the size
+must match the header and the WAL page header must match the name. An object
+re-made from scratch by someone holding the public recipient and write access
+passes all of these: only object lock / versioning on the bucket prevents that. With stock tools:
 ``tail -n +2 OBJ | age -d -i key.txt | zstd -d``.
 
 Objects are written with ``put_bytes(overwrite=False)``: never replaced. A push

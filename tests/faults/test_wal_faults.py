@@ -542,7 +542,6 @@ def test_replaced_segment_is_named_by_verify_and_refused_by_fetch(
     assert code == 0 and data == rig.kept(name)
 
 
-@pytest.mark.slow
 def test_pitr_over_a_replaced_segment_fails_naming_it(rig: Rig) -> None:
     """A point-in-time restore whose replay needs the replaced segment stops with an
     error naming it; it never promotes a cluster recovered from the wrong data."""
