@@ -143,12 +143,8 @@ def test_kill_retention_run_leaves_whole_or_gone_backups(
 
     full = {m.backup_id: data_keys(m) for m in victims}
 
-    def half_deleted() -> bool:
-        listed = {m.backup_id for m in Catalog(repo).list()}
-        return any(
-            m.backup_id not in listed and 0 < len(data_keys(m)) < len(full[m.backup_id])
-            for m in victims
-        )
+    def half_deleted() -> bool:  # some of a victim's data is gone, some is left
+        return any(0 < len(data_keys(m)) < len(full[m.backup_id]) for m in victims)
 
     kill_when(_start_prune(config), half_deleted)
 
@@ -177,7 +173,8 @@ def test_kill_retention_run_leaves_whole_or_gone_backups(
     for m in victims:
         for prefix in _backup_prefixes(m):
             assert not _versions(s3, s3_locked_bucket, prefix), prefix
-    assert _all_listed_verify(repo, age_key) == [locked.backup_id, newest.backup_id]
+    # (ids taken in the same second sort by their random suffix: compare as sets)
+    assert set(_all_listed_verify(repo, age_key)) == {locked.backup_id, newest.backup_id}
     assert find_orphans(repo, grace=dt.timedelta(0)) == ([], [])
 
     # 3. the locked backup was never touched: the same versions, byte for byte
