@@ -63,12 +63,15 @@ def verify_backup_flow(
             f"- backup `{report['backup_id']}` of {report['engine']}/{report['target']}",
             f"- read {human_size(report['bytes_read'])} in {report['duration_s']} s",
             f"- result: **{'OK' if report['ok'] else 'FAILED'}**",
+            *(f"- warning: {w}" for w in report.get("warnings", [])),
         ],
         [
             {"artifact": a["artifact"], "ok": a["ok"], "detail": a.get("error", "")}
             for a in report["artifacts"]
         ],
     )
+    for warning in report.get("warnings", []):
+        get_run_logger().warning("%s", warning)
     if not report["ok"]:
         bad = [a for a in report["artifacts"] if not a["ok"]]
         get_run_logger().error("verification failed: %s", bad[0].get("error"))

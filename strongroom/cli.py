@@ -5,7 +5,7 @@ Prefect); read-only commands use the engine directly. ``--json`` prints one
 JSON document on stdout for scripts. Exit codes: 0 ok, 1 unexpected error,
 2 invalid input, 3 not found, 4 integrity failure, 5 target not empty,
 6 service unavailable, 7 access denied, 8 tool failed, 9 conflict,
-10 a compliance control failed.
+10 a compliance control failed, 11 no space left (repository or spool).
 """
 
 from __future__ import annotations
@@ -196,6 +196,8 @@ def verify_cmd(
                 mark = "[green]ok[/green]" if item["ok"] else "[red]FAILED[/red]"
                 out.print(f"{mark} {item['artifact']} {item.get('structure', '')}")
             out.print(f"backup {report['backup_id']}: verified in {report['duration_s']} s")
+            for warning in report.get("warnings", []):
+                out.print(f"[yellow]warning:[/yellow] {warning}")
 
         _emit(as_json, report, human)
 

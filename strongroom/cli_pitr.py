@@ -157,16 +157,33 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
     def wal_check_cmd(
         target: str = typer.Argument(..., help="Target whose WAL archive to check."),
         repository: str = repo_opt,
+        verify_key: str | None = typer.Option(
+            None,
+            "--verify",
+            help="EncryptionKey block: also decrypt and check every archived WAL file.",
+        ),
         as_json: bool = JsonOpt,
     ) -> None:
-        """WAL continuity per timeline, gaps, and the recoverable window (exit 4 on gaps)."""
+        """WAL continuity per timeline, gaps, and the recoverable window (exit 4 on gaps or,
+        with --verify, on a damaged or replaced WAL file)."""
         with _handled(as_json):
-            from flows.common import load_repository
+            from flows.common import load_key, load_repository
             from strongroom.engines.pg_basebackup import base_backups
             from strongroom.engines.pg_wal_check import wal_check
 
             repo, _ = load_repository(repository)
             report = wal_check(repo, target, base_backups(repo, target))
+            if verify_key:
+                from strongroom.engines.pg_wal_verify import verify_archive
+
+                ids = [i.get_secret_value() for i in load_key(verify_key).identities]
+                report["verify"] = verify_archive(repo, target, ids)
+                if not report["verify"]["ok"]:
+                    report["ok"] = False
+                    report["problems"].append(
+                        "damaged or replaced WAL: "
+                        + ", ".join(f["name"] for f in report["verify"]["failed"])
+                    )
             _emit(as_json, report, lambda: _print_check(out, report))
             if not report["ok"]:
                 raise typer.Exit(4)

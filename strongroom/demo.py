@@ -12,6 +12,7 @@ started.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -316,6 +317,10 @@ def _clickhouse(demo: Demo) -> tuple[str, str]:
 
 def main() -> int:
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    # Each run makes a new age identity, so it starts from an empty repository: backups
+    # of an earlier run could not be decrypted (and deep verify would rightly fail).
+    for leftover in ("repository", "reports"):
+        shutil.rmtree(DEMO_DIR / leftover, ignore_errors=True)
     _prefect_env()
     started = time.monotonic()
     with ExitStack() as stack:

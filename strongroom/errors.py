@@ -7,6 +7,11 @@ secrets: callers pass names and ids, never connection strings with passwords.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class StrongroomError(Exception):
     """Base class; ``exit_code`` is what the CLI returns."""
@@ -60,3 +65,18 @@ class Conflict(StrongroomError):
     """Another run holds the lock for this target, or an object already exists."""
 
     exit_code = 9
+
+
+class StorageFull(StrongroomError):
+    """The repository or a spool/scratch folder has no space left (ENOSPC, EDQUOT)."""
+
+    exit_code = 11
+
+
+def invalid_input(exc: ValidationError, what: str) -> InvalidInput:
+    """``InvalidInput`` for a pydantic validation failure: field names and reasons only,
+    never the input (it may be long, binary or secret)."""
+    parts = [
+        f"{'.'.join(str(x) for x in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()[:5]
+    ]
+    return InvalidInput(f"invalid {what}: " + "; ".join(parts))

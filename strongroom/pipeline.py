@@ -25,7 +25,7 @@ from typing import IO, Any, BinaryIO, Protocol, cast
 import pyrage
 import zstandard
 
-from strongroom.errors import IntegrityError, InvalidInput
+from strongroom.errors import IntegrityError, InvalidInput, StrongroomError
 
 CHUNK = 1024 * 1024
 HOLDBACK = 1024 * 1024
@@ -111,12 +111,17 @@ class _HashingWriter:
         self._sink = sink
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.error: BaseException | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
         self.sha256.update(view)
         self.size += view.nbytes
-        self._sink.write(view)
+        try:
+            self._sink.write(view)
+        except BaseException as exc:
+            self.error = exc  # the storage failed, not the stream
+            raise
         return view.nbytes
 
     def flush(self) -> None:
@@ -176,7 +181,14 @@ def store_stream(
     with compressor.stream_reader(
         cast(IO[bytes], raw), read_size=CHUNK, closefd=False
     ) as compressed:
-        pyrage.encrypt_io(compressed, stored, keys)
+        try:
+            pyrage.encrypt_io(compressed, stored, keys)
+        except pyrage.EncryptError as exc:
+            # pyrage wraps errors of the source and the sink: surface the real one
+            cause = stored.error or raw.error
+            if cause is not None:
+                raise cause from None
+            raise StrongroomError(f"encrypting the stream failed: {exc}") from None
     return StreamStats(
         raw_size=raw.size,
         raw_sha256=raw.sha256.hexdigest(),

@@ -35,6 +35,7 @@ from strongroom.errors import (
 )
 from strongroom.repository import Repository
 from strongroom.sandbox.clickhouse import ClickHouseServer
+from strongroom.seal import make_seal
 from strongroom.verify import verify_backup
 from tests.fixtures.ports import free_port
 
@@ -524,9 +525,11 @@ def test_a_fingerprint_mismatch_fails_and_names_the_table(
     manifest = backup(ch, source, local_repo, age_key)
     key = manifest_key("clickhouse", "ch1", manifest.backup_id)
     doc = json.loads(repo.get_bytes(key))
+    doc.pop("seal")  # re-sealed below: the fingerprint check itself is under test here
     for table in doc["details"]["databases"][0]["tables"]:
         if table["name"] == "plain":
             table["fingerprint"]["hash"] = "12345"
+    doc["seal"] = make_seal(doc, age_key.recipients)
     path = repo.root / key  # type: ignore[attr-defined]
     path.write_text(json.dumps(doc))
     into = ch.new_db("fp")

@@ -20,7 +20,7 @@ from strongroom.engines import pg_wal_names as names
 from strongroom.engines.pg_basebackup import base_backups
 from strongroom.engines.pg_pitr_points import load_restore_point
 from strongroom.engines.pg_wal_check import ArchiveIndex, Interval, Reach, load_index, windows
-from strongroom.errors import InvalidInput, NotFound
+from strongroom.errors import InvalidInput, NotFound, invalid_input
 from strongroom.ids import check_backup_id, check_name
 from strongroom.repository.base import Repository
 
@@ -28,14 +28,6 @@ TargetKind = Literal["latest", "immediate", "time", "lsn", "xid", "name"]
 MAX_XID = 2**64 - 1  # recovery_target_xid is read as an unsigned 64-bit number
 MAX_TIMELINE = 2**32 - 1
 NAME_BYTES = 63  # MAXFNAMELEN - 1: recovery_target_name's limit
-
-
-def _validation_message(exc: ValidationError) -> str:
-    """Field names and reasons only (never the input: it may be long, binary or secret)."""
-    parts = [
-        f"{'.'.join(str(x) for x in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors()[:5]
-    ]
-    return "invalid PITR request: " + "; ".join(parts)
 
 
 class PitrRequest(BaseModel):
@@ -84,7 +76,7 @@ class PitrRequest(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise InvalidInput(_validation_message(exc)) from None
+            raise invalid_input(exc, "PITR request") from None
 
     @field_validator("*")
     @classmethod

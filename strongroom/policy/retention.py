@@ -37,9 +37,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from strongroom.errors import InvalidInput
+from strongroom.errors import InvalidInput, invalid_input
 
 # Rule names (the first word of every rule string).
 PINNED = "pinned"
@@ -79,20 +79,46 @@ _PRIORITY = [
 class RetentionPolicy(BaseModel):
     """What to keep. Every rule is optional; a backup is kept if any rule keeps it."""
 
-    keep_last: int = Field(default=0, ge=0, description="keep the N newest backups")
+    # Upper bounds keep every rule inside the calendar (100 years), so no rule can overflow
+    # a date; anything beyond them is a typo, refused as InvalidInput.
+    keep_last: int = Field(default=0, ge=0, le=1_000_000, description="keep the N newest backups")
     recovery_window_days: float = Field(
-        default=0, ge=0, description="keep what is needed to restore any point in the last W days"
+        default=0,
+        ge=0,
+        le=36500,
+        allow_inf_nan=False,
+        description="keep what is needed to restore any point in the last W days",
     )
-    daily: int = Field(default=0, ge=0, description="first backup of each of the last N days")
-    weekly: int = Field(default=0, ge=0, description="first backup of each of the last N weeks")
-    monthly: int = Field(default=0, ge=0, description="first backup of each of the last N months")
-    yearly: int = Field(default=0, ge=0, description="first backup of each of the last N years")
+    daily: int = Field(
+        default=0, ge=0, le=36500, description="first backup of each of the last N days"
+    )
+    weekly: int = Field(
+        default=0, ge=0, le=5200, description="first backup of each of the last N weeks"
+    )
+    monthly: int = Field(
+        default=0, ge=0, le=1200, description="first backup of each of the last N months"
+    )
+    yearly: int = Field(
+        default=0, ge=0, le=100, description="first backup of each of the last N years"
+    )
     min_redundancy: int = Field(
-        default=1, ge=1, description="never keep fewer than this many backups (newest first)"
+        default=1,
+        ge=1,
+        le=1_000_000,
+        description="never keep fewer than this many backups (newest first)",
     )
     compliance_floor_years: int = Field(
-        default=7, ge=0, description="keep each year's first backup at least this many years"
+        default=7,
+        ge=0,
+        le=100,
+        description="keep each year's first backup at least this many years",
     )
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise invalid_input(exc, "retention policy") from None
 
     def has_rules(self) -> bool:
         """True when some rule beyond the redundancy floor is configured."""

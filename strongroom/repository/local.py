@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from strongroom.config import RepositoryConfig
-from strongroom.errors import AccessDenied, Conflict, InvalidInput, NotFound
+from strongroom.errors import AccessDenied, Conflict, InvalidInput, NotFound, StorageFull
 from strongroom.repository.base import (
     ObjectInfo,
     ObjectWriter,
@@ -93,6 +93,13 @@ class LocalRepository(Repository):
             raise NotFound(f"object {key!r} not found in {self.describe()}") from exc
         except PermissionError as exc:
             raise AccessDenied(f"permission denied {action} {key!r} in {self.describe()}") from exc
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise StorageFull(
+                    f"no space left on device ({errno.errorcode[exc.errno]}) {action} "
+                    f"{key!r} in {self.describe()}"
+                ) from exc
+            raise
 
     def _new_temp(self, final: Path) -> tuple[int, Path]:
         self._ensure_dir(final.parent)
@@ -250,6 +257,17 @@ class LocalRepository(Repository):
         return removed
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_space(exc: BaseException, key: str) -> StorageFull | None:
+    """``StorageFull`` for a full disk or quota; None for any other error."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        code = errno.errorcode[exc.errno]
+        return StorageFull(f"no space left on device ({code}) writing {key!r}")
+    return None
+
+
 class LocalObjectWriter(ObjectWriter):
     """Writes into a temp file; ``commit`` fsyncs and renames it into place."""
 
@@ -266,9 +284,12 @@ class LocalObjectWriter(ObjectWriter):
             raise InvalidInput(f"writer for {self._key!r} is already {self._state}")
         try:
             n = self._file.write(data)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
-            raise
+            full = _no_space(exc, self._key)
+            if full is None:
+                raise
+            raise full from exc
         self._size += n
         return n
 
@@ -282,9 +303,12 @@ class LocalObjectWriter(ObjectWriter):
             _fsync_file(self._file.fileno())
             self._file.close()
             os.replace(self._tmp, self._final)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
-            raise
+            full = _no_space(exc, self._key)
+            if full is None:
+                raise
+            raise full from exc
         self._state = "committed"
         _fsync_dir(self._final.parent)
         return self._size

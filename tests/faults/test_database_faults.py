@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from strongroom.catalog import Catalog
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.postgres import backup_postgres
-from strongroom.errors import ServiceUnavailable, StrongroomError
+from strongroom.errors import ServiceUnavailable, StorageFull, StrongroomError
 from strongroom.repository.local import LocalRepository
 from strongroom.sandbox.ports import free_port
 from strongroom.sandbox.postgres import PostgresServer
@@ -266,13 +266,6 @@ def test_full_repository_disk_fails_clearly_and_keeps_earlier_backups(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG D: a full local repository surfaces as pyrage.EncryptError('OSError: [Errno "
-    "28] No space left on device'), not a StrongroomError: the CLI reports it as unexpected "
-    "(exit 1) and the flows cannot classify it. store_stream does not re-raise the sink's own "
-    "error, and LocalObjectWriter does not map ENOSPC.",
-)
 def test_full_repository_disk_error_is_a_strongroom_error(
     big_conn: PostgresConnection,
     tiny_disk: Path,
@@ -283,7 +276,8 @@ def test_full_repository_disk_error_is_a_strongroom_error(
     with pytest.raises(Exception) as caught:
         backup_postgres(big_conn, repo, config, age_key)
     assert _names_enospc(caught.value), repr(caught.value)
-    assert isinstance(caught.value, StrongroomError), repr(caught.value)
+    assert isinstance(caught.value, StorageFull), repr(caught.value)
+    assert caught.value.exit_code == 11
 
 
 @pytest.mark.slow
