@@ -744,6 +744,22 @@ def test_flows_and_cli(prefect_api: str, pg_tmp: Path, age_identity: x25519.Iden
             ],
         )
         assert result.exit_code == 2 and "outside the recoverable window" in result.stdout
+        check_cmd = ["wal-check", "flowpg", "-r", "pitrrepo", "--verify", "pitrkey", "--json"]
+        result = runner.invoke(app, check_cmd)
+        assert result.exit_code == 0, result.output
+        verified = json.loads(result.stdout)["verify"]
+        assert verified["ok"] and verified["checked"] >= 1
+        archived = (c.repo.root / "wal" / "flowpg").rglob("0*")
+        segment = next(p for p in sorted(archived) if p.is_file() and len(p.name) == 24)
+        segment.chmod(0o644)
+        damaged = bytearray(segment.read_bytes())
+        damaged[-10] ^= 0x01
+        segment.write_bytes(bytes(damaged))
+        result = runner.invoke(app, check_cmd)
+        assert result.exit_code == 4, result.output
+        report = json.loads(result.stdout)
+        assert [f["name"] for f in report["verify"]["failed"]] == [segment.name]
+        assert any(segment.name in p for p in report["problems"])
         result = runner.invoke(app, ["wal-push", "--config", str(written), "/nonexistent/x"])
         assert result.exit_code == 2  # not a WAL file name
     finally:
