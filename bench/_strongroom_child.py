@@ -74,7 +74,7 @@ def _instrument() -> None:
     """Wrap the engine's steps with timers (cheap: a few calls per backup, one per read)."""
     import strongroom.engines.postgres as engine
     from strongroom.catalog import Catalog
-    from strongroom.engines import pg_facts
+    from strongroom.engines import pg_inspect
 
     store = engine.store_artifact
 
@@ -83,8 +83,11 @@ def _instrument() -> None:
 
     engine.store_artifact = _timed("store_artifact_total", store_artifact)
     engine.publish_backup = _timed("publish_backup", engine.publish_backup)
+    engine.connect = _timed("connect", engine.connect)
     engine.tool_version = _timed("tool_version", engine.tool_version)
-    pg_facts.server_and_databases = _timed("server_facts_psql", pg_facts.server_and_databases)
+    pg_inspect.count_rows = _timed("count_rows_parallel_thread", pg_inspect.count_rows)
+    pg_inspect.server_facts = _timed("server_facts", pg_inspect.server_facts)
+    pg_inspect.list_databases = _timed("list_databases", pg_inspect.list_databases)
     Catalog.write = _timed("catalog_write", Catalog.write)  # type: ignore[method-assign]
 
 

@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
+from flows.alerts import alert_hook
 from flows.common import load_repository, publish, secure_logging
 from strongroom.audit import build_hook, record_event
 from strongroom.compliance.evaluate import (
@@ -68,10 +69,12 @@ def audit_hook(flow: Any, flow_run: Any, state: Any) -> None:
 
 
 # flow options for every operation flow: one audit event per finished run
+# The alert hook runs first, so its event goes out even when the audit write then hangs
+# on the same dead storage that failed the run.
 AUDITED: dict[str, Any] = {
     "on_completion": [audit_hook],
-    "on_failure": [audit_hook],
-    "on_crashed": [audit_hook],
+    "on_failure": [alert_hook, audit_hook],
+    "on_crashed": [alert_hook, audit_hook],
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -50,6 +51,8 @@ from strongroom.redact import register, scrub
 from strongroom.repository.base import Repository
 
 ProgressFactory = Callable[[str, int | None], Progress]
+log = logging.getLogger(__name__)
+
 SCRATCH_PREFIX = "__sr_restore_"
 ASIDE_PREFIX = "__sr_old_"
 
@@ -466,6 +469,20 @@ def restore_clickhouse(
             for p in a.get("replaces", [])
         ],
     }
+    stale = sorted(
+        f"{db}.{name}"
+        for db, name in state.tables
+        if name.startswith((SCRATCH_PREFIX, ASIDE_PREFIX))
+    )
+    plan["stale_scratch"] = stale
+    if stale:
+        # left by an interrupted (killed) restore: never dropped automatically, another
+        # restore may still be using them
+        plan["warnings"] = [
+            f"scratch tables of an interrupted earlier restore: {', '.join(stale[:10])}; "
+            "drop them once no restore of this target runs"
+        ]
+        log.warning("%s", plan["warnings"][0])
     blocked = [a["blocked"] for a in actions if a.get("blocked")]
     if req.dry_run:
         plan["dry_run"] = True

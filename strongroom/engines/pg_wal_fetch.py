@@ -269,6 +269,8 @@ class Fetcher:
         with ThreadPoolExecutor(max_workers=self.cfg.fetch_parallel) as pool:
             want = took = ("", 0)
             while True:
+                if not (self.spool.pg_wal.is_dir() and self.spool.root.is_dir()):
+                    return  # the cluster being restored is gone: nobody will ask again
                 # a file being rewritten reads as empty for an instant: keep the last value
                 want = _read_name(self.spool.want) or want
                 took = _read_name(self.spool.took) or took

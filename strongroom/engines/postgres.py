@@ -1,34 +1,31 @@
 """PostgreSQL logical backup: ``pg_dump -Fc`` per database plus globals, streamed.
 
-Each database is dumped by pg_dump in its own snapshot; the tables and their exact
-row counts are read from the archive as it streams past (``pg_dump_rows``), so the
-manifest's counts describe exactly the data in the dump and the database is not
-read a second time. Nothing is staged on disk.
+Each database is dumped from an exported snapshot; exact row counts are taken
+in the same snapshot while the dump runs, so the manifest's counts describe
+exactly the data in the dump. Nothing is staged on disk.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any
 
 from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines import pg_facts
-from strongroom.engines.pg_dump_rows import ArchiveRowCounter, DumpFormatError, LineCounter
-from strongroom.errors import NotFound
+from strongroom.engines import pg_inspect
+from strongroom.engines.pg_connect import connect
+from strongroom.errors import NotFound, StrongroomError
 from strongroom.ids import new_backup_id
 from strongroom.pipeline import Progress
 from strongroom.process import Tool, buffered, tool_path
 from strongroom.redact import register
 from strongroom.repository.base import Repository, StorageSettings
-
-log = logging.getLogger(__name__)
 
 ENGINE = "postgresql"
 PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin")
@@ -77,71 +74,71 @@ def _dump_database(
     level: int,
     settings: StorageSettings,
     progress: Progress | None,
-) -> tuple[list[Artifact], list[dict[str, Any]], str]:
-    """Dump one database; its tables and row counts are read from the archive itself.
+) -> tuple[list[Artifact], list[dict[str, Any]]]:
+    """Dump one database from an exported snapshot; count its rows in the same snapshot."""
+    with connect(conn, database["name"]) as snap:
+        snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        row = snap.execute("SELECT pg_export_snapshot()").fetchone()
+        assert row is not None
+        snapshot = row[0]
+        tables = pg_inspect.user_tables(snap)
+        env = conn.libpq_env()
+        env["PGDATABASE"] = database["name"]
+        counts: dict[tuple[str, str], int] = {}
+        errors: list[BaseException] = []
 
-    pg_dump takes its own snapshot, and the counts come from the COPY data that streams
-    past (``pg_dump_rows``), so they describe exactly what was stored.
-    """
-    env = conn.libpq_env()
-    env["PGDATABASE"] = database["name"]
-    archive = ArchiveRowCounter()
-    members: dict[str, LineCounter] | None = None
-    if conn.dump_format == "directory":
-        stored, members = _dump_directory(
-            conn,
-            repo,
-            enc,
-            env,
-            archive,
-            key=key,
-            name=name,
-            database=database,
-            level=level,
-            settings=settings,
-            progress=progress,
-        )
-    else:
-        dump = Tool([pg_tool("pg_dump"), "-Fc", "-Z0", "--no-password"], env)
-        stored = [
-            _store_from_tool(
-                dump,
-                repo,
-                key,
-                enc,
-                level=level,
-                settings=settings,
-                progress=progress,
-                name=name,
-                what=f"pg_dump of database {database['name']!r}",
-                content="pg_dump-custom",
-                meta={"database": database["name"]},
-                observe=archive.feed,
-            )
-        ]
-    try:
-        counts, how = archive.table_rows(members), "archive"
-    except DumpFormatError as exc:
+        def count() -> None:
+            try:
+                counts.update(pg_inspect.count_rows(snap, tables))
+            except BaseException as exc:
+                errors.append(exc)
+
+        counter = threading.Thread(target=count, daemon=True)
+        counter.start()
         try:
-            counts = _count_rows_live(conn, database["name"])
-            how = f"count(*) after the dump: {exc}"
-        except BaseException:
+            if conn.dump_format == "directory":
+                stored = _dump_directory(
+                    conn,
+                    repo,
+                    enc,
+                    env,
+                    snapshot,
+                    key=key,
+                    name=name,
+                    database=database,
+                    level=level,
+                    settings=settings,
+                    progress=progress,
+                )
+            else:
+                dump = Tool(
+                    [pg_tool("pg_dump"), "-Fc", "-Z0", f"--snapshot={snapshot}", "--no-password"],
+                    env,
+                )
+                stored = [
+                    _store_from_tool(
+                        dump,
+                        repo,
+                        key,
+                        enc,
+                        level=level,
+                        settings=settings,
+                        progress=progress,
+                        name=name,
+                        what=f"pg_dump of database {database['name']!r}",
+                        content="pg_dump-custom",
+                        meta={"database": database["name"]},
+                    )
+                ]
+        finally:
+            counter.join()
+            snap.execute("COMMIT")
+        if errors:
             for artifact in stored:
                 repo.delete(artifact.key)
-            raise
-        log.warning("row counts of %r from count(*) (%s)", database["name"], exc)
-    table_list = [{"schema": s, "name": t, "rows": n} for (s, t), n in sorted(counts.items())]
-    return stored, table_list, how
-
-
-def _count_rows_live(conn: PostgresConnection, database: str) -> dict[tuple[str, str], int]:
-    """Fallback for archives ``pg_dump_rows`` cannot read: count in one snapshot."""
-    from strongroom.engines import pg_inspect
-    from strongroom.engines.pg_connect import connect
-
-    with connect(conn, database) as c, c.transaction():
-        c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        return pg_inspect.count_rows(c, pg_inspect.user_tables(c))
+            raise StrongroomError(f"counting rows of {database['name']!r} failed: {errors[0]}")
+    table_list = [{"schema": s, "name": t, "rows": counts.get((s, t), 0)} for s, t in tables]
+    return stored, table_list
 
 
 def _dump_directory(
@@ -149,7 +146,7 @@ def _dump_directory(
     repo: Repository,
     enc: EncryptionConfig,
     env: dict[str, str],
-    archive: ArchiveRowCounter,
+    snapshot: str,
     *,
     key: str,
     name: str,
@@ -157,12 +154,11 @@ def _dump_directory(
     level: int,
     settings: StorageSettings,
     progress: Progress | None,
-) -> tuple[list[Artifact], dict[str, LineCounter]]:
+) -> list[Artifact]:
     """pg_dump -Fd -j N into a spool folder, then stream each file; the spool is removed."""
     spool_root = Path(conn.spool_dir) if conn.spool_dir else None
     if spool_root is not None:
         spool_root.mkdir(parents=True, exist_ok=True)
-    members: dict[str, LineCounter] = {}
     with tempfile.TemporaryDirectory(prefix="strongroom-spool-", dir=spool_root) as spool:
         target = Path(spool) / "dump"
         dump = Tool(
@@ -171,6 +167,7 @@ def _dump_directory(
                 "-Fd",
                 "-Z0",
                 f"-j{conn.jobs}",
+                f"--snapshot={snapshot}",
                 "--no-password",
                 "-f",
                 str(target),
@@ -182,17 +179,12 @@ def _dump_directory(
         stored: list[Artifact] = []
         try:
             for member in sorted(target.iterdir()):
-                observe = (
-                    archive.feed
-                    if member.name == "toc.dat"
-                    else members.setdefault(member.name, LineCounter()).feed
-                )
                 with member.open("rb") as source:
                     stored.append(
                         store_artifact(
                             repo,
                             f"{key}/{member.name}",
-                            cast(IO[bytes], _Observed(source, observe)),
+                            source,
                             name=f"{name}/{member.name}",
                             content="pg_dump-directory-member",
                             encryption=enc,
@@ -207,24 +199,7 @@ def _dump_directory(
             for artifact in stored:
                 repo.delete(artifact.key)
             raise
-    return stored, members
-
-
-class _Observed:
-    """A readable stream that shows every chunk it hands out to ``observe`` too."""
-
-    def __init__(self, source: IO[bytes], observe: Callable[[bytes], None]) -> None:
-        self._source = source
-        self._observe = observe
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._source.read(n)
-        if data:
-            self._observe(data)
-        return data
-
-    def readable(self) -> bool:
-        return True
+    return stored
 
 
 def _store_from_tool(
@@ -240,16 +215,14 @@ def _store_from_tool(
     what: str,
     content: str,
     meta: dict[str, object] | None = None,
-    observe: Callable[[bytes], None] | None = None,
 ) -> Artifact:
     """Store a tool's stdout; the object is removed again unless the tool exits 0."""
     assert tool.proc.stdout is not None
-    source = buffered(tool.proc.stdout)
     try:
         artifact = store_artifact(
             repo,
             key,
-            cast(IO[bytes], _Observed(source, observe)) if observe else source,
+            buffered(tool.proc.stdout),
             name=name,
             content=content,
             encryption=enc,
@@ -286,8 +259,9 @@ def backup_postgres(
     bid = backup_id or new_backup_id(started)
     settings = storage_settings(repo_config, started)
     claim_backup_id(repo, ENGINE, conn.name, bid)
-    server, available = pg_facts.server_and_databases(conn, pg_tool("psql"))
-    databases = _select_databases(available, conn.databases)
+    with connect(conn) as c:
+        server = pg_inspect.server_facts(c)
+        databases = _select_databases(pg_inspect.list_databases(c), conn.databases)
 
     artifacts: list[Artifact] = []
     db_details: list[dict[str, Any]] = []
@@ -314,7 +288,7 @@ def backup_postgres(
             )
         for index, database in enumerate(databases):
             name = artifact_name(index, database["name"], conn.dump_format)
-            stored, tables, row_counts = _dump_database(
+            stored, tables = _dump_database(
                 conn,
                 repo,
                 enc,
@@ -333,7 +307,6 @@ def backup_postgres(
                     "format": conn.dump_format,
                     "members": [a.name for a in stored],
                     "tables": tables,
-                    "row_counts": row_counts,
                 }
             )
         manifest = Manifest(

@@ -510,11 +510,13 @@ def _restore_live(
         for db in dbs:
             moved += copy(source, conn, db, pattern, req.batch_size)
         seconds = time.monotonic() - t0
+        stale = scratch.stale_removed
     checks = _verify_target(conn, dbs, pattern, expected, loaded, samples)
     return {
         **plan,
         **load,
         "flushed": flushed,
+        "stale_scratch_removed": stale,
         "copy": {
             "method": plan["copy_method"],
             "keys": moved,

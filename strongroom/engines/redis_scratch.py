@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +30,45 @@ from strongroom.sandbox._process import listens_on, log_tail, spawn, stop_proces
 from strongroom.sandbox.ports import free_port
 
 RDB_NAME = "dump.rdb"
+SCRATCH_PREFIX = "strongroom-scratch-redis-"
+OWNER_FILE = "owner"
+
+
+def _owner_tag() -> str:
+    return f"{os.getpid()} {socket.gethostname()}"
+
+
+def _owner_gone(folder: Path) -> bool:
+    """True when the folder's owner was a process on this host that no longer runs."""
+    try:
+        pid_text, host = (folder / OWNER_FILE).read_text().split(maxsplit=1)
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return False  # no owner record (or unreadable): not ours to judge
+    if host.strip() != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_scratch(parent: str | None = None) -> list[str]:
+    """Remove scratch folders left by killed restores (they hold a decrypted backup).
+
+    A folder is removed only when its owner record names a process on this host that
+    has exited; the scratch server itself died with its parent (parent-death signal).
+    """
+    root = Path(parent or tempfile.gettempdir())
+    removed: list[str] = []
+    for folder in root.glob(f"{SCRATCH_PREFIX}*"):
+        if folder.is_dir() and _owner_gone(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
+    return removed
 
 
 def redis_server_binary() -> str:
@@ -55,8 +95,10 @@ class ScratchRedis:
     """One throwaway redis-server; use as a context manager."""
 
     def __init__(self, *, databases: int = 16, parent: str | None = None) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="strongroom-scratch-redis-", dir=parent))
+        self.stale_removed = remove_stale_scratch(parent)
+        self.base = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent))
         self.base.chmod(0o700)
+        (self.base / OWNER_FILE).write_text(_owner_tag())
         self.dir = self.base / "data"
         self.dir.mkdir(mode=0o700)
         self.rdb_path = self.dir / RDB_NAME

@@ -273,8 +273,10 @@ def test_kill_clickhouse_restore(
     report = restore_clickhouse(conn, repo, age_key, req)
     assert report["fingerprints_ok"] and report["leftovers"] == [], report
     assert _ch_print(clickhouse_server, ch_db) == backed_up
-    # the re-run neither removes nor reports the killed run's scratch table: it stays
-    # until an operator drops it
+    # the re-run reports the killed run's scratch table (never drops it: another restore
+    # may be using it); it stays until an operator drops it
+    assert report["stale_scratch"] == [f"{ch_db}.{scratch}"]
+    assert scratch in report["warnings"][0]
     assert _ch_tables(clickhouse_server, ch_db) - {"big"} == left
 
 
@@ -396,5 +398,7 @@ def test_kill_redis_live_restore(
     report = restore_redis(conn, repo, age_key, rerun)
     assert report["keys_ok"] and report["matches_manifest"], report["key_checks"]
     assert int(client.dbsize()) == REDIS_KEYS and _redis_print(own_redis) == expected
-    # the successful re-run cleans up only its own scratch folder
-    assert [p.name for p in scratch_parent.iterdir()] == [left[0].name]
+    # the next restore removes the killed run's folder (its owner process is gone) and
+    # says so; its own folder goes too
+    assert report["stale_scratch_removed"] == [str(left[0])]
+    assert list(scratch_parent.iterdir()) == []

@@ -13,6 +13,7 @@ upload at an exact point, so every kill lands where it is meant to on any machin
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -593,3 +594,24 @@ def test_pitr_over_a_replaced_segment_fails_naming_it(rig: Rig) -> None:
             where / "data", req.port or 0, where, where / "data.pitr.log", "postgres"
         ).stop("immediate")
         rig.put_raw(victim, original)
+    # the background fetcher (which kept failing on the replaced segment) must not outlive
+    # the cluster it served: once the data directory is gone it exits
+    shutil.rmtree(where / "data")
+    deadline = time.monotonic() + 30
+    while _fetchers_for(where) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _fetchers_for(where) == [], "a fetch-worker outlived its data directory"
+
+
+def _fetchers_for(where: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"fetch-worker" in argv and any(str(where).encode() in a for a in argv):
+            found.append(int(proc.name))
+    return found
