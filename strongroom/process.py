@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
+import os
+import queue
 import shutil
 import subprocess
 import threading
@@ -48,6 +50,85 @@ def _widen_pipe(fd: int) -> None:
 def buffered(stream: IO[bytes]) -> IO[bytes]:
     """Read a pipe in whole 1 MiB chunks instead of whatever the pipe holds at the moment."""
     return io.BufferedReader(stream, buffer_size=PIPE_SIZE)  # type: ignore[type-var]
+
+
+READ_AHEAD_CHUNKS = 8
+
+
+class ReadAhead(io.RawIOBase):
+    """Reads a tool's pipe in a thread, up to ``depth`` 1 MiB chunks ahead of the consumer.
+
+    The tool then never waits while a chunk is hashed, compressed and encrypted: with
+    only the pipe's 1 MiB between them, every burst of work on our side stalled the
+    tool. Memory stays bounded (``depth`` chunks); ``os.read`` releases the GIL.
+    """
+
+    def __init__(self, stream: IO[bytes], depth: int = READ_AHEAD_CHUNKS) -> None:
+        super().__init__()
+        self._fd = stream.fileno()
+        self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._item = b""
+        self._pos = 0
+        self._eof = False
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = bytearray(PIPE_SIZE)
+                view, filled = memoryview(chunk), 0
+                while filled < PIPE_SIZE:
+                    n = os.readv(self._fd, [view[filled:]])
+                    if n == 0:
+                        break
+                    filled += n
+                if filled:
+                    self._put(bytes(view[:filled]) if filled < PIPE_SIZE else bytes(chunk))
+                if filled < PIPE_SIZE:
+                    self._put(b"")
+                    return
+        except BaseException as exc:
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(queue.Full):
+                self._chunks.put(item, timeout=0.2)
+                return
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self._pos >= len(self._item):
+            if self._eof:
+                return b""
+            item = self._chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
+                self._eof = True
+                return b""
+            self._item, self._pos = item, 0
+        left = len(self._item) - self._pos
+        size = left if n is None or n < 0 else min(n, left)
+        if self._pos == 0 and size == len(self._item):
+            data = self._item  # the usual case: a whole chunk, no copy
+        else:
+            data = self._item[self._pos : self._pos + size]
+        self._pos += size
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        super().close()
 
 
 class Tool:

@@ -13,7 +13,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
 from strongroom.catalog import Artifact, Manifest, data_key
@@ -23,7 +23,7 @@ from strongroom.engines.pg_connect import connect
 from strongroom.errors import NotFound, StrongroomError
 from strongroom.ids import new_backup_id
 from strongroom.pipeline import Progress
-from strongroom.process import Tool, buffered, tool_path
+from strongroom.process import ReadAhead, Tool, tool_path
 from strongroom.redact import register
 from strongroom.repository.base import Repository, StorageSettings
 
@@ -218,11 +218,12 @@ def _store_from_tool(
 ) -> Artifact:
     """Store a tool's stdout; the object is removed again unless the tool exits 0."""
     assert tool.proc.stdout is not None
+    source = ReadAhead(tool.proc.stdout)
     try:
         artifact = store_artifact(
             repo,
             key,
-            buffered(tool.proc.stdout),
+            cast(IO[bytes], source),
             name=name,
             content=content,
             encryption=enc,
@@ -234,6 +235,8 @@ def _store_from_tool(
     except BaseException:
         tool.kill()
         raise
+    finally:
+        source.close()  # stops the read-ahead thread, also when the store failed
     try:
         tool.check(what)
     except BaseException:
