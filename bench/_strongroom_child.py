@@ -74,7 +74,7 @@ def _instrument() -> None:
     """Wrap the engine's steps with timers (cheap: a few calls per backup, one per read)."""
     import strongroom.engines.postgres as engine
     from strongroom.catalog import Catalog
-    from strongroom.engines import pg_inspect
+    from strongroom.engines import pg_psql
 
     store = engine.store_artifact
 
@@ -83,11 +83,10 @@ def _instrument() -> None:
 
     engine.store_artifact = _timed("store_artifact_total", store_artifact)
     engine.publish_backup = _timed("publish_backup", engine.publish_backup)
-    engine.connect = _timed("connect", engine.connect)
     engine.tool_version = _timed("tool_version", engine.tool_version)
-    pg_inspect.count_rows = _timed("count_rows_parallel_thread", pg_inspect.count_rows)
-    pg_inspect.server_facts = _timed("server_facts", pg_inspect.server_facts)
-    pg_inspect.list_databases = _timed("list_databases", pg_inspect.list_databases)
+    pg_psql.open_session = _timed("psql_session_connect", pg_psql.open_session)
+    pg_psql.server_and_databases = _timed("server_facts", pg_psql.server_and_databases)
+    pg_psql.count_rows_result = _timed("count_rows_parse", pg_psql.count_rows_result)
     Catalog.write = _timed("catalog_write", Catalog.write)  # type: ignore[method-assign]
 
 

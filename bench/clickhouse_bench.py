@@ -1,6 +1,6 @@
 """Benchmark strongroom's ClickHouse backup against the raw pipeline, in the same run.
 
-    python -m bench.clickhouse_bench            # 20M rows (~1.6 GB Native), 3 rounds
+    python -m bench.clickhouse_bench            # 20M rows (~1.6 GB Native), 5 rounds
     python -m bench.clickhouse_bench --quick    # 1M rows, 2 rounds: smoke test
 
 A throwaway ClickHouse server (``strongroom.sandbox.clickhouse``) gets one MergeTree
@@ -254,14 +254,14 @@ def _fill(server: Any, table: str, rows: int) -> None:
         time.sleep(1)
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, rounds_wanted: int | None = None) -> dict[str, Any]:
     """Start a sandbox server, fill it, time both pipelines; returns (and writes) the figures."""
     from pyrage import x25519
 
     from strongroom.sandbox.clickhouse import ClickHouseServer
 
     rows = QUICK_ROWS if quick else FULL_ROWS
-    rounds = 2 if quick else 3
+    rounds = rounds_wanted or (2 if quick else 5)
     work = Path(tempfile.mkdtemp(prefix="strongroom-bench-ch-"))
     server = ClickHouseServer(work / "server")
     (work / "server").mkdir()
@@ -360,11 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="1M rows, 2 rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child()
-    result = run(args.quick)
+    result = run(args.quick, args.rounds)
     summary = {k: v for k, v in result.items() if k != "samples"}
     print(json.dumps(summary, indent=2))
     return 0 if result["all_ok"] else 1

@@ -21,6 +21,7 @@ from typing import Any
 
 import typer
 
+MAX_XID = 2**64 - 1
 CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
@@ -119,6 +120,10 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
                 raise InvalidInput(f"give one recovery target, not {', '.join(chosen)}")
             if action not in ("promote", "pause", "shutdown"):
                 raise InvalidInput("--action must be promote, pause or shutdown")
+            if xid is not None and not 0 <= xid <= MAX_XID:
+                # refused before a flow run exists: Prefect's API cannot even list a run
+                # whose parameters hold an integer beyond 64 bits
+                raise InvalidInput(f"--xid must be a transaction id from 0 to {MAX_XID}")
             moment = None
             if time is not None:
                 try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, cast
@@ -18,9 +17,8 @@ from typing import IO, Any, cast
 from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines import pg_inspect
-from strongroom.engines.pg_connect import connect
-from strongroom.errors import NotFound, StrongroomError
+from strongroom.engines import pg_psql
+from strongroom.errors import NotFound
 from strongroom.ids import new_backup_id
 from strongroom.pipeline import Progress
 from strongroom.process import ReadAhead, Tool, tool_path
@@ -75,69 +73,62 @@ def _dump_database(
     settings: StorageSettings,
     progress: Progress | None,
 ) -> tuple[list[Artifact], list[dict[str, Any]]]:
-    """Dump one database from an exported snapshot; count its rows in the same snapshot."""
-    with connect(conn, database["name"]) as snap:
-        snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        row = snap.execute("SELECT pg_export_snapshot()").fetchone()
-        assert row is not None
-        snapshot = row[0]
-        tables = pg_inspect.user_tables(snap)
+    """Dump one database from an exported snapshot; count its rows in the same snapshot.
+
+    The snapshot is held by a ``psql`` session (``pg_psql``), which also runs the exact
+    counts while pg_dump streams; its answer is collected after the dump."""
+    psql = pg_tool("psql")
+    with pg_psql.open_session(psql, conn, database["name"]) as snap:
+        snapshot = snap.query(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT to_json(pg_export_snapshot())",
+            "exporting a snapshot",
+        )
         env = conn.libpq_env()
         env["PGDATABASE"] = database["name"]
-        counts: dict[tuple[str, str], int] = {}
-        errors: list[BaseException] = []
-
-        def count() -> None:
-            try:
-                counts.update(pg_inspect.count_rows(snap, tables))
-            except BaseException as exc:
-                errors.append(exc)
-
-        counter = threading.Thread(target=count, daemon=True)
-        counter.start()
-        try:
-            if conn.dump_format == "directory":
-                stored = _dump_directory(
-                    conn,
+        snap.send(pg_psql.COUNT_ROWS)  # runs in the snapshot while the dump streams
+        if conn.dump_format == "directory":
+            stored = _dump_directory(
+                conn,
+                repo,
+                enc,
+                env,
+                snapshot,
+                key=key,
+                name=name,
+                database=database,
+                level=level,
+                settings=settings,
+                progress=progress,
+            )
+        else:
+            dump = Tool(
+                [pg_tool("pg_dump"), "-Fc", "-Z0", f"--snapshot={snapshot}", "--no-password"],
+                env,
+            )
+            stored = [
+                _store_from_tool(
+                    dump,
                     repo,
+                    key,
                     enc,
-                    env,
-                    snapshot,
-                    key=key,
-                    name=name,
-                    database=database,
                     level=level,
                     settings=settings,
                     progress=progress,
+                    name=name,
+                    what=f"pg_dump of database {database['name']!r}",
+                    content="pg_dump-custom",
+                    meta={"database": database["name"]},
                 )
-            else:
-                dump = Tool(
-                    [pg_tool("pg_dump"), "-Fc", "-Z0", f"--snapshot={snapshot}", "--no-password"],
-                    env,
-                )
-                stored = [
-                    _store_from_tool(
-                        dump,
-                        repo,
-                        key,
-                        enc,
-                        level=level,
-                        settings=settings,
-                        progress=progress,
-                        name=name,
-                        what=f"pg_dump of database {database['name']!r}",
-                        content="pg_dump-custom",
-                        meta={"database": database["name"]},
-                    )
-                ]
-        finally:
-            counter.join()
-            snap.execute("COMMIT")
-        if errors:
+            ]
+        try:
+            counts = pg_psql.count_rows_result(
+                snap.receive(f"counting rows of {database['name']!r}")
+            )
+        except BaseException:
             for artifact in stored:
                 repo.delete(artifact.key)
-            raise StrongroomError(f"counting rows of {database['name']!r} failed: {errors[0]}")
-    table_list = [{"schema": s, "name": t, "rows": counts.get((s, t), 0)} for s, t in tables]
+            raise
+    table_list = [{"schema": s, "name": t, "rows": n} for (s, t), n in counts.items()]
     return stored, table_list
 
 
@@ -262,9 +253,8 @@ def backup_postgres(
     bid = backup_id or new_backup_id(started)
     settings = storage_settings(repo_config, started)
     claim_backup_id(repo, ENGINE, conn.name, bid)
-    with connect(conn) as c:
-        server = pg_inspect.server_facts(c)
-        databases = _select_databases(pg_inspect.list_databases(c), conn.databases)
+    server, available = pg_psql.server_and_databases(pg_tool("psql"), conn)
+    databases = _select_databases(available, conn.databases)
 
     artifacts: list[Artifact] = []
     db_details: list[dict[str, Any]] = []

@@ -609,7 +609,9 @@ def test_cli_pitr_refuses_malformed_targets_with_exit_2(
     [
         {"recovery_target": "lsn", "target_lsn": "FFFFFFFF/FFFFFFFF1"},
         {"recovery_target": "lsn", "target_lsn": "0/0"},
-        {"recovery_target": "xid", "target_xid": 2**70},
+        # (not beyond 64 bits: the shared test API could not list such a run any more;
+        # PitrRequest's own tests cover 2**64 and up, the CLI refuses them before a run)
+        {"recovery_target": "xid", "target_xid": -1},
         {"recovery_target": "name", "target_name": "x\x00"},
         {"recovery_target": "time", "target_time": dt.datetime(2026, 1, 1)},  # no zone
         {"recovery_target": "time", "target_time": dt.datetime(1, 1, 1, tzinfo=dt.UTC)},
