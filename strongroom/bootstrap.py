@@ -556,7 +556,20 @@ def _comparable(automation: Any) -> dict[str, Any]:
             include=set(AutomationCore.model_fields), exclude={"trigger": {"id"}}
         )
     )
-    return data
+    return _sorted_sets(data)
+
+
+def _sorted_sets(value: Any) -> Any:
+    """Triggers hold ``expect``/``after`` as sets: their JSON order depends on insertion
+    and hashing, so compare them sorted (else an unchanged automation reads as updated)."""
+    if isinstance(value, dict):
+        return {
+            k: sorted(v) if k in ("expect", "after") and isinstance(v, list) else _sorted_sets(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_sorted_sets(v) for v in value]
+    return value
 
 
 def apply_automations(config: BootstrapConfig) -> dict[str, Any]:
