@@ -7,15 +7,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-USER_RELATIONS = """
-SELECT n.nspname, c.relname
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p')
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'
-  AND NOT c.relispartition
-ORDER BY 1, 2
-"""
+from strongroom.engines.pg_psql import USER_TABLES
+
+# The same tables the backup counts (pg_psql.USER_TABLES), with % escaped for psycopg.
+USER_RELATIONS = "SELECT n.nspname, c.relname" + USER_TABLES.replace("%", "%%") + "ORDER BY 1, 2"
 
 ANY_USER_OBJECT = """
 SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
