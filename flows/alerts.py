@@ -27,6 +27,26 @@ EVENT_PREFIX = "strongroom."
 MESSAGE_LIMIT = 500
 
 
+def related_resources(repository: str, engine: str | None, *tags: str) -> list[dict[str, str]]:
+    """The related resources every strongroom event carries: the strongroom tag, extra
+    tags, the repository, and the engine's tag."""
+    related = [
+        {"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+        for tag in ("strongroom", *tags)
+    ]
+    related.append(
+        {
+            "prefect.resource.id": f"strongroom.repository.{repository}",
+            "prefect.resource.role": "repository",
+        }
+    )
+    if engine:
+        related.append(
+            {"prefect.resource.id": f"prefect.tag.{engine}", "prefect.resource.role": "tag"}
+        )
+    return related
+
+
 def _error_of(state: Any) -> BaseException | None:
     try:
         value = state.result(raise_on_failure=False)
@@ -60,17 +80,7 @@ def failure_event(flow_name: str, flow_run: Any, state: Any) -> dict[str, Any]:
             "prefect.resource.id": f"strongroom.flow.{flow_name}",
             "prefect.resource.name": flow_name,
         }
-    related = [
-        {"prefect.resource.id": "prefect.tag.strongroom", "prefect.resource.role": "tag"},
-        {
-            "prefect.resource.id": f"strongroom.repository.{repository}",
-            "prefect.resource.role": "repository",
-        },
-    ]
-    if engine:
-        related.append(
-            {"prefect.resource.id": f"prefect.tag.{engine}", "prefect.resource.role": "tag"}
-        )
+    related = related_resources(repository, engine)
     run_id = getattr(flow_run, "id", None)
     if run_id is not None:
         related.append(

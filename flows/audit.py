@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from flows.alerts import alert_hook
+from flows.alerts import alert_hook, related_resources
 from flows.common import load_repository, publish, secure_logging
 from strongroom.audit import build_hook, record_event
 from strongroom.compliance.evaluate import (
@@ -213,18 +213,7 @@ def _related(
     v: Violation | None, repository: str, engine: str | None = None
 ) -> list[dict[str, str]]:
     engine = engine or (v.engine if v else None)
-    related = [
-        {"prefect.resource.id": "prefect.tag.strongroom", "prefect.resource.role": "tag"},
-        {"prefect.resource.id": "prefect.tag.compliance", "prefect.resource.role": "tag"},
-        {
-            "prefect.resource.id": f"strongroom.repository.{repository}",
-            "prefect.resource.role": "repository",
-        },
-    ]
-    if engine:
-        related.append(
-            {"prefect.resource.id": f"prefect.tag.{engine}", "prefect.resource.role": "tag"}
-        )
+    related = related_resources(repository, engine, "compliance")
     if v is not None:
         related.append(
             {

@@ -19,7 +19,7 @@ from typing import Any
 
 from strongroom.catalog import Manifest
 from strongroom.engines import pg_wal_names as names
-from strongroom.engines.pg_wal_store import read_stored_header, wal_key, wal_prefix
+from strongroom.engines.pg_wal_store import archived_files, read_stored_header, wal_key
 from strongroom.errors import IntegrityError, NotFound
 from strongroom.repository.base import ObjectInfo, Repository
 
@@ -56,12 +56,7 @@ def load_index(
     repo: Repository, target: str, segment_size: int = names.DEFAULT_SEGMENT_SIZE
 ) -> ArchiveIndex:
     index = ArchiveIndex(target, segment_size)
-    for info in repo.list(wal_prefix(target)):
-        name = info.key.rsplit("/", 1)[-1]
-        try:
-            kind = names.kind(name)
-        except names.WalNameError:
-            continue
+    for info, name, kind in archived_files(repo, target):
         tli = names.timeline_of(name)
         if kind == "segment":
             index.segments.setdefault(tli, {})[names.segno_of(name, segment_size)] = info

@@ -40,7 +40,9 @@ from strongroom.engines import pg_wal_names as names
 from strongroom.errors import Conflict, IntegrityError, InvalidInput, NotFound
 
 if TYPE_CHECKING:
-    from strongroom.repository.base import Repository
+    from collections.abc import Iterator
+
+    from strongroom.repository.base import ObjectInfo, Repository
 
 MAGIC = b"SRWAL1"
 MAX_HEADER = 512
@@ -48,6 +50,18 @@ MAX_HEADER = 512
 
 def wal_prefix(target: str) -> str:
     return f"wal/{target}/"
+
+
+def archived_files(repo: Repository, target: str) -> Iterator[tuple[ObjectInfo, str, str]]:
+    """``(object, file name, kind)`` of every WAL file archived for ``target``; objects
+    whose names are not WAL file names are skipped."""
+    for info in repo.list(wal_prefix(target)):
+        name = info.key.rsplit("/", 1)[-1]
+        try:
+            kind = names.kind(name)
+        except names.WalNameError:
+            continue
+        yield info, name, kind
 
 
 def wal_key(target: str, name: str) -> str:

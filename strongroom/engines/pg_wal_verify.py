@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from strongroom.engines import pg_wal_names as names
-from strongroom.engines.pg_wal_store import decode, decode_into, wal_key, wal_prefix
+from strongroom.engines.pg_wal_store import archived_files, decode, decode_into, wal_key
 from strongroom.errors import StrongroomError
 
 if TYPE_CHECKING:
@@ -43,12 +42,7 @@ def verify_archive(
     register(*identities)
     checked = 0
     failed: list[dict[str, str]] = []
-    for info in repo.list(wal_prefix(target)):
-        name = info.key.rsplit("/", 1)[-1]
-        try:
-            kind = names.kind(name)
-        except names.WalNameError:
-            continue
+    for info, name, kind in archived_files(repo, target):
         checked += 1
         try:
             if info.key != wal_key(target, name):
