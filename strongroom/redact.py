@@ -23,6 +23,12 @@ def register(*values: str | None) -> None:
                 _secrets.add(value)
 
 
+def registered() -> frozenset[str]:
+    """Every secret registered so far (for leak scans in tests)."""
+    with _lock:
+        return frozenset(_secrets)
+
+
 def scrub(text: str) -> str:
     with _lock:
         known = sorted(_secrets, key=len, reverse=True)

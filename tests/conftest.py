@@ -1,5 +1,9 @@
 """Test-wide setup. Real services come from tests/fixtures (see tests/fixtures/*.py)."""
 
+from typing import Any
+
+import pytest
+
 from tests.fixtures.prefect import isolate_prefect_env
 
 # Before anything imports prefect: no analytics, throwaway PREFECT_HOME, no inherited API URL.
@@ -25,3 +29,34 @@ __all__ = [
     "s3_repo",
     "s3_server",
 ]
+
+
+# ---- suite-wide secrets scan --------------------------------------------------------------
+# Every secret the code under test learned in this process (passwords, S3 secret keys, age
+# identities, tokens: strongroom.redact's registry) must never show up in any test's
+# captured stdout, stderr or log records. A hit fails that test, naming where it leaked
+# (never the secret). Values shorter than 8 characters are left out: moto's "testing"
+# credentials would match ordinary words.
+SCAN_MIN_LENGTH = 8
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    from strongroom.redact import registered
+
+    secrets = [s for s in registered() if len(s) >= SCAN_MIN_LENGTH]
+    if not secrets:
+        return
+    leaked = [
+        name
+        for name, text in report.sections
+        if name.endswith(f" {report.when}") and any(secret in text for secret in secrets)
+    ]
+    if leaked and not report.failed:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"a registered secret appeared in this test's captured output ({', '.join(leaked)}; "
+            "the value is not shown)"
+        )
