@@ -70,6 +70,7 @@ class PsqlSession:
 
     def __init__(self, psql: str, conn: PostgresConnection, database: str) -> None:
         register(*conn.secrets())
+        self.database = database
         self.where = f"{conn.host}:{conn.port}/{database}"
         env = {**conn.libpq_env(), "PGDATABASE": database}
         self._marker = f"__strongroom_{uuid.uuid4().hex}__"
@@ -175,11 +176,10 @@ def open_session(psql: str, conn: PostgresConnection, database: str) -> PsqlSess
 
 
 def server_and_databases(
-    psql: str, conn: PostgresConnection
+    session: PsqlSession,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``({"version", "version_num", "in_recovery"}, [database facts by name])``."""
-    with open_session(psql, conn, conn.maintenance_db) as session:
-        facts = session.query(FACTS, "reading server facts")
+    facts = session.query(FACTS, "reading server facts")
     databases = facts.pop("databases")
     return facts, databases
 

@@ -72,13 +72,15 @@ def _dump_database(
     level: int,
     settings: StorageSettings,
     progress: Progress | None,
+    session: pg_psql.PsqlSession | None = None,
 ) -> tuple[list[Artifact], list[dict[str, Any]]]:
     """Dump one database from an exported snapshot; count its rows in the same snapshot.
 
-    The snapshot is held by a ``psql`` session (``pg_psql``), which also runs the exact
-    counts while pg_dump streams; its answer is collected after the dump."""
-    psql = pg_tool("psql")
-    with pg_psql.open_session(psql, conn, database["name"]) as snap:
+    The snapshot is held by a ``psql`` session (``pg_psql``; ``session`` if one is already
+    connected to this database), which also runs the exact counts while pg_dump streams;
+    its answer is collected after the dump."""
+    opened = session or pg_psql.open_session(pg_tool("psql"), conn, database["name"])
+    with opened as snap:
         snapshot = snap.query(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT to_json(pg_export_snapshot())",
             "exporting a snapshot",
@@ -253,8 +255,24 @@ def backup_postgres(
     bid = backup_id or new_backup_id(started)
     settings = storage_settings(repo_config, started)
     claim_backup_id(repo, ENGINE, conn.name, bid)
-    server, available = pg_psql.server_and_databases(pg_tool("psql"), conn)
-    databases = _select_databases(available, conn.databases)
+    version = subprocess.Popen(  # read when the manifest is written
+        [pg_tool("pg_dump"), "--version"], stdout=subprocess.PIPE, text=True
+    )
+    # One session serves the facts and then the first database's snapshot (a psql start
+    # and a connection fewer); the maintenance database when the databases are not named.
+    try:
+        first = _facts_session(conn)
+        try:
+            server, available = pg_psql.server_and_databases(first)
+            databases = _select_databases(available, conn.databases)
+        except BaseException:
+            first.close()
+            raise
+    except BaseException:
+        version.kill()
+        version.communicate()
+        raise
+    facts: pg_psql.PsqlSession | None = first
 
     artifacts: list[Artifact] = []
     db_details: list[dict[str, Any]] = []
@@ -281,6 +299,9 @@ def backup_postgres(
             )
         for index, database in enumerate(databases):
             name = artifact_name(index, database["name"], conn.dump_format)
+            reuse = None
+            if facts is not None and database["name"] == facts.database:
+                reuse, facts = facts, None  # _dump_database closes it
             stored, tables = _dump_database(
                 conn,
                 repo,
@@ -291,6 +312,7 @@ def backup_postgres(
                 level=repo_config.compression_level,
                 settings=settings,
                 progress=progress(name, database["size_bytes"]) if progress else None,
+                session=reuse,
             )
             artifacts.extend(stored)
             db_details.append(
@@ -310,7 +332,7 @@ def backup_postgres(
             started_at=started,
             finished_at=dt.datetime.now(dt.UTC),
             repository=repo.describe(),
-            tool_versions={"pg_dump": tool_version("pg_dump")},
+            tool_versions={"pg_dump": version.communicate(timeout=30)[0].strip()},
             server={"host": conn.host, "port": conn.port, **server},
             artifacts=artifacts,
             details={"format": "custom", "databases": db_details},
@@ -321,4 +343,23 @@ def backup_postgres(
         for artifact in artifacts:
             repo.delete(artifact.key)
         raise
+    finally:
+        if facts is not None:
+            facts.close()
+        if version.poll() is None:
+            version.kill()
+        version.communicate()
     return manifest
+
+
+def _facts_session(conn: PostgresConnection) -> pg_psql.PsqlSession:
+    """A session on the first named database (its snapshot comes next), else on the
+    maintenance database; a named database that does not exist falls back to the
+    maintenance database, so the error can list the databases the server has."""
+    psql = pg_tool("psql")
+    if conn.databases:
+        try:
+            return pg_psql.open_session(psql, conn, conn.databases[0])
+        except NotFound:
+            pass
+    return pg_psql.open_session(psql, conn, conn.maintenance_db)
