@@ -83,7 +83,6 @@ def _instrument() -> None:
 
     engine.store_artifact = _timed("store_artifact_total", store_artifact)
     engine.publish_backup = _timed("publish_backup", engine.publish_backup)
-    engine.tool_version = _timed("tool_version", engine.tool_version)
     pg_psql.open_session = _timed("psql_session_connect", pg_psql.open_session)
     pg_psql.server_and_databases = _timed("server_facts", pg_psql.server_and_databases)
     pg_psql.count_rows_result = _timed("count_rows_parse", pg_psql.count_rows_result)

@@ -47,11 +47,6 @@ def _widen_pipe(fd: int) -> None:
         fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
 
 
-def buffered(stream: IO[bytes]) -> IO[bytes]:
-    """Read a pipe in whole 1 MiB chunks instead of whatever the pipe holds at the moment."""
-    return io.BufferedReader(stream, buffer_size=PIPE_SIZE)  # type: ignore[type-var]
-
-
 READ_AHEAD_CHUNKS = 8
 
 

@@ -29,18 +29,6 @@ def server_facts(c: psycopg.Connection) -> dict[str, Any]:
     return {"version": row[0], "version_num": row[1], "in_recovery": row[2]}
 
 
-def list_databases(c: psycopg.Connection) -> list[dict[str, Any]]:
-    rows = c.execute(
-        "SELECT datname, pg_database_size(oid), pg_encoding_to_char(encoding),"
-        " datcollate, datctype FROM pg_database"
-        " WHERE datallowconn AND NOT datistemplate ORDER BY datname"
-    ).fetchall()
-    return [
-        {"name": r[0], "size_bytes": r[1], "encoding": r[2], "collate": r[3], "ctype": r[4]}
-        for r in rows
-    ]
-
-
 def user_tables(c: psycopg.Connection) -> list[tuple[str, str]]:
     return [(r[0], r[1]) for r in c.execute(USER_RELATIONS).fetchall()]
 
