@@ -11,6 +11,7 @@ from strongroom.config import PostgresConnection
 from strongroom.sandbox.postgres import PostgresServer
 from tests.faults._support import BIG_POPULATE
 from tests.fixtures.postgres import PgDatabase
+from tests.fixtures.s3 import MotoServer
 from tests.fixtures.strongroom_fixtures import pg_connection
 
 
@@ -30,3 +31,15 @@ def big_source(pg_server: PostgresServer) -> Iterator[PgDatabase]:
 @pytest.fixture
 def big_conn(big_source: PgDatabase) -> PostgresConnection:
     return pg_connection(big_source, "bigsrc")
+
+
+@pytest.fixture
+def own_moto() -> Iterator[MotoServer]:
+    """A moto server of this test alone, which the test may stop (the session one is shared
+    and must stay up)."""
+    server = MotoServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

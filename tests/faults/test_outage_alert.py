@@ -12,7 +12,6 @@ import asyncio
 import datetime as dt
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,17 +23,6 @@ from tests.fixtures.postgres import PgDatabase
 from tests.fixtures.s3 import MotoServer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def dead_moto() -> Iterator[MotoServer]:
-    """A moto server of this test alone, stopped by the test (the session one stays up)."""
-    server = MotoServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _api(fn: Any) -> Any:
@@ -71,7 +59,7 @@ def _events(name: str, resource_id: str, since: dt.datetime, timeout: float = 30
 
 
 def test_s3_outage_fails_the_backup_flow_and_emits_an_alert_event(
-    prefect_api: str, pg_db: PgDatabase, dead_moto: MotoServer
+    prefect_api: str, pg_db: PgDatabase, own_moto: MotoServer
 ) -> None:
     from prefect_aws import AwsCredentials, S3Bucket
     from prefect_aws.client_parameters import AwsClientParameters
@@ -90,12 +78,12 @@ def test_s3_outage_fails_the_backup_flow_and_emits_an_alert_event(
     EncryptionKey(recipients=[str(identity.to_public())], identity=SecretStr(str(identity))).save(
         f"outage-key-{tag}", overwrite=True
     )
-    bucket = dead_moto.create_bucket()
+    bucket = own_moto.create_bucket()
     creds = AwsCredentials(
         aws_access_key_id="sr-access",
         aws_secret_access_key=SecretStr(s3_secret),
         region_name="us-east-1",
-        aws_client_parameters=AwsClientParameters(endpoint_url=dead_moto.endpoint_url),
+        aws_client_parameters=AwsClientParameters(endpoint_url=own_moto.endpoint_url),
     )
     repository = f"outage-repo-{tag}"
     BackupRepository(s3_bucket=S3Bucket(bucket_name=bucket, credentials=creds)).save(
@@ -111,7 +99,7 @@ def test_s3_outage_fails_the_backup_flow_and_emits_an_alert_event(
     ).save(target, overwrite=True)
     pg_db.psql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);")
 
-    dead_moto.stop()  # the storage is down for the whole run
+    own_moto.stop()  # the storage is down for the whole run
     since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
     alerted = backup_postgresql.with_options(on_failure=[alert_hook], on_crashed=[alert_hook])
     with pytest.raises(ServiceUnavailable):

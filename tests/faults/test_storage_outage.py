@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,17 +22,6 @@ from tests.fixtures.s3 import MotoServer
 pytestmark = pytest.mark.slow
 
 MAX_ATTEMPTS = 3
-
-
-@pytest.fixture
-def own_moto() -> Iterator[MotoServer]:
-    """A moto server of this test alone (the session one is shared and must stay up)."""
-    server = MotoServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _restart_on_same_port(server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> None:
