@@ -21,7 +21,6 @@ from typing import Any
 
 import typer
 
-MAX_XID = 2**64 - 1
 CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
@@ -103,6 +102,7 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
         """Point-in-time recovery into an empty data directory."""
         with _handled(as_json):
             from flows.pitr import pitr_restore_postgresql
+            from strongroom.engines.pg_pitr_plan import MAX_XID
             from strongroom.errors import InvalidInput
 
             chosen = [

@@ -11,10 +11,9 @@ from tenacity import (
 )
 
 from strongroom.config import PostgresConnection
-from strongroom.errors import AccessDenied, NotFound, ServiceUnavailable
+from strongroom.engines.pg_psql import CONNECT_ATTEMPTS, connect_refusal
+from strongroom.errors import ServiceUnavailable
 from strongroom.redact import register, scrub
-
-CONNECT_ATTEMPTS = 3
 
 
 class _Transient(Exception):
@@ -49,11 +48,9 @@ def connect(conn: PostgresConnection, dbname: str | None = None) -> psycopg.Conn
         except psycopg.OperationalError as exc:
             text = scrub(str(exc)).strip().splitlines()
             message = text[-1] if text else "connection failed"
-            lowered = str(exc).lower()
-            if "password authentication failed" in lowered or "no password" in lowered:
-                raise AccessDenied(f"PostgreSQL {where}: credentials refused") from None
-            if "does not exist" in lowered and "database" in lowered:
-                raise NotFound(f"PostgreSQL {where}: database does not exist") from None
+            refused = connect_refusal(where, str(exc))
+            if refused is not None:
+                raise refused from None
             raise _Transient(message) from None
 
     try:

@@ -26,7 +26,6 @@ from strongroom.process import classify_failure
 from strongroom.redact import register, scrub
 
 CONNECT_ATTEMPTS = 3
-STDERR_KEEP = 64 * 1024
 
 USER_TABLES = """
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -59,6 +58,18 @@ SELECT json_build_object(
     ) ORDER BY datname), '[]'::json)
     FROM pg_database WHERE datallowconn AND NOT datistemplate))
 """
+
+
+def connect_refusal(where: str, message: str) -> StrongroomError | None:
+    """The error for a connection libpq refused for good (never retried): credentials or
+    a missing database; None for anything else (which may be transient). Shared by
+    these psql sessions and the psycopg connections (``pg_connect``)."""
+    text = message.lower()
+    if "password authentication failed" in text or "no password" in text:
+        return AccessDenied(f"PostgreSQL {where}: credentials refused")
+    if "does not exist" in text and "database" in text:
+        return NotFound(f"PostgreSQL {where}: database does not exist")
+    return None
 
 
 class PsqlSession:
@@ -158,12 +169,9 @@ def open_session(psql: str, conn: PostgresConnection, database: str) -> PsqlSess
             return session
         except StrongroomError:
             session.close()
-            text = session.stderr.lower()
-            where = session.where
-            if "password authentication failed" in text or "no password supplied" in text:
-                raise AccessDenied(f"PostgreSQL {where}: credentials refused") from None
-            if "does not exist" in text and "database" in text:
-                raise NotFound(f"PostgreSQL {where}: database does not exist") from None
+            refused = connect_refusal(session.where, session.stderr)
+            if refused is not None:
+                raise refused from None
             lines = session.stderr.strip().splitlines()
             last = lines[-1] if lines else "connection failed"
         except BaseException:

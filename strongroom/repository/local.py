@@ -94,12 +94,10 @@ class LocalRepository(Repository):
         except PermissionError as exc:
             raise AccessDenied(f"permission denied {action} {key!r} in {self.describe()}") from exc
         except OSError as exc:
-            if exc.errno in _NO_SPACE:
-                raise StorageFull(
-                    f"no space left on device ({errno.errorcode[exc.errno]}) {action} "
-                    f"{key!r} in {self.describe()}"
-                ) from exc
-            raise
+            full = _no_space(exc, f"{action} {key!r} in {self.describe()}")
+            if full is None:
+                raise
+            raise full from exc
 
     def _new_temp(self, final: Path) -> tuple[int, Path]:
         self._ensure_dir(final.parent)
@@ -260,11 +258,10 @@ class LocalRepository(Repository):
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _no_space(exc: BaseException, key: str) -> StorageFull | None:
+def _no_space(exc: BaseException, doing: str) -> StorageFull | None:
     """``StorageFull`` for a full disk or quota; None for any other error."""
     if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
-        code = errno.errorcode[exc.errno]
-        return StorageFull(f"no space left on device ({code}) writing {key!r}")
+        return StorageFull(f"no space left on device ({errno.errorcode[exc.errno]}) {doing}")
     return None
 
 
@@ -286,7 +283,7 @@ class LocalObjectWriter(ObjectWriter):
             n = self._file.write(data)
         except BaseException as exc:
             self.abort()
-            full = _no_space(exc, self._key)
+            full = _no_space(exc, f"writing {self._key!r}")
             if full is None:
                 raise
             raise full from exc
@@ -305,7 +302,7 @@ class LocalObjectWriter(ObjectWriter):
             os.replace(self._tmp, self._final)
         except BaseException as exc:
             self.abort()
-            full = _no_space(exc, self._key)
+            full = _no_space(exc, f"writing {self._key!r}")
             if full is None:
                 raise
             raise full from exc
