@@ -106,6 +106,7 @@ def main() -> int:
 
     from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
     from strongroom.engines.postgres import backup_postgres
+    from strongroom.fast_exit import freeze_heap
     from strongroom.repository.local import LocalRepository
 
     class TimedRepository(LocalRepository):
@@ -155,6 +156,7 @@ def main() -> int:
         "probe_calls": dict(CALLS),
     }
     Path(job["result_path"]).write_text(json.dumps(result))
+    freeze_heap()  # the process ends now, as the strongroom CLI's does
     return 0
 
 

@@ -284,7 +284,12 @@ if __name__ != "__main__":  # as __main__, the plugins would import a second cop
 
 
 def main() -> None:
-    app()
+    from strongroom.fast_exit import freeze_heap
+
+    try:
+        app()
+    finally:
+        freeze_heap()
 
 
 if __name__ == "__main__":

@@ -61,9 +61,9 @@ class ReadAhead(io.RawIOBase):
     def __init__(self, stream: IO[bytes], depth: int = READ_AHEAD_CHUNKS) -> None:
         super().__init__()
         self._fd = stream.fileno()
-        self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
+        self._chunks: queue.Queue[bytes | bytearray | BaseException] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._item = b""
+        self._item: bytes | bytearray = b""
         self._pos = 0
         self._eof = False
         self._thread = threading.Thread(target=self._pump, daemon=True)
@@ -79,15 +79,17 @@ class ReadAhead(io.RawIOBase):
                     if n == 0:
                         break
                     filled += n
+                view.release()
                 if filled:
-                    self._put(bytes(view[:filled]) if filled < PIPE_SIZE else bytes(chunk))
+                    # a full chunk goes on as it is (no copy); consumers only read it
+                    self._put(chunk if filled == PIPE_SIZE else chunk[:filled])
                 if filled < PIPE_SIZE:
                     self._put(b"")
                     return
         except BaseException as exc:
             self._put(exc)
 
-    def _put(self, item: bytes | BaseException) -> None:
+    def _put(self, item: bytes | bytearray | BaseException) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(queue.Full):
                 self._chunks.put(item, timeout=0.2)
@@ -96,7 +98,7 @@ class ReadAhead(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def read(self, n: int | None = -1) -> bytes:
+    def read(self, n: int | None = -1) -> bytes | bytearray:
         if self._pos >= len(self._item):
             if self._eof:
                 return b""

@@ -73,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import time
 
+    from strongroom.fast_exit import freeze_heap
+
     started = time.time()
     code = _main(argv)
+    freeze_heap()
     trace = os.environ.get("STRONGROOM_WAL_TRACE")
     if trace:  # timing of every call, for benchmarks and debugging
         with open(trace, "a") as f:

@@ -37,8 +37,11 @@ USER_TABLES = """
 
 # Exact counts of every user table, in the session's snapshot, as one JSON array of
 # [schema, table, rows]. query_to_xml runs each count(*) inside this statement, with
-# the names quoted by format(%I): never interpolated by us.
+# the names quoted by format(%I): never interpolated by us. The counts run while
+# pg_dump streams and finish long before it, so parallel workers would only take CPU
+# from the dump (and from the production server): they count on one backend.
 COUNT_ROWS = f"""
+SET LOCAL max_parallel_workers_per_gather = 0;
 SELECT coalesce(json_agg(json_build_array(n.nspname, c.relname,
   (xpath('/row/c/text()', query_to_xml(
      format('SELECT count(*) AS c FROM %I.%I', n.nspname, c.relname), false, true, '')
