@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
@@ -24,6 +26,15 @@ class ClickHouseTarget(Block):
     user: str = "default"
     password: SecretStr | None = None
     secure: bool = Field(default=False, description="Use HTTPS for the HTTP interface.")
+    export_via: Literal["auto", "clickhouse-client", "http"] = Field(
+        default="auto",
+        description="How table data is read: clickhouse-client (native protocol, faster) when "
+        "installed and not TLS, else HTTP.",
+    )
+    wire_compression: bool | None = Field(
+        default=None,
+        description="LZ4 on the native protocol (default: off on loopback, on otherwise).",
+    )
     databases: list[str] = Field(
         default_factory=list,
         description="Databases to back up (names or glob patterns); empty means all non-system.",
@@ -43,6 +54,8 @@ class ClickHouseTarget(Block):
             user=self.user,
             password=self.password,
             secure=self.secure,
+            export_via=self.export_via,
+            wire_compression=self.wire_compression,
             databases=list(self.databases),
             exclude_databases=list(self.exclude_databases),
         )

@@ -138,10 +138,17 @@ class Tool:
         *,
         stdin: int | IO[bytes] | None = None,
         stdout: int | IO[bytes] | None = subprocess.PIPE,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.name = argv[0].rsplit("/", 1)[-1]
         self.proc = subprocess.Popen(
-            argv, env=env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, bufsize=0
+            argv,
+            env=env,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+            pass_fds=pass_fds,
         )
         if stdout == subprocess.PIPE and self.proc.stdout is not None:
             _widen_pipe(self.proc.stdout.fileno())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import socket
+import threading
 import time
 import urllib.parse
 import uuid
@@ -18,6 +20,7 @@ from pydantic import SecretStr
 
 from strongroom.catalog import Catalog, manifest_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
+from strongroom.engines import clickhouse_client as chclient
 from strongroom.engines import clickhouse_sql as chsql
 from strongroom.engines.clickhouse import backup_clickhouse
 from strongroom.engines.clickhouse_conn import ClickHouseConnection
@@ -651,6 +654,154 @@ def test_unreachable_server_and_wrong_password(
     manifest = backup_clickhouse(right, repo, config, age_key)
     raw = repo.get_bytes(manifest_key("clickhouse", "ch1", manifest.backup_id)).decode()
     assert password not in raw and age_key.identities[0].get_secret_value() not in raw
+
+
+# --- the data transports: clickhouse-client (native protocol) and HTTP ---------------------------
+
+
+def test_transport_choice_and_wire_compression() -> None:
+    base = ClickHouseConnection(name="t")
+    assert chclient.transport(base) == chclient.NATIVE  # the tool is installed here
+    assert chclient.transport(base.model_copy(update={"secure": True})) == chclient.HTTP
+    assert chclient.transport(base.model_copy(update={"export_via": "http"})) == chclient.HTTP
+    with pytest.raises(InvalidInput, match="TLS"):
+        chclient.transport(
+            base.model_copy(update={"export_via": "clickhouse-client", "secure": True})
+        )
+    for host, compressed in (
+        ("127.0.0.1", False),
+        ("::1", False),
+        ("localhost", False),
+        ("10.0.0.7", True),
+        ("ch.example.internal", True),
+    ):
+        assert chclient.wire_compression(base.model_copy(update={"host": host})) is compressed
+    assert chclient.wire_compression(base.model_copy(update={"wire_compression": True}))
+
+
+def test_both_transports_store_the_same_content(
+    ch: Server, source: str, local_repo: Repo, age_key: EncryptionConfig
+) -> None:
+    """The same tables through clickhouse-client and over HTTP: same rows, same
+    fingerprints, the transport on record; the HTTP backup restores as well."""
+    native = backup(ch, source, local_repo, age_key)
+    http_ = backup(ch, source, local_repo, age_key, export_via="http")
+    assert native.tool_versions["transport"] == "native"
+    assert "18.16" in native.tool_versions["clickhouse-client"]
+    assert http_.tool_versions["transport"] == "http"
+
+    def tables(manifest: Any) -> dict[str, Any]:
+        return {
+            t["name"]: (t.get("rows"), t.get("fingerprint"))
+            for t in manifest.details["databases"][0]["tables"]
+        }
+
+    assert tables(native) == tables(http_)
+    for manifest, via in ((native, "native"), (http_, "http")):
+        data = [a for a in manifest.artifacts if a.name.endswith(".native")]
+        assert data and {a.meta["transport"] for a in data} == {via}
+    raw = {a.name: a.raw_size for a in native.artifacts}
+    assert {a.name: a.raw_size for a in http_.artifacts} == raw  # same Native bytes per object
+    into = ch.new_db("via_http")
+    result = restore(ch, local_repo, age_key, backup_id=http_.backup_id, target_database=into)
+    assert result["fingerprints_ok"]
+    assert_same(ch, source, into)
+
+
+def test_an_error_in_the_middle_of_a_native_export_fails_it(ch: Server) -> None:
+    """A query that fails after rows went out: clickhouse-client's exit status says so."""
+    from strongroom.engines.clickhouse_http import ClickHouseQueryError
+
+    select = chclient.NativeSelect(
+        conn_for(ch),
+        "SELECT number, throwIf(number = 150000) FROM system.numbers LIMIT 300000 "
+        "SETTINGS max_block_size = 10000 FORMAT Native",
+        {},
+        "export of boom",
+    )
+    received = len(select.stdout.read())
+    with pytest.raises(ClickHouseQueryError, match="throwIf") as info:
+        select.check()
+    assert info.value.code == 395 and received > 0
+
+
+def test_native_export_credentials_and_refusals(ch: Server, password_user: tuple[str, str]) -> None:
+    user, password = password_user
+    right = conn_for(ch, user=user, password=SecretStr(password))
+    select = chclient.NativeSelect(right, "SELECT 1 FORMAT Native", {}, "probe")
+    assert not any(password in str(arg) for arg in select.tool.proc.args)
+    assert select.stdout.read() and select.check() is None
+    wrong = right.model_copy(update={"password": SecretStr(password + "x")})
+    select = chclient.NativeSelect(wrong, "SELECT 1 FORMAT Native", {}, "probe")
+    select.stdout.read()
+    with pytest.raises(AccessDenied) as info:
+        select.check()
+    assert password not in str(info.value)
+    closed = conn_for(ch).model_copy(update={"port": free_port(), "connect_timeout": 2})
+    select = chclient.NativeSelect(closed, "SELECT 1 FORMAT Native", {}, "probe")
+    select.stdout.read()
+    with pytest.raises(ServiceUnavailable, match="native port"):
+        select.check()
+
+
+class _CuttingProxy:
+    """Forwards one TCP connection to ``port`` and cuts both sides once ``limit`` bytes
+    went to the client: a server that vanishes in the middle of a result."""
+
+    def __init__(self, port: int, limit: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target, self.limit, self.sent = port, limit, 0
+        self.cut = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        client, _ = self.listener.accept()
+        server = socket.create_connection(("127.0.0.1", self.target))
+
+        def pump(src: socket.socket, dst: socket.socket, down: bool) -> None:
+            with contextlib.suppress(OSError):
+                while not self.cut.is_set():
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    dst.sendall(data)
+                    if down:
+                        self.sent += len(data)
+                        if self.sent >= self.limit:
+                            self.cut.set()
+            for sock in (client, server):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+        threading.Thread(target=pump, args=(client, server, False), daemon=True).start()
+        pump(server, client, True)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_connection_cut_mid_export_fails_the_backup_and_leaves_nothing(
+    ch: Server, local_repo: Repo, age_key: EncryptionConfig
+) -> None:
+    db = ch.new_db("cut")
+    ch.run(f"CREATE DATABASE {db}")
+    ch.run(f"CREATE TABLE {db}.big (id UInt64, s String) ENGINE = MergeTree ORDER BY id")
+    ch.run(
+        f"INSERT INTO {db}.big SELECT number, toString(cityHash64(number)) "
+        "FROM system.numbers LIMIT 2000000"
+    )
+    proxy = _CuttingProxy(ch.server.tcp_port, limit=4 * 1024 * 1024)
+    repo, config = local_repo
+    cut = conn_for(ch, db).model_copy(update={"port": proxy.port})
+    try:
+        with pytest.raises(ServiceUnavailable, match="native port"):
+            backup_clickhouse(cut, repo, config, age_key)
+    finally:
+        proxy.close()
+    assert proxy.cut.is_set()
+    assert list(repo.list("catalog/")) == [] and list(repo.list("data/")) == []
 
 
 # --- consistency: a table that changes while it is read ----------------------------------------

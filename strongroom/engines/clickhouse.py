@@ -1,5 +1,6 @@
 """ClickHouse logical backup: schema per database, data per table (and per partition of
-partitioned MergeTree tables), streamed as ``FORMAT Native`` over HTTP.
+partitioned MergeTree tables), streamed as ``FORMAT Native`` through clickhouse-client
+(the native protocol; ``clickhouse_client`` says why) or over HTTP.
 
 For every table that stores data the manifest records the engine, partitions,
 row counts and a content fingerprint computed on the server (``count()`` and
@@ -23,6 +24,7 @@ from typing import IO, Any, cast
 from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
+from strongroom.engines import clickhouse_client
 from strongroom.engines import clickhouse_inspect as inspect
 from strongroom.engines.clickhouse_conn import ClickHouseConnection
 from strongroom.engines.clickhouse_http import ClickHouseHTTP
@@ -35,6 +37,7 @@ from strongroom.engines.clickhouse_verify import (  # importing registers the ve
 from strongroom.errors import Conflict
 from strongroom.ids import new_backup_id
 from strongroom.pipeline import Progress
+from strongroom.process import ReadAhead
 from strongroom.redact import register
 from strongroom.repository.base import Repository, StorageSettings
 
@@ -123,8 +126,10 @@ class _TableExport:
         level: int,
         settings: StorageSettings,
         progress: ProgressFactory | None,
+        transport: str,
     ) -> None:
         self.client = client
+        self.transport = transport
         self.repo = repo
         self.enc = enc
         self.obj = obj
@@ -214,35 +219,62 @@ class _TableExport:
 
     def _one(self, file: str, where: str, pid: str | None, size: int | None) -> Artifact:
         name = f"{self.prefix}/{file}.native"
-        key = data_key(ENGINE, self.target, self.bid, name)
         what = f"export of {self.database}.{self.table}" + (f" partition {pid}" if pid else "")
         sql = f"SELECT * FROM {qualified(self.database, self.table)}{where} FORMAT Native"
+        if self.transport == clickhouse_client.NATIVE:
+            return self._one_native(name, sql, what, pid, size)
         stream = self.client.select_stream(sql, settings=inspect.NATIVE_SETTINGS, what=what)
         try:
-            artifact = store_artifact(
-                self.repo,
-                key,
-                cast(IO[bytes], stream),
-                name=name,
-                content=NATIVE_CONTENT,
-                encryption=self.enc,
-                level=self.level,
-                settings=self.settings,
-                progress=self.progress(name, size) if self.progress else None,
-                meta={
-                    "database": self.database,
-                    "table": self.obj["name"],
-                    "data_table": self.table,
-                    "partition_id": pid,
-                },
-            )
+            return self._store(name, cast(IO[bytes], stream), pid, size)
         except BaseException as exc:
             if stream.error is not None and stream.error is not exc:
                 raise stream.error from None
             raise
         finally:
             stream.close()
+
+    def _one_native(
+        self, name: str, sql: str, what: str, pid: str | None, size: int | None
+    ) -> Artifact:
+        """Through clickhouse-client; the object is removed again unless the tool exits 0
+        (its exit status is what proves the stream was whole)."""
+        select = clickhouse_client.NativeSelect(
+            self.client.conn, sql, inspect.NATIVE_SETTINGS, what
+        )
+        source = ReadAhead(select.stdout)
+        try:
+            artifact = self._store(name, cast(IO[bytes], source), pid, size)
+        except BaseException:
+            select.kill()
+            raise
+        finally:
+            source.close()
+        try:
+            select.check()
+        except BaseException:
+            self.repo.delete(artifact.key)
+            raise
         return artifact
+
+    def _store(self, name: str, source: IO[bytes], pid: str | None, size: int | None) -> Artifact:
+        return store_artifact(
+            self.repo,
+            data_key(ENGINE, self.target, self.bid, name),
+            source,
+            name=name,
+            content=NATIVE_CONTENT,
+            encryption=self.enc,
+            level=self.level,
+            settings=self.settings,
+            progress=self.progress(name, size) if self.progress else None,
+            meta={
+                "database": self.database,
+                "table": self.obj["name"],
+                "data_table": self.table,
+                "partition_id": pid,
+                "transport": self.transport,
+            },
+        )
 
     def _record(
         self,
@@ -320,11 +352,15 @@ def backup_clickhouse(
 ) -> Manifest:
     """Back up the target's databases (schema and data); returns the published manifest."""
     register(*conn.secrets(), *repo_config.secrets(), *enc.secrets())
+    transport = clickhouse_client.transport(conn)  # a bad choice fails before anything
     started = dt.datetime.now(dt.UTC)
     bid = backup_id or new_backup_id(started)
     claim_backup_id(repo, ENGINE, conn.name, bid)
     settings = storage_settings(repo_config, started)
     client = ClickHouseHTTP(conn)
+    versions = {"transport": transport}
+    if transport == clickhouse_client.NATIVE:
+        versions[clickhouse_client.TOOL] = clickhouse_client.version()
     server = inspect.server_facts(client)
     databases = inspect.select_databases(
         inspect.list_databases(client), conn.databases, conn.exclude_databases
@@ -369,6 +405,7 @@ def backup_clickhouse(
                     level=repo_config.compression_level,
                     settings=settings,
                     progress=progress,
+                    transport=transport,
                 )
                 artifacts += export.run()
             db_details.append(
@@ -387,7 +424,7 @@ def backup_clickhouse(
             started_at=started,
             finished_at=dt.datetime.now(dt.UTC),
             repository=repo.describe(),
-            tool_versions={"clickhouse-server": server["version"], "transport": "http"},
+            tool_versions={"clickhouse-server": server["version"], **versions},
             server={"host": conn.host, "http_port": conn.http_port, **server},
             artifacts=artifacts,
             details={

@@ -2,10 +2,13 @@
 
 Prefect's ``ClickHouseTarget`` block converts itself into this; tests and the
 bench build it directly. The password is a ``SecretStr``; it travels only in
-the ``X-ClickHouse-Key`` HTTP header, never in a URL, argv or a message.
+the ``X-ClickHouse-Key`` HTTP header and in the config document clickhouse-client
+reads from an inherited pipe, never in a URL, argv, a file or a message.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
@@ -34,6 +37,15 @@ class ClickHouseConnection(BaseModel):
     )
     connect_timeout: float = 10.0
     read_timeout: float = 3600.0
+    export_via: Literal["auto", "clickhouse-client", "http"] = Field(
+        default="auto",
+        description="how table data is read: clickhouse-client (native protocol, faster) when "
+        "installed and the connection is not TLS, else HTTP",
+    )
+    wire_compression: bool | None = Field(
+        default=None,
+        description="LZ4 on the native protocol; None: off for loopback hosts, on otherwise",
+    )
 
     @field_validator("name")
     @classmethod
