@@ -33,8 +33,20 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSIONS = ["1.29.0", "1.33.0"]
 DEPLOYMENTS = declared_deployments(ROOT / "prefect.yaml")
 ENGINES = {"postgresql", "clickhouse", "redis"}
-KINDS = {"backup", "base-backup", "wal-check", "restore", "pitr", "verify", "fleet",
-         "retention", "compliance", "drill", "health", "deep-verify"}
+KINDS = {
+    "backup",
+    "base-backup",
+    "wal-check",
+    "restore",
+    "pitr",
+    "verify",
+    "fleet",
+    "retention",
+    "compliance",
+    "drill",
+    "health",
+    "deep-verify",
+}
 
 
 OPERATIONS = {
@@ -267,9 +279,7 @@ def test_rbac_and_worker_manifests_validate_strictly(version: str) -> None:
             validate_manifest(doc, version)
         except Exception as exc:
             pytest.fail(f"{name} {doc['kind']}/{doc['metadata']['name']}: {exc}")
-    rules = {
-        doc["metadata"]["name"]: doc["rules"] for _, doc in docs if doc["kind"] == "Role"
-    }
+    rules = {doc["metadata"]["name"]: doc["rules"] for _, doc in docs if doc["kind"] == "Role"}
     worker = {r for rule in rules["strongroom-worker"] for r in rule["resources"]}
     assert {"jobs", "pods", "pods/log", "events"} <= worker
     redis = rules["strongroom-redis-restart"]
@@ -303,11 +313,16 @@ def test_config_expands_environment_and_names_missing_variables(tmp_path: Path) 
     bad.write_text('[deployments]\nwork_poool = "x"\n')
     with pytest.raises(InvalidInput, match="work_poool"):
         load_config(bad)
-    example = load_config(ROOT / "deployments" / "bootstrap.example.yaml", env={
-        "PROD_DB_PASSWORD": "x", "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/x",
-        "STRONGROOM_AGE_RECIPIENT": "age1xyz", "AWS_ACCESS_KEY_ID": "a",
-        "AWS_SECRET_ACCESS_KEY": "b",
-    })
+    example = load_config(
+        ROOT / "deployments" / "bootstrap.example.yaml",
+        env={
+            "PROD_DB_PASSWORD": "x",
+            "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/x",
+            "STRONGROOM_AGE_RECIPIENT": "age1xyz",
+            "AWS_ACCESS_KEY_ID": "a",
+            "AWS_SECRET_ACCESS_KEY": "b",
+        },
+    )
     assert example.deployments.work_pool == "strongroom-k8s"
 
 
@@ -365,9 +380,7 @@ def test_bootstrap_twice_is_idempotent(prefect_api: str, tmp_path: Path, monkeyp
         automations = await client.read_automations()
         return {
             "deployments": sorted((str(d.flow_id), d.name) for d in ours),
-            "schedules": sorted(
-                (d.name, str(d.flow_id), len(d.schedules)) for d in ours
-            ),
+            "schedules": sorted((d.name, str(d.flow_id), len(d.schedules)) for d in ours),
             "automations": sorted(a.name for a in automations),
             "pools": sorted(p.name for p in await client.read_work_pools()),
             "k8s_template": (await client.read_work_pool("boot-k8s")).base_job_template,
@@ -454,9 +467,7 @@ def test_target_lock_serialises_two_flow_runs_of_one_target(prefect_api: str) ->
             return start, time.monotonic()
 
     spans: list[tuple[float, float]] = []
-    threads = [
-        threading.Thread(target=lambda: spans.append(probe("flow-lock"))) for _ in range(2)
-    ]
+    threads = [threading.Thread(target=lambda: spans.append(probe("flow-lock"))) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -186,7 +186,10 @@ def test_cli_json_and_exit_codes(blocks: str, prefect_api: str, pg_db: PgDatabas
 
 
 def test_flows_with_an_s3_repository_block(
-    blocks: str, pg_db: PgDatabase, s3_server: Any, s3_bucket: str,
+    blocks: str,
+    pg_db: PgDatabase,
+    s3_server: Any,
+    s3_bucket: str,
 ) -> None:
     """The repository block wraps prefect-aws S3Bucket/AwsCredentials (moto over HTTP)."""
     from prefect_aws import AwsCredentials, S3Bucket
@@ -204,7 +207,8 @@ def test_flows_with_an_s3_repository_block(
     )
     BackupRepository(
         s3_bucket=S3Bucket(bucket_name=s3_bucket, credentials=creds, bucket_folder="team"),
-        prefix="pg", sse="AES256",
+        prefix="pg",
+        sse="AES256",
     ).save("s3repo", overwrite=True)
     manifest = backup_postgresql(target=blocks, repository="s3repo")
     assert manifest["repository"] == f"s3://{s3_bucket}/team/pg"
@@ -213,9 +217,7 @@ def test_flows_with_an_s3_repository_block(
     report = restore_postgresql(target=blocks, target_database=into, repository="s3repo")
     assert report["rows_ok"]
     pg_db.server.drop_database(into)
-    keys = [
-        o["Key"] for o in s3_server.s3().list_objects_v2(Bucket=s3_bucket)["Contents"]
-    ]
+    keys = [o["Key"] for o in s3_server.s3().list_objects_v2(Bucket=s3_bucket)["Contents"]]
     assert f"team/pg/catalog/postgresql/{blocks}/{manifest['backup_id']}.json" in keys
     first = manifest["artifacts"][0]["key"]
     head = s3_server.s3().head_object(Bucket=s3_bucket, Key=f"team/pg/{first}")

@@ -163,9 +163,7 @@ def stack(
         report = bootstrap(load_config(config, env={**os.environ, **env}))
         assert "backup-postgresql/on-demand" in report["deployments"]["deployed"]
         assert report["automations"]["automations"]["strongroom-run-failed"] == "created"
-        worker = ProcessWorker(
-            POOL, prefect_server.api_url, prefect_server.home, query_seconds=1
-        )
+        worker = ProcessWorker(POOL, prefect_server.api_url, prefect_server.home, query_seconds=1)
         worker.start()
         stack = Stack(prefect_server, worker, slack, pg_server, database, repo)
         stack.extra["bootstrap_s"] = round(time.monotonic() - started, 1)
@@ -201,9 +199,7 @@ def _task_runs(flow_run_id: str, prefix: str = "dump", timeout: float = 30) -> l
             runs = [
                 r
                 for r in await client.read_task_runs(
-                    flow_run_filter=FlowRunFilter(
-                        id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)])
-                    )
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)]))
                 )
                 if r.name.startswith(prefix)
             ]
@@ -224,9 +220,7 @@ def _logs(flow_run_id: str, *needles: str, timeout: float = 30) -> str:
         deadline = time.monotonic() + timeout
         while True:
             logs = await client.read_logs(
-                log_filter=LogFilter(
-                    flow_run_id=LogFilterFlowRunId(any_=[uuid.UUID(flow_run_id)])
-                )
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[uuid.UUID(flow_run_id)]))
             )
             text = "\n".join(line.message for line in logs)
             if all(n in text for n in needles) or time.monotonic() > deadline:
@@ -399,10 +393,14 @@ def test_backup_fleet_runs_each_target_as_its_own_flow_run(stack: Stack) -> None
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
         found: list[Any] = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[
-                "backup-fleet-postgresql-backup-table",
-                "backup-fleet-postgresql-backup-summary",
-            ]))
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(
+                    any_=[
+                        "backup-fleet-postgresql-backup-table",
+                        "backup-fleet-postgresql-backup-summary",
+                    ]
+                )
+            )
         )
         return found
 

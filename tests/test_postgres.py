@@ -339,9 +339,14 @@ def test_objects_are_locked_until_the_policys_retain_until(
 
     until = dt.datetime.now(dt.UTC) + dt.timedelta(days=7 * 365)
     config = RepositoryConfig(
-        kind="s3", bucket=s3_locked_bucket, endpoint_url=s3_server.endpoint_url,
-        access_key_id=s3_server.access_key, secret_access_key=SecretStr(s3_server.secret_key),
-        lock_mode="COMPLIANCE", retention_days=1, retain_until=until,
+        kind="s3",
+        bucket=s3_locked_bucket,
+        endpoint_url=s3_server.endpoint_url,
+        access_key_id=s3_server.access_key,
+        secret_access_key=SecretStr(s3_server.secret_key),
+        lock_mode="COMPLIANCE",
+        retention_days=1,
+        retain_until=until,
     )
     manifest = backup_postgres(pg_connection(source), S3Repository(config), config, age_key)
     keys = [a.key for a in manifest.artifacts]
@@ -366,8 +371,14 @@ def test_latest_logical_restore_skips_newer_base_backups(
     logical = _backup(source, local_repo, age_key)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
     base = Manifest(
-        backup_id=new_backup_id(later), engine="postgresql", target="pg1", kind="base",
-        started_at=later, finished_at=later, repository=repo.describe(), artifacts=[],
+        backup_id=new_backup_id(later),
+        engine="postgresql",
+        target="pg1",
+        kind="base",
+        started_at=later,
+        finished_at=later,
+        repository=repo.describe(),
+        artifacts=[],
     )
     Catalog(repo).write(base)
     assert Catalog(repo).resolve("latest", "postgresql", "pg1").backup_id == base.backup_id

@@ -52,7 +52,10 @@ def client(server: RedisServer, db: int = 0) -> redispy.Redis:
 
 def conn_for(server: RedisServer, name: str = "cache", **extra: Any) -> RedisConnection:
     return RedisConnection(
-        name=name, host=server.host, port=server.port, password=SecretStr(server.password),
+        name=name,
+        host=server.host,
+        port=server.port,
+        password=SecretStr(server.password),
         **extra,
     )
 
@@ -218,9 +221,7 @@ def test_subset_by_pattern_and_db(
     client(empty_target).set("user:extra", "stale")
     with pytest.raises(TargetNotEmpty, match="user"):
         _restore(empty_target, local_repo, age_key, key_pattern="user:*", dbs=[0])
-    _restore(
-        empty_target, local_repo, age_key, key_pattern="user:*", dbs=[0], flush_existing=True
-    )
+    _restore(empty_target, local_repo, age_key, key_pattern="user:*", dbs=[0], flush_existing=True)
     assert client(empty_target).exists("user:extra") == 0
     assert client(empty_target).dbsize() == 1800
     with pytest.raises(Exception, match="db 5 holds no keys"):
@@ -259,8 +260,7 @@ def test_sync_refused_falls_back_to_bgsave(
     populate(no_sync_server)
     expected = fingerprint(no_sync_server)
     with pytest.raises(SyncRefused, match="PSYNC and SYNC refused"):
-        backup_redis(conn_for(no_sync_server), local_repo[0], local_repo[1], age_key,
-                     method="sync")
+        backup_redis(conn_for(no_sync_server), local_repo[0], local_repo[1], age_key, method="sync")
     manifest = backup_redis(conn_for(no_sync_server), local_repo[0], local_repo[1], age_key)
     d = manifest.details
     assert d["method"] == "bgsave" and d["fallback"]
@@ -363,11 +363,14 @@ def test_file_round_trip(
     client(server).set("old", "data")
     conn = file_target.conn()
     with pytest.raises(TargetNotEmpty):
-        restore_redis(conn, repo[0], age_key,
-                      RedisRestoreRequest(source_target="cache", mode="file"))
+        restore_redis(
+            conn, repo[0], age_key, RedisRestoreRequest(source_target="cache", mode="file")
+        )
     pid_before = file_target.pid()
     report = restore_redis(
-        conn, repo[0], age_key,
+        conn,
+        repo[0],
+        age_key,
         RedisRestoreRequest(source_target="cache", mode="file", flush_existing=True),
     )
     assert report["keys_ok"] and report["matches_manifest"] and report["sample"]["ok"]
@@ -393,8 +396,12 @@ def test_file_mode_needs_coordination(
     with pytest.raises(InvalidInput, match="not the file the server loads"):
         restore_redis(wrong, local_repo[0], age_key, req)
     with pytest.raises(InvalidInput, match="key_pattern"):
-        restore_redis(file_target.conn(), local_repo[0], age_key,
-                      req.model_copy(update={"key_pattern": "user:*"}))
+        restore_redis(
+            file_target.conn(),
+            local_repo[0],
+            age_key,
+            req.model_copy(update={"key_pattern": "user:*"}),
+        )
 
 
 # -- bad input -----------------------------------------------------------------------------
@@ -429,14 +436,22 @@ def _forge_newer_backup(repo: Repo, key: EncryptionConfig, version: int) -> str:
     data[-8:] = crc64(bytes(data[:-8])).to_bytes(8, "little")
     bid = new_backup_id()
     artifact = store_artifact(
-        repo[0], data_key("redis", "cache", bid, "dump.rdb"), io.BytesIO(bytes(data)),
-        name="dump.rdb", content="redis-rdb", encryption=key, level=3,
+        repo[0],
+        data_key("redis", "cache", bid, "dump.rdb"),
+        io.BytesIO(bytes(data)),
+        name="dump.rdb",
+        content="redis-rdb",
+        encryption=key,
+        level=3,
     )
-    details = {**original.details, "rdb_version": version,
-               "rdb": {**original.details["rdb"], "version": version}}
-    catalog.write(original.model_copy(
-        update={"backup_id": bid, "artifacts": [artifact], "details": details}
-    ))
+    details = {
+        **original.details,
+        "rdb_version": version,
+        "rdb": {**original.details["rdb"], "version": version},
+    }
+    catalog.write(
+        original.model_copy(update={"backup_id": bid, "artifacts": [artifact], "details": details})
+    )
     return bid
 
 
@@ -457,8 +472,14 @@ def test_newer_rdb_is_refused_before_anything_changes(
     client(file_target.server).set("keep", "me")
     pid = file_target.pid()
     with pytest.raises(RdbVersionTooNew, match="loads RDB versions up to 10"):
-        restore_redis(file_target.conn(), local_repo[0], age_key, RedisRestoreRequest(
-            backup_id=bid, source_target="cache", mode="file", flush_existing=True))
+        restore_redis(
+            file_target.conn(),
+            local_repo[0],
+            age_key,
+            RedisRestoreRequest(
+                backup_id=bid, source_target="cache", mode="file", flush_existing=True
+            ),
+        )
     assert file_target.pid() == pid and client(file_target.server).get("keep") == b"me"
     # and verify still accepts the forged file's structure (it is a consistent RDB)
     forged = Catalog(local_repo[0]).resolve(bid, "redis", "cache")
@@ -482,8 +503,9 @@ def test_tampered_artifact_changes_nothing(
     assert client(target).dbsize() == 1 and client(target).get("keep") == b"me"
 
 
-def test_bad_request_values(target: RedisServer, local_repo: Repo,
-                            age_key: EncryptionConfig) -> None:
+def test_bad_request_values(
+    target: RedisServer, local_repo: Repo, age_key: EncryptionConfig
+) -> None:
     with pytest.raises(InvalidInput, match="key_pattern"):
         _restore(target, local_repo, age_key, key_pattern="")
     with pytest.raises(InvalidInput, match="invalid backup id"):
@@ -519,8 +541,9 @@ def test_flows_backup_verify_restore(
     RedisTarget(host=source.host, port=source.port, password=source.password).save(
         "cache", overwrite=True
     )
-    RedisTarget(host=empty_target.host, port=empty_target.port,
-                password=empty_target.password).save("cache-copy", overwrite=True)
+    RedisTarget(
+        host=empty_target.host, port=empty_target.port, password=empty_target.password
+    ).save("cache-copy", overwrite=True)
     caplog.set_level(logging.DEBUG)
     common = {"repository": "redis-repo", "encryption_key": "redis-key"}
     manifest = backup_redis_flow(target="cache", **common)
@@ -545,11 +568,17 @@ def test_flows_backup_verify_restore(
         return keys, text
 
     keys, text = asyncio.run(collect())
-    assert {"backup-redis-cache-summary", "backup-redis-cache-table",
-            "restore-redis-cache-copy-summary"} <= keys
+    assert {
+        "backup-redis-cache-summary",
+        "backup-redis-cache-table",
+        "restore-redis-cache-copy-summary",
+    } <= keys
     out, err = capfd.readouterr()
-    for secret in (source.password, empty_target.password,
-                   age_key.identities[0].get_secret_value()):
+    for secret in (
+        source.password,
+        empty_target.password,
+        age_key.identities[0].get_secret_value(),
+    ):
         for blob in (caplog.text, out, err, text, cli_out):
             assert secret not in blob
         for path in (tmp_path / "repo").rglob("*.json"):
@@ -574,15 +603,40 @@ def _cli_checks(backup_id: str) -> str:
     done = runner.invoke(app, ["backup", "redis", "cache", "--method", "sync", "--json", *opts])
     assert done.exit_code == 0, done.output
     assert json.loads(done.stdout)["details"]["method"] == "sync"
-    plan = runner.invoke(app, ["restore", "redis", "cache-copy", "--source-target", "cache",
-                               "--dry-run", "--json", *opts])
+    plan = runner.invoke(
+        app,
+        [
+            "restore",
+            "redis",
+            "cache-copy",
+            "--source-target",
+            "cache",
+            "--dry-run",
+            "--json",
+            *opts,
+        ],
+    )
     assert plan.exit_code == 0 and json.loads(plan.stdout)["blocked"]
-    refused = runner.invoke(app, ["restore", "redis", "cache-copy", "--source-target", "cache",
-                                  "-b", backup_id, *opts])
+    refused = runner.invoke(
+        app, ["restore", "redis", "cache-copy", "--source-target", "cache", "-b", backup_id, *opts]
+    )
     assert refused.exit_code == 5 and "flush_existing" in refused.output
-    subset = runner.invoke(app, ["restore", "redis", "cache-copy", "--source-target", "cache",
-                                 "--key-pattern", "user:1*", "--db", "0", "--flush-existing",
-                                 *opts])
+    subset = runner.invoke(
+        app,
+        [
+            "restore",
+            "redis",
+            "cache-copy",
+            "--source-target",
+            "cache",
+            "--key-pattern",
+            "user:1*",
+            "--db",
+            "0",
+            "--flush-existing",
+            *opts,
+        ],
+    )
     assert subset.exit_code == 0, subset.output
     assert "restored" in subset.output
     bad = runner.invoke(app, ["restore", "redis", "cache-copy", "--mode", "tape", *opts])

@@ -45,8 +45,9 @@ RBAC = Path(__file__).resolve().parents[1] / "deployments/k8s/rbac-redis-restart
 
 
 def client(server: RedisServer, db: int = 0, port: int | None = None) -> redispy.Redis:
-    return redispy.Redis(host=server.host, port=port or server.port, db=db,
-                         password=server.password)
+    return redispy.Redis(
+        host=server.host, port=port or server.port, db=db, password=server.password
+    )
 
 
 def fingerprint(server: RedisServer, port: int | None = None) -> Print:
@@ -78,11 +79,12 @@ def backup(
     root = tmp_path_factory.mktemp("k8s-repo")
     repo = LocalRepository(root)
     source = RedisConnection(
-        name="cache", host=redis_server.host, port=redis_server.port,
+        name="cache",
+        host=redis_server.host,
+        port=redis_server.port,
         password=SecretStr(redis_server.password),
     )
-    manifest = backup_redis(source, repo, RepositoryConfig(kind="local", path=str(root)),
-                            age_key)
+    manifest = backup_redis(source, repo, RepositoryConfig(kind="local", path=str(root)), age_key)
     return repo, manifest, fingerprint(redis_server)
 
 
@@ -117,8 +119,11 @@ def k8s_conn(api: K8sApiDouble, tmp_path: Path, **extra: Any) -> RedisConnection
     }
     fields.update(extra)
     return RedisConnection(
-        name="cache", host=server.host, port=server.port,
-        password=SecretStr(server.password), **fields,
+        name="cache",
+        host=server.host,
+        port=server.port,
+        password=SecretStr(server.password),
+        **fields,
     )
 
 
@@ -217,8 +222,9 @@ def test_in_cluster_service_account_and_credentials(
     api = cluster
     env, token, ca = api.in_cluster()
     settings = K8sSettings(statefulset="redis", namespace="cache")
-    facts = StatefulSetRestart(settings, environ=env, token_file=str(token),
-                               ca_file=str(ca)).inspect()
+    facts = StatefulSetRestart(
+        settings, environ=env, token_file=str(token), ca_file=str(ca)
+    ).inspect()
     assert facts["auth"] == "in-cluster" and facts["api_server"] == api.url
     assert facts["original_replicas"] == 1 and facts["pods"] == ["redis-0"]
     texts = []
@@ -236,8 +242,9 @@ def test_in_cluster_service_account_and_credentials(
     other_ca.mkdir()
     bad_ca, _, _ = make_tls(other_ca)
     with pytest.raises(ServiceUnavailable, match="certificate") as tls:
-        StatefulSetRestart(settings, environ=env, token_file=str(token),
-                           ca_file=str(bad_ca)).inspect()
+        StatefulSetRestart(
+            settings, environ=env, token_file=str(token), ca_file=str(bad_ca)
+        ).inspect()
     texts.append(str(tls.value))
     assert api.scale_history == []
     assert_no_token(api, caplog, *texts)
