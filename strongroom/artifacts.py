@@ -1,7 +1,7 @@
 """Storing one artifact through the stream, and reading it back verified.
 
-Engines hand over a byte source (usually a tool's stdout) and get back an
-``Artifact`` record for the manifest; restores and verify get the plaintext
+Engines hand over a byte source (usually a tool's stdout, ``store_tool_output``) and
+get back an ``Artifact`` record for the manifest; restores and verify get the plaintext
 back into a sink with every check applied, the manifest's seal first.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from typing import IO
+from collections.abc import Callable
+from typing import IO, cast
 
 from strongroom.catalog import Artifact, Catalog, Manifest, data_key, manifest_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
@@ -24,6 +25,7 @@ from strongroom.pipeline import (
     restore_stream,
     store_stream,
 )
+from strongroom.process import ReadAhead, Tool
 from strongroom.repository.base import Repository, StorageSettings
 from strongroom.seal import origin_of
 
@@ -66,6 +68,30 @@ def store_artifact(
         recipients=list(encryption.recipients),
         meta=dict(meta or {}),
     )
+
+
+def store_tool_output(
+    repo: Repository, tool: Tool, what: str, store: Callable[[IO[bytes]], Artifact]
+) -> Artifact:
+    """Store a running tool's stdout with ``store`` (read ahead in a thread).
+
+    The tool is stopped if storing fails, and the stored object is removed again unless
+    the tool then exits 0: its exit status is what proves the output was whole."""
+    assert tool.proc.stdout is not None
+    source = ReadAhead(tool.proc.stdout)
+    try:
+        artifact = store(cast(IO[bytes], source))
+    except BaseException:
+        tool.kill()
+        raise
+    finally:
+        source.close()  # stops the read-ahead thread, also when the store failed
+    try:
+        tool.check(what)
+    except BaseException:
+        repo.delete(artifact.key)
+        raise
+    return artifact
 
 
 def check_durable(repo: Repository, artifact: Artifact) -> None:

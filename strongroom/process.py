@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO
 
 from strongroom.errors import AccessDenied, ServiceUnavailable, ToolFailed
@@ -128,8 +128,13 @@ class ReadAhead(io.RawIOBase):
         super().close()
 
 
+# (tool name, what it was doing, exit code, scrubbed stderr) -> the error to raise
+Classifier = Callable[[str, str, int, str], Exception]
+
+
 class Tool:
-    """A running tool with a bounded, scrubbed stderr tail."""
+    """A running tool with a bounded, scrubbed stderr tail; ``check`` raises the error
+    ``classify`` makes of a non-zero exit (PostgreSQL tools' by default)."""
 
     def __init__(
         self,
@@ -139,8 +144,10 @@ class Tool:
         stdin: int | IO[bytes] | None = None,
         stdout: int | IO[bytes] | None = subprocess.PIPE,
         pass_fds: Sequence[int] = (),
+        classify: Classifier | None = None,
     ) -> None:
         self.name = argv[0].rsplit("/", 1)[-1]
+        self._classify = classify or classify_failure
         self.proc = subprocess.Popen(
             argv,
             env=env,
@@ -184,7 +191,7 @@ class Tool:
         code = self.wait()
         if code == 0:
             return
-        raise classify_failure(self.name, what, code, self.stderr)
+        raise self._classify(self.name, what, code, self.stderr)
 
 
 def classify_failure(tool: str, what: str, code: int, stderr: str) -> Exception:

@@ -712,36 +712,38 @@ def test_an_error_in_the_middle_of_a_native_export_fails_it(ch: Server) -> None:
     """A query that fails after rows went out: clickhouse-client's exit status says so."""
     from strongroom.engines.clickhouse_http import ClickHouseQueryError
 
-    select = chclient.NativeSelect(
+    select = chclient.native_select(
         conn_for(ch),
         "SELECT number, throwIf(number = 150000) FROM system.numbers LIMIT 300000 "
         "SETTINGS max_block_size = 10000 FORMAT Native",
         {},
-        "export of boom",
     )
-    received = len(select.stdout.read())
+    assert select.proc.stdout is not None
+    received = len(select.proc.stdout.read())
     with pytest.raises(ClickHouseQueryError, match="throwIf") as info:
-        select.check()
+        select.check("export of boom")
     assert info.value.code == 395 and received > 0
 
 
 def test_native_export_credentials_and_refusals(ch: Server, password_user: tuple[str, str]) -> None:
     user, password = password_user
+
+    def probe(conn: ClickHouseConnection) -> Any:
+        select = chclient.native_select(conn, "SELECT 1 FORMAT Native", {})
+        assert not any(password in str(arg) for arg in select.proc.args)
+        assert select.proc.stdout is not None
+        select.proc.stdout.read()
+        return select
+
     right = conn_for(ch, user=user, password=SecretStr(password))
-    select = chclient.NativeSelect(right, "SELECT 1 FORMAT Native", {}, "probe")
-    assert not any(password in str(arg) for arg in select.tool.proc.args)
-    assert select.stdout.read() and select.check() is None
+    assert probe(right).check("probe") is None
     wrong = right.model_copy(update={"password": SecretStr(password + "x")})
-    select = chclient.NativeSelect(wrong, "SELECT 1 FORMAT Native", {}, "probe")
-    select.stdout.read()
     with pytest.raises(AccessDenied) as info:
-        select.check()
+        probe(wrong).check("probe")
     assert password not in str(info.value)
     closed = conn_for(ch).model_copy(update={"port": free_port(), "connect_timeout": 2})
-    select = chclient.NativeSelect(closed, "SELECT 1 FORMAT Native", {}, "probe")
-    select.stdout.read()
     with pytest.raises(ServiceUnavailable, match="native port"):
-        select.check()
+        probe(closed).check("probe")
 
 
 class _CuttingProxy:

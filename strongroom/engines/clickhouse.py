@@ -21,7 +21,13 @@ import threading
 from collections.abc import Callable
 from typing import IO, Any, cast
 
-from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
+from strongroom.artifacts import (
+    claim_backup_id,
+    publish_backup,
+    storage_settings,
+    store_artifact,
+    store_tool_output,
+)
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines import clickhouse_client
@@ -37,7 +43,6 @@ from strongroom.engines.clickhouse_verify import (  # importing registers the ve
 from strongroom.errors import Conflict
 from strongroom.ids import new_backup_id
 from strongroom.pipeline import Progress
-from strongroom.process import ReadAhead
 from strongroom.redact import register
 from strongroom.repository.base import Repository, StorageSettings
 
@@ -238,23 +243,10 @@ class _TableExport:
     ) -> Artifact:
         """Through clickhouse-client; the object is removed again unless the tool exits 0
         (its exit status is what proves the stream was whole)."""
-        select = clickhouse_client.NativeSelect(
-            self.client.conn, sql, inspect.NATIVE_SETTINGS, what
+        select = clickhouse_client.native_select(self.client.conn, sql, inspect.NATIVE_SETTINGS)
+        return store_tool_output(
+            self.repo, select, what, lambda source: self._store(name, source, pid, size)
         )
-        source = ReadAhead(select.stdout)
-        try:
-            artifact = self._store(name, cast(IO[bytes], source), pid, size)
-        except BaseException:
-            select.kill()
-            raise
-        finally:
-            source.close()
-        try:
-            select.check()
-        except BaseException:
-            self.repo.delete(artifact.key)
-            raise
-        return artifact
 
     def _store(self, name: str, source: IO[bytes], pid: str | None, size: int | None) -> Artifact:
         return store_artifact(

@@ -27,7 +27,7 @@ from xml.sax.saxutils import escape
 
 from strongroom.engines.clickhouse_conn import ClickHouseConnection
 from strongroom.engines.clickhouse_http import classify
-from strongroom.errors import InvalidInput, ServiceUnavailable, StrongroomError, ToolFailed
+from strongroom.errors import InvalidInput, ServiceUnavailable, ToolFailed
 from strongroom.process import Tool
 from strongroom.redact import register
 
@@ -94,55 +94,45 @@ def _config(conn: ClickHouseConnection) -> bytes:
     ).encode()
 
 
-class NativeSelect:
-    """One running ``clickhouse-client --query "... FORMAT Native"``; ``stdout`` is the data.
-
-    ``check`` raises a classified error unless the tool ended cleanly; ``kill`` stops it."""
-
-    def __init__(
-        self, conn: ClickHouseConnection, sql: str, settings: Mapping[str, object], what: str
-    ) -> None:
-        register(*conn.secrets())
-        path = tool()
-        if path is None:
-            raise ToolFailed(f"{TOOL} is not installed (not on PATH)")
-        self.what = what
-        self.where = f"{conn.host}:{conn.port}"
-        read_end, write_end = os.pipe()
-        try:
-            os.write(write_end, _config(conn))  # a few hundred bytes: fits the pipe
+def native_select(conn: ClickHouseConnection, sql: str, settings: Mapping[str, object]) -> Tool:
+    """A running ``clickhouse-client --query "... FORMAT Native"``: its stdout is the data,
+    its ``check`` raises a classified error unless it ended cleanly."""
+    register(*conn.secrets())
+    path = tool()
+    if path is None:
+        raise ToolFailed(f"{TOOL} is not installed (not on PATH)")
+    where = f"{conn.host}:{conn.port}"
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, _config(conn))  # a few hundred bytes: fits the pipe
+        os.close(write_end)
+        write_end = -1
+        argv = [
+            path,
+            f"--config-file=/dev/fd/{read_end}",
+            f"--host={conn.host}",
+            f"--port={conn.port}",
+            f"--user={conn.user}",
+            f"--compression={1 if wire_compression(conn) else 0}",
+            f"--connect_timeout={max(1, int(conn.connect_timeout))}",
+            *(f"--{name}={value}" for name, value in settings.items()),
+            f"--query={sql}",
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKHOUSE_")}
+        return Tool(
+            argv,
+            env,
+            stdin=subprocess.DEVNULL,
+            pass_fds=(read_end,),
+            classify=lambda _name, what, code, stderr: classify_failure(what, where, code, stderr),
+        )
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
             os.close(write_end)
-            write_end = -1
-            argv = [
-                path,
-                f"--config-file=/dev/fd/{read_end}",
-                f"--host={conn.host}",
-                f"--port={conn.port}",
-                f"--user={conn.user}",
-                f"--compression={1 if wire_compression(conn) else 0}",
-                f"--connect_timeout={max(1, int(conn.connect_timeout))}",
-                *(f"--{name}={value}" for name, value in settings.items()),
-                f"--query={sql}",
-            ]
-            env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKHOUSE_")}
-            self.tool = Tool(argv, env, stdin=subprocess.DEVNULL, pass_fds=(read_end,))
-        finally:
-            os.close(read_end)
-            if write_end >= 0:
-                os.close(write_end)
-        assert self.tool.proc.stdout is not None
-        self.stdout = self.tool.proc.stdout
-
-    def kill(self) -> None:
-        self.tool.kill()
-
-    def check(self) -> None:
-        code = self.tool.wait()
-        if code != 0:
-            raise classify_failure(self.what, self.where, code, self.tool.stderr)
 
 
-def classify_failure(what: str, where: str, code: int, stderr: str) -> StrongroomError | Exception:
+def classify_failure(what: str, where: str, code: int, stderr: str) -> Exception:
     """The error for a failed clickhouse-client: unreachable, refused, missing, or failed."""
     found = _CODE.search(stderr)
     server_code = int(found.group(1)) if found else None

@@ -12,16 +12,22 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any
 
-from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
+from strongroom.artifacts import (
+    claim_backup_id,
+    publish_backup,
+    storage_settings,
+    store_artifact,
+    store_tool_output,
+)
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines import pg_psql
 from strongroom.errors import NotFound
 from strongroom.ids import new_backup_id
 from strongroom.pipeline import Progress
-from strongroom.process import ReadAhead, Tool, tool_path
+from strongroom.process import Tool, tool_path
 from strongroom.redact import register
 from strongroom.repository.base import Repository, StorageSettings
 
@@ -210,13 +216,14 @@ def _store_from_tool(
     meta: dict[str, object] | None = None,
 ) -> Artifact:
     """Store a tool's stdout; the object is removed again unless the tool exits 0."""
-    assert tool.proc.stdout is not None
-    source = ReadAhead(tool.proc.stdout)
-    try:
-        artifact = store_artifact(
+    return store_tool_output(
+        repo,
+        tool,
+        what,
+        lambda source: store_artifact(
             repo,
             key,
-            cast(IO[bytes], source),
+            source,
             name=name,
             content=content,
             encryption=enc,
@@ -224,18 +231,8 @@ def _store_from_tool(
             settings=settings,
             progress=progress,
             meta=meta,
-        )
-    except BaseException:
-        tool.kill()
-        raise
-    finally:
-        source.close()  # stops the read-ahead thread, also when the store failed
-    try:
-        tool.check(what)
-    except BaseException:
-        repo.delete(key)
-        raise
-    return artifact
+        ),
+    )
 
 
 def backup_postgres(
