@@ -33,18 +33,17 @@ Standard library only at load time.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from strongroom.engines import pg_wal_names as names
+from strongroom.engines import pg_wal_spool as spooling
 from strongroom.engines.pg_wal_config import WalConfig
 from strongroom.engines.pg_wal_fast import fetch_dir
 
@@ -54,15 +53,14 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_FATAL = 200
-WAIT_TIMEOUT_S = 3600.0
 LIST_REFRESH_S = 0.5
-LOG_LIMIT = 1024 * 1024
 
 
 @dataclass(frozen=True)
-class FetchSpool:
-    root: Path
-    pg_wal: Path
+class FetchSpool(spooling.WorkerSpool):
+    """``<spool>/fetch/``: the cache, markers, the fetcher's lock and log."""
+
+    worker = "fetcher"
 
     @classmethod
     def for_config(cls, cfg: WalConfig, pg_wal: Path) -> FetchSpool:
@@ -77,60 +75,13 @@ class FetchSpool:
         return self.root / "miss"
 
     @property
-    def err(self) -> Path:
-        return self.root / "err"
-
-    @property
-    def want(self) -> Path:
-        return self.root / "want"
-
-    @property
     def took(self) -> Path:
         """The file a restore_command took from the cache last."""
         return self.root / "took"
 
     @property
-    def lock(self) -> Path:
-        return self.root / "fetcher.lock"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "fetcher.log"
-
-    def ensure(self) -> None:
-        for path in (self.seg, self.miss, self.err):
-            path.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _take(path: Path) -> dict[str, object] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    with contextlib.suppress(OSError):
-        path.unlink()
-    return dict(data)
-
-
-def _lock_held(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    def folders(self) -> tuple[Path, ...]:
+        return (self.seg, self.miss, self.err)
 
 
 def _place(source: Path, dest: Path) -> None:
@@ -211,7 +162,7 @@ class Fetcher:
             sys.stderr.write(f"{time.time():.3f} cached {name}\n")
 
     def mark(self, folder: Path, name: str, message: str) -> None:
-        _write_atomic(folder / name, json.dumps({"error": message, "at": time.time()}).encode())
+        spooling.write_marker(folder / name, {"error": message, "at": time.time()})
 
     def verdict_missing(self, name: str, *, refreshed: bool) -> None:
         """``name`` is not archived: a gap (fatal) or simply not there (yet)."""
@@ -304,9 +255,7 @@ class Fetcher:
                         continue
                     busy[pool.submit(self.fetch_one, name)] = name
                 if busy:
-                    done, _ = wait(list(busy), timeout=0.02, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        busy.pop(future)
+                    spooling.drop_finished(busy, timeout=0.02)
                     last_activity = time.monotonic()
                     continue
                 if time.monotonic() - last_activity >= linger_s:
@@ -362,59 +311,27 @@ def _read_want(spool: FetchSpool) -> str:
 def run_fetcher(cfg: WalConfig, pg_wal: Path) -> int:
     """The detached fetcher process (``strongroom-wal fetch-worker``)."""
     spool = FetchSpool.for_config(cfg, pg_wal)
-    spool.ensure()
-    fd = os.open(spool.lock, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return EXIT_OK  # another fetcher is running
-        try:
-            Fetcher(cfg, spool).run(cfg.fetch_linger_s)
-        except Exception as exc:  # cannot open the repository or read the key
-            from strongroom.redact import scrub
 
-            message = scrub(f"{type(exc).__name__}: {exc}")
-            sys.stderr.write(f"strongroom fetcher: {message}\n")
-            want = _read_want(spool)
-            if want:
-                _write_atomic(
-                    spool.err / want, json.dumps({"error": message, "at": time.time()}).encode()
-                )
-            return EXIT_FATAL
-        finally:
-            for entry in os.listdir(spool.seg):  # nothing cached outlives the fetcher
-                with contextlib.suppress(OSError):
-                    (spool.seg / entry).unlink()
-    finally:
-        os.close(fd)
-    return EXIT_OK
+    def work() -> None:
+        Fetcher(cfg, spool).run(cfg.fetch_linger_s)
+
+    def failed(exc: Exception, message: str) -> int:
+        """The fetcher cannot start (no repository, no key): tell the waiting file."""
+        want = _read_want(spool)
+        if want:
+            spooling.write_marker(spool.err / want, {"error": message, "at": time.time()})
+        return EXIT_FATAL
+
+    def empty_cache() -> None:
+        for entry in os.listdir(spool.seg):  # nothing cached outlives the fetcher
+            with contextlib.suppress(OSError):
+                (spool.seg / entry).unlink()
+
+    return spooling.run_worker(spool, work, failed, cleanup=empty_cache)
 
 
 def _spawn_fetcher(cfg: WalConfig, spool: FetchSpool) -> subprocess.Popen[bytes]:
-    if spool.log.exists() and spool.log.stat().st_size > LOG_LIMIT:
-        spool.log.unlink()
-    log = os.open(spool.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                *(["-S"] if sys.flags.no_site else []),
-                "-m",
-                "strongroom.wal_cli",
-                "fetch-worker",
-                "--config",
-                cfg.path,
-                "--pg-wal",
-                str(spool.pg_wal),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,  # PostgreSQL's startup process must not wait for it
-        )
-    finally:
-        os.close(log)
+    return spooling.spawn_worker(spool, cfg.path, "fetch-worker")
 
 
 def _fetch_sync(cfg: WalConfig, name: str, dest: Path) -> tuple[int, str]:
@@ -467,38 +384,32 @@ def wal_fetch(cfg: WalConfig, name: str, dest_path: str) -> tuple[int, str]:
     cached = spool.seg / name
     with contextlib.suppress(FileNotFoundError):
         _place(cached, dest)
-        _write_atomic(spool.took, name.encode())  # the fetcher moves its window on
+        spooling.write_atomic(spool.took, name.encode())  # the fetcher moves its window on
         return EXIT_OK, ""
     spool.ensure()
-    error = _take(spool.err / name)
+    error = spooling.take_marker(spool.err / name)
     if error is not None:
         return EXIT_FATAL, str(error.get("error", "fetch failed"))
     asked = time.time()
-    _write_atomic(spool.want, name.encode())
-    deadline = time.monotonic() + WAIT_TIMEOUT_S
-    spawned: subprocess.Popen[bytes] | None = None
-    spawns = 0
-    delay = 0.002
-    while time.monotonic() < deadline:
+    spooling.write_atomic(spool.want, name.encode())
+
+    def answer() -> tuple[int, str] | None:
         with contextlib.suppress(FileNotFoundError):
             _place(cached, dest)
-            _write_atomic(spool.took, name.encode())
+            spooling.write_atomic(spool.took, name.encode())
             return EXIT_OK, ""
-        error = _take(spool.err / name)
+        error = spooling.take_marker(spool.err / name)
         if error is not None:
             return EXIT_FATAL, str(error.get("error", "fetch failed"))
-        miss = _take(spool.miss / name)
+        miss = spooling.take_marker(spool.miss / name)
         if miss is not None and float(str(miss.get("at", 0))) >= asked:
             return EXIT_NOT_FOUND, f"{name} is not in the archive"
         # (an older "miss" answered an earlier request: the fetcher looks again)
-        alive = (spawned is not None and spawned.poll() is None) or _lock_held(spool.lock)
-        if not alive:
-            if spawns >= 2:
-                break
-            spawned = _spawn_fetcher(cfg, spool)
-            spawns += 1
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.02)
-    if _lock_held(spool.lock):
+        return None
+
+    found = spooling.await_worker(spool, answer, lambda: _spawn_fetcher(cfg, spool))
+    if found is not None:
+        return found
+    if spooling.lock_held(spool.lock):
         return EXIT_FATAL, f"timed out waiting for the fetcher to restore {name}"
     return _fetch_sync(cfg, name, dest)

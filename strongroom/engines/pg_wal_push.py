@@ -28,21 +28,18 @@ crypto stack is imported by the pusher.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from strongroom.engines import pg_wal_names as names
+from strongroom.engines import pg_wal_spool as spooling
 from strongroom.engines.pg_wal_config import WalConfig
 from strongroom.engines.pg_wal_fast import (
     file_identity,
@@ -51,23 +48,22 @@ from strongroom.engines.pg_wal_fast import (
     ok_dir,
     push_dir,
 )
+from strongroom.engines.pg_wal_spool import lock_held  # the tests import it from here
 
 if TYPE_CHECKING:
     from strongroom.repository.base import Repository
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-WAIT_TIMEOUT_S = 3600.0
-LOG_LIMIT = 1024 * 1024
 
 
 @dataclass(frozen=True)
-class PushSpool:
+class PushSpool(spooling.WorkerSpool):
     """``<spool>/push/``: markers, the pusher's lock and log."""
 
-    root: Path
-    pg_wal: Path
     repo_id: str
+
+    worker = "pusher"
 
     @classmethod
     def for_config(cls, cfg: WalConfig, pg_wal: Path) -> PushSpool:
@@ -80,35 +76,12 @@ class PushSpool:
         return Path(ok_dir(str(self.root), self.repo_id))
 
     @property
-    def err(self) -> Path:
-        return self.root / "err"
-
-    @property
-    def want(self) -> Path:
-        """Files a waiting archive_command asked for (pushed first, .ready or not)."""
-        return self.root / "want"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / "pusher.lock"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "pusher.log"
+    def folders(self) -> tuple[Path, ...]:
+        return (self.ok, self.err, self.want)
 
     @property
     def status(self) -> Path:
         return self.pg_wal / "archive_status"
-
-    def ensure(self) -> None:
-        for path in (self.ok, self.err, self.want):
-            path.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def marker_valid(spool: PushSpool, cfg: WalConfig, name: str) -> bool:
@@ -118,14 +91,10 @@ def marker_valid(spool: PushSpool, cfg: WalConfig, name: str) -> bool:
 
 def take_error(spool: PushSpool, name: str) -> tuple[int, str] | None:
     """Consume the pusher's error marker for ``name``: (exit code, message)."""
-    path = spool.err / name
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    record = spooling.take_marker(spool.err / name)
+    if record is None:
         return None
-    with contextlib.suppress(OSError):
-        path.unlink()
-    return int(data.get("exit_code", EXIT_FAILED)), str(data.get("error", "push failed"))
+    return int(record.get("exit_code", EXIT_FAILED)), str(record.get("error", "push failed"))
 
 
 def _listdir(path: Path) -> list[str]:
@@ -155,35 +124,6 @@ def ready_names(spool: PushSpool) -> list[str]:
 
 
 # ----------------------------------------------------------------- the pusher
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[bool]:
-    """Hold an exclusive, non-blocking flock on ``path``; yields False if another holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
-def lock_held(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 class Pusher:
@@ -245,15 +185,15 @@ class Pusher:
             )
         except FileNotFoundError:
             outcome = {"exit_code": 3, "error": f"{path} does not exist"}
-            _write_atomic(self.spool.err / name, json.dumps(outcome))
+            spooling.write_marker(self.spool.err / name, outcome)
             return outcome
         except StrongroomError as exc:
             outcome = {"exit_code": exc.exit_code, "error": scrub(str(exc))}
-            _write_atomic(self.spool.err / name, json.dumps(outcome))
+            spooling.write_marker(self.spool.err / name, outcome)
             return outcome
         except Exception as exc:
             outcome = {"exit_code": EXIT_FAILED, "error": scrub(f"{type(exc).__name__}: {exc}")}
-            _write_atomic(self.spool.err / name, json.dumps(outcome))
+            spooling.write_marker(self.spool.err / name, outcome)
             return outcome
         self._mark_ok(path, name, format_marker(before, self.cfg.repo_identity(), result.sha256))
         self.pushed += 1
@@ -322,7 +262,7 @@ class Pusher:
         except OSError:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            _write_atomic(final, record)
+            spooling.write_atomic(final, record.encode())
 
     def clean_markers(self) -> None:
         """Drop markers of files PostgreSQL has marked done (or removed), and those
@@ -366,9 +306,7 @@ class Pusher:
                         busy[pool.submit(self.push_one, name)] = name
                         started += 1
                 if busy:
-                    done, _ = wait(list(busy), timeout=0.05, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        busy.pop(future)
+                    spooling.drop_finished(busy, timeout=0.05)
                     idle_since = time.monotonic()
                     continue
                 if (limit is not None and started >= limit) or (
@@ -382,52 +320,25 @@ class Pusher:
 def run_pusher(cfg: WalConfig, pg_wal: Path) -> int:
     """The detached pusher process (``strongroom-wal push-worker``)."""
     spool = PushSpool.for_config(cfg, pg_wal)
-    spool.ensure()
-    with _exclusive(spool.lock) as mine:
-        if not mine:
-            return EXIT_OK  # another pusher is running
-        try:
-            Pusher(cfg, spool).run(linger_s=cfg.push_linger_s)
-        except Exception as exc:  # cannot even open the repository: tell the waiters
-            from strongroom.errors import StrongroomError
-            from strongroom.redact import scrub
 
-            code = exc.exit_code if isinstance(exc, StrongroomError) else EXIT_FAILED
-            message = scrub(f"{type(exc).__name__}: {exc}")
-            sys.stderr.write(f"strongroom pusher: {message}\n")
-            for name in ready_names(spool):
-                if not marker_valid(spool, cfg, name):
-                    _write_atomic(
-                        spool.err / name, json.dumps({"exit_code": code, "error": message})
-                    )
-            return code
-    return EXIT_OK
+    def work() -> None:
+        Pusher(cfg, spool).run(linger_s=cfg.push_linger_s)
+
+    def failed(exc: Exception, message: str) -> int:
+        """The pusher cannot even open the repository: tell the waiters."""
+        from strongroom.errors import StrongroomError
+
+        code = exc.exit_code if isinstance(exc, StrongroomError) else EXIT_FAILED
+        for name in ready_names(spool):
+            if not marker_valid(spool, cfg, name):
+                spooling.write_marker(spool.err / name, {"exit_code": code, "error": message})
+        return code
+
+    return spooling.run_worker(spool, work, failed)
 
 
 def _spawn_pusher(cfg: WalConfig, spool: PushSpool) -> subprocess.Popen[bytes]:
-    if spool.log.exists() and spool.log.stat().st_size > LOG_LIMIT:
-        spool.log.unlink()
-    log = os.open(spool.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                *(["-S"] if sys.flags.no_site else []),
-                "-m",
-                "strongroom.wal_cli",
-                "push-worker",
-                "--config",
-                cfg.path,
-                "--pg-wal",
-                str(spool.pg_wal),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,  # PostgreSQL's archiver must not wait for it
-        )
-    finally:
-        os.close(log)
+    return spooling.spawn_worker(spool, cfg.path, "push-worker")
 
 
 def wal_push(cfg: WalConfig, wal_path: str, *, mode: str | None = None) -> tuple[int, str]:
@@ -460,7 +371,7 @@ def _outcome(spool: PushSpool, cfg: WalConfig, name: str) -> tuple[int, str] | N
 
 
 def _push_sync(cfg: WalConfig, spool: PushSpool, name: str) -> tuple[int, str]:
-    with _exclusive(spool.lock) as mine:
+    with spooling.exclusive(spool.lock) as mine:
         if mine:
             pusher = Pusher(cfg, spool)
             # this file first, plus the next ready ones (bounded) while we are here
@@ -476,22 +387,14 @@ def _push_sync(cfg: WalConfig, spool: PushSpool, name: str) -> tuple[int, str]:
 def _push_async(
     cfg: WalConfig, spool: PushSpool, name: str, *, fallback: bool = True
 ) -> tuple[int, str]:
-    deadline = time.monotonic() + WAIT_TIMEOUT_S
-    spawned: subprocess.Popen[bytes] | None = None
-    spawns = 0
-    delay = 0.002
-    while time.monotonic() < deadline:
-        found = _outcome(spool, cfg, name)
-        if found is not None:
-            return found
-        alive = (spawned is not None and spawned.poll() is None) or lock_held(spool.lock)
-        if not alive:
-            if spawns >= 2 or not fallback:
-                break
-            spawned = _spawn_pusher(cfg, spool)
-            spawns += 1
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.02)
+    found = spooling.await_worker(
+        spool,
+        lambda: _outcome(spool, cfg, name),
+        lambda: _spawn_pusher(cfg, spool),
+        spawns_allowed=2 if fallback else 0,
+    )
+    if found is not None:
+        return found
     if lock_held(spool.lock):
         return EXIT_FAILED, f"timed out waiting for the pusher to archive {name}"
     # the pusher keeps failing to start: push this file ourselves
