@@ -5,43 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from blocks.clickhouse import ClickHouseTarget
 from flows.audit import AUDITED
 from flows.common import (
-    RETRY_DELAY_S,
-    TRANSIENT_RETRIES,
+    TRANSIENT_TASK,
+    artifact_totals,
     human_size,
-    load_key,
-    load_repository,
     publish,
-    retry_transient,
     secure_logging,
 )
-from flows.locks import target_lock
-from flows.retention import policy_lock
+from flows.engine_runs import open_backup, open_restore
 from strongroom import progress
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.clickhouse import backup_clickhouse
 from strongroom.engines.clickhouse_conn import ClickHouseConnection
 from strongroom.engines.clickhouse_restore import ChRestoreRequest, restore_clickhouse
-from strongroom.redact import register
 from strongroom.repository import Repository
 
 
-def _target(name: str) -> ClickHouseConnection:
-    conn = ClickHouseTarget.load(name).to_connection(name)  # type: ignore[union-attr]
-    register(*conn.secrets())
-    return conn
-
-
-@task(
-    retries=TRANSIENT_RETRIES,
-    retry_delay_seconds=RETRY_DELAY_S,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@task(**TRANSIENT_TASK)
 def dump_clickhouse(
     conn: ClickHouseConnection,
     repo: Repository,
@@ -64,14 +47,11 @@ def backup_clickhouse_flow(
 ) -> dict[str, Any]:
     """Back up every configured database of ClickHouse ``target`` (schema and data)."""
     secure_logging()
-    conn = _target(target)
-    repo, repo_config = load_repository(repository)
-    repo_config = policy_lock(repo, repo_config, "clickhouse", target)
-    enc = load_key(encryption_key)
+    run = open_backup(ClickHouseTarget, "clickhouse", target, repository, encryption_key)
     log = get_run_logger()
-    log.info("backing up ClickHouse target %s into %s", target, repo.describe())
-    with target_lock("clickhouse", target):
-        manifest = dump_clickhouse(conn, repo, repo_config, enc, labels or {})
+    log.info("backing up ClickHouse target %s into %s", target, run.repo.describe())
+    with run.locked():
+        manifest = dump_clickhouse(run.conn, run.repo, run.repo_config, run.enc, labels or {})
     sizes: dict[tuple[str, str], int] = {}
     for a in manifest["artifacts"]:
         meta = a.get("meta", {})
@@ -90,14 +70,13 @@ def backup_clickhouse_flow(
         for db in manifest["details"]["databases"]
         for t in db["tables"]
     ]
-    raw = sum(a["raw_size"] for a in manifest["artifacts"])
-    stored = sum(a["stored_size"] for a in manifest["artifacts"])
+    raw, stored = artifact_totals(manifest)
     publish(
         f"ClickHouse backup {manifest['backup_id']}",
         f"backup-clickhouse-{target}",
         [
             f"- target: `{target}` (ClickHouse {manifest['server']['version']})",
-            f"- repository: `{repo.describe()}`",
+            f"- repository: `{run.repo.describe()}`",
             f"- databases: {len(manifest['details']['databases'])}, tables and views: "
             f"{len(rows)}, artifacts: {len(manifest['artifacts'])}",
             f"- data {human_size(raw)}, stored {human_size(stored)}",
@@ -110,12 +89,7 @@ def backup_clickhouse_flow(
     return manifest
 
 
-@task(
-    retries=TRANSIENT_RETRIES,
-    retry_delay_seconds=RETRY_DELAY_S,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@task(**TRANSIENT_TASK)
 def run_clickhouse_restore(
     conn: ClickHouseConnection, repo: Repository, enc: EncryptionConfig, req: ChRestoreRequest
 ) -> dict[str, Any]:
@@ -152,12 +126,10 @@ def restore_clickhouse_flow(
         drop_existing=drop_existing,
         dry_run=dry_run,
     )
-    conn = _target(target)
-    repo, _ = load_repository(repository)
-    enc = load_key(encryption_key)
+    run = open_restore(ClickHouseTarget, "clickhouse", target, repository, encryption_key)
     log = get_run_logger()
-    with target_lock("clickhouse", target):
-        report = run_clickhouse_restore(conn, repo, enc, req)
+    with run.locked():
+        report = run_clickhouse_restore(run.conn, run.repo, run.enc, req)
     dry = bool(report.get("dry_run"))
     verb = "would restore" if dry else "restored"
     into = ", ".join(f"`{s}` -> `{t}`" for s, t in report["databases"].items())

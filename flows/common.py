@@ -7,6 +7,7 @@ from typing import Any
 
 from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
@@ -47,6 +48,23 @@ def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) 
     except Exception:
         return False
     return False
+
+
+# ``@task(**TRANSIENT_TASK)``: retried only on transient failures (``retry_transient``),
+# never cached (the arguments hold connections, repositories and keys).
+TRANSIENT_TASK: dict[str, Any] = {
+    "retries": TRANSIENT_RETRIES,
+    "retry_delay_seconds": RETRY_DELAY_S,
+    "retry_condition_fn": retry_transient,
+    "cache_policy": NO_CACHE,
+}
+
+
+def artifact_totals(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(raw, stored) bytes summed over a backup manifest's artifacts (JSON form)."""
+    raw = sum(a["raw_size"] for a in manifest["artifacts"])
+    stored = sum(a["stored_size"] for a in manifest["artifacts"])
+    return raw, stored
 
 
 def _slug(text: str) -> str:

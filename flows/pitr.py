@@ -21,17 +21,15 @@ from prefect.cache_policies import NO_CACHE
 from blocks import PostgresTarget
 from flows.audit import AUDITED
 from flows.common import (
-    RETRY_DELAY_S,
-    TRANSIENT_RETRIES,
+    TRANSIENT_TASK,
+    artifact_totals,
     human_size,
     load_key,
     load_repository,
     publish,
-    retry_transient,
     secure_logging,
 )
-from flows.locks import target_lock
-from flows.retention import policy_lock
+from flows.engine_runs import load_target, open_backup
 from strongroom import progress
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.pg_basebackup import base_backup_postgres, base_backups
@@ -41,15 +39,7 @@ from strongroom.engines.pg_pitr_restore import pitr_restore
 from strongroom.engines.pg_wal_check import wal_check
 from strongroom.engines.pg_wal_config import write_wal_config
 from strongroom.errors import IntegrityError
-from strongroom.redact import register
 from strongroom.repository import Repository
-
-
-def _target(name: str) -> tuple[PostgresConnection, PostgresTarget]:
-    block = PostgresTarget.load(name)
-    conn = block.to_connection(name)  # type: ignore[union-attr]
-    register(*conn.secrets())
-    return conn, block  # type: ignore[return-value]
 
 
 def write_wal_config_from_blocks(
@@ -83,12 +73,7 @@ def write_wal_config_from_blocks(
     return str(written)
 
 
-@task(
-    retries=TRANSIENT_RETRIES,
-    retry_delay_seconds=RETRY_DELAY_S,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@task(**TRANSIENT_TASK)
 def take_base_backup(
     conn: PostgresConnection,
     repo: Repository,
@@ -129,10 +114,7 @@ def base_backup_postgresql(
     ``archive_command = 'strongroom-wal push %p'`` reads on the database host.
     """
     secure_logging()
-    conn, _ = _target(target)
-    repo, repo_config = load_repository(repository)
-    repo_config = policy_lock(repo, repo_config, "postgresql", target, kind="base")
-    enc = load_key(encryption_key)
+    run = open_backup(PostgresTarget, "postgresql", target, repository, encryption_key, kind="base")
     log = get_run_logger()
     if wal_config_path:
         written = write_wal_config_from_blocks(
@@ -143,14 +125,19 @@ def base_backup_postgresql(
             owner=wal_config_owner,
         )
         log.info("wrote the WAL configuration %s", written)
-    log.info("base backup of PostgreSQL target %s into %s", target, repo.describe())
-    with target_lock("postgresql", target):
+    log.info("base backup of PostgreSQL target %s into %s", target, run.repo.describe())
+    with run.locked():
         manifest = take_base_backup(
-            conn, repo, repo_config, enc, labels or {}, manifest_checksums, wal_timeout_s
+            run.conn,
+            run.repo,
+            run.repo_config,
+            run.enc,
+            labels or {},
+            manifest_checksums,
+            wal_timeout_s,
         )
     d = manifest["details"]
-    stored = sum(a["stored_size"] for a in manifest["artifacts"])
-    raw = sum(a["raw_size"] for a in manifest["artifacts"])
+    raw, stored = artifact_totals(manifest)
     publish(
         f"PostgreSQL base backup {manifest['backup_id']}",
         f"base-backup-postgresql-{target}",
@@ -307,12 +294,7 @@ def pitr_restore_postgresql(
     return report
 
 
-@task(
-    retries=TRANSIENT_RETRIES,
-    retry_delay_seconds=RETRY_DELAY_S,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@task(**TRANSIENT_TASK)
 def make_restore_point(
     conn: PostgresConnection, repo: Repository, name: str, wait_s: float
 ) -> dict[str, Any]:
@@ -325,7 +307,7 @@ def create_restore_point_postgresql(
 ) -> dict[str, Any]:
     """Create a named restore point on ``target`` and wait until its WAL is archived."""
     secure_logging()
-    conn, _ = _target(target)
+    conn = load_target(PostgresTarget, target)
     repo, _ = load_repository(repository)
     record = make_restore_point(conn, repo, name, wait_s)
     publish(

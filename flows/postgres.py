@@ -5,42 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from blocks import PostgresTarget
 from flows.audit import AUDITED
 from flows.common import (
-    RETRY_DELAY_S,
-    TRANSIENT_RETRIES,
+    TRANSIENT_TASK,
+    artifact_totals,
     human_size,
-    load_key,
-    load_repository,
     publish,
-    retry_transient,
     secure_logging,
 )
-from flows.locks import target_lock
-from flows.retention import policy_lock
+from flows.engine_runs import open_backup, open_restore
 from strongroom import progress
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.postgres import backup_postgres
 from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
-from strongroom.redact import register
 from strongroom.repository import Repository
 
 
-def _target(name: str) -> PostgresConnection:
-    conn = PostgresTarget.load(name).to_connection(name)  # type: ignore[union-attr]
-    register(*conn.secrets())
-    return conn
-
-
-@task(
-    retries=TRANSIENT_RETRIES,
-    retry_delay_seconds=RETRY_DELAY_S,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@task(**TRANSIENT_TASK)
 def dump_databases(
     conn: PostgresConnection,
     repo: Repository,
@@ -63,14 +46,11 @@ def backup_postgresql(
 ) -> dict[str, Any]:
     """Dump every configured database of ``target`` into the repository."""
     secure_logging()
-    conn = _target(target)
-    repo, repo_config = load_repository(repository)
-    repo_config = policy_lock(repo, repo_config, "postgresql", target)
-    enc = load_key(encryption_key)
+    run = open_backup(PostgresTarget, "postgresql", target, repository, encryption_key)
     log = get_run_logger()
-    log.info("backing up PostgreSQL target %s into %s", target, repo.describe())
-    with target_lock("postgresql", target):
-        manifest = dump_databases(conn, repo, repo_config, enc, labels or {})
+    log.info("backing up PostgreSQL target %s into %s", target, run.repo.describe())
+    with run.locked():
+        manifest = dump_databases(run.conn, run.repo, run.repo_config, run.enc, labels or {})
     rows = [
         {
             "database": db["name"],
@@ -80,14 +60,13 @@ def backup_postgresql(
         }
         for db in manifest["details"]["databases"]
     ]
-    raw = sum(a["raw_size"] for a in manifest["artifacts"])
-    stored = sum(a["stored_size"] for a in manifest["artifacts"])
+    raw, stored = artifact_totals(manifest)
     publish(
         f"PostgreSQL backup {manifest['backup_id']}",
         f"backup-postgresql-{target}",
         [
             f"- target: `{target}` ({manifest['server']['version']})",
-            f"- repository: `{repo.describe()}`",
+            f"- repository: `{run.repo.describe()}`",
             f"- artifacts: {len(manifest['artifacts'])}, dump {human_size(raw)}, "
             f"stored {human_size(stored)}",
             f"- finished: {manifest['finished_at']}",
@@ -98,12 +77,7 @@ def backup_postgresql(
     return manifest
 
 
-@task(
-    retries=TRANSIENT_RETRIES,
-    retry_delay_seconds=RETRY_DELAY_S,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@task(**TRANSIENT_TASK)
 def run_restore(
     conn: PostgresConnection, repo: Repository, enc: EncryptionConfig, req: PgRestoreRequest
 ) -> dict[str, Any]:
@@ -144,12 +118,10 @@ def restore_postgresql(
         no_owner=no_owner,
         jobs=jobs,
     )
-    conn = _target(target)
-    repo, _ = load_repository(repository)
-    enc = load_key(encryption_key)
+    run = open_restore(PostgresTarget, "postgresql", target, repository, encryption_key)
     log = get_run_logger()
-    with target_lock("postgresql", target):
-        report = run_restore(conn, repo, enc, req)
+    with run.locked():
+        report = run_restore(run.conn, run.repo, run.enc, req)
     checks = report.get("row_checks", [])
     verb = "would restore" if report.get("dry_run") else "restored"
     publish(

@@ -5,43 +5,20 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from blocks.redis import RedisTarget
 from flows.audit import AUDITED
-from flows.common import (
-    RETRY_DELAY_S,
-    TRANSIENT_RETRIES,
-    human_size,
-    load_key,
-    load_repository,
-    publish,
-    retry_transient,
-    secure_logging,
-)
-from flows.locks import target_lock
-from flows.retention import policy_lock
+from flows.common import TRANSIENT_TASK, human_size, publish, secure_logging
+from flows.engine_runs import open_backup, open_restore
 from strongroom import progress
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.redis import backup_redis
 from strongroom.engines.redis_conn import BackupMethod, RedisConnection
 from strongroom.engines.redis_restore import RedisRestoreRequest, restore_redis
-from strongroom.redact import register
 from strongroom.repository import Repository
 
 
-def _target(name: str) -> RedisConnection:
-    conn = RedisTarget.load(name).to_connection(name)  # type: ignore[union-attr]
-    register(*conn.secrets())
-    return conn
-
-
-@task(
-    retries=TRANSIENT_RETRIES,
-    retry_delay_seconds=RETRY_DELAY_S,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@task(**TRANSIENT_TASK)
 def snapshot_redis(
     conn: RedisConnection,
     repo: Repository,
@@ -66,14 +43,15 @@ def backup_redis_flow(
 ) -> dict[str, Any]:
     """Snapshot ``target`` into the repository (replication SYNC, or a recorded fallback)."""
     secure_logging()
-    conn = _target(target)
-    repo, repo_config = load_repository(repository)
-    repo_config = policy_lock(repo, repo_config, "redis", target)
-    enc = load_key(encryption_key)
+    run = open_backup(RedisTarget, "redis", target, repository, encryption_key)
     log = get_run_logger()
-    log.info("backing up Redis target %s (%s) into %s", target, conn.address, repo.describe())
-    with target_lock("redis", target):
-        manifest = snapshot_redis(conn, repo, repo_config, enc, labels or {}, method)
+    log.info(
+        "backing up Redis target %s (%s) into %s", target, run.conn.address, run.repo.describe()
+    )
+    with run.locked():
+        manifest = snapshot_redis(
+            run.conn, run.repo, run.repo_config, run.enc, labels or {}, method
+        )
     details = manifest["details"]
     for attempt in details.get("attempts", []):
         log.warning("method %s %s: %s", attempt["method"], attempt["outcome"], attempt["reason"])
@@ -97,7 +75,7 @@ def backup_redis_flow(
                 else ""
             ),
             f"- RDB version: {details.get('rdb_version')}",
-            f"- repository: `{repo.describe()}`",
+            f"- repository: `{run.repo.describe()}`",
             f"- {artifact['name']}: {human_size(artifact['raw_size'])}, "
             f"stored {human_size(artifact['stored_size'])}",
             f"- finished: {manifest['finished_at']}",
@@ -113,12 +91,7 @@ def backup_redis_flow(
     return manifest
 
 
-@task(
-    retries=TRANSIENT_RETRIES,
-    retry_delay_seconds=RETRY_DELAY_S,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@task(**TRANSIENT_TASK)
 def run_redis_restore(
     conn: RedisConnection, repo: Repository, enc: EncryptionConfig, req: RedisRestoreRequest
 ) -> dict[str, Any]:
@@ -151,12 +124,10 @@ def restore_redis_flow(
         dry_run=dry_run,
         copy_method=copy_method,
     )
-    conn = _target(target)
-    repo, _ = load_repository(repository)
-    enc = load_key(encryption_key)
+    run = open_restore(RedisTarget, "redis", target, repository, encryption_key)
     log = get_run_logger()
-    with target_lock("redis", target):
-        report = run_redis_restore(conn, repo, enc, req)
+    with run.locked():
+        report = run_redis_restore(run.conn, run.repo, run.enc, req)
     planned = bool(report.get("dry_run"))
     checks = report.get("key_checks", [])
     lines = [
