@@ -677,15 +677,24 @@ def test_transport_choice_and_wire_compression() -> None:
     ):
         assert chclient.wire_compression(base.model_copy(update={"host": host})) is compressed
     assert chclient.wire_compression(base.model_copy(update={"wire_compression": True}))
+    small, big = chclient.NATIVE_MIN_BYTES - 1, chclient.NATIVE_MIN_BYTES
+    assert chclient.for_export(base, chclient.NATIVE, small) == chclient.HTTP
+    assert chclient.for_export(base, chclient.NATIVE, big) == chclient.NATIVE
+    assert chclient.for_export(base, chclient.NATIVE, None) == chclient.HTTP  # Log tables
+    forced = base.model_copy(update={"export_via": "clickhouse-client"})
+    assert chclient.for_export(forced, chclient.NATIVE, small) == chclient.NATIVE
 
 
 def test_both_transports_store_the_same_content(
     ch: Server, source: str, local_repo: Repo, age_key: EncryptionConfig
 ) -> None:
     """The same tables through clickhouse-client and over HTTP: same rows, same
-    fingerprints, the transport on record; the HTTP backup restores as well."""
-    native = backup(ch, source, local_repo, age_key)
+    fingerprints, the transport on record; the HTTP backup restores as well. In auto
+    mode, exports this small go over HTTP (the tool's start-up would cost more)."""
+    native = backup(ch, source, local_repo, age_key, export_via="clickhouse-client")
     http_ = backup(ch, source, local_repo, age_key, export_via="http")
+    auto = backup(ch, source, local_repo, age_key)
+    assert {a.meta.get("transport") for a in auto.artifacts} == {None, "http"}  # schema: None
     assert native.tool_versions["transport"] == "native"
     assert "18.16" in native.tool_versions["clickhouse-client"]
     assert http_.tool_versions["transport"] == "http"

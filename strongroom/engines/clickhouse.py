@@ -226,11 +226,12 @@ class _TableExport:
         name = f"{self.prefix}/{file}.native"
         what = f"export of {self.database}.{self.table}" + (f" partition {pid}" if pid else "")
         sql = f"SELECT * FROM {qualified(self.database, self.table)}{where} FORMAT Native"
-        if self.transport == clickhouse_client.NATIVE:
+        via = clickhouse_client.for_export(self.client.conn, self.transport, size)
+        if via == clickhouse_client.NATIVE:
             return self._one_native(name, sql, what, pid, size)
         stream = self.client.select_stream(sql, settings=inspect.NATIVE_SETTINGS, what=what)
         try:
-            return self._store(name, cast(IO[bytes], stream), pid, size)
+            return self._store(name, cast(IO[bytes], stream), pid, size, via)
         except BaseException as exc:
             if stream.error is not None and stream.error is not exc:
                 raise stream.error from None
@@ -245,10 +246,15 @@ class _TableExport:
         (its exit status is what proves the stream was whole)."""
         select = clickhouse_client.native_select(self.client.conn, sql, inspect.NATIVE_SETTINGS)
         return store_tool_output(
-            self.repo, select, what, lambda source: self._store(name, source, pid, size)
+            self.repo,
+            select,
+            what,
+            lambda source: self._store(name, source, pid, size, clickhouse_client.NATIVE),
         )
 
-    def _store(self, name: str, source: IO[bytes], pid: str | None, size: int | None) -> Artifact:
+    def _store(
+        self, name: str, source: IO[bytes], pid: str | None, size: int | None, via: str
+    ) -> Artifact:
         return store_artifact(
             self.repo,
             data_key(ENGINE, self.target, self.bid, name),
@@ -264,7 +270,7 @@ class _TableExport:
                 "table": self.obj["name"],
                 "data_table": self.table,
                 "partition_id": pid,
-                "transport": self.transport,
+                "transport": via,
             },
         )
 
