@@ -450,28 +450,21 @@ def _check_versions(repo: Repository, problems: list[ChainProblem]) -> bool:
 
     if not isinstance(repo, S3Repository):
         return False
-    # The repository has no public version-listing call yet; use its client directly.
-    client = repo._client
-    prefix = f"{repo.root}/{AUDIT_PREFIX}" if repo.root else AUDIT_PREFIX
     try:
-        status = client.get_bucket_versioning(Bucket=repo.bucket).get("Status")
-        if status != "Enabled":
+        if repo.bucket_versioning() != "Enabled":
             return False
         counts: dict[str, int] = {}
         deleted: set[str] = set()
-        for page in client.get_paginator("list_object_versions").paginate(
-            Bucket=repo.bucket, Prefix=prefix
-        ):
-            for version in page.get("Versions", []):
-                counts[version["Key"]] = counts.get(version["Key"], 0) + 1
-            for marker in page.get("DeleteMarkers", []):
-                deleted.add(marker["Key"])
+        for version in repo.list_versions(AUDIT_PREFIX):
+            if version.delete_marker:
+                deleted.add(version.key)
+            else:
+                counts[version.key] = counts.get(version.key, 0) + 1
     except Exception as exc:  # permissions may not allow it: say so, do not fail
         log.warning("could not list audit object versions in %s: %s", repo.describe(), exc)
         return False
-    for full_key, n in sorted(counts.items()):
+    for key, n in sorted(counts.items()):
         if n > 1:
-            key = full_key[len(prefix) - len(AUDIT_PREFIX) :]
             problems.append(
                 ChainProblem(
                     _seq_of(key),
@@ -479,8 +472,7 @@ def _check_versions(repo: Repository, problems: list[ChainProblem]) -> bool:
                     f"{key} has {n} versions: it was overwritten after it was written",
                 )
             )
-    for full_key in sorted(deleted):
-        key = full_key[len(prefix) - len(AUDIT_PREFIX) :]
+    for key in sorted(deleted):
         problems.append(
             ChainProblem(_seq_of(key), "deleted", f"{key} has a delete marker: it was deleted")
         )

@@ -267,7 +267,7 @@ class Evidence:
         self._given_anchors = dict(anchors or {})
         self.read_problems: list[str] = []
         self.bad_manifests: list[tuple[str, str]] = []
-        self._heads: dict[str, dict[str, Any] | None] = {}
+        self._object_heads: dict[str, dict[str, Any] | None] = {}
 
     # ---------------------------------------------------------------- basics
 
@@ -374,11 +374,13 @@ class Evidence:
 
     def head(self, key: str) -> dict[str, Any] | None:
         """HeadObject of ``key`` (S3 only; None when absent or not S3)."""
-        if not self.is_s3:
+        from strongroom.repository.s3 import S3Repository
+
+        if not isinstance(self.repo, S3Repository):
             return None
-        if key not in self._heads:
-            self._heads[key] = self.repo._head(key)  # type: ignore[attr-defined]
-        return self._heads[key]
+        if key not in self._object_heads:
+            self._object_heads[key] = self.repo.head(key)
+        return self._object_heads[key]
 
     def backup_objects(self) -> list[tuple[Manifest, str]]:
         """(manifest, key) of every manifest and artifact object, newest backups first,

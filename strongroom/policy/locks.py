@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from strongroom.repository.base import Repository
+
+if TYPE_CHECKING:
+    from strongroom.repository.s3 import S3Repository
 
 # A lock ending within this margin counts as still active: clocks differ, and a delete
 # the storage refuses (403) must never be attempted on purpose.
@@ -72,75 +75,28 @@ class S3ObjectStore(ObjectStore):
 
     supports_locks = True
 
-    def __init__(self, repo: Any, *, purge_versions: bool = True) -> None:
+    def __init__(self, repo: S3Repository, *, purge_versions: bool = True) -> None:
         super().__init__(repo)
-        # The S3Repository's own client, retry wrapper and key mapping (same package family).
         self._s3 = repo
         self.purge_versions = purge_versions
         self._versioning: bool | None = None
 
     def versioned(self) -> bool:
         if self._versioning is None:
-            s3 = self._s3
-
-            def get(_attempt: int) -> dict[str, Any]:
-                return dict(s3._client.get_bucket_versioning(Bucket=s3.bucket))
-
-            status = s3._call("GetBucketVersioning", get).get("Status")
+            status = self._s3.bucket_versioning()
             self._versioning = status in ("Enabled", "Suspended")
         return self._versioning
 
     def versions(self, key: str) -> list[tuple[str, bool]]:
         """(version id, is delete marker) of every version of ``key``."""
-        s3 = self._s3
-        full = s3._full(key)
-        found: list[tuple[str, bool]] = []
-        markers: dict[str, Any] = {}
-        while True:
-            args: dict[str, Any] = {"Bucket": s3.bucket, "Prefix": full, **markers}
-
-            def page(_attempt: int, args: dict[str, Any] = args) -> dict[str, Any]:
-                return dict(s3._client.list_object_versions(**args))
-
-            resp = s3._call("ListObjectVersions", page, key=key)
-            for v in resp.get("Versions", []):
-                if v.get("Key") == full:
-                    found.append((str(v["VersionId"]), False))
-            for m in resp.get("DeleteMarkers", []):
-                if m.get("Key") == full:
-                    found.append((str(m["VersionId"]), True))
-            if not resp.get("IsTruncated"):
-                return found
-            markers = {
-                "KeyMarker": resp.get("NextKeyMarker", ""),
-                "VersionIdMarker": resp.get("NextVersionIdMarker", ""),
-            }
-
-    def _head(self, key: str, version_id: str | None) -> dict[str, Any] | None:
-        from botocore.exceptions import ClientError
-
-        s3 = self._s3
-        full = s3._full(key)
-        extra = {"VersionId": version_id} if version_id else {}
-
-        def head(_attempt: int) -> dict[str, Any] | None:
-            try:
-                return dict(s3._client.head_object(Bucket=s3.bucket, Key=full, **extra))
-            except ClientError as exc:
-                status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-                code = str(exc.response.get("Error", {}).get("Code", ""))
-                if status in (404, 405) or code in ("404", "405", "NoSuchKey", "NotFound"):
-                    return None  # gone, or a delete marker
-                raise
-
-        result: dict[str, Any] | None = s3._call("HeadObject", head, key=key)
-        return result
+        return [(v.version_id, v.delete_marker) for v in self._s3.object_versions(key)]
 
     def lock(self, key: str) -> LockState | None:
+        s3 = self._s3
         if self.versioned():
-            heads = [self._head(key, vid) for vid, marker in self.versions(key) if not marker]
+            heads = [s3.head(key, vid) for vid, marker in self.versions(key) if not marker]
         else:
-            heads = [self._head(key, None)]
+            heads = [s3.head(key)]
         best: LockState | None = None
         for head in heads:
             if not head:
@@ -165,14 +121,8 @@ class S3ObjectStore(ObjectStore):
         if not (self.purge_versions and self.versioned()):
             self.repo.delete(key)
             return
-        s3 = self._s3
-        full = s3._full(key)
         for version_id, _marker in self.versions(key):
-
-            def delete(_attempt: int, vid: str = version_id) -> None:
-                s3._client.delete_object(Bucket=s3.bucket, Key=full, VersionId=vid)
-
-            s3._call("DeleteObject", delete, key=key)
+            self._s3.delete_version(key, version_id)
 
 
 def object_store(repo: Repository, *, purge_versions: bool = True) -> ObjectStore:

@@ -22,6 +22,7 @@ Design notes:
 from __future__ import annotations
 
 import base64
+import builtins
 import datetime as dt
 import hashlib
 import io
@@ -29,6 +30,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from botocore.config import Config
@@ -128,6 +130,15 @@ _NOT_CONFIGURED_CODES = frozenset(
         "ServerSideEncryptionConfigurationNotFoundError",
     }
 )
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One version of an object in a versioned bucket, or a delete marker."""
+
+    key: str  # relative to the repository's prefix
+    version_id: str
+    delete_marker: bool
 
 
 def _code(exc: ClientError) -> str:
@@ -599,26 +610,31 @@ class S3Repository(Repository):
 
         return self._call("GetObject", get, key=key)
 
-    def _head(self, key: str) -> dict[str, Any] | None:
+    def head(self, key: str, version_id: str | None = None) -> dict[str, Any] | None:
+        """HeadObject of ``key`` (or of one version); None when absent or a delete marker."""
         full = self._full(key)
+        version: dict[str, Any] = {"VersionId": version_id} if version_id else {}
 
         def head(_attempt: int) -> dict[str, Any] | None:
             try:
-                return dict(self._client.head_object(Bucket=self.bucket, Key=full))
+                return dict(self._client.head_object(Bucket=self.bucket, Key=full, **version))
             except ClientError as exc:
                 # HEAD has no body: a 404 here is "no such key" (or, indistinguishably,
                 # no such bucket).
                 if _status(exc) == 404 or _code(exc) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                # HEAD of a delete marker's version id answers 405 Method Not Allowed.
+                if version_id and (_status(exc) == 405 or _code(exc) == "405"):
                     return None
                 raise
 
         return self._call("HeadObject", head, key=key)
 
     def exists(self, key: str) -> bool:
-        return self._head(key) is not None
+        return self.head(key) is not None
 
     def size(self, key: str) -> int:
-        head = self._head(key)
+        head = self.head(key)
         if head is None:
             raise NotFound(f"object {key!r} not found in {self.describe()}")
         return int(head["ContentLength"])
@@ -660,6 +676,56 @@ class S3Repository(Repository):
             self._client.delete_object(Bucket=self.bucket, Key=full)
 
         self._call("DeleteObject", delete, key=key)
+
+    def delete_version(self, key: str, version_id: str) -> None:
+        """Delete one version (or delete marker) of ``key`` for good; locked ones are refused."""
+        full = self._full(key)
+
+        def delete(_attempt: int) -> None:
+            self._client.delete_object(Bucket=self.bucket, Key=full, VersionId=version_id)
+
+        self._call("DeleteObject", delete, key=key)
+
+    def bucket_versioning(self) -> str | None:
+        """The bucket's versioning status: "Enabled", "Suspended", or None (never enabled)."""
+
+        def get(_attempt: int) -> dict[str, Any]:
+            return dict(self._client.get_bucket_versioning(Bucket=self.bucket))
+
+        status = self._call("GetBucketVersioning", get).get("Status")
+        return str(status) if status else None
+
+    def _versions(self, full_prefix: str, *, key: str | None) -> Iterator[ObjectVersion]:
+        """ListObjectVersions under a full (prefixed) key prefix, page by page."""
+        markers: dict[str, Any] = {}
+        while True:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full_prefix, **markers}
+
+            def page(_attempt: int, args: dict[str, Any] = args) -> dict[str, Any]:
+                return dict(self._client.list_object_versions(**args))
+
+            resp = self._call("ListObjectVersions", page, key=key)
+            for v in resp.get("Versions", []):
+                yield ObjectVersion(self._relative(str(v["Key"])), str(v["VersionId"]), False)
+            for m in resp.get("DeleteMarkers", []):
+                yield ObjectVersion(self._relative(str(m["Key"])), str(m["VersionId"]), True)
+            if not resp.get("IsTruncated"):
+                return
+            markers = {
+                "KeyMarker": resp.get("NextKeyMarker", ""),
+                "VersionIdMarker": resp.get("NextVersionIdMarker", ""),
+            }
+
+    def object_versions(self, key: str) -> builtins.list[ObjectVersion]:
+        """Every version and delete marker of exactly ``key``."""
+        full = self._full(key)
+        return [v for v in self._versions(full, key=key) if v.key == key]
+
+    def list_versions(self, prefix: str) -> Iterator[ObjectVersion]:
+        """Every version and delete marker of the objects whose key starts with ``prefix``."""
+        _check_list_prefix(prefix)
+        full_prefix = f"{self.root}/{prefix}" if self.root else prefix
+        return self._versions(full_prefix, key=None)
 
     def list_incomplete(self, prefix: str = "") -> Iterator[tuple[str, str, dt.datetime]]:
         """Multipart uploads in progress under ``prefix``: (key, upload id, initiated)."""
@@ -923,7 +989,7 @@ class S3ObjectWriter(ObjectWriter):
                 # A retried Complete whose first try landed (answer lost) finds the
                 # upload gone; the object with our part count is then ours.
                 if attempt > 1 and _code(exc) == "NoSuchUpload":
-                    head = repo._head(self._key)
+                    head = repo.head(self._key)
                     if head is not None and str(head.get("ETag", "")).strip('"').endswith(
                         f"-{len(parts)}"
                     ):
