@@ -413,10 +413,6 @@ def test_backup_fleet_runs_each_target_as_its_own_flow_run(stack: Stack) -> None
     assert sorted(row["target"] for row in json.loads(table.data)) == targets
 
 
-LOCK_HOOKED = "target_lock" in (ROOT / "flows" / "postgres.py").read_text()
-
-
-@pytest.mark.skipif(not LOCK_HOOKED, reason="flows/postgres.py does not take flows.locks yet")
 def test_two_backups_of_one_target_never_overlap(stack: Stack) -> None:
     from prefect.deployments import run_deployment
 
