@@ -695,6 +695,9 @@ def test_both_transports_store_the_same_content(
     http_ = backup(ch, source, local_repo, age_key, export_via="http")
     auto = backup(ch, source, local_repo, age_key)
     assert {a.meta.get("transport") for a in auto.artifacts} == {None, "http"}  # schema: None
+    assert (
+        auto.tool_versions["transport"] == "http" and "clickhouse-client" not in auto.tool_versions
+    )
     assert native.tool_versions["transport"] == "native"
     assert "18.16" in native.tool_versions["clickhouse-client"]
     assert http_.tool_versions["transport"] == "http"

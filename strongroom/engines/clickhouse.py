@@ -356,9 +356,6 @@ def backup_clickhouse(
     claim_backup_id(repo, ENGINE, conn.name, bid)
     settings = storage_settings(repo_config, started)
     client = ClickHouseHTTP(conn)
-    versions = {"transport": transport}
-    if transport == clickhouse_client.NATIVE:
-        versions[clickhouse_client.TOOL] = clickhouse_client.version()
     server = inspect.server_facts(client)
     databases = inspect.select_databases(
         inspect.list_databases(client), conn.databases, conn.exclude_databases
@@ -414,6 +411,11 @@ def backup_clickhouse(
                     "tables": [_manifest_entry(o) for o in mine],
                 }
             )
+        # the transports the exports really used (auto sends small ones over HTTP)
+        used = sorted({str(a.meta["transport"]) for a in artifacts if "transport" in a.meta})
+        versions = {"transport": ", ".join(used) or "none (no table data)"}
+        if clickhouse_client.NATIVE in used:
+            versions[clickhouse_client.TOOL] = clickhouse_client.version()
         manifest = Manifest(
             backup_id=bid,
             engine=ENGINE,
