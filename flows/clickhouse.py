@@ -10,13 +10,13 @@ from blocks.clickhouse import ClickHouseTarget
 from flows.audit import AUDITED
 from flows.common import (
     TRANSIENT_TASK,
-    artifact_totals,
     human_size,
     publish,
     secure_logging,
 )
 from flows.engine_runs import open_backup, open_restore
 from strongroom import progress
+from strongroom.catalog import artifact_totals
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.clickhouse import backup_clickhouse
 from strongroom.engines.clickhouse_conn import ClickHouseConnection

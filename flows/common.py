@@ -60,13 +60,6 @@ TRANSIENT_TASK: dict[str, Any] = {
 }
 
 
-def artifact_totals(manifest: dict[str, Any]) -> tuple[int, int]:
-    """(raw, stored) bytes summed over a backup manifest's artifacts (JSON form)."""
-    raw = sum(a["raw_size"] for a in manifest["artifacts"])
-    stored = sum(a["stored_size"] for a in manifest["artifacts"])
-    return raw, stored
-
-
 def _slug(text: str) -> str:
     out = "".join(ch if ch.isalnum() else "-" for ch in text.lower())
     return "-".join(filter(None, out.split("-")))[:60]

@@ -22,7 +22,6 @@ from blocks import PostgresTarget
 from flows.audit import AUDITED
 from flows.common import (
     TRANSIENT_TASK,
-    artifact_totals,
     human_size,
     load_key,
     load_repository,
@@ -31,6 +30,7 @@ from flows.common import (
 )
 from flows.engine_runs import load_target, open_backup
 from strongroom import progress
+from strongroom.catalog import artifact_totals
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.pg_basebackup import base_backup_postgres, base_backups
 from strongroom.engines.pg_pitr_plan import PitrRequest

@@ -10,13 +10,13 @@ from blocks import PostgresTarget
 from flows.audit import AUDITED
 from flows.common import (
     TRANSIENT_TASK,
-    artifact_totals,
     human_size,
     publish,
     secure_logging,
 )
 from flows.engine_runs import open_backup, open_restore
 from strongroom import progress
+from strongroom.catalog import artifact_totals
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.postgres import backup_postgres
 from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres

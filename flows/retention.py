@@ -6,17 +6,14 @@ import datetime as dt
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from blocks.policy import RetentionPolicyBlock
 from flows.audit import AUDITED
 from flows.common import (
-    RETRY_DELAY_S,
-    TRANSIENT_RETRIES,
+    TRANSIENT_TASK,
     human_size,
     load_repository,
     publish,
-    retry_transient,
     secure_logging,
 )
 from strongroom.config import RepositoryConfig
@@ -73,12 +70,7 @@ def try_load_policy(name: str) -> RetentionPolicyBlock | None:
         return None
 
 
-@task(
-    retries=TRANSIENT_RETRIES,
-    retry_delay_seconds=RETRY_DELAY_S,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@task(**TRANSIENT_TASK)
 def run_prune(
     repo: Repository,
     block: Any,

@@ -5,17 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from flows.audit import AUDITED
 from flows.common import (
-    RETRY_DELAY_S,
-    TRANSIENT_RETRIES,
+    TRANSIENT_TASK,
     human_size,
     load_key,
     load_repository,
     publish,
-    retry_transient,
     secure_logging,
 )
 from strongroom import progress
@@ -26,12 +23,7 @@ from strongroom.repository import Repository
 from strongroom.verify import verify_backup
 
 
-@task(
-    retries=TRANSIENT_RETRIES,
-    retry_delay_seconds=RETRY_DELAY_S,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-)
+@task(**TRANSIENT_TASK)
 def check_backup(
     repo: Repository,
     enc: EncryptionConfig,

@@ -107,6 +107,13 @@ class Manifest(BaseModel):
         }
 
 
+def artifact_totals(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(raw, stored) bytes summed over a manifest's artifacts (its JSON form)."""
+    raw = sum(a["raw_size"] for a in manifest["artifacts"])
+    stored = sum(a["stored_size"] for a in manifest["artifacts"])
+    return raw, stored
+
+
 def manifest_key(engine: str, target: str, backup_id: str) -> str:
     return f"catalog/{engine}/{target}/{backup_id}.json"
 

@@ -86,6 +86,7 @@ def _print_backup(m: dict[str, Any]) -> None:
     from rich.table import Table
 
     from flows.common import human_size
+    from strongroom.catalog import artifact_totals
     from strongroom.cli import out
 
     out.print(
@@ -104,8 +105,7 @@ def _print_backup(m: dict[str, Any]) -> None:
                 str(len(t["artifacts"])),
             )
     out.print(table)
-    raw = sum(a["raw_size"] for a in m["artifacts"])
-    stored = sum(a["stored_size"] for a in m["artifacts"])
+    raw, stored = artifact_totals(m)
     out.print(f"data {human_size(raw)}, stored {human_size(stored)}")
 
 

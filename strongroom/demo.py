@@ -107,6 +107,7 @@ def _postgres(demo: Demo) -> tuple[str, str]:
     from blocks import PostgresTarget
     from flows.postgres import backup_postgresql, restore_postgresql
     from flows.verify import verify_backup_flow
+    from strongroom.catalog import artifact_totals
     from strongroom.sample_data import load_sample_data
     from strongroom.sandbox.postgres import PostgresServer
 
@@ -130,8 +131,7 @@ def _postgres(demo: Demo) -> tuple[str, str]:
     ).save("demo-pg", overwrite=True)
 
     manifest = demo.timed("postgresql", "backup", lambda: backup_postgresql(target="demo-pg"))
-    raw = sum(a["raw_size"] for a in manifest["artifacts"])
-    stored = sum(a["stored_size"] for a in manifest["artifacts"])
+    raw, stored = artifact_totals(manifest)
     demo.row(
         "postgresql",
         "backup",
@@ -254,6 +254,7 @@ def _clickhouse(demo: Demo) -> tuple[str, str]:
     from blocks import ClickHouseTarget
     from flows.clickhouse import backup_clickhouse_flow, restore_clickhouse_flow
     from flows.verify import verify_backup_flow
+    from strongroom.catalog import artifact_totals
     from strongroom.engines.clickhouse_conn import ClickHouseConnection
     from strongroom.engines.clickhouse_http import ClickHouseHTTP
     from strongroom.engines.clickhouse_inspect import DDL_SETTINGS
@@ -276,8 +277,7 @@ def _clickhouse(demo: Demo) -> tuple[str, str]:
         rto_minutes=30,
     ).save("demo-ch", overwrite=True)
     manifest = demo.timed("clickhouse", "backup", lambda: backup_clickhouse_flow(target="demo-ch"))
-    raw = sum(a["raw_size"] for a in manifest["artifacts"])
-    stored = sum(a["stored_size"] for a in manifest["artifacts"])
+    raw, stored = artifact_totals(manifest)
     demo.row(
         "clickhouse",
         "backup",
