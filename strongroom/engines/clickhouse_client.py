@@ -105,10 +105,9 @@ def wire_compression(conn: ClickHouseConnection) -> bool:
 
 
 def _config(conn: ClickHouseConnection) -> bytes:
+    """The one secret clickhouse-client needs (the user goes in argv: it is no secret)."""
     password = conn.password.get_secret_value() if conn.password is not None else ""
-    return (
-        f"<config><user>{escape(conn.user)}</user><password>{escape(password)}</password></config>"
-    ).encode()
+    return f"<config><password>{escape(password)}</password></config>".encode()
 
 
 def native_select(conn: ClickHouseConnection, sql: str, settings: Mapping[str, object]) -> Tool:
