@@ -343,26 +343,7 @@ def write_wal_config(
         "encryption": {"recipients": list(recipients)},
     }
     parse_wal_config(json.loads(json.dumps(data)), str(path))  # same checks as the reader
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(render_wal_config(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        if owner and os.geteuid() == 0:
-            import pwd
-
-            pw = pwd.getpwnam(owner)
-            os.chown(tmp, pw.pw_uid, pw.pw_gid)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return final
+    return _write_private(Path(path), render_wal_config(data), owner)
 
 
 def write_identity_file(
@@ -371,21 +352,19 @@ def write_identity_file(
     """Write age identities to a 0600 file for wal-fetch (restore hosts only)."""
     from pathlib import Path
 
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(identities) + "\n")
-        os.chmod(tmp, 0o600)
-        if owner and os.geteuid() == 0:
-            import pwd
+    return _write_private(Path(path), "\n".join(identities) + "\n", owner)
 
-            pw = pwd.getpwnam(owner)
-            os.chown(tmp, pw.pw_uid, pw.pw_gid)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+def _write_private(final: Path, text: str, owner: str | None) -> Path:
+    """Mode 0600, optionally handed to ``owner`` (root only): a random temporary name
+    (O_EXCL | O_NOFOLLOW), fchmod / fchown on its descriptor, then rename(2); a
+    symlink or file planted by the folder's owner is never followed or written."""
+    from strongroom.engines.pg_pitr_fs import owner_of, write_new
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        write_new(dir_fd, final.name, text.encode(), mode=0o600, owner=owner_of(owner))
+    finally:
+        os.close(dir_fd)
     return final
