@@ -585,10 +585,14 @@ def test_gap_is_reported_and_blocks_recovery(cluster: Cluster, pg_tmp: Path) -> 
     req = PitrRequest(
         target=c.target, data_dir=str(data), start=True, port=free_port(), wait_timeout_s=60
     )
-    extract_base(copy, c.enc, plan.backup["backup_id"], c.target, data)
-    copy_cfg = RepositoryConfig(kind="local", path=str(copy_dir))
-    req = req.model_copy(update={"config_path": str(copy_config)})
-    write_recovery(req, plan, data, copy_cfg, c.enc, "postgres")
+    data_fd = os.open(data, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        extract_base(copy, c.enc, plan.backup["backup_id"], c.target, data_fd)
+        copy_cfg = RepositoryConfig(kind="local", path=str(copy_dir))
+        req = req.model_copy(update={"config_path": str(copy_config)})
+        write_recovery(req, plan, data, copy_cfg, c.enc, "postgres", data_fd)
+    finally:
+        os.close(data_fd)
     chown_to_postgres(data, recursive=True)
     server = RestoredServer(data, req.port or 0, data.parent, data.parent / "pitr.log", "postgres")
     (data.parent / "pitr.log").touch()

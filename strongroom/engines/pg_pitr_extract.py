@@ -49,12 +49,12 @@ class _BoundedInfo(tarfile.TarInfo):
     def _proc_pax(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.size > RECORD_LIMIT:
             raise IntegrityError(f"tar pax header of {self.size} bytes: refused")
-        return super()._proc_pax(tarfile_)  # type: ignore[misc, no-any-return]
+        return super()._proc_pax(tarfile_)  # type: ignore[misc]
 
     def _proc_gnulong(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.size > RECORD_LIMIT:
             raise IntegrityError(f"tar long-name record of {self.size} bytes: refused")
-        return super()._proc_gnulong(tarfile_)  # type: ignore[misc, no-any-return]
+        return super()._proc_gnulong(tarfile_)  # type: ignore[misc]
 
     def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         raise IntegrityError("tar member is a GNU sparse file: refused")

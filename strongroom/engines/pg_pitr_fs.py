@@ -20,6 +20,7 @@ Standard library only: ``strongroom-wal``'s configuration writer uses it too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
@@ -75,10 +76,8 @@ def write_new(
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
-        except OSError:
-            pass
         raise
 
 
@@ -129,8 +128,6 @@ def chown_tree(dir_fd: int, owner: Owner) -> None:
 
 def ensure_dir(dir_fd: int, name: str, mode: int = 0o700) -> int:
     """Open (creating it when absent) the plain folder ``name`` inside ``dir_fd``."""
-    try:
+    with contextlib.suppress(FileExistsError):
         os.mkdir(name, mode, dir_fd=dir_fd)
-    except FileExistsError:
-        pass
     return open_dir(name, dir_fd)

@@ -25,6 +25,7 @@ Why this is safe:
 
 from __future__ import annotations
 
+import os
 import secrets
 
 from strongroom.engines.pg_pitr_fs import Owner, UnsafePath, read_plain, write_new
@@ -43,43 +44,37 @@ def _quoted_role(db_user: str) -> str:
     return f'"{db_user}"'
 
 
-def _read(dir_fd: int) -> str:
+def _read(dir_fd: int) -> tuple[str, int]:
     try:
         data = read_plain(dir_fd, HBA_FILE)
-    except UnsafePath as exc:
+        mode = os.stat(HBA_FILE, dir_fd=dir_fd, follow_symlinks=False).st_mode & 0o777
+    except (UnsafePath, FileNotFoundError) as exc:
         raise IntegrityError(f"the restored {HBA_FILE} is not a plain file: {exc}") from None
     if data is None:
         raise InvalidInput(
             f"the base backup has no {HBA_FILE} in its data directory; strongroom cannot "
             "admit its own connections to the restored server"
         )
-    return data.decode("utf-8", "surrogateescape")
+    return data.decode("utf-8", "surrogateescape"), mode
 
 
 def admit(dir_fd: int, db_user: str, owner: Owner) -> str:
     """Prepend strongroom's temporary rule; returns the line added."""
-    line = f"local all {_quoted_role(db_user)} trust  {MARK} {secrets.token_hex(6)}"
-    text = _read(dir_fd)
-    write_new(
-        dir_fd,
-        HBA_FILE,
-        (line + "\n" + text).encode("utf-8", "surrogateescape"),
-        mode=0o600,
-        owner=owner,
-    )
+    line = f"local all {_quoted_role(db_user)} trust  {MARK} {secrets.token_hex(6)}\n"
+    text, mode = _read(dir_fd)
+    data = (line + text).encode("utf-8", "surrogateescape")
+    write_new(dir_fd, HBA_FILE, data, mode=mode, owner=owner)
     return line
 
 
-def withdraw(dir_fd: int, owner: Owner) -> bool:
-    """Remove every strongroom rule; True when one was there."""
-    text = _read(dir_fd)
-    lines = text.splitlines(keepends=True)
-    kept = [line for line in lines if MARK not in line]
-    if len(kept) == len(lines):
+def withdraw(dir_fd: int, line: str, owner: Owner) -> bool:
+    """Remove the rule ``admit`` added (that exact line, once), giving back the file's
+    original bytes; True when it was there."""
+    text, mode = _read(dir_fd)
+    if line not in text:
         return False
-    write_new(
-        dir_fd, HBA_FILE, "".join(kept).encode("utf-8", "surrogateescape"), mode=0o600, owner=owner
-    )
+    kept = text.replace(line, "", 1)
+    write_new(dir_fd, HBA_FILE, kept.encode("utf-8", "surrogateescape"), mode=mode, owner=owner)
     return True
 
 

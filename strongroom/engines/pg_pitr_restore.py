@@ -34,14 +34,12 @@ from typing import Any
 from strongroom.artifacts import read_artifact
 from strongroom.catalog import Catalog
 from strongroom.config import EncryptionConfig, RepositoryConfig
+from strongroom.engines import pg_pitr_fs as fs
 from strongroom.engines.pg_basebackup import ARTIFACT
+from strongroom.engines.pg_pitr_extract import PipeExtractor, summary
+from strongroom.engines.pg_pitr_hba import admit, withdraw
 from strongroom.engines.pg_pitr_plan import PitrRequest, Plan, plan_pitr
-from strongroom.engines.pg_pitr_server import (
-    RestoredServer,
-    as_user,
-    chown_tree,
-    resolve_os_user,
-)
+from strongroom.engines.pg_pitr_server import RestoredServer, as_user, resolve_os_user
 from strongroom.engines.pg_wal_config import write_identity_file, write_wal_config
 from strongroom.engines.postgres import ENGINE, pg_tool
 from strongroom.errors import (
@@ -52,7 +50,6 @@ from strongroom.errors import (
     ToolFailed,
 )
 from strongroom.pipeline import Progress
-from strongroom.process import Tool
 from strongroom.redact import register, scrub
 from strongroom.repository.base import Repository
 
@@ -150,43 +147,31 @@ def _wipe(data_dir: Path) -> None:
                 entry.unlink()
 
 
-class _TarSink:
-    def __init__(self, tool: Tool) -> None:
-        self._tool = tool
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        stdin = self._tool.proc.stdin
-        assert stdin is not None
-        stdin.write(data)
-        return len(data)
-
-
 def extract_base(
     repo: Repository,
     enc: EncryptionConfig,
     backup_id: str,
     target: str,
-    data_dir: Path,
+    root_fd: int,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
+    """Stream the base backup's tar into the folder ``root_fd`` through the hostile-input
+    extractor (``pg_pitr_extract``): a refused member stops the stream with an
+    IntegrityError naming it."""
     manifest = Catalog(repo).resolve(backup_id, ENGINE, target)
     artifact = manifest.artifact(ARTIFACT)
-    tar = Tool(
-        ["tar", "-x", "-f", "-", "-C", str(data_dir), "--no-same-owner"],
-        dict(os.environ),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-    )
+    sink = PipeExtractor(root_fd, None)
     started = time.monotonic()
     try:
-        stats = read_artifact(repo, artifact, _TarSink(tar), encryption=enc, progress=progress)
-        assert tar.proc.stdin is not None
-        tar.proc.stdin.close()
-        tar.check("extracting the base backup")
-    except BaseException:
-        tar.kill()
-        raise
-    return {"raw_size": stats.raw_size, "seconds": round(time.monotonic() - started, 3)}
+        stats = read_artifact(repo, artifact, sink, encryption=enc, progress=progress)
+        counts = sink.finish()
+    finally:
+        sink.close()
+    return {
+        "raw_size": stats.raw_size,
+        "seconds": round(time.monotonic() - started, 3),
+        **summary(counts),
+    }
 
 
 def verify_extracted(data_dir: Path) -> dict[str, Any]:
@@ -216,8 +201,10 @@ def write_recovery(
     repo_config: RepositoryConfig,
     enc: EncryptionConfig,
     os_user: str | None,
+    root_fd: int,
 ) -> dict[str, str]:
-    """WAL config + identity file next to the data dir, recovery.signal, auto.conf."""
+    """WAL config + identity file next to the data dir; recovery.signal and auto.conf
+    inside the (still private) extraction folder ``root_fd``."""
     base = (
         Path(req.config_path)
         if req.config_path
@@ -256,10 +243,17 @@ def write_recovery(
     stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     lines = [f"# strongroom PITR restore of backup {plan.backup['backup_id']} at {stamp}"]
     lines += [f"{key} = {_conf_quote(value)}" for key, value in settings.items()]
-    with (data_dir / "postgresql.auto.conf").open("a") as conf:
+    auto = os.open(
+        "postgresql.auto.conf",
+        os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=root_fd,
+    )
+    with os.fdopen(auto, "a") as conf:
         conf.write("\n" + "\n".join(lines) + "\n")
-    (data_dir / "recovery.signal").write_text("")
-    (data_dir / "backup_manifest").unlink(missing_ok=True)
+    os.close(fs.new_file(root_fd, "recovery.signal"))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink("backup_manifest", dir_fd=root_fd)
     written = {"wal_config": str(base), "identity_file": str(key_file)}
     if push_config is not None:
         written["push_config"] = str(push_config)
@@ -295,39 +289,82 @@ def pitr_restore(
         raise InvalidInput("PITR restore needs the decryption identity (EncryptionKey.identity)")
     created = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    data_dir.chmod(0o700)
+    owner = fs.owner_of(os_user)
+    data_fd = fs.open_dir(data_dir)
     try:
-        report["extract"] = extract_base(
-            repo, enc, plan.backup["backup_id"], req.target, data_dir, progress
+        os.fchmod(data_fd, 0o700)
+        _restore_files(
+            req, plan, data_dir, data_fd, created, repo, repo_config, enc, os_user, progress, report
         )
-        report["verify_files"] = verify_extracted(data_dir)
-        report["files"] = write_recovery(req, plan, data_dir, repo_config, enc, os_user)
-        chown_tree(data_dir, os_user)
-    except BaseException:
-        _wipe(data_dir)
-        if created:
-            with contextlib.suppress(OSError):
-                data_dir.rmdir()
-        raise
-    report["os_user"] = os_user
-    if req.start:
-        if req.prefetch:
-            _start_fetcher(req, plan, data_dir, os_user, report["files"]["wal_config"])
-        report["recovery"] = _start_and_wait(req, data_dir, os_user, password)
-        if req.action == "promote":
-            # recovery is over: the decryption key has no business on this host any more
-            Path(report["files"]["identity_file"]).unlink(missing_ok=True)
-            report["files"]["identity_file_removed"] = "yes"
+        report["os_user"] = os_user
+        if req.start:
+            if req.prefetch:
+                _start_fetcher(req, data_dir, os_user, report["files"]["wal_config"])
+            report["recovery"] = _start_and_wait(req, data_dir, data_fd, os_user, owner, password)
+            if req.action == "promote":
+                # recovery is over: the decryption key has no business on this host any more
+                Path(report["files"]["identity_file"]).unlink(missing_ok=True)
+                report["files"]["identity_file_removed"] = "yes"
+    finally:
+        os.close(data_fd)
     report["seconds"] = round(time.monotonic() - started, 3)
     return report
 
 
-def _start_fetcher(
-    req: PitrRequest, plan: Plan, data_dir: Path, os_user: str | None, config: str
+def _restore_files(
+    req: PitrRequest,
+    plan: Plan,
+    data_dir: Path,
+    data_fd: int,
+    created: bool,
+    repo: Repository,
+    repo_config: RepositoryConfig,
+    enc: EncryptionConfig,
+    os_user: str | None,
+    progress: Progress | None,
+    report: dict[str, Any],
 ) -> None:
-    """Start strongroom-wal's fetcher before the server, aimed at the backup's first WAL
-    segment: the first restore_command calls then find their files already verified in
-    the cache instead of waiting for a process to start."""
+    """Extract, check and prepare the data directory's files in a private folder made
+    with ``mkdtemp`` inside the (empty) data directory, then move them up: a refused or
+    failed restore leaves the data directory as empty as it was."""
+    staging = tempfile.mkdtemp(prefix=".strongroom-extract-", dir=data_dir)
+    stage_name = os.path.basename(staging)
+    stage_fd = fs.open_dir(stage_name, data_fd)
+    moved = False
+    try:
+        report["extract"] = extract_base(
+            repo, enc, plan.backup["backup_id"], req.target, stage_fd, progress
+        )
+        report["verify_files"] = verify_extracted(Path(staging))
+        report["files"] = write_recovery(req, plan, data_dir, repo_config, enc, os_user, stage_fd)
+        if req.start and req.prefetch:
+            _prepare_fetcher(plan, stage_fd)
+        fs.chown_tree(stage_fd, fs.owner_of(os_user))
+        owner = fs.owner_of(os_user)
+        if owner is not None:
+            os.fchown(data_fd, *owner)
+        moved = True
+        for entry in os.listdir(stage_fd):
+            os.rename(entry, entry, src_dir_fd=stage_fd, dst_dir_fd=data_fd)
+        os.rmdir(stage_name, dir_fd=data_fd)
+    except BaseException:
+        os.close(stage_fd)
+        stage_fd = -1
+        shutil.rmtree(staging, ignore_errors=True)
+        if moved:
+            _wipe(data_dir)
+        if created:
+            with contextlib.suppress(OSError):
+                data_dir.rmdir()
+        raise
+    finally:
+        if stage_fd >= 0:
+            os.close(stage_fd)
+
+
+def _prepare_fetcher(plan: Plan, root_fd: int) -> None:
+    """The fetcher's spool, aimed at the backup's first WAL segment, made while the
+    folder is still strongroom's own (nothing there can be a planted link)."""
     from strongroom.engines.pg_wal_names import parse_lsn, segment_of_lsn
 
     first = segment_of_lsn(
@@ -335,10 +372,23 @@ def _start_fetcher(
         parse_lsn(plan.backup["start_lsn"]),
         int(plan.backup["wal_segment_size"]),
     )
+    fd = root_fd
+    opened: list[int] = []
+    try:
+        for name in ("pg_wal", "strongroom", "fetch"):
+            fd = fs.ensure_dir(fd, name)
+            opened.append(fd)
+        fs.write_new(fd, "want", first.encode())
+    finally:
+        for each in opened:
+            os.close(each)
+
+
+def _start_fetcher(req: PitrRequest, data_dir: Path, os_user: str | None, config: str) -> None:
+    """Start strongroom-wal's fetcher before the server: the first restore_command calls
+    then find their files already verified in the cache instead of waiting for a
+    process to start. It runs as the cluster's OS user and writes only below pg_wal."""
     spool = data_dir / "pg_wal" / "strongroom" / "fetch"
-    spool.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (spool / "want").write_text(first)
-    chown_tree(data_dir / "pg_wal" / "strongroom", os_user)
     command = req.wal_command or default_wal_command(os_user)
     line = (
         f"{command} fetch-worker --config {shlex.quote(config)} "
@@ -359,29 +409,58 @@ def _start_fetcher(
     )
 
 
+def _private_dir(prefix: str, parent: str | None, owner: fs.Owner) -> Path:
+    """A fresh ``mkdtemp`` folder (0700) handed to ``owner`` by its descriptor: never an
+    existing folder, so no parameter can make strongroom chown someone else's."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    fd = fs.open_dir(path)
+    try:
+        os.fchmod(fd, 0o700)
+        if owner is not None:
+            os.fchown(fd, *owner)
+    finally:
+        os.close(fd)
+    return Path(path)
+
+
 def _start_and_wait(
-    req: PitrRequest, data_dir: Path, os_user: str | None, password: str | None
+    req: PitrRequest,
+    data_dir: Path,
+    data_fd: int,
+    os_user: str | None,
+    owner: fs.Owner,
+    password: str | None,
 ) -> dict[str, Any]:
     assert req.port is not None
-    socket_dir = (
-        Path(req.socket_dir)
-        if req.socket_dir
-        else Path(tempfile.mkdtemp(prefix="strongroom-pitr-sock-"))
-    )
-    socket_dir.mkdir(parents=True, exist_ok=True)
-    chown_tree(socket_dir, os_user)
+    socket_dir = _private_dir("strongroom-pitr-sock-", req.socket_dir, owner)
+    log_dir = _private_dir(f"{data_dir.name}.pitr-log-", str(data_dir.parent), owner)
+    log_fd = os.open(log_dir, fs.DIR_FLAGS)
+    try:
+        os.close(fs.new_file(log_fd, "server.log", owner=owner))
+    finally:
+        os.close(log_fd)
     server = RestoredServer(
         data_dir=data_dir,
         port=req.port,
         socket_dir=socket_dir,
-        log_path=data_dir.parent / f"{data_dir.name}.pitr.log",
+        log_path=log_dir / "server.log",
         os_user=os_user,
         db_user=req.db_user,
         password=password,
     )
-    if os_user and os.geteuid() == 0:
-        server.log_path.touch()
-        chown_tree(server.log_path, os_user)
+    # strongroom's own way in, whatever pg_hba.conf requires (see pg_pitr_hba)
+    rule = admit(data_fd, req.db_user, owner)
+    try:
+        result = _run_recovery(req, server, socket_dir)
+    finally:
+        withdraw(data_fd, rule, owner)
+        if server.running():
+            server.reload()
+    result["hba_rule_removed"] = True
+    return result
+
+
+def _run_recovery(req: PitrRequest, server: RestoredServer, socket_dir: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     server.start(timeout_s=120)
     try:

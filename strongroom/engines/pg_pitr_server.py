@@ -50,16 +50,6 @@ def as_user(user: str | None) -> list[str]:
     return ["runuser", "-u", user, "--"]
 
 
-def chown_tree(path: Path, user: str | None) -> None:
-    if user is None or os.geteuid() != 0:
-        return
-    pw = pwd.getpwnam(user)
-    os.chown(path, pw.pw_uid, pw.pw_gid)
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            os.chown(os.path.join(root, name), pw.pw_uid, pw.pw_gid, follow_symlinks=False)
-
-
 def _env(password: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     if password:
@@ -120,6 +110,16 @@ class RestoredServer:
             capture_output=True,
             env=_env(None),
             timeout=90,
+            check=False,
+        )
+
+    def reload(self) -> None:
+        """``pg_ctl reload``: the server re-reads pg_hba.conf (strongroom's rule gone)."""
+        subprocess.run(
+            [*as_user(self.os_user), pg_tool("pg_ctl"), "-D", str(self.data_dir), "reload"],
+            capture_output=True,
+            env=_env(None),
+            timeout=60,
             check=False,
         )
 

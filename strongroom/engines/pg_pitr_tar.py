@@ -43,17 +43,31 @@ def _octal(field_bytes: bytes) -> int:
         value = int.from_bytes(field_bytes[1:], "big")
         return value
     text = field_bytes.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise IntegrityError("tar header has a malformed numeric field") from None
 
 
 def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a pax extended header. Every record is
+    ``"<length> <key>=<value>\\n"``; a length that is not a positive decimal number,
+    that does not cover its own prefix, or that runs past the header is refused (a
+    length of 0 would otherwise never advance)."""
     pos = 0
     path = None
     while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        length = int(data[pos:space])
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        if not digits or not digits.isdigit() or not digits.isascii():
+            raise IntegrityError(f"tar pax header: malformed record length at byte {pos}")
+        length = int(digits)
+        if length < len(digits) + 3 or pos + length > len(data):
+            raise IntegrityError(
+                f"tar pax header: record length {length} at byte {pos} is out of bounds"
+            )
+        if data[pos + length - 1 : pos + length] != b"\n":
+            raise IntegrityError(f"tar pax header: record at byte {pos} does not end a line")
         record = data[space + 1 : pos + length - 1]
         key, _, value = record.partition(b"=")
         if key == b"path":
