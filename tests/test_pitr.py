@@ -363,7 +363,9 @@ class Cluster:
         raise AssertionError(f"{name} was not archived: {self.server.log_path.read_text()[-2000:]}")
 
 
-def _cluster(root: Path, target: str, key: x25519.Identity) -> Cluster:
+def _cluster(
+    root: Path, target: str, key: x25519.Identity, *, auth_local: str = "trust"
+) -> Cluster:
     chown_to_postgres(root, 0o755)
     repo_dir = root / "repo"
     chown_to_postgres(repo_dir)
@@ -383,6 +385,7 @@ def _cluster(root: Path, target: str, key: x25519.Identity) -> Cluster:
         # the line `strongroom wal-config` prints
         archive_command=archive_command(command, str(config), load_wal_config(str(config)).repo_id),
         settings={"archive_timeout": 0},
+        auth_local=auth_local,
     )
     server.start()
     conn = PostgresConnection(

@@ -85,6 +85,7 @@ class PostgresServer:
         settings: Mapping[str, str | int] | None = None,
         password: str | None = None,
         bin_dir: Path = PG_BIN_DIR,
+        auth_local: str = "trust",
     ) -> None:
         """``base_dir`` may hold an existing ``data`` dir (e.g. a restored backup, owned by
         postgres: see :func:`chown_to_postgres`); then initdb is skipped, pass its
@@ -100,6 +101,9 @@ class PostgresServer:
         self.archive_command = archive_command
         self.extra_settings = dict(settings or {})
         self.password = password if password is not None else secrets.token_urlsafe(24)
+        # initdb --auth-local: a hardened cluster's local rule (psql then goes over TCP
+        # with the password, as a client of such a cluster would)
+        self.auth_local = auth_local
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:  # no password in reprs / assertion messages
@@ -177,7 +181,7 @@ class PostgresServer:
                     "-U",
                     self.superuser,
                     f"--pwfile={pwfile}",
-                    "--auth-local=trust",
+                    f"--auth-local={self.auth_local}",
                     "--auth-host=scram-sha-256",
                     "-E",
                     "UTF8",
@@ -266,7 +270,7 @@ class PostgresServer:
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-h",
-                str(self.socket_dir),
+                str(self.socket_dir) if self.auth_local == "trust" else self.host,
                 "-p",
                 str(self.port),
                 "-U",
@@ -277,7 +281,7 @@ class PostgresServer:
                 "-",
             ],
             input=sql,
-            env=clean_libpq_env(),
+            env={**clean_libpq_env(), "PGPASSWORD": self.password},
             capture_output=True,
             text=True,
             timeout=300,

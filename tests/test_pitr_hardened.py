@@ -1,0 +1,132 @@
+"""PITR on hardened clusters: local rules that want a password (scram-sha-256, md5) or
+the OS user (peer), as ``initdb --auth-local=...`` writes them.
+
+Followed as docs/pitr.md tells an operator: the WAL configuration and the printed
+archive_command, a base backup, more load, then a restore to a time T with ``--start``
+(with and without a verification query). strongroom admits its own connections on its
+private socket with a temporary rule; afterwards the restored ``pg_hba.conf`` is the
+original byte for byte and the rule no longer admits anyone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyrage import x25519
+
+from strongroom.engines.pg_basebackup import base_backup_postgres
+from strongroom.engines.pg_pitr_plan import PitrRequest
+from strongroom.engines.pg_pitr_restore import pitr_restore
+from strongroom.engines.pg_pitr_server import RestoredServer
+from strongroom.engines.postgres import pg_tool
+from strongroom.sandbox._process import make_temp_dir, remove_dir
+from strongroom.sandbox.postgres import chown_to_postgres
+from tests.fixtures.ports import free_port
+from tests.test_pitr import Cluster, _cluster
+
+AUTH = ["scram-sha-256", "md5", "peer"]
+
+
+@pytest.fixture(scope="module", params=AUTH)
+def hardened(request: pytest.FixtureRequest) -> Iterator[tuple[Cluster, dt.datetime]]:
+    """One small cluster per local auth method, with a base backup, rows before the
+    time T it returns and rows after it (archived)."""
+    root = make_temp_dir("pitr-auth")
+    c = _cluster(root, "hard", x25519.Identity.generate(), auth_local=request.param)
+    try:
+        hba = (c.server.data_dir / "pg_hba.conf").read_text()
+        assert (
+            f"local   all             all                                     {request.param}"
+            in hba
+        )
+        c.sql("CREATE TABLE t_at (x int); INSERT INTO t_at VALUES (1), (2)")
+        base_backup_postgres(c.conn, c.repo, c.repo_config, c.enc)
+        c.sql("INSERT INTO t_at VALUES (3)")
+        time.sleep(0.3)
+        at = dt.datetime.now(dt.UTC)
+        time.sleep(0.3)
+        c.sql("INSERT INTO t_at VALUES (4)")
+        c.switch_and_wait()
+        yield c, at
+    finally:
+        c.server.stop()
+    remove_dir(root)
+
+
+def _restore(c: Cluster, at: dt.datetime, where: Path, **kw: Any) -> dict[str, Any]:
+    chown_to_postgres(where, 0o755)
+    req = PitrRequest(
+        target=c.target,
+        data_dir=str(where / "data"),
+        recovery_target="time",
+        target_time=at,
+        start=True,
+        port=free_port(),
+        wait_timeout_s=120,
+        **kw,
+    )
+    return pitr_restore(c.repo, c.repo_config, c.enc, req)
+
+
+def _socket_admits(socket_dir: str, port: int) -> subprocess.CompletedProcess[str]:
+    """A password-less socket connection as root (not the cluster's OS user)."""
+    return subprocess.run(
+        [pg_tool("psql"), "-X", "-w", "-h", socket_dir, "-p", str(port), "-U", "postgres"]
+        + ["-d", "postgres", "-Atc", "SELECT 1"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "verify_query"])
+def test_pitr_start_on_a_hardened_cluster(
+    hardened: tuple[Cluster, dt.datetime], verify: bool
+) -> None:
+    c, at = hardened
+    original = (c.server.data_dir / "pg_hba.conf").read_bytes()
+    where = make_temp_dir("pitr-auth-restore")
+    report: dict[str, Any] = {}
+    try:
+        extra = (
+            {
+                "verify_query": "SELECT string_agg(x::text, ',' ORDER BY x) FROM t_at",
+                "verify_expect": "1,2,3",
+            }
+            if verify
+            else {}
+        )
+        report = _restore(c, at, where, **extra)
+        rec = report["recovery"]
+        assert rec["state"] == "promoted" and rec["hba_rule_removed"] is True
+        if verify:
+            assert rec["verify"]["ok"] is True
+        assert (where / "data" / "pg_hba.conf").read_bytes() == original
+        # the rule is gone from the running server too (reloaded): no password, no entry
+        refused = _socket_admits(rec["socket_dir"], rec["port"])
+        assert refused.returncode != 0, refused.stdout
+        # the data at T, read as a client of the hardened cluster would (TCP, password)
+        out = subprocess.run(
+            [pg_tool("psql"), "-X", "-h", "127.0.0.1", "-p", str(rec["port"]), "-U", "postgres"]
+            + ["-d", "postgres", "-Atc", "SELECT string_agg(x::text, ',' ORDER BY x) FROM t_at"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PATH": "/usr/bin:/bin", "PGPASSWORD": c.server.password},
+            timeout=60,
+        )
+        assert out.stdout.strip() == "1,2,3"
+    finally:
+        if report:
+            RestoredServer(
+                where / "data", report["recovery"]["port"], where, where, "postgres"
+            ).stop("immediate")
+        remove_dir(where)
