@@ -77,8 +77,21 @@ def _restore(c: Cluster, at: dt.datetime, where: Path, **kw: Any) -> dict[str, A
 def _socket_admits(socket_dir: str, port: int) -> subprocess.CompletedProcess[str]:
     """A password-less socket connection as root (not the cluster's OS user)."""
     return subprocess.run(
-        [pg_tool("psql"), "-X", "-w", "-h", socket_dir, "-p", str(port), "-U", "postgres"]
-        + ["-d", "postgres", "-Atc", "SELECT 1"],
+        [
+            pg_tool("psql"),
+            "-X",
+            "-w",
+            "-h",
+            socket_dir,
+            "-p",
+            str(port),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-Atc",
+            "SELECT 1",
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -115,8 +128,20 @@ def test_pitr_start_on_a_hardened_cluster(
         assert refused.returncode != 0, refused.stdout
         # the data at T, read as a client of the hardened cluster would (TCP, password)
         out = subprocess.run(
-            [pg_tool("psql"), "-X", "-h", "127.0.0.1", "-p", str(rec["port"]), "-U", "postgres"]
-            + ["-d", "postgres", "-Atc", "SELECT string_agg(x::text, ',' ORDER BY x) FROM t_at"],
+            [
+                pg_tool("psql"),
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(rec["port"]),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-Atc",
+                "SELECT string_agg(x::text, ',' ORDER BY x) FROM t_at",
+            ],
             capture_output=True,
             text=True,
             check=True,
