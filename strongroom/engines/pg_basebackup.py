@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from typing import IO, Any, cast
 
 from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
@@ -23,6 +24,7 @@ from strongroom.catalog import Artifact, Catalog, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines import pg_inspect
 from strongroom.engines import pg_wal_names as names
+from strongroom.engines.pg_archiver_watch import ArchiverWatch
 from strongroom.engines.pg_connect import connect
 from strongroom.engines.pg_pitr_tar import (
     BaseTarCheck,
@@ -108,10 +110,17 @@ def required_wal(details: dict[str, Any]) -> list[str]:
 
 
 def wait_for_wal(
-    repo: Repository, target: str, wanted: list[str], *, timeout_s: float, poll_s: float = 0.5
+    repo: Repository,
+    target: str,
+    wanted: list[str],
+    *,
+    timeout_s: float,
+    poll_s: float = 0.5,
+    watch: Callable[[], None] | None = None,
 ) -> list[str]:
     """Wait until every file in ``wanted`` is archived under ``wal/<target>/``; returns
-    the ones still missing after ``timeout_s`` (empty: all there)."""
+    the ones still missing after ``timeout_s`` (empty: all there). ``watch`` is called
+    on every round and may raise (the archiver is failing)."""
     deadline = time.monotonic() + timeout_s
     while True:
         folders = {f"{wal_prefix(target)}{name[:8]}/" for name in wanted}
@@ -121,6 +130,8 @@ def wait_for_wal(
         missing = [n for n in wanted if n not in present]
         if not missing or time.monotonic() >= deadline:
             return missing
+        if watch is not None:
+            watch()
         time.sleep(poll_s)
 
 
@@ -157,6 +168,7 @@ def base_backup_postgres(
             "and pg_global; streamed base backups support the default tablespaces only"
         )
     started = dt.datetime.now(dt.UTC)
+    watch = ArchiverWatch(conn, facts["archive_command"])
     bid = backup_id or new_backup_id(started)
     claim_backup_id(repo, ENGINE, conn.name, bid)
     settings = storage_settings(repo_config, started)
@@ -179,6 +191,12 @@ def base_backup_postgres(
     tool = Tool(argv, env)
     assert tool.proc.stdout is not None
     artifact: Artifact | None = None
+    watch.start(tool.kill)
+
+    def failing() -> None:
+        if watch.error is not None:
+            raise watch.error
+
     try:
         try:
             artifact = store_artifact(
@@ -195,7 +213,9 @@ def base_backup_postgres(
             )
         except BaseException:
             tool.kill()
+            failing()
             raise
+        failing()
         tool.check("pg_basebackup")
         stopped = dt.datetime.now(dt.UTC)
         if not tap.ended or "backup_label" not in tap.captured:
@@ -233,7 +253,7 @@ def base_backup_postgres(
             details["wal_segment_size"],
         )
         wanted = required_wal(details)
-        missing = wait_for_wal(repo, conn.name, wanted, timeout_s=wal_timeout_s)
+        missing = wait_for_wal(repo, conn.name, wanted, timeout_s=wal_timeout_s, watch=failing)
         if missing:
             raise ServiceUnavailable(
                 f"base backup {bid}: WAL needed to make it consistent is not archived in "
@@ -265,6 +285,8 @@ def base_backup_postgres(
         if artifact is not None or repo.exists(key):
             repo.delete(key)
         raise
+    finally:
+        watch.stop()
     return manifest
 
 
