@@ -218,13 +218,11 @@ def pitr_restore_postgresql(
     action: Literal["promote", "pause", "shutdown"] = "promote",
     start: bool = False,
     port: int | None = None,
-    socket_dir: str | None = None,
     wait_timeout_s: float = 1800.0,
     verify_query: str | None = None,
     verify_database: str = "postgres",
     verify_expect: str | None = None,
     db_user: str = "postgres",
-    os_user: str | None = None,
     archive_after: str | None = None,
     prefetch: int = 8,
     dry_run: bool = False,
@@ -234,7 +232,9 @@ def pitr_restore_postgresql(
     """Point-in-time recovery of ``target`` into the empty ``data_dir``.
 
     The base backup is chosen automatically for the target; a target outside the
-    recoverable window is refused with the window in the error.
+    recoverable window is refused with the window in the error. The OS user is the
+    data directory's owner (``postgres`` for a new one) and the socket folder a fresh
+    ``mkdtemp`` one: no flow parameter can make a root worker chown a folder.
     """
     secure_logging()
     req = PitrRequest(
@@ -251,13 +251,11 @@ def pitr_restore_postgresql(
         action=action,
         start=start,
         port=port,
-        socket_dir=socket_dir,
         wait_timeout_s=wait_timeout_s,
         verify_query=verify_query,
         verify_database=verify_database,
         verify_expect=verify_expect,
         db_user=db_user,
-        os_user=os_user,
         archive_after=archive_after,
         prefetch=prefetch,
         dry_run=dry_run,

@@ -203,3 +203,37 @@ def test_failing_archive_command_fails_the_base_backup_fast(command: str) -> Non
     finally:
         server.stop()
     remove_dir(root)
+
+
+def test_pitr_flow_takes_no_socket_folder_or_os_user() -> None:
+    """A root worker must not chown what a flow parameter names (issue 15, item 6)."""
+    import inspect
+
+    from flows.pitr import pitr_restore_postgresql
+
+    params = inspect.signature(pitr_restore_postgresql.fn).parameters
+    assert "socket_dir" not in params and "os_user" not in params
+
+
+def test_planted_symlink_at_a_private_name_is_not_followed(tmp_path: Path) -> None:
+    """write_new (WAL config, identity file, pg_hba.conf) replaces a symlink planted at
+    the final name and never writes through it; its temporary name is random."""
+    import os
+
+    from strongroom.engines.pg_pitr_fs import write_new
+
+    victim = tmp_path / "victim"
+    victim.write_text("root's file\n")
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    (folder / "wal.toml").symlink_to(victim)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        write_new(fd, "wal.toml", b"secret = 1\n")
+    finally:
+        os.close(fd)
+    assert victim.read_text() == "root's file\n"
+    assert not (folder / "wal.toml").is_symlink()
+    assert (folder / "wal.toml").read_bytes() == b"secret = 1\n"
+    assert (folder / "wal.toml").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in folder.iterdir()) == ["wal.toml"]
