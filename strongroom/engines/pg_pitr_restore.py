@@ -3,16 +3,19 @@
 1. ``plan_pitr`` picks the base backup and timeline and refuses a target outside
    the recoverable window.
 2. The base backup's tar streams from the repository (every check applied, last
-   bytes held back until they pass) into ``tar -x``; ``pg_verifybackup`` then
-   checks the extracted files against PostgreSQL's own backup manifest.
+   bytes held back until they pass) into the hostile-input extractor
+   (``pg_pitr_extract``), inside a private ``mkdtemp`` folder; ``pg_verifybackup``
+   then checks the files against PostgreSQL's own backup manifest, and they are
+   moved into the data directory only when everything passed.
 3. ``recovery.signal`` and the recovery settings go into ``postgresql.auto.conf``
    (read last, so they win): ``restore_command`` = ``strongroom-wal fetch``
    with a configuration file (and identity file, mode 0600) written next to the
    data directory, the recovery target, timeline and action, and
    ``archive_mode``/``archive_command`` overridden so the restored cluster never
    archives into the source's archive unless asked to (``archive_after``).
-4. Optionally the server starts, recovery is followed to its target, and a
-   verification query runs.
+4. Optionally the server starts (socket and log in fresh ``mkdtemp`` folders),
+   recovery is followed to its target, and a verification query runs, strongroom
+   admitted by a temporary ``pg_hba.conf`` rule (``pg_pitr_hba``) removed afterwards.
 
 Any failure before the server starts leaves the data directory empty again.
 """
