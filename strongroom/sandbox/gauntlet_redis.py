@@ -35,7 +35,7 @@ Fingerprint = dict[int, dict[bytes, str]]
 
 
 def _rng() -> random.Random:
-    return random.Random(SEED)
+    return random.Random(SEED)  # noqa: S311 (test data, reproducible on purpose)
 
 
 def big_value() -> bytes:
@@ -124,8 +124,9 @@ def load_gauntlet(conn: RedisConnection) -> dict[str, Any]:
     }
 
 
-def _load_streams(client: redis.Redis) -> None:
+def _load_streams(redis_client: redis.Redis) -> None:
     """A stream with two consumer groups and pending entries, and an emptied stream."""
+    client: Any = redis_client  # redis-py's reply types are unions
     pipe = client.pipeline(transaction=False)
     for i in range(3000):
         pipe.xadd("stream:orders", {"n": str(i), "payload": bytes([i % 256]) * (i % 40)})
@@ -152,7 +153,7 @@ def _feed(h: Any, *parts: Any) -> None:
 
 
 def _sorted_pairs(items: Iterable[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-    return sorted(items, key=lambda kv: (kv[0] if isinstance(kv[0], bytes) else str(kv[0])))
+    return sorted(items, key=lambda kv: kv[0] if isinstance(kv[0], bytes) else str(kv[0]))
 
 
 def key_digest(client: redis.Redis, key: bytes) -> str:
