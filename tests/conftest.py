@@ -10,6 +10,7 @@ from tests.fixtures.prefect import isolate_prefect_env
 isolate_prefect_env()
 
 from tests.fixtures.clickhouse import clickhouse_server  # noqa: E402
+from tests.fixtures.clickhouse_gauntlet import clickhouse_gauntlet  # noqa: E402
 from tests.fixtures.postgres import pg_db, pg_server  # noqa: E402
 from tests.fixtures.prefect import prefect_api  # noqa: E402
 from tests.fixtures.redis import redis_server  # noqa: E402
@@ -19,6 +20,7 @@ from tests.fixtures.strongroom_fixtures import age_key, local_repo, s3_repo  # n
 
 __all__ = [
     "age_key",
+    "clickhouse_gauntlet",
     "clickhouse_server",
     "local_repo",
     "pg_db",

@@ -221,6 +221,7 @@ class _Run:
             table,
             inspect.stored_columns(entry["columns"]),
             by_partition=partitioned and inspect.is_merge_tree(entry["data_engine"]),
+            finalize_aggregates=entry.get("fingerprint_aggregates") == "finalized",
         )
         if act["partitions"]:
             actual = {k: v for k, v in actual.items() if k in act["partitions"]}
