@@ -20,6 +20,7 @@ from strongroom.engines.clickhouse_plan import ChRestoreRequest
 from strongroom.engines.clickhouse_restore import restore_clickhouse
 from strongroom.engines.clickhouse_sql import qualified, quote_string
 from strongroom.sandbox.gauntlet_clickhouse import FACT_ROWS, FACTS, MAIN_DB, SECOND_DB, fingerprint
+from strongroom.verify import verify_backup
 from tests.fixtures.clickhouse_gauntlet import PARTITION_WHERE, PARTITIONS, ClickHouseGauntlet
 
 RENAMED = "restored `g` é"
@@ -126,3 +127,14 @@ def test_partition_restore_brings_only_those_partitions(
     assert whole == g.partition_print["tables"][f"{MAIN_DB}.{FACTS}"]  # nothing else came
     assert 0 < whole["rows"] < FACT_ROWS
     assert _tables(g, MAIN_DB) == [FACTS]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_gauntlet_backups_verify(
+    clickhouse_gauntlet: ClickHouseGauntlet, age_key: EncryptionConfig, kind: str
+) -> None:
+    g = clickhouse_gauntlet
+    report = verify_backup(g.repos[kind][0], g.manifests[kind], age_key)
+    assert report["ok"], report
+    natives = [a for a in report["artifacts"] if a["artifact"].endswith(".native")]
+    assert sum(a["structure"]["rows"] or 0 for a in natives) >= FACT_ROWS

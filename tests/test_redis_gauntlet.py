@@ -26,6 +26,7 @@ from strongroom.sandbox.gauntlet_redis import (
     fingerprint,
 )
 from strongroom.sandbox.redis import RedisServer
+from strongroom.verify import verify_backup
 from tests.fixtures.redis_gauntlet import RedisGauntlet
 
 
@@ -142,3 +143,12 @@ def test_single_db_restore(
     restored = fingerprint(target)
     assert restored[db] == redis_gauntlet.source_print[db]
     assert all(restored[other] == {} for other in GAUNTLET_DBS if other != db)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_gauntlet_backups_verify(
+    redis_gauntlet: RedisGauntlet, age_key: EncryptionConfig, kind: str
+) -> None:
+    report = verify_backup(redis_gauntlet.repos[kind][0], redis_gauntlet.manifests[kind], age_key)
+    assert report["ok"], report
+    assert report["artifacts"][0]["structure"]["rdb_version"] == 10
