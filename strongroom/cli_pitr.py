@@ -86,11 +86,9 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
         action: str = typer.Option("promote", "--action", help="promote, pause or shutdown."),
         start: bool = typer.Option(False, "--start", help="Start it and wait for the target."),
         port: int | None = typer.Option(None, "--port", help="Port for the restored server."),
-        socket_dir: str | None = typer.Option(None, "--socket-dir"),
         verify_query: str | None = typer.Option(None, "--verify-query", help="SQL to run."),
         verify_db: str = typer.Option("postgres", "--verify-db"),
         expect: str | None = typer.Option(None, "--expect", help="Expected query output."),
-        os_user: str | None = typer.Option(None, "--os-user", help="Owner of the data dir."),
         archive_after: str | None = typer.Option(
             None, "--archive-to", help="Archive the new timeline into this target."
         ),
@@ -144,11 +142,9 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
                 "action": action,
                 "start": start,
                 "port": port,
-                "socket_dir": socket_dir,
                 "verify_query": verify_query,
                 "verify_database": verify_db,
                 "verify_expect": expect,
-                "os_user": os_user,
                 "archive_after": archive_after,
                 "dry_run": dry_run,
                 "repository": repository,
