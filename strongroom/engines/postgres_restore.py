@@ -125,11 +125,13 @@ class _Forward:
     def _run(self) -> None:
         src, dst = self.restore.proc.stdout, self.psql.proc.stdin
         assert src is not None and dst is not None
-        try:
-            while chunk := src.read(1024 * 1024):
+        while chunk := src.read(1024 * 1024):
+            if self.error is not None:
+                continue  # psql failed: keep pg_restore unblocked; its error is reported
+            try:
                 dst.write(chunk)
-        except BaseException as exc:
-            self.error = exc
+            except BaseException as exc:
+                self.error = exc
 
     def commit(self) -> None:
         self.thread.join()
