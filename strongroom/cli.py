@@ -264,6 +264,8 @@ def _print_restore(r: dict[str, Any]) -> None:
     )
     if r.get("blocked"):
         out.print(f"[yellow]blocked:[/yellow] {r['blocked']}")
+    for note in r.get("notes") or []:
+        out.print(f"note: {note}", markup=False)
     checks = r.get("row_checks") or []
     if checks:
         table = Table("table", "expected rows", "restored rows", "ok")
