@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import secrets
 import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 import psycopg
@@ -36,9 +38,15 @@ from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig, PostgresConnection
 from strongroom.engines import pg_inspect, pg_relations
 from strongroom.engines.pg_connect import connect
+from strongroom.engines.pg_sql_guard import (
+    check_no_meta_commands,
+    feed_restricted,
+    new_restrict_key,
+)
 from strongroom.engines.postgres import pg_tool
 from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
-from strongroom.errors import NotFound, StrongroomError
+from strongroom.errors import IntegrityError, NotFound, StrongroomError
+from strongroom.private_files import create_private
 from strongroom.process import Tool
 from strongroom.redact import register, scrub
 from strongroom.repository.base import Repository
@@ -179,26 +187,42 @@ class PostgresDrill:
         return report
 
     def _apply_globals(self, manifest: Manifest) -> dict[str, Any]:
-        """Roles and tablespaces from globals.sql; 'already exists' errors are expected."""
+        """Roles and tablespaces from globals.sql; 'already exists' errors are expected.
+
+        The SQL is spooled into a private file and verified end to end before psql
+        sees a byte, then fed behind a ``\\restrict`` line (``pg_sql_guard``)."""
         try:
             artifact = manifest.artifact("globals.sql")
         except NotFound:
             return {"applied": False, "reason": "no globals.sql in the backup"}
-        env = {**self.conn.libpq_env(), "PGDATABASE": self.conn.maintenance_db}
-        psql = Tool(
-            [pg_tool("psql"), "-X", "-q", "--no-password"],
-            env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-        )
-        assert psql.proc.stdin is not None
-        try:
-            read_artifact(self.repo, artifact, psql.proc.stdin, encryption=self.enc, holdback=0)
-        finally:
-            with contextlib.suppress(OSError):
-                psql.proc.stdin.close()
-        psql.check("psql applying globals.sql")
+        with tempfile.TemporaryDirectory(prefix="sr-globals-") as folder:
+            spooled = Path(folder) / "globals.sql"
+            with create_private(spooled) as sink:
+                read_artifact(self.repo, artifact, sink, encryption=self.enc)
+            check_no_meta_commands(spooled, "globals.sql")
+            env = {**self.conn.libpq_env(), "PGDATABASE": self.conn.maintenance_db}
+            psql = Tool(
+                [pg_tool("psql"), "-X", "-q", "--no-password"],
+                env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+            )
+            assert psql.proc.stdin is not None
+            try:
+                feed_restricted(spooled, psql.proc.stdin, new_restrict_key(), "globals.sql")
+            except BrokenPipeError:
+                pass  # psql ended early: its exit status and stderr say why
+            finally:
+                with contextlib.suppress(OSError):
+                    psql.proc.stdin.close()
+            psql.check("psql applying globals.sql")
         errors = [line for line in psql.stderr.splitlines() if "ERROR" in line]
+        refused = [line for line in psql.stderr.splitlines() if "restricted" in line]
+        if refused:
+            raise IntegrityError(
+                "globals.sql tried psql meta-commands that restricted mode refused "
+                f"({len(refused)}); nothing of them ran"
+            )
         return {"applied": True, "errors_ignored": len(errors)}
 
     def handle(self) -> dict[str, Any]:
