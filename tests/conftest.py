@@ -11,6 +11,11 @@ isolate_prefect_env()
 
 from tests.fixtures.clickhouse import clickhouse_server  # noqa: E402
 from tests.fixtures.clickhouse_gauntlet import clickhouse_gauntlet  # noqa: E402
+from tests.fixtures.pg_gauntlet import (  # noqa: E402
+    pg_gauntlet,
+    pg_gauntlet_local_backup,
+    pg_gauntlet_s3_backup,
+)
 from tests.fixtures.postgres import pg_db, pg_server  # noqa: E402
 from tests.fixtures.prefect import prefect_api  # noqa: E402
 from tests.fixtures.redis import redis_server  # noqa: E402
@@ -24,6 +29,9 @@ __all__ = [
     "clickhouse_server",
     "local_repo",
     "pg_db",
+    "pg_gauntlet",
+    "pg_gauntlet_local_backup",
+    "pg_gauntlet_s3_backup",
     "pg_server",
     "prefect_api",
     "redis_gauntlet",

@@ -36,7 +36,7 @@ from pydantic import SecretStr
 from strongroom.artifacts import read_artifact
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig, PostgresConnection
-from strongroom.engines import pg_inspect
+from strongroom.engines import pg_inspect, pg_relations
 from strongroom.engines.pg_connect import connect
 from strongroom.engines.pg_sql_guard import (
     check_no_meta_commands,
@@ -61,7 +61,7 @@ _SESSION = (
 
 
 def fingerprint_tables(
-    c: psycopg.Connection, tables: list[tuple[str, str]]
+    c: psycopg.Connection, tables: list[tuple[str, str]], *, only: bool = False
 ) -> dict[tuple[str, str], tuple[int, str]]:
     """(row count, fingerprint) per table: the sum of a 60-bit hash of each row's text,
     so the order of rows does not matter and memory stays flat."""
@@ -70,8 +70,8 @@ def fingerprint_tables(
     for schema, table in tables:
         query = sql.SQL(
             "SELECT count(*), coalesce(sum(('x' || substr(md5(t::text), 1, 15))::bit(60)::bigint),"
-            " 0)::text FROM {}.{} AS t"
-        ).format(sql.Identifier(schema), sql.Identifier(table))
+            " 0)::text FROM {}{}.{} AS t"
+        ).format(sql.SQL("ONLY " if only else ""), sql.Identifier(schema), sql.Identifier(table))
         row = c.execute(query).fetchone()
         assert row is not None
         found[(schema, table)] = (int(row[0]), str(row[1]))
@@ -233,18 +233,22 @@ class PostgresDrill:
         for entry in manifest.details.get("databases", []):
             name = entry["name"]
             scratch = self.databases[name]
-            expected = {(t["schema"], t["name"]): int(t["rows"]) for t in entry["tables"]}
+            listed = {(t["schema"], t["name"]) for t in entry["tables"]}
+            expected = pg_relations.expected_rows(entry)  # relations the backup counted
+            only = pg_relations.counts_only(entry)
+            self._only = only
             with connect(self.conn, scratch) as c:
                 present = set(pg_inspect.user_tables(c))
                 tables = sorted(set(expected) & present)
                 if self.fingerprints:
-                    prints = fingerprint_tables(c, tables)
+                    prints = fingerprint_tables(c, tables, only=only)
                 else:
-                    prints = {k: (n, "") for k, n in pg_inspect.count_rows(c, tables).items()}
+                    counted = pg_inspect.count_rows(c, tables, only=only)
+                    prints = {k: (n, "") for k, n in counted.items()}
             live: dict[tuple[str, str], tuple[int, str]] = {}
             if self.live != "off":
                 live = self._live(name, tables)
-            for s, t in sorted(set(expected) - present):
+            for s, t in sorted(listed - present):
                 checks.append(
                     {
                         "item": f"{name}:{s}.{t}",
@@ -253,7 +257,7 @@ class PostgresDrill:
                         "detail": f"{name}:{s}.{t} missing from the restored database",
                     }
                 )
-            for s, t in sorted(present - set(expected)):
+            for s, t in sorted(present - listed):
                 checks.append(
                     {
                         "item": f"{name}:{s}.{t}",
@@ -298,9 +302,10 @@ class PostgresDrill:
         with connect(self.source, database) as c:
             present = set(pg_inspect.user_tables(c))
             wanted = [t for t in tables if t in present]
+            only = getattr(self, "_only", False)
             if self.fingerprints:
-                return fingerprint_tables(c, wanted)
-            return {k: (n, "") for k, n in pg_inspect.count_rows(c, wanted).items()}
+                return fingerprint_tables(c, wanted, only=only)
+            return {k: (n, "") for k, n in pg_inspect.count_rows(c, wanted, only=only).items()}
 
     def cleanup(self) -> dict[str, Any]:
         dropped: list[str] = []
