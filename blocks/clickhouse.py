@@ -26,6 +26,10 @@ class ClickHouseTarget(Block):
     user: str = "default"
     password: SecretStr | None = None
     secure: bool = Field(default=False, description="Use HTTPS for the HTTP interface.")
+    allow_plaintext: bool = Field(
+        default=False,
+        description="Allow an unencrypted connection to a non-loopback host (refused otherwise).",
+    )
     export_via: Literal["auto", "clickhouse-client", "http"] = Field(
         default="auto",
         description="How table data is read: clickhouse-client (native protocol, faster) when "
@@ -54,6 +58,7 @@ class ClickHouseTarget(Block):
             user=self.user,
             password=self.password,
             secure=self.secure,
+            allow_plaintext=self.allow_plaintext,
             export_via=self.export_via,
             wire_compression=self.wire_compression,
             databases=list(self.databases),

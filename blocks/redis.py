@@ -26,6 +26,10 @@ class RedisTarget(Block):
     username: str | None = Field(default=None, description="ACL user (Redis 6+).")
     password: SecretStr | None = None
     tls: bool = False
+    allow_plaintext: bool = Field(
+        default=False,
+        description="Allow an unencrypted connection to a non-loopback host (refused otherwise).",
+    )
     tls_ca_file: str | None = Field(default=None, description="CA bundle for TLS.")
     dbs: list[int] = Field(
         default_factory=list,
@@ -82,6 +86,7 @@ class RedisTarget(Block):
             username=self.username,
             password=self.password,
             tls=self.tls,
+            allow_plaintext=self.allow_plaintext,
             tls_ca_file=self.tls_ca_file,
             dbs=list(self.dbs),
             backup_method=self.backup_method,

@@ -8,6 +8,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from strongroom.config import PostgresConnection
+from strongroom.transport import pg_default_sslmode
 
 
 class PostgresTarget(Block):
@@ -24,7 +25,15 @@ class PostgresTarget(Block):
     databases: list[str] = Field(
         default_factory=list, description="Databases to back up; empty means all."
     )
-    sslmode: str = "prefer"
+    sslmode: str | None = Field(
+        default=None,
+        description="libpq sslmode; empty: prefer on loopback/unix sockets, require otherwise "
+        "(verify-full recommended).",
+    )
+    allow_plaintext: bool = Field(
+        default=False,
+        description="Allow disable/allow/prefer to a non-loopback host (refused otherwise).",
+    )
     maintenance_db: str = "postgres"
     dump_format: Literal["custom", "directory"] = Field(
         default="custom", description="custom (streamed) or directory (pg_dump -j, spooled)"
@@ -42,7 +51,8 @@ class PostgresTarget(Block):
             user=self.user,
             password=self.password,
             databases=list(self.databases),
-            sslmode=self.sslmode,
+            sslmode=self.sslmode or pg_default_sslmode(self.host),
+            allow_plaintext=self.allow_plaintext,
             maintenance_db=self.maintenance_db,
             dump_format=self.dump_format,
             jobs=self.jobs,

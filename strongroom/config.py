@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
+from strongroom.errors import InvalidInput
 from strongroom.ids import check_name
 from strongroom.signing import Trust
+from strongroom.transport import PG_MODES, PG_PLAINTEXT_MODES, pg_default_sslmode, require_encrypted
 
 
 class PostgresConnection(BaseModel):
@@ -28,7 +30,15 @@ class PostgresConnection(BaseModel):
     databases: list[str] = Field(
         default_factory=list, description="databases to back up; empty means every database"
     )
-    sslmode: str = "prefer"
+    sslmode: str = Field(
+        default="require",
+        description="libpq sslmode; unset: prefer for loopback/unix sockets, require otherwise "
+        "(verify-full recommended for remote hosts)",
+    )
+    allow_plaintext: bool = Field(
+        default=False,
+        description="allow disable/allow/prefer to a non-loopback host (TLS can be stripped)",
+    )
     maintenance_db: str = "postgres"
     connect_timeout: int = 10
     dump_format: Literal["custom", "directory"] = Field(
@@ -45,6 +55,31 @@ class PostgresConnection(BaseModel):
     @classmethod
     def _name_ok(cls, value: str) -> str:
         return check_name(value, "target name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_sslmode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("sslmode") is None:
+            host = str(data.get("host") or "127.0.0.1")
+            data = {**data, "sslmode": pg_default_sslmode(host)}
+        return data
+
+    @model_validator(mode="after")
+    def _transport_ok(self) -> PostgresConnection:
+        if self.sslmode not in PG_MODES:
+            raise InvalidInput(
+                f"postgres target {self.name!r}: sslmode {self.sslmode!r} is not one of "
+                + ", ".join(sorted(PG_MODES))
+            )
+        require_encrypted(
+            engine="postgres",
+            target=self.name,
+            host=self.host,
+            encrypted=self.sslmode not in PG_PLAINTEXT_MODES,
+            field=f"sslmode={self.sslmode}",
+            allow_plaintext=self.allow_plaintext,
+        )
+        return self
 
     def libpq_env(self) -> dict[str, str]:
         """Environment for libpq tools: the password travels here, never in argv."""

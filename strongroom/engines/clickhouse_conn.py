@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 from strongroom.ids import check_name
+from strongroom.transport import require_encrypted
 
 
 class ClickHouseConnection(BaseModel):
@@ -27,6 +28,9 @@ class ClickHouseConnection(BaseModel):
     password: SecretStr | None = None
     secure: bool = Field(default=False, description="HTTPS for the HTTP interface")
     verify_tls: bool = True
+    allow_plaintext: bool = Field(
+        default=False, description="allow secure=False to a non-loopback host"
+    )
     ca_file: str | None = None
     databases: list[str] = Field(
         default_factory=list,
@@ -51,6 +55,18 @@ class ClickHouseConnection(BaseModel):
     @classmethod
     def _name_ok(cls, value: str) -> str:
         return check_name(value, "target name")
+
+    @model_validator(mode="after")
+    def _transport_ok(self) -> ClickHouseConnection:
+        require_encrypted(
+            engine="clickhouse",
+            target=self.name,
+            host=self.host,
+            encrypted=self.secure,
+            field="secure=false",
+            allow_plaintext=self.allow_plaintext,
+        )
+        return self
 
     def secrets(self) -> list[str]:
         return [self.password.get_secret_value()] if self.password else []

@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import redis
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from strongroom.errors import AccessDenied, InvalidInput, ServiceUnavailable, ToolFailed
 from strongroom.ids import check_name
 from strongroom.redact import register, scrub
+from strongroom.transport import require_encrypted
 
 BackupMethod = Literal["auto", "sync", "bgsave", "logical"]
 MAX_DB = 1023
@@ -36,6 +37,7 @@ class RedisConnection(BaseModel):
     password: SecretStr | None = None
     tls: bool = False
     tls_ca_file: str | None = Field(default=None, description="CA bundle for TLS verification")
+    allow_plaintext: bool = Field(default=False, description="allow tls=False to a remote host")
     dbs: list[int] = Field(
         default_factory=list,
         description="databases to export/restore; empty means every database with keys",
@@ -92,6 +94,18 @@ class RedisConnection(BaseModel):
             if not 0 <= db <= MAX_DB:
                 raise ValueError(f"db index {db} out of range 0..{MAX_DB}")
         return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _transport_ok(self) -> RedisConnection:
+        require_encrypted(
+            engine="redis",
+            target=self.name,
+            host=self.host,
+            encrypted=self.tls,
+            field="tls=false",
+            allow_plaintext=self.allow_plaintext,
+        )
+        return self
 
     def secrets(self) -> list[str]:
         return [self.password.get_secret_value()] if self.password else []

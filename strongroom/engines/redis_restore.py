@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import secrets
 import shlex
 import subprocess
 import time
@@ -71,6 +70,7 @@ from strongroom.engines.redis_copy import (
     wait_down,
     wait_ready,
 )
+from strongroom.engines.redis_files import create_private, minimal_env, private_folder
 from strongroom.engines.redis_k8s import K8sSettings, StatefulSetRestart
 from strongroom.engines.redis_logical import LogicalParser
 from strongroom.engines.redis_rdb import first_release, max_rdb_version
@@ -266,7 +266,7 @@ def _load_scratch(
     started = time.monotonic()
     facts: dict[str, Any] = {}
     if manifest.kind == "rdb":
-        with open(scratch.rdb_path, "wb") as handle:
+        with create_private(scratch.rdb_path) as handle:
             read_artifact(repo, artifact, handle, encryption=enc, progress=progress)
         scratch.start(timeout=120.0 + artifact.raw_size / (20 * 1024 * 1024))
     else:
@@ -596,8 +596,7 @@ def _file_preflight(conn: RedisConnection, client: redis.Redis) -> dict[str, Any
 
 
 def _run_command(conn: RedisConnection, command: str, what: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REDISCLI_")}
-    env.update(
+    env = minimal_env(
         {
             "STRONGROOM_REDIS_HOST": conn.host,
             "STRONGROOM_REDIS_PORT": str(conn.port),
@@ -637,7 +636,8 @@ def _restore_file(
     data_path = Path(conn.data_path or "")
     folder = data_path.parent
     artifact = manifest.artifacts[0]
-    temp = folder / f".strongroom-restore-{manifest.backup_id}-{secrets.token_hex(3)}.rdb"
+    private = private_folder(folder)
+    temp = private / f"{manifest.backup_id}.rdb"
     previous = data_path.with_name(f"{data_path.name}.pre-restore-{manifest.backup_id}")
     expected = {db: int(plan["manifest_keys"][str(db)]) for db in dbs}
     stopped = False
@@ -645,7 +645,7 @@ def _restore_file(
     had_previous = data_path.exists()
     try:
         # 1. the new file next to the old one (same filesystem: the rename is atomic)
-        with open(temp, "wb") as handle:
+        with create_private(temp) as handle:
             read_artifact(repo, artifact, handle, encryption=enc, progress=progress)
             handle.flush()
             os.fsync(handle.fileno())
@@ -668,6 +668,7 @@ def _restore_file(
             os.replace(data_path, previous)
         os.replace(temp, data_path)
         swapped = True
+        private.rmdir()
         _fsync_dir(folder)
         _start(conn, restart)
         waited = wait_ready(conn, conn.load_timeout)
@@ -675,6 +676,8 @@ def _restore_file(
     except BaseException as exc:
         with contextlib.suppress(OSError):
             temp.unlink()
+        with contextlib.suppress(OSError):
+            private.rmdir()
         if not stopped:
             raise
         steps = _roll_back(conn, restart, data_path, previous, swapped, had_previous)

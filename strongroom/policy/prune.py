@@ -14,6 +14,11 @@ period, so a backup still uploading is never touched), interrupted uploads
 (``cleanup_incomplete`` with the same grace), and PITR WAL older than the oldest
 retained base backup. ``dry_run`` reads everything (locks included) and
 changes nothing.
+
+What a backup owns comes from where its manifest is listed, never from the JSON in it
+(``strongroom.policy.owned``): a manifest that lists keys outside its own prefix, or
+names another engine/target/id than its path, is reported under ``findings`` and
+left alone; it never counts toward keeping another backup.
 """
 
 from __future__ import annotations
@@ -25,10 +30,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from strongroom.catalog import Catalog, Manifest, manifest_key
+from strongroom.catalog import Catalog, Manifest
 from strongroom.errors import StrongroomError
-from strongroom.ids import BACKUP_ID_RE, backup_id_time
+from strongroom.ids import BACKUP_ID_RE, backup_id_time, check_engine, check_name
 from strongroom.policy.locks import LockState, ObjectStore, object_store
+from strongroom.policy.owned import (
+    Finding,
+    Ident,
+    Listed,
+    data_prefix,
+    inside,
+    list_catalog,
+    owned_keys,
+    parents_of,
+    valid_ident,
+)
 from strongroom.policy.pins import label_pinned, pinned_ids
 from strongroom.policy.retention import (
     BackupPoint,
@@ -46,30 +62,28 @@ DEFAULT_ORPHAN_GRACE = dt.timedelta(hours=24)
 PolicyLookup = Callable[[str, str], RetentionPolicy]
 
 
-def depends_on(manifest: Manifest) -> tuple[str, ...]:
-    """Backups this one needs to be restored (incremental chains)."""
-    found: list[str] = []
-    for name in ("depends_on", "parent_backup_id", "parent", "base_backup_id", "based_on"):
-        value = manifest.details.get(name)
-        if isinstance(value, str) and BACKUP_ID_RE.fullmatch(value):
-            found.append(value)
-        elif isinstance(value, list):
-            found.extend(v for v in value if isinstance(v, str) and BACKUP_ID_RE.fullmatch(v))
-    return tuple(dict.fromkeys(found))
+depends_on = parents_of
 
 
-def point(manifest: Manifest, *, pinned: bool = False) -> BackupPoint:
+def point(entry: Listed, *, pinned: bool = False) -> BackupPoint:
+    """The policy's view of one listed backup; its identity is the listing path's."""
+    manifest = entry.manifest
     return BackupPoint(
-        backup_id=manifest.backup_id,
+        backup_id=entry.backup_id,
         started_at=manifest.started_at,
         finished_at=manifest.finished_at,
-        engine=manifest.engine,
-        target=manifest.target,
+        engine=entry.engine,
+        target=entry.target,
         kind=manifest.kind,
         pinned=pinned or label_pinned(manifest),
-        depends_on=depends_on(manifest),
+        depends_on=parents_of(manifest),
         stored_size=manifest.stored_size,
     )
+
+
+def ident_of(decision: Decision) -> Ident:
+    b = decision.backup
+    return (b.engine, b.target, b.backup_id)
 
 
 @dataclass
@@ -101,6 +115,8 @@ class RetentionReport:
     incomplete_uploads_removed: int = 0
     wal: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # catalog and data objects retention does not trust: reported, never acted on
+    findings: list[dict[str, Any]] = field(default_factory=list)
 
     def count(self, action: str) -> int:
         return sum(1 for b in self.backups if b.action == action)
@@ -133,6 +149,7 @@ class RetentionReport:
                 "orphans": len(self.orphans),
                 "wal_segments_deleted": sum(int(w["deleted"]) for w in self.wal),
                 "wal_segments_would_delete": sum(int(w["would_delete"]) for w in self.wal),
+                "findings": len(self.findings),
             },
             "backups": [b.to_dict() for b in self.backups],
             "orphans": self.orphans,
@@ -140,22 +157,8 @@ class RetentionReport:
             "incomplete_uploads_removed": self.incomplete_uploads_removed,
             "wal": self.wal,
             "errors": self.errors,
+            "findings": self.findings,
         }
-
-
-def _data_prefix(engine: str, target: str, backup_id: str) -> str:
-    return f"data/{engine}/{target}/{backup_id}/"
-
-
-def _backup_keys(repo: Repository, manifest: Manifest) -> list[tuple[str, int]]:
-    """Every object that belongs to a backup: manifest first, then its data."""
-    keys: dict[str, int] = {}
-    for artifact in manifest.artifacts:
-        keys[artifact.key] = artifact.stored_size
-    for info in repo.list(_data_prefix(manifest.engine, manifest.target, manifest.backup_id)):
-        keys[info.key] = info.size
-    mkey = manifest_key(manifest.engine, manifest.target, manifest.backup_id)
-    return [(mkey, 0), *sorted(keys.items())]
 
 
 def _active_locks(store: ObjectStore, keys: list[str], now: dt.datetime) -> list[LockState]:
@@ -178,6 +181,16 @@ def _lock_summary(locks: list[LockState]) -> tuple[dt.datetime, str]:
     return until, detail
 
 
+@dataclass
+class RetentionPlan:
+    """What the policy decided, for the backups retention trusts."""
+
+    decisions: list[Decision]
+    listed: dict[Ident, Listed]
+    locks: dict[Ident, list[LockState]]
+    findings: list[Finding]
+
+
 def plan(
     repo: Repository,
     policy_for: PolicyLookup | RetentionPolicy,
@@ -186,23 +199,25 @@ def plan(
     target: str | None = None,
     now: dt.datetime | None = None,
     store: ObjectStore | None = None,
-) -> tuple[list[Decision], dict[str, Manifest], dict[str, list[LockState]]]:
+) -> RetentionPlan:
     """Evaluate the policy over the catalog; locks are read for deletion candidates.
 
-    Returns the decisions, the manifests by backup id and the active locks found.
+    Suspect manifests (``strongroom.policy.owned``) are not evaluated: they are
+    returned as findings, never kept or deleted, and never count toward keeping others.
     """
     moment = now or dt.datetime.now(dt.UTC)
     lookup = _lookup(policy_for)
     store = store or object_store(repo)
-    manifests = Catalog(repo).list(engine, target)
+    entries, findings = list_catalog(repo, engine, target)
+    trusted = [e for e in entries if not e.suspect]
+    findings = [*findings, *(p for e in entries for p in e.problems)]
     pins = pinned_ids(repo, engine, target)
-    by_id = {m.backup_id: m for m in manifests}
+    listed = {e.ident: e for e in trusted}
     series: dict[tuple[str, str], list[BackupPoint]] = defaultdict(list)
-    for m in manifests:
-        pinned = (m.engine, m.target, m.backup_id) in pins
-        series[(m.engine, m.target)].append(point(m, pinned=pinned))
+    for e in trusted:
+        series[(e.engine, e.target)].append(point(e, pinned=e.ident in pins))
     decisions: list[Decision] = []
-    locks: dict[str, list[LockState]] = {}
+    locks: dict[Ident, list[LockState]] = {}
     for (eng, tgt), points in sorted(series.items()):
         policy = lookup(eng, tgt)
         policy.check_usable()
@@ -211,13 +226,13 @@ def plan(
         for d in first:
             if d.keep:
                 continue
-            keys = [k for k, _ in _backup_keys(repo, by_id[d.backup_id])]
+            keys = [k for k, _ in owned_keys(repo, listed[ident_of(d)])]
             active = _active_locks(store, keys, moment)
             if active:
-                locks[d.backup_id] = active
+                locks[ident_of(d)] = active
                 found[d.backup_id] = _lock_summary(active)
         decisions.extend(with_locks(first, found, policy, moment) if found else first)
-    return decisions, by_id, locks
+    return RetentionPlan(decisions, listed, locks, findings)
 
 
 def _lookup(policy_for: PolicyLookup | RetentionPolicy) -> PolicyLookup:
@@ -230,11 +245,12 @@ def _lookup(policy_for: PolicyLookup | RetentionPolicy) -> PolicyLookup:
 def _delete_backup(
     repo: Repository,
     store: ObjectStore,
-    manifest: Manifest,
+    entry: Listed,
     now: dt.datetime,
 ) -> tuple[str, str, list[dict[str, str]], int]:
-    """Manifest first, then data. Re-checks locks right before deleting."""
-    keys = _backup_keys(repo, manifest)
+    """Manifest first, then data (only what the backup owns: ``owned_keys``).
+    Re-checks locks right before deleting."""
+    keys = owned_keys(repo, entry)
     active = _active_locks(store, [k for k, _ in keys], now)
     if active:
         until, detail = _lock_summary(active)
@@ -274,26 +290,47 @@ def find_orphans(
     target: str | None = None,
     grace: dt.timedelta = DEFAULT_ORPHAN_GRACE,
     now: dt.datetime | None = None,
-    loaded: dict[str, Manifest] | None = None,
+    loaded: dict[Ident, Listed] | None = None,
+    findings: list[Finding] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(orphans, dangling): data folders without a manifest, and manifests whose
-    artifacts are missing. Orphans younger than ``grace`` are listed as 'recent'."""
+    """(orphans, dangling): backup data folders (``data/<engine>/<target>/<id>/``, names
+    checked) without a manifest at the matching catalog path, and manifests whose
+    artifacts are missing. Orphans younger than ``grace`` are listed as 'recent'. Data
+    objects outside any folder strongroom writes are added to ``findings`` (when given),
+    never to the orphans: retention does not delete what it does not own."""
     moment = now or dt.datetime.now(dt.UTC)
     prefix = "data/"
     if engine:
-        prefix += f"{engine}/"
+        prefix += f"{check_engine(engine)}/"
         if target:
-            prefix += f"{target}/"
-    groups: dict[tuple[str, str, str], list[tuple[str, int, dt.datetime]]] = defaultdict(list)
+            prefix += f"{check_name(target, 'target name')}/"
+    groups: dict[Ident, list[tuple[str, int, dt.datetime]]] = defaultdict(list)
+    strays: dict[str, int] = defaultdict(int)
     present: set[str] = set()
     for info in repo.list(prefix):
         parts = info.key.split("/")
-        if len(parts) < 5:
+        if target and (len(parts) < 3 or parts[2] != target):
             continue
-        if target and parts[2] != target:
-            continue
-        groups[(parts[1], parts[2], parts[3])].append((info.key, info.size, info.modified))
         present.add(info.key)
+        eng, tgt, bid = [*parts, "", "", ""][1:4]
+        if (
+            len(parts) < 5
+            or not valid_ident(eng, tgt, bid)
+            or not inside(info.key, data_prefix(eng, tgt, bid))
+        ):
+            strays["/".join(parts[:4])] += 1
+            continue
+        groups[(eng, tgt, bid)].append((info.key, info.size, info.modified))
+    for folder, count in sorted(strays.items()):
+        if findings is not None:
+            findings.append(
+                Finding(
+                    folder[:200],
+                    "bad-name",
+                    f"{count} data object(s) outside any backup folder strongroom writes "
+                    "(data/<engine>/<target>/<backup id>/<artifact>): not deleted",
+                )
+            )
     catalog_prefix = "catalog/" + (f"{engine}/" if engine else "")
     if engine and target:
         catalog_prefix += f"{target}/"
@@ -314,7 +351,7 @@ def find_orphans(
                 "engine": eng,
                 "target": tgt,
                 "backup_id": bid,
-                "prefix": _data_prefix(eng, tgt, bid),
+                "prefix": data_prefix(eng, tgt, bid),
                 "objects": [k for k, _, _ in objects],
                 "bytes": sum(s for _, s, _ in objects),
                 "newest_object": newest.isoformat(),
@@ -327,11 +364,8 @@ def find_orphans(
         if (engine and eng != engine) or (target and tgt != target):
             continue
         try:
-            cached = (loaded or {}).get(bid)
-            if cached is not None and (cached.engine, cached.target) == (eng, tgt):
-                manifest = cached
-            else:
-                manifest = catalog.load(eng, tgt, bid)
+            cached = (loaded or {}).get((eng, tgt, bid))
+            manifest = cached.manifest if cached is not None else catalog.load(eng, tgt, bid)
         except StrongroomError as exc:
             dangling.append({"engine": eng, "target": tgt, "backup_id": bid, "error": str(exc)})
             continue
@@ -371,14 +405,13 @@ def prune(
     lookup = _lookup(policy_for)
     store = object_store(repo, purge_versions=purge_versions)
     report = RetentionReport(dry_run=dry_run, now=moment)
-    decisions, manifests, locks = plan(
-        repo, lookup, engine=engine, target=target, now=moment, store=store
-    )
-    for key in sorted({(d.backup.engine, d.backup.target) for d in decisions}):
+    planned = plan(repo, lookup, engine=engine, target=target, now=moment, store=store)
+    findings = list(planned.findings)
+    for key in sorted({(d.backup.engine, d.backup.target) for d in planned.decisions}):
         report.policies["/".join(key)] = lookup(*key).describe()
 
-    for d in decisions:
-        manifest = manifests[d.backup_id]
+    for d in planned.decisions:
+        entry = planned.listed[ident_of(d)]
         if d.keep:
             locked_rule = next((r for r in d.rules if r.startswith("object-lock")), None)
             if locked_rule is not None and len(d.rules) == 1:
@@ -386,24 +419,37 @@ def prune(
                     d,
                     "locked",
                     locked_rule.replace("object-lock", "locked", 1),
-                    locked=_lock_rows(locks.get(d.backup_id, [])),
+                    locked=_lock_rows(planned.locks.get(ident_of(d), [])),
                 )
             else:
                 outcome = BackupOutcome(d, "keep", d.reason)
         elif dry_run:
-            outcome = BackupOutcome(d, "would-delete", d.reason, freed=manifest.stored_size)
+            freed = sum(size for _, size in owned_keys(repo, entry))
+            outcome = BackupOutcome(d, "would-delete", d.reason, freed=freed)
         else:
-            action, detail, locked_rows, freed = _delete_backup(repo, store, manifest, moment)
+            action, detail, locked_rows, freed = _delete_backup(repo, store, entry, moment)
             outcome = BackupOutcome(d, action, detail, locked=locked_rows, freed=freed)
             log.info("retention: %s %s: %s", action, d.backup_id, detail)
         report.backups.append(outcome)
 
     if clean_orphans:
-        _orphan_pass(repo, store, report, engine, target, orphan_grace, moment, dry_run, manifests)
+        _orphan_pass(
+            repo, store, report, engine, target, orphan_grace, moment, dry_run, planned, findings
+        )
 
     if prune_wal_archive and engine in (None, "postgresql"):
-        _wal_pass(repo, store, report, target, moment, dry_run)
+        _wal_pass(repo, store, report, target, moment, dry_run, findings)
+    report.findings = _unique(findings)
+    for f in report.findings:
+        log.warning("retention: not trusted, left alone: %s: %s", f["key"], f["detail"])
     return report
+
+
+def _unique(findings: list[Finding]) -> list[dict[str, Any]]:
+    seen: dict[tuple[str, str], Finding] = {}
+    for f in findings:
+        seen.setdefault((f.key, f.reason), f)
+    return [f.to_dict() for f in sorted(seen.values(), key=lambda f: (f.key, f.reason))]
 
 
 def _orphan_pass(
@@ -415,10 +461,17 @@ def _orphan_pass(
     grace: dt.timedelta,
     now: dt.datetime,
     dry_run: bool,
-    loaded: dict[str, Manifest],
+    planned: RetentionPlan,
+    findings: list[Finding],
 ) -> None:
     orphans, dangling = find_orphans(
-        repo, engine=engine, target=target, grace=grace, now=now, loaded=loaded
+        repo,
+        engine=engine,
+        target=target,
+        grace=grace,
+        now=now,
+        loaded=planned.listed,
+        findings=findings,
     )
     report.dangling = dangling
     for orphan in orphans:
@@ -457,6 +510,7 @@ def _wal_pass(
     target: str | None,
     now: dt.datetime,
     dry_run: bool,
+    findings: list[Finding],
 ) -> None:
     targets = wal_targets(repo)
     if target:
@@ -464,19 +518,30 @@ def _wal_pass(
     if not targets:
         return
     gone = {
-        o.decision.backup_id
+        ident_of(o.decision)
         for o in report.backups
         if o.action in ("deleted", "would-delete")
         or (o.action == "error" and o.detail.startswith("manifest deleted"))
     }
-    # listed after the deletions: what is in the catalog now is the truth
-    bases: dict[str, list[Manifest]] = defaultdict(list)
-    for m in Catalog(repo).list("postgresql"):
-        if m.kind != "base" or m.backup_id in gone:
+    # listed after the deletions: what is in the catalog now is the truth. A base backup's
+    # WAL is wal/<its listed target>/; the manifest's own fields never choose the folder.
+    trusted: dict[str, list[Manifest]] = defaultdict(list)
+    untrusted: dict[str, list[Manifest]] = defaultdict(list)
+    entries, _ = list_catalog(repo, "postgresql")
+    for e in entries:
+        if e.manifest.kind != "base" or e.ident in gone:
             continue
-        wal_dir = m.details.get("wal_target")
-        bases[wal_dir if isinstance(wal_dir, str) and wal_dir else m.target].append(m)
+        (untrusted if e.suspect else trusted)[e.target].append(e.manifest)
     for tgt in targets:
-        wal = prune_wal(repo, store, tgt, bases.get(tgt, []), dry_run=dry_run, now=now)
+        wal = prune_wal(
+            repo,
+            store,
+            tgt,
+            trusted.get(tgt, []),
+            dry_run=dry_run,
+            now=now,
+            untrusted_bases=untrusted.get(tgt, []),
+        )
         report.wal.append(wal.to_dict())
         report.errors.extend(f"WAL {e}" for e in wal.errors)
+        findings.extend(Finding(key, "bad-name", detail) for key, detail in wal.strays)

@@ -12,6 +12,13 @@ target; every segment (on any timeline) whose position is before it is not
 needed to restore any retained base backup (nor any point after it) and goes.
 Timeline history files (``0000000N.history``) are always kept: they are tiny
 and recovery follows them. Without any retained base backup nothing is dropped.
+
+Only what the target owns is ever deleted: objects named exactly
+``wal/<target>/<timeline>/<WAL file name>`` (the folder matching the name's timeline);
+anything else under ``wal/`` is reported, never deleted. Base backups hold WAL by the
+target their manifest is listed under, never by a field inside it. A base backup
+retention does not trust can only hold more WAL (its start lowers the cut), never let
+WAL go: with no trusted base backup, nothing is dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from strongroom.catalog import Manifest
+from strongroom.engines import pg_wal_names as names
+from strongroom.ids import NAME_RE
 from strongroom.policy.locks import ObjectStore
 from strongroom.repository.base import Repository
 
@@ -112,6 +121,8 @@ class WalReport:
     note: str = ""
     errors: list[str] = field(default_factory=list)
     unknown_bases: list[str] = field(default_factory=list)
+    # (key, why) of objects under wal/<target>/ that are not WAL files strongroom wrote
+    strays: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         gone = self.deleted or self.would_delete
@@ -129,12 +140,28 @@ class WalReport:
             "note": self.note,
             "errors": self.errors,
             "bases_without_start": self.unknown_bases,
+            "not_wal_files": len(self.strays),
         }
 
 
 def wal_targets(repo: Repository) -> list[str]:
+    """Targets with a WAL folder under a name strongroom writes."""
     keys = (info.key for info in repo.list("wal/"))
-    return sorted({key.split("/")[1] for key in keys if key.count("/") >= 3})
+    found = {key.split("/")[1] for key in keys if key.count("/") >= 3}
+    return sorted(t for t in found if NAME_RE.fullmatch(t))
+
+
+def owned_wal_name(key: str, target: str) -> str | None:
+    """The WAL file name of ``key`` if it is exactly ``wal/<target>/<tli>/<name>`` with a
+    WAL file name whose timeline is ``<tli>``; None otherwise."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] != "wal" or parts[1] != target:
+        return None
+    try:
+        names.kind(parts[3])
+    except names.WalNameError:
+        return None
+    return parts[3] if parts[2] == parts[3][:8] else None
 
 
 def prune_wal(
@@ -145,33 +172,42 @@ def prune_wal(
     *,
     dry_run: bool,
     now: dt.datetime,
+    untrusted_bases: list[Manifest] | None = None,
 ) -> WalReport:
-    """Drop the WAL of ``target`` older than the oldest retained base backup's start."""
+    """Drop the WAL of ``target`` older than the oldest retained base backup's start.
+    ``untrusted_bases`` (listed but not trusted) only ever keep more."""
     report = WalReport(target=target)
     starts: list[tuple[tuple[int, int], str, str]] = []
-    for manifest in retained_bases:
+    held: list[tuple[tuple[int, int], str, str]] = []
+    for manifest, into in (
+        *((m, starts) for m in retained_bases),
+        *((m, held) for m in untrusted_bases or []),
+    ):
         segment = base_start_segment(manifest)
         pos = segment_position(segment) if segment else None
         if segment is None or pos is None:
             report.unknown_bases.append(manifest.backup_id)
             continue
-        starts.append((pos, segment, manifest.backup_id))
+        into.append((pos, segment, manifest.backup_id))
+    cut: tuple[int, int] | None = None
     if report.unknown_bases:
         report.note = (
             "base backup(s) without a start WAL position in their manifest: "
             "no WAL dropped (cannot tell what they need)"
         )
-        return report
-    if not starts:
+    elif not starts:
         report.note = "no retained base backup: no WAL dropped"
-        return report
-    oldest_pos, oldest_segment, needed_by = min(starts)
-    report.oldest_needed, report.needed_by = oldest_segment, needed_by
+    else:
+        cut, report.oldest_needed, report.needed_by = min([*starts, *held])
+    # listed even when nothing can go: what is not a WAL file of this target is reported
     for info in repo.list(f"wal/{target}/"):
-        parts = info.key.split("/")
-        name = parts[-1]
+        name = owned_wal_name(info.key, target)
+        if name is None:
+            report.strays.append((info.key[:300], "not a WAL file strongroom archives: kept"))
+            report.kept += 1
+            continue
         pos = segment_position(name)
-        if len(parts) != 4 or HISTORY_RE.match(name) or pos is None or pos >= oldest_pos:
+        if cut is None or HISTORY_RE.match(name) or pos is None or pos >= cut:
             report.kept += 1
             continue
         lock = store.lock(info.key) if store.supports_locks else None
