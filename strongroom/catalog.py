@@ -32,6 +32,7 @@ from strongroom.seal import (
     Origin,
     attach,
     make_seal,
+    origin_of,
     parse_document,
     recipients_of,
 )
@@ -258,8 +259,8 @@ class Catalog:
         except StrongroomError as exc:
             self.findings.append(catalog_finding(key, "malformed", str(exc)))
             return None
-        origin = manifest.__dict__.get("stored_origin")
-        verdict = origin.verdict if isinstance(origin, Origin) else None
+        origin = origin_of(manifest)
+        verdict = origin.verdict if origin is not None else None
         if verdict is not None and not verdict.trusted:
             self.findings.append(catalog_finding(key, verdict.status, verdict.message("manifest")))
             return None

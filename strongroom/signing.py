@@ -40,7 +40,9 @@ from __future__ import annotations
 import binascii
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -245,9 +247,9 @@ class Trust:
         if self.signer is None:
             raise InvalidInput(
                 f"{what} cannot be written: no signing key. Create one with "
-                "`strongroom keygen --signing`, store the private key in a "
-                f"{SIGNING_BLOCK} block (flows: parameter signing_key) and add the public "
-                "key to the repository block's trusted_signers"
+                "`strongroom keygen-signing`, store the private key in a "
+                f"{SIGNING_BLOCK} block named by the repository block's signing_key, and add "
+                "the public key to its trusted_signers"
             )
         if self.public_key(self.signer.key_id) is None:
             raise InvalidInput(
@@ -396,3 +398,15 @@ def verify_file(data: bytes, signature: bytes, public_key: str | bytes) -> str:
     if len(signature) != SIGNATURE_SIZE or not public.verifies(data, signature):
         raise IntegrityError(f"the signature does not verify with {public.key_id}")
     return public.key_id
+
+
+def key_file_signer(path: Path) -> Signer:
+    """The signer whose private PEM is in ``path``; a new key is written there first
+    (mode 0600, never overwritten) when the file does not exist."""
+    if not path.exists():
+        signer = Signer.generate()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(signer.private_pem().get_secret_value())
+        return signer
+    return Signer.parse(path.read_text())

@@ -271,12 +271,12 @@ class S3Repository(Repository):
         ``If-None-Match``: ``put_bytes(overwrite=False)`` then checks with HEAD
         first, which is racy (see ``put_bytes``). ``secrets`` are extra strings
         to scrub from any message (e.g. a secret held by a handed-over client).
-        ``trust``: the keys readers trust and the signer (default: nothing trusted).
+        ``trust``: the keys readers trust and the signer (default: ``config.trust()``).
         """
         if not config.bucket:
             raise InvalidInput("an S3 repository needs a bucket name")
         self.config = config
-        self.trust = trust if trust is not None else Trust()
+        self.trust = trust if trust is not None else config.trust()
         self.bucket: str = config.bucket
         self.root = _normalise_prefix(config.prefix)
         self._conditional_writes = conditional_writes
