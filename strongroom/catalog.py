@@ -179,7 +179,9 @@ class Catalog:
         )
         return key
 
-    def _entries(self, engine: str | None, target: str | None) -> list[tuple[str, str, str]]:
+    def entries(
+        self, engine: str | None = None, target: str | None = None
+    ) -> builtins.list[tuple[str, str, str]]:
         """(engine, target, id) of every manifest object, oldest first; objects under
         catalog/ that cannot be manifests (odd keys, over the size cap) are findings."""
         prefix = "catalog/"
@@ -275,7 +277,7 @@ class Catalog:
     def list(self, engine: str | None = None, target: str | None = None) -> list[Manifest]:
         """Trusted manifests, oldest first; every entry skipped is in ``findings``."""
         self.findings = []
-        found = (self._lenient(t) for t in self._entries(engine, target))
+        found = (self._lenient(t) for t in self.entries(engine, target))
         return [m for m in found if m is not None]
 
     def list_with_findings(
@@ -296,7 +298,7 @@ class Catalog:
         """Find one backup by id (or ``latest``), optionally within engine/target and of
         one kind (e.g. ``logical`` dumps, not ``base`` backups of the same target)."""
         self.findings = []
-        ids = self._entries(engine, target)
+        ids = self.entries(engine, target)
         scope = "/".join(x for x in (engine, target) if x) or "the repository"
         if backup_id == "latest":
             for found in reversed(ids):
