@@ -23,7 +23,15 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from strongroom.errors import IntegrityError, InvalidInput, NotFound, StrongroomError
+from strongroom.errors import (
+    AccessDenied,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    ServiceUnavailable,
+    StorageFull,
+    StrongroomError,
+)
 from strongroom.ids import check_backup_id, check_engine, check_name, nearest
 from strongroom.repository.base import Repository, StorageSettings, check_key
 from strongroom.seal import (
@@ -258,6 +266,8 @@ class Catalog:
             manifest = self.load(*found, strict=False)
         except NotFound:
             return None  # removed since it was listed
+        except (ServiceUnavailable, AccessDenied, StorageFull):
+            raise  # the storage could not answer: not a finding about this object
         except StrongroomError as exc:
             self.findings.append(catalog_finding(key, "malformed", str(exc)))
             return None
