@@ -48,12 +48,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import SecretStr
 
 from strongroom.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from strongroom.redact import register
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pydantic stays out of the WAL hot path (strongroom-wal)
+    from pydantic import SecretStr
+
     from strongroom.repository.base import Repository, StorageSettings
 
 SIG_SUFFIX = ".sig"
@@ -141,7 +142,7 @@ class Signer:
     @classmethod
     def parse(cls, text: SecretStr | str) -> Signer:
         """PEM PKCS#8 (``-----BEGIN PRIVATE KEY-----``) or its one-line base64 body."""
-        value = (text.get_secret_value() if isinstance(text, SecretStr) else text).strip()
+        value = (text if isinstance(text, str) else text.get_secret_value()).strip()
         register(value)
         data = value.encode() if value.startswith("-----BEGIN") else _wrap_pem(value, _PEM_PRIVATE)
         try:
@@ -159,6 +160,8 @@ class Signer:
         return self.public.key_id
 
     def private_pem(self) -> SecretStr:
+        from pydantic import SecretStr
+
         return SecretStr(
             self._key.private_bytes(
                 serialization.Encoding.PEM,

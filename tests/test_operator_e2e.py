@@ -28,7 +28,7 @@ from strongroom.bootstrap_local import ROOT, PrefectServer, ProcessWorker, prefe
 from strongroom.sandbox._process import log_tail
 from strongroom.sandbox.postgres import PostgresServer
 from tests.fixtures.prefect_server import FlakyProxy, WebhookReceiver, prefect_server
-from tests.fixtures.strongroom_fixtures import make_local_repo
+from tests.fixtures.strongroom_fixtures import TEST_PUBLIC_KEY, TEST_SIGNER, make_local_repo
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +147,13 @@ def stack(
                     },
                     "blocks": {
                         "strongroom-postgres-target": {"e2e-pg": target},
-                        "strongroom-repository": {"default": {"local_path": str(repo)}},
+                        "strongroom-repository": {
+                            "default": {
+                                "local_path": str(repo),
+                                "trusted_signers": [TEST_PUBLIC_KEY],
+                                "signing_key": {"private_key": "${E2E_SIGNING_KEY}"},
+                            }
+                        },
                         "strongroom-encryption-key": {
                             "default": {
                                 "recipients": [str(identity.to_public())],
@@ -159,7 +165,11 @@ def stack(
                 }
             )
         )
-        env = {"E2E_PG_PASSWORD": pg_server.password, "E2E_AGE_IDENTITY": str(identity)}
+        env = {
+            "E2E_PG_PASSWORD": pg_server.password,
+            "E2E_AGE_IDENTITY": str(identity),
+            "E2E_SIGNING_KEY": TEST_SIGNER.private_pem().get_secret_value(),
+        }
         started = time.monotonic()
         report = bootstrap(load_config(config, env={**os.environ, **env}))
         assert "backup-postgresql/on-demand" in report["deployments"]["deployed"]
