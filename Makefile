@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup system venv test lint unit demo bench up clean
+.PHONY: setup system venv test lint unit demo bench up clean fuzz
 
 setup: system venv
 
@@ -42,6 +42,12 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# Long coverage-guided fuzz runs of every parser that reads bucket bytes
+# (tests/fuzz/run.py); `make test` runs a short pass. FUZZ_RUNS inputs per parser.
+FUZZ_RUNS ?= 1000000
+fuzz: venv
+	$(PY) -m tests.fuzz.run all --runs $(FUZZ_RUNS) --record
 
 clean:
 	rm -rf .strongroom-demo

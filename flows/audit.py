@@ -40,6 +40,7 @@ from strongroom.compliance.evaluate import (
 from strongroom.compliance.model import ComplianceSettings, ControlsFailed, TargetPolicy
 from strongroom.config import RepositoryConfig
 from strongroom.repository import Repository
+from strongroom.transport import transport_of
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def discover_targets(settings: ComplianceSettings | None = None) -> list[TargetP
                         pitr=data.get("pitr") if isinstance(data.get("pitr"), bool) else None,
                         retention=retention if isinstance(retention, dict) else None,
                         source=f"block {slug}/{doc.name}",
+                        transport=transport_of(engine, data),
                     )
                 )
     return found

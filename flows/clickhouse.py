@@ -109,6 +109,7 @@ def restore_clickhouse_flow(
     data_only: bool = False,
     drop_existing: bool = False,
     dry_run: bool = False,
+    allow_engines: list[str] | None = None,
     repository: str = "default",
     encryption_key: str = "default",
 ) -> dict[str, Any]:
@@ -125,6 +126,7 @@ def restore_clickhouse_flow(
         data_only=data_only,
         drop_existing=drop_existing,
         dry_run=dry_run,
+        allow_engines=allow_engines or [],
     )
     run = open_restore(ClickHouseTarget, "clickhouse", target, repository, encryption_key)
     log = get_run_logger()

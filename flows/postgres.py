@@ -55,7 +55,7 @@ def backup_postgresql(
         {
             "database": db["name"],
             "tables": len(db["tables"]),
-            "rows": sum(t["rows"] for t in db["tables"]),
+            "rows": sum(t["rows"] or 0 for t in db["tables"]),
             "size": human_size(db["size_bytes"]),
         }
         for db in manifest["details"]["databases"]

@@ -75,7 +75,16 @@ def restore_postgresql_cmd(
     source_target: str | None = typer.Option(None, help="Target the backup was taken from."),
     database: str | None = typer.Option(None, help="Database in the backup."),
     target_database: str | None = typer.Option(None, "--into", help="Restore under this name."),
-    table: list[str] = typer.Option([], "--table", "-t", help="schema.table (repeatable)."),
+    table: list[str] = typer.Option(
+        [],
+        "--table",
+        "-t",
+        help=(
+            "schema.table (repeatable). A partitioned table brings all its partitions "
+            "(any depth); a single partition is restored as a standalone table. Types "
+            "and extensions the table needs are not restored (as pg_restore -t)."
+        ),
+    ),
     schema: list[str] = typer.Option([], "--schema", "-n", help="Schema (repeatable)."),
     schema_only: bool = typer.Option(False, "--schema-only"),
     data_only: bool = typer.Option(False, "--data-only"),
@@ -255,6 +264,8 @@ def _print_restore(r: dict[str, Any]) -> None:
     )
     if r.get("blocked"):
         out.print(f"[yellow]blocked:[/yellow] {r['blocked']}")
+    for note in r.get("notes") or []:
+        out.print(f"note: {note}", markup=False)
     checks = r.get("row_checks") or []
     if checks:
         table = Table("table", "expected rows", "restored rows", "ok")

@@ -55,6 +55,13 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
             False, "--drop-existing", help="Allow replacing tables that hold rows."
         ),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, change nothing."),
+        allow_engine: list[str] = typer.Option(
+            [],
+            "--allow-engine",
+            help="Let the backup's DDL use this engine or table function outside the default "
+            "allowlist (MergeTree/Log families, Memory, Null, views): e.g. URL, Distributed, "
+            "remote (repeatable; shown in the plan).",
+        ),
         repository: str = RepoOpt,
         key: str = KeyOpt,
         as_json: bool = JsonOpt,
@@ -76,6 +83,7 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
                     data_only=data_only,
                     drop_existing=drop_existing,
                     dry_run=dry_run,
+                    allow_engines=allow_engine,
                     repository=repository,
                     encryption_key=key,
                 )

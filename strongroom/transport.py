@@ -60,3 +60,27 @@ def classify(*, host: str, encrypted: bool, verified: bool) -> Transport:
     if encrypted:
         return "verified" if verified else "encrypted"
     return "local" if is_local(host) else "plaintext-by-opt-out"
+
+
+def transport_of(engine: str, data: dict[str, object]) -> Transport | None:
+    """The transport of a target from its block's fields (no secrets needed, nothing
+    contacted); None when the engine is unknown or the block names no host."""
+    host = data.get("host")
+    if not isinstance(host, str):
+        return None
+    if engine == "postgresql":
+        mode = data.get("sslmode") or pg_default_sslmode(host)
+        return classify(
+            host=host, encrypted=mode not in PG_PLAINTEXT_MODES, verified=mode in PG_VERIFIED_MODES
+        )
+    if engine == "clickhouse":
+        secure = bool(data.get("secure"))
+        return classify(
+            host=host,
+            encrypted=secure,
+            verified=secure and data.get("verify_tls", True) is not False,
+        )
+    if engine == "redis":
+        tls = bool(data.get("tls"))
+        return classify(host=host, encrypted=tls, verified=tls)  # redis-py verifies by default
+    return None

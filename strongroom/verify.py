@@ -74,12 +74,15 @@ class PgDumpListCheck:
     """Feeds the dump to ``pg_restore --list`` and checks every table's data is listed."""
 
     def __init__(self, manifest: Manifest, artifact: Artifact) -> None:
+        from strongroom.engines.pg_relations import data_entry
         from strongroom.engines.postgres import pg_tool
 
-        self._expected = []
+        self._expected: list[dict[str, Any]] = []
         for db in manifest.details.get("databases", []):
             if db.get("artifact") == artifact.name:
-                self._expected = [(t["schema"], t["name"]) for t in db["tables"]]
+                # data exactly where pg_dump emits it: not for partitioned parents,
+                # foreign tables or unpopulated materialized views
+                self._expected = [t for t in db["tables"] if data_entry(t) is not None]
         # output goes to files: a pipe could fill while we are still writing its stdin
         self._out = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
         self._err = tempfile.TemporaryFile()  # noqa: SIM115
@@ -114,17 +117,23 @@ class PgDumpListCheck:
             raise IntegrityError(
                 f"pg_restore --list rejected the dump: {err.decode(errors='replace').strip()}"
             )
+        from strongroom.engines import pg_toc
+
         listing = out.decode("utf-8", "replace")
         entries = [line for line in listing.splitlines() if line and not line.startswith(";")]
-        data_lines = [line for line in entries if " TABLE DATA " in line]
+        oids, names = pg_toc.data_entries(listing)
         missing = [
-            f"{s}.{t}"
-            for s, t in self._expected
-            if not any(f" TABLE DATA {s} {t} " in line for line in data_lines)
+            f"{t['schema']}.{t['name']}"
+            for t in self._expected
+            if not pg_toc.has_data(t, oids, names)
         ]
         if missing:
             raise IntegrityError(f"dump lacks data for tables: {', '.join(missing[:10])}")
-        return {"toc_entries": len(entries), "table_data_entries": len(data_lines)}
+        return {
+            "toc_entries": len(entries),
+            "table_data_entries": len(oids),
+            "tables_with_data": len(self._expected),
+        }
 
     def close(self) -> None:
         """Stop pg_restore if it still runs (after a failed read) and drop its output files."""

@@ -10,19 +10,31 @@ from tests.fixtures.prefect import isolate_prefect_env
 isolate_prefect_env()
 
 from tests.fixtures.clickhouse import clickhouse_server  # noqa: E402
+from tests.fixtures.clickhouse_gauntlet import clickhouse_gauntlet  # noqa: E402
+from tests.fixtures.pg_gauntlet import (  # noqa: E402
+    pg_gauntlet,
+    pg_gauntlet_local_backup,
+    pg_gauntlet_s3_backup,
+)
 from tests.fixtures.postgres import pg_db, pg_server  # noqa: E402
 from tests.fixtures.prefect import prefect_api  # noqa: E402
 from tests.fixtures.redis import redis_server  # noqa: E402
+from tests.fixtures.redis_gauntlet import redis_gauntlet  # noqa: E402
 from tests.fixtures.s3 import s3_bucket, s3_locked_bucket, s3_server  # noqa: E402
 from tests.fixtures.strongroom_fixtures import age_key, local_repo, s3_repo  # noqa: E402
 
 __all__ = [
     "age_key",
+    "clickhouse_gauntlet",
     "clickhouse_server",
     "local_repo",
     "pg_db",
+    "pg_gauntlet",
+    "pg_gauntlet_local_backup",
+    "pg_gauntlet_s3_backup",
     "pg_server",
     "prefect_api",
+    "redis_gauntlet",
     "redis_server",
     "s3_bucket",
     "s3_locked_bucket",

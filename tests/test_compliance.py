@@ -23,6 +23,7 @@ from pydantic import SecretStr
 from strongroom.audit import event_key, record_event
 from strongroom.catalog import Artifact, Catalog, Manifest, data_key
 from strongroom.compliance import TargetPolicy, evaluate, write_report
+from strongroom.compliance.controls import CONTROL_IDS
 from strongroom.compliance.evaluate import ComplianceReport
 from strongroom.config import RepositoryConfig
 from strongroom.ids import new_backup_id
@@ -51,8 +52,15 @@ BASE_DETAILS = {
     "wal_segment_size": 16 * 1024 * 1024,
 }
 TARGETS = [
-    TargetPolicy(engine="postgresql", target="shop", rpo_hours=24, rto_minutes=30, pitr=True),
-    TargetPolicy(engine="redis", target="cache", rpo_hours=12, rto_minutes=15),
+    TargetPolicy(
+        engine="postgresql",
+        target="shop",
+        rpo_hours=24,
+        rto_minutes=30,
+        pitr=True,
+        transport="verified",
+    ),
+    TargetPolicy(engine="redis", target="cache", rpo_hours=12, rto_minutes=15, transport="local"),
 ]
 
 
@@ -282,7 +290,7 @@ def test_every_control_passes_on_a_compliant_repository(compliant: Bucket) -> No
         if c.status != "pass"
     }
     assert not bad, bad
-    assert len(report.controls) == 12
+    assert len(report.controls) == 13
     for c in report.controls:
         assert c.frameworks["SOC 2"] and c.frameworks["HIPAA"], c.id
         assert c.frameworks["ISO/IEC 27001:2022"], c.id
@@ -566,6 +574,43 @@ def flow_repo(prefect_api: str, tmp_path: Path) -> LocalRepository:
     return make_local_repo(root)
 
 
+def test_transport_control_reports_each_target_from_its_block_fields(
+    compliant: Bucket,
+) -> None:
+    from strongroom.transport import transport_of
+
+    assert transport_of("postgresql", {"host": "/run/postgresql"}) == "local"
+    assert transport_of("postgresql", {"host": "db.internal"}) == "encrypted"  # require
+    assert transport_of("postgresql", {"host": "db", "sslmode": "verify-full"}) == "verified"
+    assert transport_of("postgresql", {"host": "db", "sslmode": "disable"}) == (
+        "plaintext-by-opt-out"
+    )
+    assert transport_of("clickhouse", {"host": "ch", "secure": True}) == "verified"
+    assert transport_of("clickhouse", {"host": "ch", "secure": True, "verify_tls": False}) == (
+        "encrypted"
+    )
+    assert transport_of("redis", {"host": "10.0.0.5", "tls": False}) == "plaintext-by-opt-out"
+    assert transport_of("redis", {"port": 6379}) is None
+    targets = [
+        TARGETS[0],
+        TARGETS[1],
+        TargetPolicy(engine="clickhouse", target="events", transport="encrypted"),
+        TargetPolicy(engine="redis", target="sessions", transport="plaintext-by-opt-out"),
+        TargetPolicy(engine="postgresql", target="adhoc"),
+    ]
+    found = {f.subject: f for f in control(run(compliant, targets), "SR-TLS-01").findings}
+    expected = {
+        "postgresql/shop": "pass",
+        "redis/cache": "pass",
+        "clickhouse/events": "warn",
+        "redis/sessions": "fail",
+        "postgresql/adhoc": "warn",
+    }
+    assert {subject: found[subject].status for subject in expected} == expected
+    assert "allow_plaintext" in found["redis/sessions"].message
+    assert "verify-full" in found["clickhouse/events"].message
+
+
 def test_compliance_audit_flow(flow_repo: LocalRepository, tmp_path: Path) -> None:
     from flows.audit import compliance_audit, write_compliance_report
     from strongroom.audit import read_events, verify_chain
@@ -586,6 +631,7 @@ def test_compliance_audit_flow(flow_repo: LocalRepository, tmp_path: Path) -> No
     saved = json.loads(Path(result["paths"]["json"]).read_text())
     shop = next(t for t in saved["targets"] if t["target"] == "shop")
     assert shop["rpo_hours"] == 6 and shop["source"].startswith("block")
+    assert shop["transport"] == "local"  # read from the block: a loopback host
     # one audit event for the audit itself, with the report's checksum; chain intact
     last = read_events(flow_repo)[-1]
     assert last.action == "compliance-audit" and last.result == "fail"
@@ -623,7 +669,9 @@ def test_compliance_audit_flow(flow_repo: LocalRepository, tmp_path: Path) -> No
         repository="compliance", output_dir=out, policy="cmp-policy"
     )
     assert path.is_file() and path.suffix == ".html"
-    assert summary["fail"] >= 3 and summary["pass"] + summary["warn"] + summary["fail"] == 12
+    assert summary["fail"] >= 3 and summary["pass"] + summary["warn"] + summary["fail"] == len(
+        CONTROL_IDS
+    )
     assert "SR-RET-01" in summary["failed"]
     # the second audit anchored the chain at the head the first report saw
     assert verify_chain(flow_repo).ok

@@ -287,6 +287,41 @@ def test_rbac_and_worker_manifests_validate_strictly(version: str) -> None:
     assert not any("secrets" in r["resources"] for rs in rules.values() for r in rs)
 
 
+def test_api_key_travels_by_secret_and_only_redis_restores_mount_a_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker takes PREFECT_API_KEY from a Secret and names that Secret to
+    prefect-kubernetes, so Jobs reference it instead of carrying the key; flow-run pods
+    mount no service-account token except the Redis restore (StatefulSet restart)."""
+    from prefect_kubernetes.settings import KubernetesWorkerSettings
+
+    docs = dict(((n, d["kind"]), d) for n, d in load_k8s_manifests())
+    worker = docs[("worker.yaml", "Deployment")]["spec"]["template"]["spec"]
+    assert worker["automountServiceAccountToken"] is True
+    env = {e["name"]: e for e in worker["containers"][0]["env"]}
+    ref = env["PREFECT_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert "value" not in env["PREFECT_API_KEY"]
+    for name in ("API_KEY_SECRET_NAME", "API_KEY_SECRET_KEY"):
+        key = f"PREFECT_INTEGRATIONS_KUBERNETES_WORKER_{name}"
+        monkeypatch.setenv(key, env[key]["value"])
+    settings = KubernetesWorkerSettings()
+    assert (settings.api_key_secret_name, settings.api_key_secret_key) == (ref["name"], ref["key"])
+    runner = docs[("rbac-redis-restart.yaml", "ServiceAccount")]
+    assert runner["automountServiceAccountToken"] is False
+
+    mounts = {}
+    for d in DEPLOYMENTS:
+        job = render_job(
+            d["work_pool"].get("job_variables", {}),
+            flow_name=d["flow_name"] or "x",
+            deployment_name=d["name"],
+        )
+        pod = job["spec"]["template"]["spec"]
+        mounts[_label(d)] = pod["automountServiceAccountToken"]
+    assert {label for label, on in mounts.items() if on} == {"restore-redis/on-demand"}
+    assert all(isinstance(on, bool) for on in mounts.values())
+
+
 # ---- config ---------------------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from strongroom.compliance.check_transport import check_transport
 from strongroom.compliance.evidence import Evidence, segment_name
 from strongroom.compliance.model import (
     HIPAA,
@@ -1006,6 +1007,20 @@ CONTROLS: list[Control] = [
         },
         "HeadObject of audit/, drills/, reports/ and verification objects",
         check_evidence_retention,
+    ),
+    Control(
+        "SR-TLS-01",
+        "Database traffic encrypted in transit",
+        "Every target's connection from its database to the backup runner is TLS with the "
+        "server certificate verified, or stays on the host (loopback, unix socket); "
+        "plaintext to a remote host is only possible by an explicit opt-out, reported here.",
+        {
+            SOC2: ["CC6.7"],
+            ISO27001: ["A.8.20", "A.8.24"],
+            HIPAA: ["164.312(e)(1)", "164.312(e)(2)(ii)"],
+        },
+        "target blocks: host, sslmode / secure + verify_tls / tls, allow_plaintext",
+        check_transport,
     ),
 ]
 

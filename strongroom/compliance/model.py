@@ -83,6 +83,11 @@ class TargetPolicy(BaseModel):
         default=None, description="RetentionPolicy fields (strongroom.policy.retention)"
     )
     source: str = Field(default="given", description="where the objectives came from")
+    transport: str | None = Field(
+        default=None,
+        description="local | encrypted | verified | plaintext-by-opt-out (strongroom.transport"
+        ".transport_of, from the target block); None: not known (target not from a block)",
+    )
 
     @property
     def key(self) -> tuple[str, str]:

@@ -122,6 +122,7 @@ class ClickHouseDrill:
             entry["data_table"],
             inspect.stored_columns(entry["columns"]),
             by_partition=False,
+            finalize_aggregates=entry.get("fingerprint_aggregates") == "finalized",
         )
         return _whole(prints)
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import secrets
 import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 import psycopg
@@ -34,11 +36,17 @@ from pydantic import SecretStr
 from strongroom.artifacts import read_artifact
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig, PostgresConnection
-from strongroom.engines import pg_inspect
+from strongroom.engines import pg_inspect, pg_relations
 from strongroom.engines.pg_connect import connect
+from strongroom.engines.pg_sql_guard import (
+    check_no_meta_commands,
+    feed_restricted,
+    new_restrict_key,
+)
 from strongroom.engines.postgres import pg_tool
 from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
-from strongroom.errors import NotFound, StrongroomError
+from strongroom.errors import IntegrityError, NotFound, StrongroomError
+from strongroom.private_files import create_private
 from strongroom.process import Tool
 from strongroom.redact import register, scrub
 from strongroom.repository.base import Repository
@@ -53,7 +61,7 @@ _SESSION = (
 
 
 def fingerprint_tables(
-    c: psycopg.Connection, tables: list[tuple[str, str]]
+    c: psycopg.Connection, tables: list[tuple[str, str]], *, only: bool = False
 ) -> dict[tuple[str, str], tuple[int, str]]:
     """(row count, fingerprint) per table: the sum of a 60-bit hash of each row's text,
     so the order of rows does not matter and memory stays flat."""
@@ -62,8 +70,8 @@ def fingerprint_tables(
     for schema, table in tables:
         query = sql.SQL(
             "SELECT count(*), coalesce(sum(('x' || substr(md5(t::text), 1, 15))::bit(60)::bigint),"
-            " 0)::text FROM {}.{} AS t"
-        ).format(sql.Identifier(schema), sql.Identifier(table))
+            " 0)::text FROM {}{}.{} AS t"
+        ).format(sql.SQL("ONLY " if only else ""), sql.Identifier(schema), sql.Identifier(table))
         row = c.execute(query).fetchone()
         assert row is not None
         found[(schema, table)] = (int(row[0]), str(row[1]))
@@ -179,26 +187,42 @@ class PostgresDrill:
         return report
 
     def _apply_globals(self, manifest: Manifest) -> dict[str, Any]:
-        """Roles and tablespaces from globals.sql; 'already exists' errors are expected."""
+        """Roles and tablespaces from globals.sql; 'already exists' errors are expected.
+
+        The SQL is spooled into a private file and verified end to end before psql
+        sees a byte, then fed behind a ``\\restrict`` line (``pg_sql_guard``)."""
         try:
             artifact = manifest.artifact("globals.sql")
         except NotFound:
             return {"applied": False, "reason": "no globals.sql in the backup"}
-        env = {**self.conn.libpq_env(), "PGDATABASE": self.conn.maintenance_db}
-        psql = Tool(
-            [pg_tool("psql"), "-X", "-q", "--no-password"],
-            env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-        )
-        assert psql.proc.stdin is not None
-        try:
-            read_artifact(self.repo, artifact, psql.proc.stdin, encryption=self.enc, holdback=0)
-        finally:
-            with contextlib.suppress(OSError):
-                psql.proc.stdin.close()
-        psql.check("psql applying globals.sql")
+        with tempfile.TemporaryDirectory(prefix="sr-globals-") as folder:
+            spooled = Path(folder) / "globals.sql"
+            with create_private(spooled) as sink:
+                read_artifact(self.repo, artifact, sink, encryption=self.enc)
+            check_no_meta_commands(spooled, "globals.sql")
+            env = {**self.conn.libpq_env(), "PGDATABASE": self.conn.maintenance_db}
+            psql = Tool(
+                [pg_tool("psql"), "-X", "-q", "--no-password"],
+                env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+            )
+            assert psql.proc.stdin is not None
+            try:
+                feed_restricted(spooled, psql.proc.stdin, new_restrict_key(), "globals.sql")
+            except BrokenPipeError:
+                pass  # psql ended early: its exit status and stderr say why
+            finally:
+                with contextlib.suppress(OSError):
+                    psql.proc.stdin.close()
+            psql.check("psql applying globals.sql")
         errors = [line for line in psql.stderr.splitlines() if "ERROR" in line]
+        refused = [line for line in psql.stderr.splitlines() if "restricted" in line]
+        if refused:
+            raise IntegrityError(
+                "globals.sql tried psql meta-commands that restricted mode refused "
+                f"({len(refused)}); nothing of them ran"
+            )
         return {"applied": True, "errors_ignored": len(errors)}
 
     def handle(self) -> dict[str, Any]:
@@ -209,18 +233,22 @@ class PostgresDrill:
         for entry in manifest.details.get("databases", []):
             name = entry["name"]
             scratch = self.databases[name]
-            expected = {(t["schema"], t["name"]): int(t["rows"]) for t in entry["tables"]}
+            listed = {(t["schema"], t["name"]) for t in entry["tables"]}
+            expected = pg_relations.expected_rows(entry)  # relations the backup counted
+            only = pg_relations.counts_only(entry)
+            self._only = only
             with connect(self.conn, scratch) as c:
                 present = set(pg_inspect.user_tables(c))
                 tables = sorted(set(expected) & present)
                 if self.fingerprints:
-                    prints = fingerprint_tables(c, tables)
+                    prints = fingerprint_tables(c, tables, only=only)
                 else:
-                    prints = {k: (n, "") for k, n in pg_inspect.count_rows(c, tables).items()}
+                    counted = pg_inspect.count_rows(c, tables, only=only)
+                    prints = {k: (n, "") for k, n in counted.items()}
             live: dict[tuple[str, str], tuple[int, str]] = {}
             if self.live != "off":
                 live = self._live(name, tables)
-            for s, t in sorted(set(expected) - present):
+            for s, t in sorted(listed - present):
                 checks.append(
                     {
                         "item": f"{name}:{s}.{t}",
@@ -229,7 +257,7 @@ class PostgresDrill:
                         "detail": f"{name}:{s}.{t} missing from the restored database",
                     }
                 )
-            for s, t in sorted(present - set(expected)):
+            for s, t in sorted(present - listed):
                 checks.append(
                     {
                         "item": f"{name}:{s}.{t}",
@@ -274,9 +302,10 @@ class PostgresDrill:
         with connect(self.source, database) as c:
             present = set(pg_inspect.user_tables(c))
             wanted = [t for t in tables if t in present]
+            only = getattr(self, "_only", False)
             if self.fingerprints:
-                return fingerprint_tables(c, wanted)
-            return {k: (n, "") for k, n in pg_inspect.count_rows(c, wanted).items()}
+                return fingerprint_tables(c, wanted, only=only)
+            return {k: (n, "") for k, n in pg_inspect.count_rows(c, wanted, only=only).items()}
 
     def cleanup(self) -> dict[str, Any]:
         dropped: list[str] = []

@@ -333,6 +333,7 @@ def _manifest_entry(obj: dict[str, Any]) -> dict[str, Any]:
     entry["depends_on"] = [list(d) for d in obj.get("depends_on", [])]
     entry.setdefault("rows", None if not obj["data"] else 0)
     entry.setdefault("fingerprint", None)
+    entry["fingerprint_aggregates"] = "finalized"  # see clickhouse_sql.hash_args
     entry.setdefault("partitions", [])
     entry.setdefault("artifacts", [])
     return entry

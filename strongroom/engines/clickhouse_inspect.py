@@ -210,10 +210,11 @@ def fingerprint(
     columns: list[tuple[str, str]],
     *,
     by_partition: bool,
+    finalize_aggregates: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """``{partition_id: {"rows", "hash"}}`` (key ``""`` for the whole table): count() and
     an order-independent sum of cityHash64 over every stored column, computed on the server."""
-    expr = fingerprint_expr(columns)
+    expr = fingerprint_expr(columns, finalize_aggregates=finalize_aggregates)
     source = qualified(database, table)
     if by_partition:
         sql = f"SELECT _partition_id, count(), {expr} FROM {source} GROUP BY _partition_id"

@@ -51,6 +51,11 @@ class ChRestoreRequest(BaseModel):
     data_only: bool = False
     drop_existing: bool = False
     dry_run: bool = False
+    allow_engines: list[str] = Field(
+        default_factory=list,
+        description="engines/table functions outside the default allowlist the backup's DDL "
+        "may use (e.g. URL, Distributed, remote); see strongroom.engines.clickhouse_engines",
+    )
 
 
 def check_name(value: str, what: str) -> str:

@@ -29,6 +29,7 @@ from strongroom.config import EncryptionConfig
 from strongroom.engines import clickhouse_inspect as inspect
 from strongroom.engines.clickhouse import ENGINE
 from strongroom.engines.clickhouse_conn import ClickHouseConnection
+from strongroom.engines.clickhouse_engines import check_objects
 from strongroom.engines.clickhouse_http import ClickHouseHTTP
 from strongroom.engines.clickhouse_plan import (
     ChRestoreRequest,
@@ -221,6 +222,7 @@ class _Run:
             table,
             inspect.stored_columns(entry["columns"]),
             by_partition=partitioned and inspect.is_merge_tree(entry["data_engine"]),
+            finalize_aggregates=entry.get("fingerprint_aggregates") == "finalized",
         )
         if act["partitions"]:
             actual = {k: v for k, v in actual.items() if k in act["partitions"]}
@@ -438,6 +440,7 @@ def restore_clickhouse(
     sel = select(manifest, req)
     client = ClickHouseHTTP(conn)
     docs = load_schemas(repo, manifest, enc, sel.databases)
+    engines = check_objects(docs, sel.objects, req.allow_engines)  # before anything changes
     state = read_target(client, sorted({sel.target_db(d["name"]) for d in sel.databases}))
     actions = plan_actions(client, manifest, req, sel, docs, state)
     mode = (
@@ -461,6 +464,7 @@ def restore_clickhouse(
         "raw_size": sum(a["raw_size"] for a in actions),
         "rows": sum(a["rows"] for a in actions),
         "drop_existing": req.drop_existing,
+        "engines": engines,
         "would_replace": [a["target"] for a in actions if a["action"] in ("replace", "load")]
         + [
             f"{a['target']}:{p}"

@@ -341,14 +341,21 @@ def _directly_hashable(node: TypeNode) -> bool:
     return False
 
 
-def hash_args(expr: str, type_text: str) -> list[str]:
+def hash_args(expr: str, type_text: str, *, finalize_aggregates: bool = True) -> list[str]:
     """Arguments for ``cityHash64(...)`` that hash one column of the given type exactly.
+
+    An aggregate state's bytes depend on its history (a ``uniq`` state re-serialized after
+    a restore lists its hash set in another order), so states are hashed by their
+    ``finalizeAggregation`` value; ``finalize_aggregates=False`` is the older rule
+    (``toString`` of the state) that manifests without ``fingerprint_aggregates`` used.
 
     cityHash64 returns NULL for a NULL argument (and then ``sum`` would skip the row), and
     rejects Decimal, UUID and aggregate states: those go through ``isNull`` /
     ``assumeNotNull`` and ``toString``.
     """
     node = parse_type(type_text)
+    if node.name == "AggregateFunction" and finalize_aggregates:
+        return [f"toString(finalizeAggregation({expr}))"]
     if node.name == "LowCardinality" and node.args and isinstance(node.args[0], TypeNode):
         node = node.args[0]
     if node.name == "Nullable" and node.args and isinstance(node.args[0], TypeNode):
@@ -359,11 +366,11 @@ def hash_args(expr: str, type_text: str) -> list[str]:
     return [f"toString({expr})"]
 
 
-def fingerprint_expr(columns: list[tuple[str, str]]) -> str:
+def fingerprint_expr(columns: list[tuple[str, str]], *, finalize_aggregates: bool = True) -> str:
     """``sum(cityHash64(...))`` over all columns: an order-independent content hash."""
     args: list[str] = []
     for name, type_text in columns:
-        args += hash_args(quote_ident(name), type_text)
+        args += hash_args(quote_ident(name), type_text, finalize_aggregates=finalize_aggregates)
     if not args:
         return "toUInt64(0)"
     return f"sum(cityHash64({', '.join(args)}))"

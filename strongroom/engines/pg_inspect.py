@@ -38,12 +38,16 @@ def has_user_objects(c: psycopg.Connection) -> bool:
     return bool(row and row[0])
 
 
-def count_rows(c: psycopg.Connection, tables: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """Exact row counts per (schema, table); identifiers quoted, never interpolated."""
+def count_rows(
+    c: psycopg.Connection, tables: list[tuple[str, str]], *, only: bool = False
+) -> dict[tuple[str, str], int]:
+    """Exact row counts per (schema, table); identifiers quoted, never interpolated.
+    ``only``: rows stored in each relation itself, not its partitions or children
+    (how manifests that record relation kinds count)."""
     counts: dict[tuple[str, str], int] = {}
     for schema, table in tables:
-        query = sql.SQL("SELECT count(*) FROM {}.{}").format(
-            sql.Identifier(schema), sql.Identifier(table)
+        query = sql.SQL("SELECT count(*) FROM {}{}.{}").format(
+            sql.SQL("ONLY " if only else ""), sql.Identifier(schema), sql.Identifier(table)
         )
         row = c.execute(query).fetchone()
         counts[(schema, table)] = int(row[0]) if row else 0

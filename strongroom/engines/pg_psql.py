@@ -27,25 +27,47 @@ from strongroom.redact import register, scrub
 
 CONNECT_ATTEMPTS = 3
 
+# Every relation pg_dump dumps as a table-like object: plain, partitioned (any depth),
+# partitions, inheritance children, materialized views and foreign tables; extension
+# members are left out (pg_dump does not dump their data).
 USER_TABLES = """
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-  WHERE c.relkind IN ('r', 'p')
+  WHERE c.relkind IN ('r', 'p', 'm', 'f')
     AND n.nspname NOT IN ('pg_catalog', 'information_schema')
     AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
-    AND NOT c.relispartition
+    AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                    AND d.objid = c.oid AND d.deptype = 'e')
 """
 
-# Exact counts of every user table, in the session's snapshot, as one JSON array of
-# [schema, table, rows]. query_to_xml runs each count(*) inside this statement, with
-# the names quoted by format(%I): never interpolated by us. The counts run while
-# pg_dump streams and finish long before it, so parallel workers would only take CPU
-# from the dump (and from the production server): they count on one backend.
+# One JSON object per relation, in the session's snapshot: its kind, where it hangs
+# (partition of / inherits from), and the exact rows stored in the relation itself
+# (FROM ONLY: a parent's count never includes its children). Partitioned parents hold
+# no rows (0); foreign tables are not counted (that would query the remote server) and
+# neither are unpopulated materialized views (null). query_to_xml runs each count(*)
+# inside this statement, with the names quoted by format(%I): never interpolated by us.
+# The counts run while pg_dump streams and finish long before it, so parallel workers
+# would only take CPU from the dump (and from the production server): one backend.
 COUNT_ROWS = f"""
 SET LOCAL max_parallel_workers_per_gather = 0;
-SELECT coalesce(json_agg(json_build_array(n.nspname, c.relname,
-  (xpath('/row/c/text()', query_to_xml(
-     format('SELECT count(*) AS c FROM %I.%I', n.nspname, c.relname), false, true, '')
-  ))[1]::text::bigint) ORDER BY n.nspname, c.relname), '[]'::json)
+SELECT coalesce(json_agg(json_build_object(
+  'schema', n.nspname, 'name', c.relname, 'oid', c.oid::bigint, 'relkind', c.relkind,
+  'unlogged', c.relpersistence = 'u',
+  'populated', CASE WHEN c.relkind = 'm' THEN c.relispopulated END,
+  'partition_of', (SELECT json_build_array(pn.nspname, pc.relname)
+     FROM pg_inherits i JOIN pg_class pc ON pc.oid = i.inhparent
+     JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+     WHERE c.relispartition AND i.inhrelid = c.oid),
+  'inherits', (SELECT json_agg(json_build_array(pn.nspname, pc.relname) ORDER BY i.inhseqno)
+     FROM pg_inherits i JOIN pg_class pc ON pc.oid = i.inhparent
+     JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+     WHERE NOT c.relispartition AND i.inhrelid = c.oid),
+  'rows', CASE
+     WHEN c.relkind = 'p' THEN 0
+     WHEN c.relkind = 'r' OR (c.relkind = 'm' AND c.relispopulated) THEN
+       (xpath('/row/c/text()', query_to_xml(
+          format('SELECT count(*) AS c FROM ONLY %I.%I', n.nspname, c.relname), false, true, '')
+       ))[1]::text::bigint
+   END) ORDER BY n.nspname, c.relname), '[]'::json)
 {USER_TABLES}
 """
 
@@ -195,5 +217,15 @@ def server_and_databases(
     return facts, databases
 
 
-def count_rows_result(rows: list[list[Any]]) -> dict[tuple[str, str], int]:
-    return {(str(s), str(t)): int(n) for s, t, n in rows}
+def count_rows_result(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The manifest's table entries: schema, name, rows (int, or None when not counted),
+    relkind, oid and how the relation hangs together (see ``pg_relations``)."""
+    tables: list[dict[str, Any]] = []
+    for row in rows:
+        entry = {k: v for k, v in row.items() if v is not None or k == "rows"}
+        entry["schema"], entry["name"] = str(row["schema"]), str(row["name"])
+        entry["rows"] = None if row["rows"] is None else int(row["rows"])
+        if not entry.get("unlogged"):
+            entry.pop("unlogged", None)
+        tables.append(entry)
+    return tables

@@ -136,8 +136,7 @@ def _dump_database(
             for artifact in stored:
                 repo.delete(artifact.key)
             raise
-    table_list = [{"schema": s, "name": t, "rows": n} for (s, t), n in counts.items()]
-    return stored, table_list
+    return stored, counts
 
 
 def _dump_directory(

@@ -28,8 +28,9 @@ from pydantic import BaseModel, Field
 from strongroom.artifacts import read_artifact
 from strongroom.catalog import Catalog, Manifest
 from strongroom.config import EncryptionConfig, PostgresConnection
-from strongroom.engines import pg_inspect
+from strongroom.engines import pg_inspect, pg_relations, pg_toc
 from strongroom.engines.pg_connect import connect
+from strongroom.engines.pg_relations import check_identifier as _check_identifier
 from strongroom.engines.postgres import ENGINE, pg_tool
 from strongroom.errors import (
     Conflict,
@@ -43,8 +44,6 @@ from strongroom.pipeline import Progress
 from strongroom.process import Tool
 from strongroom.redact import register
 from strongroom.repository.base import Repository
-
-MAX_NAME = 63
 
 
 class PgRestoreRequest(BaseModel):
@@ -68,12 +67,6 @@ class PgRestoreRequest(BaseModel):
     jobs: int = Field(default=1, ge=1, le=64, description="pg_restore -j for directory dumps")
 
 
-def _check_identifier(value: str, what: str) -> str:
-    if not value or len(value.encode()) > MAX_NAME or "\x00" in value:
-        raise InvalidInput(f"invalid {what} {value[:80]!r}: 1-63 bytes, no NUL")
-    return value
-
-
 def _pick_database(manifest: Manifest, wanted: str | None) -> dict[str, Any]:
     dbs: list[dict[str, Any]] = manifest.details.get("databases", [])
     names = [d["name"] for d in dbs]
@@ -93,54 +86,6 @@ def _pick_database(manifest: Manifest, wanted: str | None) -> dict[str, Any]:
     )
 
 
-def _select_tables(
-    entry: dict[str, Any], tables: list[str], schemas: list[str]
-) -> list[tuple[str, str]]:
-    """Resolve requested names against the manifest's table list (never trust the input)."""
-    known = [(t["schema"], t["name"]) for t in entry["tables"]]
-    shown = ", ".join(f"{s}.{t}" for s, t in known[:30]) or "(no tables)"
-    if schemas:
-        have = {s for s, _ in known}
-        for schema in schemas:
-            _check_identifier(schema, "schema name")
-            if schema not in have:
-                raise NotFound(
-                    f"schema {schema!r} is not in the backup of {entry['name']!r}; "
-                    f"schemas: {', '.join(sorted(have)) or '(none)'}"
-                )
-    chosen: list[tuple[str, str]] = []
-    for text in tables:
-        _check_identifier(text.split(".")[-1], "table name")
-        exact = [(s, t) for s, t in known if f"{s}.{t}" == text]
-        bare = [(s, t) for s, t in known if t == text]
-        matches = exact or bare
-        if not matches:
-            raise NotFound(
-                f"table {text[:80]!r} is not in the backup of {entry['name']!r}; it holds: {shown}"
-            )
-        if len(matches) > 1:
-            raise InvalidInput(f"table {text!r} is ambiguous; qualify it: {matches}")
-        chosen.append(matches[0])
-    if tables:
-        chosen_schemas = {s for s, _ in chosen}
-        names = {t for _, t in chosen}
-        extra = [
-            (s, t) for s, t in known if s in chosen_schemas and t in names and (s, t) not in chosen
-        ]
-        if extra:
-            raise InvalidInput(
-                f"pg_restore would also select {extra}; restore one schema's tables at a time"
-            )
-        return chosen
-    if schemas:
-        return [(s, t) for s, t in known if s in schemas]
-    return known
-
-
-def _expected_rows(entry: dict[str, Any]) -> dict[tuple[str, str], int]:
-    return {(t["schema"], t["name"]): int(t["rows"]) for t in entry["tables"]}
-
-
 def _database_exists(conn: PostgresConnection, name: str) -> bool:
     with connect(conn) as c:
         return (
@@ -150,12 +95,8 @@ def _database_exists(conn: PostgresConnection, name: str) -> bool:
 
 
 def _restore_args(req: PgRestoreRequest, selected: list[tuple[str, str]], clean: bool) -> list[str]:
+    # tables are selected by a use-list (-L, see pg_toc) that _load adds
     args = [pg_tool("pg_restore"), "--exit-on-error", "-f", "-"]
-    if req.tables:
-        for schema in sorted({s for s, _ in selected}):
-            args += ["-n", schema]
-        for _, table in selected:
-            args += ["-t", table]
     for schema in req.schemas:
         args += ["-n", schema]
     if req.schema_only:
@@ -184,11 +125,13 @@ class _Forward:
     def _run(self) -> None:
         src, dst = self.restore.proc.stdout, self.psql.proc.stdin
         assert src is not None and dst is not None
-        try:
-            while chunk := src.read(1024 * 1024):
+        while chunk := src.read(1024 * 1024):
+            if self.error is not None:
+                continue  # psql failed: keep pg_restore unblocked; its error is reported
+            try:
                 dst.write(chunk)
-        except BaseException as exc:
-            self.error = exc
+            except BaseException as exc:
+                self.error = exc
 
     def commit(self) -> None:
         self.thread.join()
@@ -235,16 +178,12 @@ def _run_restore(
         if spooled is None:
             artifact = manifest.artifact(name)
             assert restore.proc.stdin is not None
-            try:
-                read_artifact(repo, artifact, restore.proc.stdin, encryption=enc, progress=progress)
-            except BrokenPipeError:
-                # pg_restore stopped reading: its exit status says why; even if it
-                # claims success the artifact was not fully verified, so never commit.
-                restore.check(f"pg_restore of {name}")
-                raise IntegrityError(
-                    f"pg_restore stopped reading {name} before it was verified"
-                ) from None
-            restore.proc.stdin.close()
+            # pg_restore -t/-n/-L stops reading once it has what it needs: the rest of
+            # the artifact is still read (and discarded) so every checksum is checked
+            # before the transaction can commit; a failure raises here, uncommitted.
+            sink = pg_toc.DrainingSink(restore.proc.stdin)
+            read_artifact(repo, artifact, sink, encryption=enc, progress=progress)
+            sink.close()
         restore.check(f"pg_restore of {name}")
         if forward.error is not None and psql.proc.poll() is None:
             raise StrongroomError(f"copying SQL into psql failed: {forward.error}")
@@ -270,11 +209,37 @@ def _spool_directory_dump(
     """Fetch and verify every member of a directory-format dump before pg_restore sees it."""
     target = folder / "dump"
     target.mkdir()
-    for member in entry["members"]:
-        artifact = manifest.artifact(member)
-        with (target / artifact.meta["member"]).open("wb") as sink:
+    paths = [
+        (manifest.artifact(member), _member_path(target, manifest.artifact(member).meta))
+        for member in entry["members"]
+    ]  # every name is checked before any file is opened
+    for artifact, path in paths:
+        with path.open("xb") as sink:
             read_artifact(repo, artifact, sink, encryption=enc, holdback=0, progress=progress)
     return target
+
+
+def _member_path(folder: Path, meta: dict[str, Any]) -> Path:
+    """Where a directory-format member goes: a plain file name (as pg_dump -Fd writes:
+    ``toc.dat``, ``1234.dat``), resolved inside ``folder``; anything else is refused."""
+    name = meta.get("member")
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or len(name) > 255
+    ):
+        raise IntegrityError(
+            f"directory-format member name {str(name)[:80]!r} is not a plain file name; "
+            "the manifest is not trusted"
+        )
+    path = folder / name
+    if path.resolve().parent != folder.resolve():
+        raise IntegrityError(f"directory-format member {name[:80]!r} resolves outside its folder")
+    return path
 
 
 def _parallel_restore(
@@ -290,11 +255,14 @@ def _parallel_restore(
 def _compare_rows(
     conn: PostgresConnection,
     database: str,
-    expected: dict[tuple[str, str], int],
-    tables: list[tuple[str, str]],
+    entry: dict[str, Any],
+    selected: list[tuple[str, str]],
 ) -> list[dict[str, Any]]:
+    """Restored rows against the manifest, for every relation the backup counted."""
+    expected = pg_relations.expected_rows(entry)
+    tables = [k for k in selected if k in expected]
     with connect(conn, database) as c:
-        actual = pg_inspect.count_rows(c, tables)
+        actual = pg_inspect.count_rows(c, tables, only=pg_relations.counts_only(entry))
     return [
         {
             "table": f"{s}.{t}",
@@ -338,7 +306,7 @@ def _plan(
     )
     entry = _pick_database(manifest, req.database)
     target_db = _check_identifier(req.target_database or entry["name"], "target database")
-    selected = _select_tables(entry, req.tables, req.schemas)
+    selected = pg_relations.select_tables(entry, req.tables, req.schemas)
     members = [manifest.artifact(m) for m in entry.get("members") or [entry["artifact"]]]
     whole = not (req.tables or req.schemas or req.data_only)
     exists = _database_exists(conn, target_db)
@@ -373,6 +341,7 @@ def _plan(
         "mode": "whole database" if whole else ("data only" if req.data_only else "selective"),
         "schema_only": req.schema_only,
         "tables": [f"{s}.{t}" for s, t in selected],
+        "notes": pg_relations.selection_notes(entry, selected) if not whole else [],
         "artifact": entry["artifact"],
         "format": entry.get("format", "custom"),
         "raw_size": sum(a.raw_size for a in members),
@@ -407,27 +376,48 @@ def _load(
     *,
     parallel: bool = False,
 ) -> None:
-    """Load the dump into ``database``: streamed (custom format) or via a verified spool."""
-    if job.entry.get("format", "custom") != "directory":
-        _run_restore(repo, job.manifest, job.entry, conn, enc, database, args, preamble, progress)
-        return
+    """Load the dump into ``database``: streamed (custom format) or via a verified spool.
+
+    A table selection goes to pg_restore as a use-list built from the archive's own
+    table of contents (``pg_toc``), so partitions come with their TABLE ATTACH."""
     with tempfile.TemporaryDirectory(prefix="strongroom-spool-") as folder:
-        spooled = _spool_directory_dump(repo, job.manifest, job.entry, enc, Path(folder), progress)
-        if parallel:
-            _parallel_restore(conn, database, spooled, job.req.jobs, args)
-        else:
-            _run_restore(
-                repo,
-                job.manifest,
-                job.entry,
-                conn,
-                enc,
-                database,
-                args,
-                preamble,
-                progress,
-                spooled=spooled,
+        spooled: Path | None = None
+        if job.entry.get("format", "custom") == "directory":
+            spooled = _spool_directory_dump(
+                repo, job.manifest, job.entry, enc, Path(folder), progress
             )
+        if job.req.tables:
+            if spooled is not None:
+                listing = pg_toc.list_folder(spooled, pg_tool("pg_restore"))
+            else:
+                listing = pg_toc.list_stream(
+                    repo, job.manifest.artifact(job.entry["artifact"]), enc, pg_tool("pg_restore")
+                )
+            chosen = pg_toc.use_list(
+                listing,
+                job.entry,
+                job.selected,
+                schema_only=job.req.schema_only,
+                data_only=job.req.data_only,
+            )
+            list_path = Path(folder) / "use-list.txt"
+            list_path.write_text(chosen, encoding="utf-8")
+            args = [*args, "-L", str(list_path)]
+        if spooled is not None and parallel:
+            _parallel_restore(conn, database, spooled, job.req.jobs, args)
+            return
+        _run_restore(
+            repo,
+            job.manifest,
+            job.entry,
+            conn,
+            enc,
+            database,
+            args,
+            preamble,
+            progress,
+            spooled=spooled,
+        )
 
 
 def _restore_whole(
@@ -454,11 +444,7 @@ def _restore_whole(
     try:
         args = _restore_args(job.req, job.selected, clean=False)
         _load(job, conn, repo, enc, scratch, args, "", progress, parallel=True)
-        checks = (
-            []
-            if job.req.schema_only
-            else _compare_rows(conn, scratch, _expected_rows(entry), job.selected)
-        )
+        checks = [] if job.req.schema_only else _compare_rows(conn, scratch, entry, job.selected)
         bad = [c for c in checks if not c["ok"]]
         if bad:
             raise IntegrityError(f"row counts differ from the manifest: {bad[:5]}")
@@ -507,7 +493,7 @@ def _restore_selective(
         raise
     if req.schema_only:
         return []
-    return _compare_rows(conn, job.target_db, _expected_rows(job.entry), selected)
+    return _compare_rows(conn, job.target_db, job.entry, selected)
 
 
 def restore_postgres(

@@ -70,7 +70,6 @@ from strongroom.engines.redis_copy import (
     wait_down,
     wait_ready,
 )
-from strongroom.engines.redis_files import create_private, minimal_env, private_folder
 from strongroom.engines.redis_k8s import K8sSettings, StatefulSetRestart
 from strongroom.engines.redis_logical import LogicalParser
 from strongroom.engines.redis_rdb import first_release, max_rdb_version
@@ -84,6 +83,7 @@ from strongroom.errors import (
     ToolFailed,
 )
 from strongroom.pipeline import Progress
+from strongroom.private_files import create_private, minimal_env, private_folder
 from strongroom.redact import register, scrub
 from strongroom.repository.base import Repository
 

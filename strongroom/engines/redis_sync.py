@@ -55,6 +55,21 @@ def encode(*args: bytes | str | int) -> bytes:
     return b"".join(parts)
 
 
+MAX_TEXT_REPLY = 16 * 1024 * 1024  # INFO and other text replies; the RDB payload is streamed
+MAX_PAYLOAD = 1 << 62
+
+
+def bulk_length(line: str, where: str, limit: int) -> int:
+    """The ``<n>`` of a ``$<n>`` reply: digits only, 0 <= n <= ``limit``, else ToolFailed."""
+    digits = line[1:]
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 19:
+        raise ToolFailed(f"{where}: malformed bulk length in reply {line[:64]!r}")
+    size = int(digits)
+    if size > limit:
+        raise ToolFailed(f"{where}: bulk length {size} exceeds the limit of {limit} bytes")
+    return size
+
+
 def _refusal(line: str) -> bool:
     return "unknown command" in line or line.startswith("-NOPERM") or "not allowed" in line
 
@@ -122,7 +137,7 @@ class ReplicationSnapshot:
         head = self._line()
         if not head.startswith("$"):
             raise ToolFailed(f"replication: unexpected reply {head[:200]!r}")
-        size = int(head[1:])
+        size = bulk_length(head, "replication", MAX_TEXT_REPLY)
         assert self._file is not None
         body = self._file.read(size + 2)
         return body[:size].decode("utf-8", "replace")
@@ -149,7 +164,7 @@ class ReplicationSnapshot:
         self._send(encode("INFO", "keyspace"))
         keys_reply = self._line()
         if keys_reply.startswith("$"):
-            size = int(keys_reply[1:])
+            size = bulk_length(keys_reply, f"{where}: INFO keyspace", MAX_TEXT_REPLY)
             assert self._file is not None
             self.facts["keyspace"] = parse_keyspace_text(
                 self._file.read(size + 2)[:size].decode("utf-8", "replace")
@@ -160,6 +175,8 @@ class ReplicationSnapshot:
             parts = reply.split()
             self.facts["command"] = "PSYNC"
             if len(parts) >= 3:
+                if not parts[2].isascii() or not parts[2].lstrip("-").isdigit():
+                    raise ToolFailed(f"{where}: malformed FULLRESYNC reply {reply[:120]!r}")
                 self.facts["replid"] = parts[1]
                 self.facts["offset"] = int(parts[2])
             self._read_bulk_header(where, None)
@@ -192,7 +209,7 @@ class ReplicationSnapshot:
             self.facts["transfer"] = "diskless"
             return
         if line.startswith("$"):
-            self._remaining = int(line[1:])
+            self._remaining = bulk_length(line, where, MAX_PAYLOAD)
             self.facts["transfer"] = "disk"
             self.facts["payload_size"] = self._remaining
             return

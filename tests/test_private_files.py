@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from strongroom.engines.redis_files import create_private, minimal_env, private_folder
+from strongroom.private_files import create_private, minimal_env, private_folder
 
 
 def test_private_file_is_0600_while_it_exists(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""Private files and minimal environments for Redis restores.
+"""Private files and minimal environments for restores that write clear data to disk.
 
-A decrypted RDB is the whole database in clear: it is created 0600 with
+A decrypted RDB or a spooled globals.sql holds data in clear: it is created 0600 with
 ``O_EXCL|O_NOFOLLOW`` inside a fresh ``mkdtemp`` folder, so neither another
 local user nor a symlink planted at a predictable name can read or redirect it.
 Stop/start commands run with a minimal environment: the worker's own
