@@ -1,10 +1,11 @@
-"""Prefect block types for strongroom: targets, repository, encryption keys."""
+"""Prefect block types for strongroom: targets, repository, encryption and signing keys."""
 
 from blocks.clickhouse import ClickHouseTarget
 from blocks.keys import EncryptionKey
 from blocks.policy import RetentionPolicyBlock
 from blocks.redis import RedisTarget
 from blocks.repository import BackupRepository
+from blocks.signing import SigningKey
 from blocks.targets import PostgresTarget
 
 ALL_BLOCKS = (
@@ -13,6 +14,7 @@ ALL_BLOCKS = (
     RedisTarget,
     BackupRepository,
     EncryptionKey,
+    SigningKey,
     RetentionPolicyBlock,
 )
 
@@ -32,5 +34,6 @@ __all__ = [
     "PostgresTarget",
     "RedisTarget",
     "RetentionPolicyBlock",
+    "SigningKey",
     "register_all",
 ]

@@ -6,8 +6,9 @@ from typing import Literal
 
 from prefect.blocks.core import Block
 from prefect_aws import S3Bucket
-from pydantic import Field
+from pydantic import Field, SecretStr
 
+from blocks.signing import SigningKey
 from strongroom.config import RepositoryConfig
 
 
@@ -26,13 +27,28 @@ class BackupRepository(Block):
     lock_mode: Literal["GOVERNANCE", "COMPLIANCE"] | None = None
     retention_days: int = 0
     compression_level: int = Field(default=3, ge=1, le=22)
+    trusted_signers: list[str] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (PEM) whose signed manifests readers trust.",
+    )
+    signing_key: SigningKey | None = Field(
+        default=None,
+        description="strongroom-signing-key block: set on backup runners only.",
+    )
+
+    def _key(self) -> SecretStr | None:
+        return self.signing_key.private_key if self.signing_key is not None else None
 
     def to_config(self) -> RepositoryConfig:
         if self.s3_bucket is None:
             if not self.local_path:
                 raise ValueError("BackupRepository needs local_path or s3_bucket")
             return RepositoryConfig(
-                kind="local", path=self.local_path, compression_level=self.compression_level
+                kind="local",
+                path=self.local_path,
+                compression_level=self.compression_level,
+                trusted_signers=list(self.trusted_signers),
+                signing_key=self._key(),
             )
         creds = self.s3_bucket.credentials
         params = getattr(creds, "aws_client_parameters", None)
@@ -50,4 +66,6 @@ class BackupRepository(Block):
             lock_mode=self.lock_mode,
             retention_days=self.retention_days,
             compression_level=self.compression_level,
+            trusted_signers=list(self.trusted_signers),
+            signing_key=self._key(),
         )

@@ -108,7 +108,10 @@ def check_durable(repo: Repository, artifact: Artifact) -> None:
 
 
 def claim_backup_id(repo: Repository, engine: str, target: str, backup_id: str) -> None:
-    """Refuse a backup id that is already published or has data (never write over a backup)."""
+    """Refuse a backup id that is already published or has data (never write over a
+    backup), and a backup the repository could not sign (checked up front, before any
+    byte is dumped: ``repo.trust.require_signer``)."""
+    repo.trust.require_signer(f"backup {backup_id} of {engine}/{target}")
     if repo.exists(manifest_key(engine, target, backup_id)) or any(
         True for _ in repo.list(data_key(engine, target, backup_id, ""))
     ):
@@ -133,7 +136,8 @@ def publish_backup(
     repo: Repository, manifest: Manifest, settings: StorageSettings | None = None
 ) -> str:
     """Make a backup visible: confirm every artifact is durable, then write the manifest
-    last (sealed to the artifacts' recipients, locked as long as the data it describes)."""
+    last (signed, its signature first; sealed to the artifacts' recipients; locked as
+    long as the data it describes)."""
     for artifact in manifest.artifacts:
         check_durable(repo, artifact)
     return Catalog(repo).write(manifest, settings)
@@ -152,8 +156,9 @@ def read_artifact(
     """Stream an artifact's plaintext into ``sink`` with every check applied.
 
     An artifact of a manifest read from the catalog is refused before any byte flows
-    when that manifest does not match its seal (``check_seal=False``: the caller, i.e.
-    verify, checks the seal itself)."""
+    when that manifest is not signed by a trusted key, is stored under another name or
+    does not match its seal (``check_seal=False``: the caller, i.e. verify, checks the
+    stored manifest itself)."""
     origin = origin_of(artifact) if check_seal else None
     if origin is not None:
         origin.check([i.get_secret_value() for i in encryption.identities])

@@ -152,6 +152,7 @@ def serve() -> int:
     from strongroom.bootstrap_local import PrefectServer, ProcessWorker
     from strongroom.sandbox.ports import free_port
     from strongroom.sandbox.postgres import PostgresServer
+    from strongroom.signing import key_file_signer
 
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -240,7 +241,15 @@ def serve() -> int:
         identity = x25519.Identity.from_str(identity_file.read_text().strip())
         secrets_env["UP_AGE_IDENTITY"] = str(identity)
         repository = STATE_DIR / "repository"
-        blocks["strongroom-repository"] = {"default": {"local_path": str(repository)}}
+        signer = key_file_signer(STATE_DIR / "signing-key.pem")
+        secrets_env["UP_SIGNING_KEY"] = signer.private_pem().get_secret_value()
+        blocks["strongroom-repository"] = {
+            "default": {
+                "local_path": str(repository),
+                "trusted_signers": [signer.public.pem()],
+                "signing_key": {"private_key": "${UP_SIGNING_KEY}"},
+            }
+        }
         blocks["strongroom-encryption-key"] = {
             "default": {
                 "recipients": [str(identity.to_public())],

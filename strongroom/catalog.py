@@ -3,30 +3,49 @@
 A backup exists only once its manifest is written to
 ``catalog/<engine>/<target>/<backup_id>.json``; the manifest is written last,
 after every artifact is durable and verified, and never overwritten. It is
-sealed when written (``strongroom.seal``): verify and restore refuse a manifest
-that changed after it was published.
+signed when written (``strongroom.signing``: its Ed25519 signature at ``<key>.sig``
+is written first, the manifest names the key id in ``signed_by``) and sealed
+(``strongroom.seal``).
+
+Reading: ``load`` and ``resolve`` are strict (a manifest not signed by a key in
+``repo.trust`` is an ``IntegrityError``); ``list`` and ``resolve("latest")`` skip
+untrusted and malformed entries (non-JSON, odd keys, over ``MAX_RECORD_SIZE``) and
+record each in ``catalog.findings`` (``list_with_findings`` returns both), so one
+bad object never stops the readers of a whole repository.
 """
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import json
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from strongroom.errors import InvalidInput, NotFound, StrongroomError
+from strongroom.errors import (
+    AccessDenied,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    ServiceUnavailable,
+    StorageFull,
+    StrongroomError,
+)
 from strongroom.ids import check_backup_id, check_engine, check_name, nearest
-from strongroom.repository.base import Repository, StorageSettings
+from strongroom.repository.base import Repository, StorageSettings, check_key
 from strongroom.seal import (
     SEAL_FIELD,
-    SEALED_FORMAT,
+    SIGNED_FORMAT,
     Origin,
     attach,
     make_seal,
+    origin_of,
     parse_document,
     recipients_of,
 )
+from strongroom.seal import check_name as check_stored_name
+from strongroom.signing import MAX_RECORD_SIZE, SIG_SUFFIX, put_signed, verify_stored
 
 FORMAT_VERSION = 1
 
@@ -66,6 +85,9 @@ class Manifest(BaseModel):
     artifacts: list[Artifact]
     details: dict[str, Any] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
+    signed_by: str | None = Field(
+        default=None, description="key id of the Ed25519 key that signed it (strongroom.signing)"
+    )
     seal: str | None = Field(
         default=None,
         description="age-encrypted digests of the rest of the manifest (strongroom.seal)",
@@ -122,31 +144,54 @@ def data_key(engine: str, target: str, backup_id: str, artifact: str) -> str:
     return f"data/{engine}/{target}/{backup_id}/{artifact}"
 
 
+def catalog_finding(key: str, status: str, error: str) -> dict[str, Any]:
+    """One catalog entry that was skipped: ``{"key", "status", "error"}``; ``status`` is
+    a ``strongroom.signing.Verdict`` status, ``misplaced`` or ``malformed``."""
+    return {"key": key, "status": status, "error": error}
+
+
 class Catalog:
-    """Reads and writes manifests in one repository."""
+    """Reads and writes manifests in one repository (trusting ``repo.trust``).
+
+    ``findings`` collects the entries the last ``list``/``resolve`` skipped."""
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
+        self.findings: list[dict[str, Any]] = []
 
     def write(self, manifest: Manifest, settings: StorageSettings | None = None) -> str:
-        """Publish a backup, sealed to the recipients its artifacts were encrypted to
-        (a manifest without recipients cannot be sealed and is written unsealed).
-        Refuses to overwrite an existing manifest. ``manifest`` gets its seal."""
+        """Publish a backup: signed with ``repo.trust``'s signer (its signature first),
+        sealed to the recipients its artifacts were encrypted to (a manifest without
+        recipients is written unsealed). Refuses to overwrite an existing manifest.
+        ``manifest`` gets its format, ``signed_by`` and seal."""
+        signer = self.repo.trust.require_signer(f"backup {manifest.backup_id}")
         key = manifest_key(manifest.engine, manifest.target, manifest.backup_id)
         recipients = recipients_of(manifest.document())
+        version = (
+            max(manifest.format_version, SIGNED_FORMAT) if recipients else manifest.format_version
+        )
+        signed = manifest.model_copy(
+            update={"format_version": version, "signed_by": signer.key_id, SEAL_FIELD: None}
+        )
         if recipients:
-            version = max(manifest.format_version, SEALED_FORMAT)
-            sealed = manifest.model_copy(update={"format_version": version, SEAL_FIELD: None})
-            seal = make_seal(sealed.document(), recipients)
-            body = sealed.model_copy(update={SEAL_FIELD: seal}).model_dump_json(indent=2)
+            seal: str | None = make_seal(signed.document(), recipients)
+            body = signed.model_copy(update={SEAL_FIELD: seal}).model_dump_json(indent=2)
         else:
-            version, seal = manifest.format_version, None
-            body = manifest.model_dump_json(indent=2, exclude={SEAL_FIELD})
-        self.repo.put_bytes(key, body.encode(), overwrite=False, settings=settings)
-        manifest.format_version, manifest.seal = version, seal
+            seal = None
+            body = signed.model_dump_json(indent=2, exclude={SEAL_FIELD})
+        put_signed(self.repo, key, body.encode(), overwrite=False, settings=settings)
+        manifest.format_version, manifest.signed_by, manifest.seal = (
+            version,
+            signer.key_id,
+            seal,
+        )
         return key
 
-    def _ids(self, engine: str | None, target: str | None) -> list[tuple[str, str, str]]:
+    def entries(
+        self, engine: str | None = None, target: str | None = None
+    ) -> builtins.list[tuple[str, str, str]]:
+        """(engine, target, id) of every manifest object, oldest first; objects under
+        catalog/ that cannot be manifests (odd keys, over the size cap) are findings."""
         prefix = "catalog/"
         if engine:
             prefix += f"{check_engine(engine)}/"
@@ -155,40 +200,102 @@ class Catalog:
         found = []
         for info in self.repo.list(prefix):
             parts = info.key.split("/")
+            if info.key.endswith(SIG_SUFFIX) and len(parts) == 4:
+                continue
             if len(parts) != 4 or not parts[3].endswith(".json"):
                 continue
             eng, tgt, bid = parts[1], parts[2], parts[3][: -len(".json")]
             if target and tgt != target:
                 continue
+            try:
+                check_key(info.key)
+                check_engine(eng)
+                check_name(tgt, "target name")
+                check_backup_id(bid)
+            except InvalidInput as exc:
+                self.findings.append(catalog_finding(info.key[:200], "malformed", str(exc)))
+                continue
+            if info.size > MAX_RECORD_SIZE:
+                self.findings.append(
+                    catalog_finding(
+                        info.key,
+                        "malformed",
+                        f"manifest {info.key} has {info.size} bytes, over the "
+                        f"{MAX_RECORD_SIZE}-byte limit; not read",
+                    )
+                )
+                continue
             found.append((eng, tgt, bid))
         return sorted(found, key=lambda t: t[2])
 
-    def load(self, engine: str, target: str, backup_id: str) -> Manifest:
-        """Read one manifest. It remembers the stored document and seal, so reading its
-        artifacts (``read_artifact``) refuses it if the seal does not match."""
+    def load(self, engine: str, target: str, backup_id: str, *, strict: bool = True) -> Manifest:
+        """Read one manifest (refused over ``MAX_RECORD_SIZE`` before it is read whole).
+        Strict (default): ``IntegrityError`` unless it is signed by a key the repository
+        trusts. Either way it remembers the stored document, seal and signature verdict
+        (``strongroom.seal.Origin``), so reading its artifacts (``read_artifact``)
+        refuses it unless it is trusted, stored under its own name and matches its seal."""
         key = manifest_key(engine, target, backup_id)
-        raw = self.repo.get_bytes(key)
+        raw = self.repo.get_bytes(key, max_size=MAX_RECORD_SIZE)
         try:
-            manifest = Manifest.model_validate_json(raw)
             doc = parse_document(raw, key)
+            manifest = Manifest.model_validate(doc)
         except ValueError as exc:
-            raise StrongroomError(f"manifest {key} is malformed: {exc}") from None
+            raise IntegrityError(f"manifest {key} is malformed: {str(exc)[:300]}") from None
         seal = doc.pop(SEAL_FIELD, None)
+        claimed = doc.get("signed_by")
+        verdict = verify_stored(self.repo, key, raw, claimed if isinstance(claimed, str) else None)
+        if strict:
+            verdict.require("manifest")
         origin = Origin(
             key=key,
             document=doc,
             seal=seal if isinstance(seal, str) else None,
             format_version=manifest.format_version,
             claimed_key=manifest_key(manifest.engine, manifest.target, manifest.backup_id),
+            verdict=verdict,
         )
         attach(manifest, origin)
         for artifact in manifest.artifacts:
             attach(artifact, origin)
         return manifest
 
+    def _lenient(self, found: tuple[str, str, str]) -> Manifest | None:
+        """A trusted manifest stored under its own name, or None (and a finding)."""
+        key = manifest_key(*found)
+        try:
+            manifest = self.load(*found, strict=False)
+        except NotFound:
+            return None  # removed since it was listed
+        except (ServiceUnavailable, AccessDenied, StorageFull):
+            raise  # the storage could not answer: not a finding about this object
+        except StrongroomError as exc:
+            self.findings.append(catalog_finding(key, "malformed", str(exc)))
+            return None
+        origin = origin_of(manifest)
+        verdict = origin.verdict if origin is not None else None
+        if verdict is not None and not verdict.trusted:
+            self.findings.append(catalog_finding(key, verdict.status, verdict.message("manifest")))
+            return None
+        try:
+            claimed = manifest_key(manifest.engine, manifest.target, manifest.backup_id)
+            check_stored_name(key, claimed)
+        except IntegrityError as exc:
+            self.findings.append(catalog_finding(key, "misplaced", str(exc)))
+            return None
+        return manifest
+
     def list(self, engine: str | None = None, target: str | None = None) -> list[Manifest]:
-        """Manifests, oldest first."""
-        return [self.load(e, t, b) for e, t, b in self._ids(engine, target)]
+        """Trusted manifests, oldest first; every entry skipped is in ``findings``."""
+        self.findings = []
+        found = (self._lenient(t) for t in self.entries(engine, target))
+        return [m for m in found if m is not None]
+
+    def list_with_findings(
+        self, engine: str | None = None, target: str | None = None
+    ) -> tuple[builtins.list[Manifest], builtins.list[dict[str, Any]]]:
+        """(trusted manifests oldest first, the entries skipped: see ``catalog_finding``)."""
+        manifests = self.list(engine, target)
+        return manifests, list(self.findings)
 
     def resolve(
         self,
@@ -200,13 +307,14 @@ class Catalog:
     ) -> Manifest:
         """Find one backup by id (or ``latest``), optionally within engine/target and of
         one kind (e.g. ``logical`` dumps, not ``base`` backups of the same target)."""
-        ids = self._ids(engine, target)
+        self.findings = []
+        ids = self.entries(engine, target)
         scope = "/".join(x for x in (engine, target) if x) or "the repository"
         if backup_id == "latest":
             for found in reversed(ids):
-                manifest = self.load(*found)
-                if kind is None or manifest.kind == kind:
-                    return manifest
+                latest = self._lenient(found)
+                if latest is not None and (kind is None or latest.kind == kind):
+                    return latest
             raise NotFound(f"no backups in {scope}" + (f" of kind {kind}" if kind else ""))
         if not isinstance(backup_id, str) or not backup_id:
             raise InvalidInput("backup id is empty")
@@ -217,6 +325,9 @@ class Catalog:
             suffix = f"; nearest ids: {', '.join(hint)}" if hint else ""
             raise InvalidInput(f"{exc}{suffix}") from None
         matches = [t for t in ids if t[2] == backup_id]
+        skipped = [f for f in self.findings if f["key"].endswith(f"/{backup_id}.json")]
+        if not matches and skipped:
+            raise IntegrityError(skipped[0]["error"])
         if not matches:
             hint = nearest(backup_id, [b for _, _, b in ids])
             suffix = f"; nearest ids: {', '.join(hint)}" if hint else " (it holds no backups)"

@@ -280,7 +280,15 @@ def _print_restore(r: dict[str, Any]) -> None:
 
 def _register_plugins() -> None:
     """Commands that live in their own modules (one per engine or concern)."""
-    from strongroom import cli_audit, cli_clickhouse, cli_ops, cli_pitr, cli_policy, cli_redis
+    from strongroom import (
+        cli_audit,
+        cli_clickhouse,
+        cli_ops,
+        cli_pitr,
+        cli_policy,
+        cli_redis,
+        cli_signing,
+    )
 
     cli_clickhouse.register(backup_app, restore_app)
     cli_redis.register(backup_app, restore_app)
@@ -288,6 +296,7 @@ def _register_plugins() -> None:
     cli_policy.register(app)
     cli_audit.register(app)
     cli_ops.register(app)
+    cli_signing.register(app)
 
 
 if __name__ != "__main__":  # as __main__, the plugins would import a second copy of us

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 
 from strongroom.errors import InvalidInput
 from strongroom.ids import check_name
+from strongroom.signing import Trust
 from strongroom.transport import PG_MODES, PG_PLAINTEXT_MODES, pg_default_sslmode, require_encrypted
 
 
@@ -126,9 +127,26 @@ class RepositoryConfig(BaseModel):
     )
     part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
     max_attempts: int = Field(default=5, ge=1, description="storage retries with backoff")
+    trusted_signers: list[str] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (PEM or its one-line body) whose signatures "
+        "readers of this repository trust; several at once for key rotation",
+    )
+    signing_key: SecretStr | None = Field(
+        default=None,
+        description="the backup runner's Ed25519 private key (from the "
+        "strongroom-signing-key block); None on readers",
+    )
 
     def secrets(self) -> list[str]:
-        return [self.secret_access_key.get_secret_value()] if self.secret_access_key else []
+        found = [self.secret_access_key.get_secret_value()] if self.secret_access_key else []
+        if self.signing_key is not None:
+            found.append(self.signing_key.get_secret_value())
+        return found
+
+    def trust(self) -> Trust:
+        """The trusted keys and signer of ``strongroom.signing`` this config names."""
+        return Trust.from_config(self.trusted_signers, self.signing_key)
 
 
 class EncryptionConfig(BaseModel):

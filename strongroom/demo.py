@@ -86,7 +86,8 @@ def _setup_common() -> None:
     from pydantic import SecretStr
     from pyrage import x25519
 
-    from blocks import BackupRepository, EncryptionKey, register_all
+    from blocks import BackupRepository, EncryptionKey, SigningKey, register_all
+    from strongroom.signing import key_file_signer
 
     register_all()
     identity = x25519.Identity.generate()
@@ -96,7 +97,12 @@ def _setup_common() -> None:
     key_file = DEMO_DIR / "age-identity.txt"
     key_file.write_text(str(identity) + "\n")
     key_file.chmod(0o600)
-    BackupRepository(local_path=str(DEMO_DIR / "repository")).save("default", overwrite=True)
+    signer = key_file_signer(DEMO_DIR / "signing-key.pem")
+    BackupRepository(
+        local_path=str(DEMO_DIR / "repository"),
+        trusted_signers=[signer.public.pem()],
+        signing_key=SigningKey(private_key=signer.private_pem()),
+    ).save("default", overwrite=True)
 
 
 def _postgres(demo: Demo) -> tuple[str, str]:
@@ -335,10 +341,13 @@ def main() -> int:
         from strongroom.catalog import Catalog
         from strongroom.drills.demo import demo_drills
         from strongroom.repository.local import LocalRepository
+        from strongroom.signing import Trust, key_file_signer
 
         demo.console.rule("catalog (strongroom list)")
         listing = Table("backup id", "engine", "target", "raw", "stored")
-        for m in Catalog(LocalRepository(DEMO_DIR / "repository")).list():
+        public = key_file_signer(DEMO_DIR / "signing-key.pem").public
+        demo_repo = LocalRepository(DEMO_DIR / "repository", trust=Trust((public,)))
+        for m in Catalog(demo_repo).list():
             listing.add_row(m.backup_id, m.engine, m.target, _mb(m.raw_size), _mb(m.stored_size))
         demo.console.print(listing)
 

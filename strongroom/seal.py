@@ -14,6 +14,13 @@ recipient (public, and listed in every manifest) and write access to the
 repository can compute a fresh seal for an edited manifest. The seal catches
 edits by hand, by scripts and tools that do not re-seal, corruption, and a
 manifest copied to another id or target; it is not proof of authorship.
+
+Proof of authorship is the Ed25519 signature (``strongroom.signing``): since format
+3 every manifest is signed, and the signature, not the seal, decides whether a
+manifest is trusted (``Origin.verdict``). The seal is kept inside the signed bytes:
+it costs one age encryption per backup, still guards the format-2 manifests written
+before signing (``strongroom sign`` checks it before signing one), and when a
+signature fails it names what changed (``Origin.check`` opens it first).
 """
 
 from __future__ import annotations
@@ -28,11 +35,14 @@ import pyrage
 
 from strongroom.errors import IntegrityError
 from strongroom.pipeline import parse_identities, parse_recipients
+from strongroom.signing import Verdict
 
 SEAL_FIELD = "seal"
 SEAL_VERSION = 1
 # the first manifest format that is always sealed when it has recipients
 SEALED_FORMAT = 2
+# the first manifest format that is always signed (names its key id in ``signed_by``)
+SIGNED_FORMAT = 3
 _SHORT = 16  # hex digits of the per-field digests: diagnostics only, the full hash decides
 
 
@@ -173,13 +183,23 @@ class Origin:
     seal: str | None
     format_version: int
     claimed_key: str
+    verdict: Verdict | None = None
     checked_for: set[str] = field(default_factory=set)
 
     def check(self, identities: list[str]) -> None:
-        """Refuse a manifest stored under another backup's name, a manifest whose seal
-        does not match, or a sealed format without a seal. An unsealed old manifest
-        (format 1) passes: verify reports it as a warning."""
+        """Refuse a manifest stored under another backup's name, a manifest not signed
+        by a trusted key (when the seal opens and differs, that difference is named),
+        a manifest whose seal does not match, or a sealed format without a seal. An
+        unsealed old manifest (format 1) passes the seal step: verify warns."""
         check_name(self.key, self.claimed_key)
+        if self.verdict is not None and not self.verdict.trusted:
+            refused = self.verdict.message("manifest")
+            if self.seal is not None and identities:
+                try:
+                    check_seal(self.document, self.seal, identities, self.key)
+                except IntegrityError as exc:
+                    raise IntegrityError(f"{refused}: {exc}") from None
+            raise IntegrityError(refused)
         if self.seal is None:
             if self.format_version >= SEALED_FORMAT:
                 raise IntegrityError(

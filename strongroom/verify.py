@@ -29,6 +29,7 @@ from strongroom.seal import (
     origin_of,
     parse_document,
 )
+from strongroom.signing import MAX_RECORD_SIZE, verify_stored
 
 
 class ContentCheck(Protocol):
@@ -164,7 +165,7 @@ def load_engine_checks() -> None:
 
 def check_manifest(repo: Repository, manifest: Manifest, enc: EncryptionConfig) -> dict[str, Any]:
     """The stored manifest against its seal, and ``manifest`` against the stored one.
-    Returns ``{"key", "sealed", "ok"}`` plus ``error`` or ``warning``."""
+    Returns ``{"key", "sealed", "signed_by", "ok"}`` plus ``error`` or ``warning``."""
     claimed = manifest_key(manifest.engine, manifest.target, manifest.backup_id)
     origin = origin_of(manifest)
     # loaded from the catalog: check the object it was read from (a manifest copied under
@@ -173,7 +174,11 @@ def check_manifest(repo: Repository, manifest: Manifest, enc: EncryptionConfig) 
     result: dict[str, Any] = {"key": key, "sealed": False, "ok": False}
     try:
         check_name(key, claimed)
-        doc = parse_document(repo.get_bytes(key), key)
+        raw = repo.get_bytes(key, max_size=MAX_RECORD_SIZE)
+        doc = parse_document(raw, key)
+        signed_by = doc.get("signed_by")
+        verdict = verify_stored(repo, key, raw, signed_by if isinstance(signed_by, str) else None)
+        result["signed_by"] = verdict.key_id if verdict.trusted else None
         seal = doc.pop(SEAL_FIELD, None)
         if seal is not None:
             result["sealed"] = True
@@ -185,6 +190,7 @@ def check_manifest(repo: Repository, manifest: Manifest, enc: EncryptionConfig) 
                 f"manifest {key} has lost its seal (format {doc.get('format_version')} "
                 "manifests are always sealed); it is not trusted"
             )
+        verdict.require("manifest")
         # through the model on both sides: formatting (e.g. of times) is not a difference
         if Manifest.model_validate(doc).document() != manifest.document():
             raise IntegrityError(f"the manifest being verified differs from the stored {key}")

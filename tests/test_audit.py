@@ -25,10 +25,9 @@ from strongroom.audit import (
     sha256_hex,
     verify_chain,
 )
-from strongroom.config import RepositoryConfig
 from strongroom.repository.base import Repository
-from strongroom.repository.local import LocalRepository
 from strongroom.repository.s3 import S3Repository
+from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config, signing_block_fields
 
 
 def _fill(repo: Repository, n: int) -> list[AuditEvent]:
@@ -49,7 +48,7 @@ def _fill(repo: Repository, n: int) -> list[AuditEvent]:
 
 def _s3(server: Any, bucket: str) -> S3Repository:
     return S3Repository(
-        RepositoryConfig(
+        signed_config(
             kind="s3",
             bucket=bucket,
             prefix="p",
@@ -65,7 +64,7 @@ def _kinds(repo: Repository, **kwargs: Any) -> set[str]:
 
 
 def test_append_links_each_event_to_the_previous(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     assert read_head(repo).seq == 0
     events = _fill(repo, 5)
     assert [e.seq for e in events] == [1, 2, 3, 4, 5]
@@ -85,7 +84,7 @@ def test_append_links_each_event_to_the_previous(tmp_path: Path) -> None:
 def test_record_event_takes_checksums_from_the_manifest(tmp_path: Path) -> None:
     from tests.test_compliance import add_backup
 
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     manifest = add_backup(repo, "postgresql", "db1", hours_ago=1)
     event = record_event(
         repo,
@@ -104,7 +103,7 @@ def test_details_are_scrubbed_of_registered_secrets(tmp_path: Path) -> None:
 
     secret = f"pw-{uuid.uuid4().hex}"
     register(secret)
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     record_event(
         repo,
         action="restore",
@@ -125,7 +124,7 @@ def _edit(path: Path, **changes: Any) -> None:
 
 
 def test_detects_edited_event(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     _fill(repo, 5)
     _edit(tmp_path / "audit" / "000000000002.json", result="failure")
     report = verify_chain(repo)
@@ -136,7 +135,7 @@ def test_detects_edited_event(tmp_path: Path) -> None:
 
 def test_detects_reformatted_event(tmp_path: Path) -> None:
     """Same content, different bytes (pretty-printed): the hash no longer matches."""
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     _fill(repo, 3)
     path = tmp_path / "audit" / "000000000003.json"
     path.write_text(json.dumps(json.loads(path.read_text()), indent=2))
@@ -144,7 +143,7 @@ def test_detects_reformatted_event(tmp_path: Path) -> None:
 
 
 def test_detects_removed_event(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     _fill(repo, 5)
     (tmp_path / "audit" / "000000000003.json").unlink()
     report = verify_chain(repo)
@@ -153,14 +152,14 @@ def test_detects_removed_event(tmp_path: Path) -> None:
 
 
 def test_detects_removed_first_event(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     _fill(repo, 3)
     (tmp_path / "audit" / "000000000001.json").unlink()
     assert "missing" in _kinds(repo)
 
 
 def test_detects_reordered_events(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     _fill(repo, 5)
     a, b = tmp_path / "audit" / "000000000002.json", tmp_path / "audit" / "000000000004.json"
     data_a, data_b = a.read_bytes(), b.read_bytes()
@@ -173,7 +172,7 @@ def test_detects_reordered_events(tmp_path: Path) -> None:
 
 def test_detects_renumbered_rewrite(tmp_path: Path) -> None:
     """Removing event 3 and renumbering the rest without re-hashing breaks the links."""
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     _fill(repo, 5)
     folder = tmp_path / "audit"
     (folder / "000000000003.json").unlink()
@@ -185,7 +184,7 @@ def test_detects_renumbered_rewrite(tmp_path: Path) -> None:
 
 
 def test_anchor_detects_edited_or_truncated_tail(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     _fill(repo, 4)
     head = read_head(repo)
     assert verify_chain(repo, anchors={head.seq: head.sha256}).ok
@@ -198,7 +197,7 @@ def test_anchor_detects_edited_or_truncated_tail(tmp_path: Path) -> None:
 
 
 def test_malformed_and_stray_objects(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     _fill(repo, 2)
     (tmp_path / "audit" / "000000000002.json").write_text("{not json")
     repo.put_bytes("audit/notes.txt", b"hello")
@@ -206,12 +205,12 @@ def test_malformed_and_stray_objects(tmp_path: Path) -> None:
 
 
 def test_concurrent_writers_never_fork_the_chain_local(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     errors: list[BaseException] = []
 
     def writer(i: int) -> None:
         try:
-            own = LocalRepository(tmp_path)  # separate objects, like separate processes
+            own = make_local_repo(tmp_path)  # separate objects, like separate processes
             for j in range(8):
                 append_event(
                     own, action="backup", result="success", target=f"t{i}", details={"j": j}
@@ -290,7 +289,9 @@ def test_prefect_hook_records_runs_and_cli_verifies(prefect_api: str, tmp_path: 
 
     register_all()
     root = tmp_path / "repo"
-    BackupRepository(local_path=str(root)).save("audit-hook", overwrite=True)
+    BackupRepository(**signing_block_fields(), local_path=str(root)).save(
+        "audit-hook", overwrite=True
+    )
 
     hooks = {"on_completion": [audit_hook], "on_failure": [audit_hook], "on_crashed": [audit_hook]}
 
@@ -311,7 +312,7 @@ def test_prefect_hook_records_runs_and_cli_verifies(prefect_api: str, tmp_path: 
     with pytest.raises(RuntimeError):
         fake_restore(target="shop", backup_id="20261124T020000Z-1a2b3c", repository="audit-hook")
 
-    repo = LocalRepository(root)
+    repo = make_local_repo(root)
     events = read_events(repo)
     assert [(e.action, e.engine, e.target, e.result) for e in events] == [
         ("backup", "postgresql", "shop", "success"),
@@ -356,7 +357,9 @@ def test_hook_on_the_real_backup_and_verify_flows(
     EncryptionKey(recipients=[str(identity.to_public())], identity=str(identity)).save(
         "audit-key", overwrite=True
     )
-    BackupRepository(local_path=str(tmp_path / "repo")).save("audit-real", overwrite=True)
+    BackupRepository(**signing_block_fields(), local_path=str(tmp_path / "repo")).save(
+        "audit-real", overwrite=True
+    )
     server = pg_db.server
     PostgresTarget(
         host=server.host,
@@ -373,7 +376,7 @@ def test_hook_on_the_real_backup_and_verify_flows(
     verify_backup_flow.with_options(**hooks)(  # type: ignore[arg-type]
         backup_id=manifest["backup_id"], repository="audit-real", encryption_key="audit-key"
     )
-    events = read_events(LocalRepository(tmp_path / "repo"))
+    events = read_events(make_local_repo(tmp_path / "repo"))
     bid = manifest["backup_id"]
     assert [(e.action, e.engine, e.target, e.backup_id, e.result) for e in events] == [
         ("backup", "postgresql", "audit-pg", bid, "success"),
@@ -382,4 +385,4 @@ def test_hook_on_the_real_backup_and_verify_flows(
     sums = {a["name"]: a["stored_sha256"] for a in manifest["artifacts"]}
     assert events[0].checksums == sums and events[1].checksums == sums
     assert events[1].actor["flow_name"] == "verify-backup"
-    assert verify_chain(LocalRepository(tmp_path / "repo")).ok
+    assert verify_chain(make_local_repo(tmp_path / "repo")).ok

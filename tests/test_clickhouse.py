@@ -41,6 +41,7 @@ from strongroom.sandbox.clickhouse import ClickHouseServer
 from strongroom.seal import make_seal
 from strongroom.verify import verify_backup
 from tests.fixtures.ports import free_port
+from tests.fixtures.strongroom_fixtures import signing_block_fields
 
 Repo = tuple[Repository, RepositoryConfig]
 LC = {"allow_experimental_low_cardinality_type": 1}
@@ -885,7 +886,7 @@ def flow_setup(
     EncryptionKey(recipients=[str(identity.to_public())], identity=str(identity)).save(
         "ch-key", overwrite=True
     )
-    BackupRepository(local_path=str(repo)).save("ch-repo", overwrite=True)
+    BackupRepository(**signing_block_fields(), local_path=str(repo)).save("ch-repo", overwrite=True)
     ClickHouseTarget(
         host=clickhouse_server.host,
         port=clickhouse_server.tcp_port,

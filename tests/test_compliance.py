@@ -30,6 +30,7 @@ from strongroom.ids import new_backup_id
 from strongroom.repository.base import Repository
 from strongroom.repository.local import LocalRepository
 from strongroom.repository.s3 import S3Repository
+from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config, signing_block_fields
 
 RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
 SEVEN_YEARS_DAYS = 2557
@@ -214,7 +215,7 @@ class Bucket:
 def s3_repository(
     server: Any, bucket: str, *, prefix: str = "prod", **changes: Any
 ) -> tuple[S3Repository, RepositoryConfig]:
-    config = RepositoryConfig(
+    config = signed_config(
         kind="s3",
         bucket=bucket,
         prefix=prefix,
@@ -450,7 +451,7 @@ def test_wal_gap_fails(s3_server: Any) -> None:
 
 def test_wal_gap_from_the_listing_alone(tmp_path: Path) -> None:
     """Base backups without LSN details: continuity is checked from the archive listing."""
-    repo = LocalRepository(tmp_path / "repo")
+    repo = make_local_repo(tmp_path / "repo")
     target = TargetPolicy(engine="postgresql", target="old", pitr=True)
     add_backup(
         repo,
@@ -471,7 +472,7 @@ def test_wal_gap_from_the_listing_alone(tmp_path: Path) -> None:
 
 
 def test_local_repository_results(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path / "repo")
+    repo = make_local_repo(tmp_path / "repo")
     populate(repo)
     report = evaluate(repo, targets=TARGETS, retention=RETENTION)
     st = statuses(report)
@@ -495,7 +496,7 @@ def test_missing_features_warn_with_a_clear_reason(
         "FEATURE_MODULES",
         {k: ("strongroom.no_such_module",) for k in evidence.FEATURE_MODULES},
     )
-    repo = LocalRepository(tmp_path / "repo")
+    repo = make_local_repo(tmp_path / "repo")
     add_backup(repo, "postgresql", "shop", hours_ago=1)
     report = evaluate(repo, targets=TARGETS[:1])
     for control_id, feature in (
@@ -566,9 +567,11 @@ def flow_repo(prefect_api: str, tmp_path: Path) -> LocalRepository:
 
     register_all()
     root = tmp_path / "repo"
-    BackupRepository(local_path=str(root)).save("compliance", overwrite=True)
+    BackupRepository(**signing_block_fields(), local_path=str(root)).save(
+        "compliance", overwrite=True
+    )
     PostgresTarget(rpo_hours=6, rto_minutes=20).save("shop", overwrite=True)
-    return LocalRepository(root)
+    return make_local_repo(root)
 
 
 def test_transport_control_reports_each_target_from_its_block_fields(
@@ -716,7 +719,7 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
     from strongroom.metrics import serve
     from tests.fixtures.ports import free_port
 
-    repo = LocalRepository(tmp_path / "repo")
+    repo = make_local_repo(tmp_path / "repo")
     now = dt.datetime.now(dt.UTC)
     add_backup(repo, "postgresql", "shop", hours_ago=5, stored_size=1000, audit=True)
     last = add_backup(

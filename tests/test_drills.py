@@ -34,7 +34,12 @@ from strongroom.repository.local import LocalRepository
 from strongroom.sandbox.postgres import PostgresServer
 from strongroom.sandbox.redis import RedisServer
 from tests.fixtures.postgres import PgDatabase
-from tests.fixtures.strongroom_fixtures import pg_connection
+from tests.fixtures.strongroom_fixtures import (
+    make_local_repo,
+    pg_connection,
+    signed_config,
+    signing_block_fields,
+)
 
 Repo = tuple[LocalRepository, RepositoryConfig]
 
@@ -330,7 +335,9 @@ def policy_blocks(
     EncryptionKey(recipients=age_key.recipients, identity=age_key.identities[0]).save(
         "drillkey", overwrite=True
     )
-    BackupRepository(local_path=str(tmp_path / "repo")).save("drillrepo", overwrite=True)
+    BackupRepository(**signing_block_fields(), local_path=str(tmp_path / "repo")).save(
+        "drillrepo", overwrite=True
+    )
     server = pg_db.server
     PostgresTarget(
         host=server.host,
@@ -352,7 +359,7 @@ def policy_blocks(
         min_redundancy=1,
     ).save("drillpolicy", overwrite=True)
     pg_db.psql("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 100);")
-    repo = LocalRepository(tmp_path / "repo")
+    repo = make_local_repo(tmp_path / "repo")
     conn = pg_connection(pg_db, name="flowdrill")
     return conn, repo
 
@@ -371,7 +378,7 @@ def test_flows_and_cli(
     from strongroom.cli_policy import register
 
     conn, repo = policy_blocks
-    config = RepositoryConfig(kind="local", path=str(repo.root))
+    config = signed_config(kind="local", path=str(repo.root))
     earlier = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # ids have 1 s resolution
     first = backup_postgres(conn, repo, config, age_key, backup_id=new_backup_id(earlier))
     second = backup_postgres(conn, repo, config, age_key)

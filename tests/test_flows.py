@@ -21,6 +21,7 @@ from pyrage import x25519
 from strongroom.errors import AccessDenied, ServiceUnavailable, TargetNotEmpty
 from tests.fixtures.ports import free_port
 from tests.fixtures.postgres import PgDatabase
+from tests.fixtures.strongroom_fixtures import signing_block_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,9 @@ def blocks(prefect_api: str, pg_db: PgDatabase, tmp_path: Path, identity: x25519
     EncryptionKey(recipients=[str(identity.to_public())], identity=str(identity)).save(
         "default", overwrite=True
     )
-    BackupRepository(local_path=str(tmp_path / "repo")).save("default", overwrite=True)
+    BackupRepository(**signing_block_fields(), local_path=str(tmp_path / "repo")).save(
+        "default", overwrite=True
+    )
     server = pg_db.server
     PostgresTarget(
         host=server.host,
@@ -206,6 +209,7 @@ def test_flows_with_an_s3_repository_block(
         aws_client_parameters=AwsClientParameters(endpoint_url=s3_server.endpoint_url),
     )
     BackupRepository(
+        **signing_block_fields(),
         s3_bucket=S3Bucket(bucket_name=s3_bucket, credentials=creds, bucket_folder="team"),
         prefix="pg",
         sse="AES256",

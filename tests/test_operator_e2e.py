@@ -28,6 +28,7 @@ from strongroom.bootstrap_local import ROOT, PrefectServer, ProcessWorker, prefe
 from strongroom.sandbox._process import log_tail
 from strongroom.sandbox.postgres import PostgresServer
 from tests.fixtures.prefect_server import FlakyProxy, WebhookReceiver, prefect_server
+from tests.fixtures.strongroom_fixtures import TEST_PUBLIC_KEY, TEST_SIGNER, make_local_repo
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +147,13 @@ def stack(
                     },
                     "blocks": {
                         "strongroom-postgres-target": {"e2e-pg": target},
-                        "strongroom-repository": {"default": {"local_path": str(repo)}},
+                        "strongroom-repository": {
+                            "default": {
+                                "local_path": str(repo),
+                                "trusted_signers": [TEST_PUBLIC_KEY],
+                                "signing_key": {"private_key": "${E2E_SIGNING_KEY}"},
+                            }
+                        },
                         "strongroom-encryption-key": {
                             "default": {
                                 "recipients": [str(identity.to_public())],
@@ -158,7 +165,11 @@ def stack(
                 }
             )
         )
-        env = {"E2E_PG_PASSWORD": pg_server.password, "E2E_AGE_IDENTITY": str(identity)}
+        env = {
+            "E2E_PG_PASSWORD": pg_server.password,
+            "E2E_AGE_IDENTITY": str(identity),
+            "E2E_SIGNING_KEY": TEST_SIGNER.private_pem().get_secret_value(),
+        }
         started = time.monotonic()
         report = bootstrap(load_config(config, env={**os.environ, **env}))
         assert "backup-postgresql/on-demand" in report["deployments"]["deployed"]
@@ -264,9 +275,8 @@ def test_restore_by_deployment_run_with_backup_id(stack: Stack) -> None:
     backup = stack.run("backup-postgresql/on-demand", target="e2e-pg")
     assert backup.returncode == 0, _explain(stack, backup)
     from strongroom.catalog import Catalog
-    from strongroom.repository.local import LocalRepository
 
-    backup_id = Catalog(LocalRepository(stack.repo)).list("postgresql", "e2e-pg")[-1].backup_id
+    backup_id = Catalog(make_local_repo(stack.repo)).list("postgresql", "e2e-pg")[-1].backup_id
     into = f"{stack.database}_restored"
     restore = stack.run(
         "restore-postgresql/on-demand",
@@ -383,9 +393,8 @@ def test_backup_fleet_runs_each_target_as_its_own_flow_run(stack: Stack) -> None
     assert peak <= 2, spans
 
     from strongroom.catalog import Catalog
-    from strongroom.repository.local import LocalRepository
 
-    catalog = Catalog(LocalRepository(stack.repo))
+    catalog = Catalog(make_local_repo(stack.repo))
     for name in targets:
         assert catalog.list("postgresql", name), f"no backup of {name}"
 

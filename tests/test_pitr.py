@@ -49,6 +49,7 @@ from strongroom.sandbox.postgres import PostgresServer, chown_to_postgres
 from strongroom.verify import verify_backup
 from strongroom.wal_cli import main as wal_main
 from tests.fixtures.ports import free_port
+from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config, signing_block_fields
 
 SEG = names.DEFAULT_SEGMENT_SIZE
 SYSID = 7_311_000_000_000_000_001
@@ -92,7 +93,7 @@ def wal_setup(tmp_path: Path) -> WalSetup:
     config = write_wal_config(
         tmp_path / "wal.toml",
         target="syn",
-        repository=RepositoryConfig(kind="local", path=str(repo_dir)),
+        repository=signed_config(kind="local", path=str(repo_dir)),
         recipients=[str(identity.to_public())],
         identity_file=str(key),
         system_identifier=SYSID,
@@ -102,7 +103,7 @@ def wal_setup(tmp_path: Path) -> WalSetup:
     sync_config = tmp_path / "sync.toml"
     sync_config.write_text(config.read_text().replace("prefetch = 4", "prefetch = 0"))
     sync_config.chmod(0o600)
-    return WalSetup(tmp_path, pg_wal, LocalRepository(repo_dir), config, sync_config, identity)
+    return WalSetup(tmp_path, pg_wal, make_local_repo(repo_dir), config, sync_config, identity)
 
 
 def _seg(n: int, tli: int = 1) -> str:
@@ -168,7 +169,7 @@ def test_duplicate_comparison_across_levels_and_versions(tmp_path: Path) -> None
     recompressing; one by another zstd version cannot be compared and fails loudly."""
     from strongroom.engines.pg_wal_store import push_bytes, read_stored_header
 
-    repo = LocalRepository(tmp_path / "repo")
+    repo = make_local_repo(tmp_path / "repo")
     key = x25519.Identity.generate()
     name = _seg(5)
     raw = fake_segment(name)
@@ -369,7 +370,7 @@ def _cluster(
     chown_to_postgres(root, 0o755)
     repo_dir = root / "repo"
     chown_to_postgres(repo_dir)
-    repo_config = RepositoryConfig(kind="local", path=str(repo_dir))
+    repo_config = signed_config(kind="local", path=str(repo_dir))
     enc = EncryptionConfig(recipients=[str(key.to_public())], identities=[SecretStr(str(key))])
     config = write_wal_config(
         root / "wal.toml",
@@ -391,7 +392,7 @@ def _cluster(
     conn = PostgresConnection(
         name=target, host=server.host, port=server.port, password=SecretStr(server.password)
     )
-    return Cluster(server, conn, LocalRepository(repo_dir), repo_config, enc, root, target, config)
+    return Cluster(server, conn, make_local_repo(repo_dir), repo_config, enc, root, target, config)
 
 
 @pytest.fixture(scope="module")
@@ -564,7 +565,7 @@ def test_gap_is_reported_and_blocks_recovery(cluster: Cluster, pg_tmp: Path) -> 
     copy_dir = pg_tmp / "repo-copy"
     shutil.copytree(c.repo.root, copy_dir)
     chown_to_postgres(copy_dir, recursive=True)
-    copy = LocalRepository(copy_dir)
+    copy = make_local_repo(copy_dir)
     plan = plan_pitr(copy, PitrRequest(target=c.target, data_dir="/x"))  # latest, before damage
     index_names = sorted(
         i.key.rsplit("/", 1)[-1]
@@ -591,7 +592,7 @@ def test_gap_is_reported_and_blocks_recovery(cluster: Cluster, pg_tmp: Path) -> 
     data_fd = os.open(data, os.O_RDONLY | os.O_DIRECTORY)
     try:
         extract_base(copy, c.enc, plan.backup["backup_id"], c.target, data_fd)
-        copy_cfg = RepositoryConfig(kind="local", path=str(copy_dir))
+        copy_cfg = signed_config(kind="local", path=str(copy_dir))
         req = req.model_copy(update={"config_path": str(copy_config)})
         write_recovery(req, plan, data, copy_cfg, c.enc, "postgres", data_fd)
     finally:
@@ -690,7 +691,9 @@ def test_flows_and_cli(prefect_api: str, pg_tmp: Path, age_identity: x25519.Iden
         EncryptionKey(recipients=c.enc.recipients, identity=str(age_identity)).save(
             "pitrkey", overwrite=True
         )
-        BackupRepository(local_path=str(c.repo.root)).save("pitrrepo", overwrite=True)
+        BackupRepository(**signing_block_fields(), local_path=str(c.repo.root)).save(
+            "pitrrepo", overwrite=True
+        )
         PostgresTarget(
             host=c.server.host,
             port=c.server.port,

@@ -24,7 +24,7 @@ from strongroom.repository import Repository
 from strongroom.verify import verify_backup
 from tests.fixtures.ports import free_port
 from tests.fixtures.postgres import PgDatabase
-from tests.fixtures.strongroom_fixtures import pg_connection
+from tests.fixtures.strongroom_fixtures import pg_connection, signed_config
 
 POPULATE = """
 CREATE SCHEMA sales;
@@ -338,7 +338,7 @@ def test_objects_are_locked_until_the_policys_retain_until(
     from strongroom.repository.s3 import S3Repository
 
     until = dt.datetime.now(dt.UTC) + dt.timedelta(days=7 * 365)
-    config = RepositoryConfig(
+    config = signed_config(
         kind="s3",
         bucket=s3_locked_bucket,
         endpoint_url=s3_server.endpoint_url,

@@ -39,6 +39,7 @@ from strongroom.ids import new_backup_id
 from strongroom.repository import Repository
 from strongroom.sandbox.redis import RedisServer
 from strongroom.verify import verify_backup
+from tests.fixtures.strongroom_fixtures import signing_block_fields
 
 Repo = tuple[Repository, RepositoryConfig]
 DBS = (0, 1, 3)
@@ -537,7 +538,9 @@ def test_flows_backup_verify_restore(
     EncryptionKey(
         recipients=age_key.recipients, identity=age_key.identities[0].get_secret_value()
     ).save("redis-key", overwrite=True)
-    BackupRepository(local_path=str(tmp_path / "repo")).save("redis-repo", overwrite=True)
+    BackupRepository(**signing_block_fields(), local_path=str(tmp_path / "repo")).save(
+        "redis-repo", overwrite=True
+    )
     RedisTarget(host=source.host, port=source.port, password=source.password).save(
         "cache", overwrite=True
     )

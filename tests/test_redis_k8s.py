@@ -22,7 +22,6 @@ import yaml
 from pydantic import SecretStr
 
 from strongroom.catalog import Manifest
-from strongroom.config import RepositoryConfig
 from strongroom.engines.redis import backup_redis
 from strongroom.engines.redis_conn import RedisConnection
 from strongroom.engines.redis_copy import value_digest
@@ -39,6 +38,7 @@ from strongroom.errors import (
 from strongroom.repository.local import LocalRepository
 from strongroom.sandbox.redis import RedisServer
 from tests.fixtures.k8s_api import K8sApiDouble, make_tls
+from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config
 
 Print = dict[int, dict[bytes, tuple[str, str, bool]]]
 RBAC = Path(__file__).resolve().parents[1] / "deployments/k8s/rbac-redis-restart.yaml"
@@ -77,14 +77,14 @@ def backup(
     pipe.execute()
     client(redis_server, 2).sadd("db2:set", *range(25))
     root = tmp_path_factory.mktemp("k8s-repo")
-    repo = LocalRepository(root)
+    repo = make_local_repo(root)
     source = RedisConnection(
         name="cache",
         host=redis_server.host,
         port=redis_server.port,
         password=SecretStr(redis_server.password),
     )
-    manifest = backup_redis(source, repo, RepositoryConfig(kind="local", path=str(root)), age_key)
+    manifest = backup_redis(source, repo, signed_config(kind="local", path=str(root)), age_key)
     return repo, manifest, fingerprint(redis_server)
 
 

@@ -24,7 +24,7 @@ import pytest
 
 from strongroom.compliance import TargetPolicy, evaluate, write_report
 from strongroom.compliance.controls import CONTROL_IDS
-from strongroom.repository.local import LocalRepository
+from tests.fixtures.strongroom_fixtures import make_local_repo
 from tests.test_compliance import RETENTION, TARGETS, add_backup, populate
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -119,7 +119,7 @@ def report_html(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A report over a realistic repository: two targets with history, drills, WAL, plus
     a stale third target so the freshness chart shows both colours."""
     tmp = tmp_path_factory.mktemp("report")
-    repo = LocalRepository(tmp / "repo")
+    repo = make_local_repo(tmp / "repo")
     populate(repo)
     add_backup(repo, "clickhouse", "events", hours_ago=40, stored_size=63_000_000)
     targets = [*TARGETS, TargetPolicy(engine="clickhouse", target="events", rpo_hours=24)]

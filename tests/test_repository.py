@@ -39,6 +39,7 @@ from strongroom.repository.local import LocalRepository
 from strongroom.repository.s3 import S3Repository
 from tests.fixtures.ports import free_port
 from tests.fixtures.s3 import MotoServer
+from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config
 
 MIB = 1024 * 1024
 PART = 5 * MIB
@@ -69,7 +70,7 @@ def _s3_config(server: MotoServer, bucket: str, **extra: Any) -> RepositoryConfi
         "max_attempts": 3,
     }
     values.update(extra)
-    return RepositoryConfig(**values)
+    return signed_config(**values)
 
 
 def _s3_repo(server: MotoServer, bucket: str, **extra: Any) -> S3Repository:
@@ -100,7 +101,7 @@ def repo_and_server(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[tuple[Repository, MotoServer | None]]:
     if request.param == "local":
-        yield LocalRepository(tmp_path / "repo"), None
+        yield make_local_repo(tmp_path / "repo"), None
         return
     server: MotoServer = request.getfixturevalue("s3_server")
     bucket = server.create_bucket()
@@ -293,7 +294,7 @@ def _assert_key_rejected(repo: Repository, key: str) -> None:
 
 
 def test_local_temp_file_pattern_and_cleanup(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path / "repo")
+    repo = make_local_repo(tmp_path / "repo")
     writer = repo.open_write("a/obj")
     writer.write(b"partial")
     [name] = os.listdir(tmp_path / "repo" / "a")
@@ -310,13 +311,13 @@ def test_local_temp_file_pattern_and_cleanup(tmp_path: Path) -> None:
 
 
 def test_local_reserved_temp_names_rejected(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     with pytest.raises(InvalidInput, match="reserved"):
         repo.put_bytes("a/.x.tmp-0123456789abcdef", b"")
 
 
 def test_local_put_bytes_exclusive_under_race(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path / "repo")
+    repo = make_local_repo(tmp_path / "repo")
     n = 16
     barrier = threading.Barrier(n)
     results: list[str] = [""] * n
@@ -344,7 +345,7 @@ def test_local_put_bytes_exclusive_under_race(tmp_path: Path) -> None:
 
 
 def test_local_files_are_private(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path)
+    repo = make_local_repo(tmp_path)
     repo.put_bytes("k", b"secret data")
     with repo.open_write("w") as writer:
         writer.write(b"x")
@@ -354,10 +355,10 @@ def test_local_files_are_private(tmp_path: Path) -> None:
 
 
 def test_local_from_config_and_describe(tmp_path: Path) -> None:
-    repo = LocalRepository.from_config(RepositoryConfig(kind="local", path=str(tmp_path)))
+    repo = LocalRepository.from_config(signed_config(kind="local", path=str(tmp_path)))
     assert repo.describe() == tmp_path.absolute().as_uri()
     with pytest.raises(InvalidInput):
-        LocalRepository.from_config(RepositoryConfig(kind="local"))
+        LocalRepository.from_config(signed_config(kind="local"))
 
 
 # --------------------------------------------------------------------- S3 only
@@ -644,7 +645,7 @@ def test_s3_wrong_credentials_access_denied(tmp_path: Path) -> None:
 
 def test_s3_unreachable_is_service_unavailable() -> None:
     secret = "S3cretThatMustNotLeak-unreachable-0123456789"
-    config = RepositoryConfig(
+    config = signed_config(
         kind="s3",
         bucket="bkt",
         endpoint_url=f"http://127.0.0.1:{free_port()}",  # nothing listens there
@@ -801,7 +802,7 @@ def test_s3_prefect_aws_blocks(s3_server: MotoServer, bucket: str) -> None:
         aws_client_parameters=AwsClientParameters(endpoint_url=s3_server.endpoint_url),
     )
     block = S3Bucket(bucket_name=bucket, credentials=creds, bucket_folder="from-block")
-    repo = S3Repository.from_s3_bucket(block, RepositoryConfig(kind="s3", sse="AES256"))
+    repo = S3Repository.from_s3_bucket(block, signed_config(kind="s3", sse="AES256"))
     assert repo.describe() == f"s3://{bucket}/from-block"
     repo.put_bytes("p/x", b"via block")
     head = s3_server.s3().head_object(Bucket=bucket, Key="from-block/p/x")
@@ -812,10 +813,10 @@ def test_s3_prefect_aws_blocks(s3_server: MotoServer, bucket: str) -> None:
 
 def test_s3_config_errors() -> None:
     with pytest.raises(InvalidInput, match="bucket"):
-        S3Repository(RepositoryConfig(kind="s3"), client=object())  # type: ignore[arg-type]
+        S3Repository(signed_config(kind="s3"), client=object())  # type: ignore[arg-type]
     with pytest.raises(InvalidInput):
         S3Repository(
-            RepositoryConfig(kind="s3", bucket="bkt", prefix="a/../b"),
+            signed_config(kind="s3", bucket="bkt", prefix="a/../b"),
             client=object(),  # type: ignore[arg-type]
         )
 

@@ -35,6 +35,7 @@ from strongroom.policy.wal import base_start_segment, lsn_segment
 from strongroom.repository.base import Repository, StorageSettings
 from strongroom.repository.local import LocalRepository
 from strongroom.repository.s3 import S3Repository
+from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config, suite_trust
 
 UTC = dt.UTC
 EPOCH = dt.datetime(2019, 1, 1, tzinfo=UTC)
@@ -324,26 +325,20 @@ def _write_backup(
             )
         )
     m = m.model_copy(update={"artifacts": artifacts})
-    if settings is not None:
-        repo.put_bytes(
-            manifest_key(m.engine, target, m.backup_id),
-            m.model_dump_json(indent=2).encode(),
-            settings=settings,
-        )
-    else:
-        Catalog(repo).write(m)
+    Catalog(repo).write(m, settings)
     return m
 
 
 def _keys(repo: Repository, m: Manifest) -> list[str]:
-    return [manifest_key(m.engine, m.target, m.backup_id), *(a.key for a in m.artifacts)]
+    mkey = manifest_key(m.engine, m.target, m.backup_id)
+    return [mkey, mkey + ".sig", *(a.key for a in m.artifacts)]
 
 
 class FlakyDeletes(LocalRepository):
     """Deletes of data objects fail once: a crash between manifest and data deletion."""
 
     def __init__(self, root: Path) -> None:
-        super().__init__(root)
+        super().__init__(root, trust=suite_trust())
         self.fail = True
         self.deleted: list[str] = []
 
@@ -395,7 +390,7 @@ def test_prune_local_manifest_first_then_orphans_cleaned(tmp_path: Path) -> None
 
 
 def test_wal_older_than_oldest_retained_base_is_dropped(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path / "repo")
+    repo = make_local_repo(tmp_path / "repo")
     now = dt.datetime.now(UTC)
     for tli, names in (
         ("00000001", [f"0000000100000000000000{n:02X}" for n in range(1, 9)]),
@@ -445,7 +440,7 @@ def test_wal_older_than_oldest_retained_base_is_dropped(tmp_path: Path) -> None:
 
 
 def _s3_config(server: object, bucket: str, **extra: object) -> RepositoryConfig:
-    return RepositoryConfig(
+    return signed_config(
         kind="s3",
         bucket=bucket,
         prefix="vault",

@@ -24,7 +24,7 @@ from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.errors import IntegrityError
 from strongroom.ids import new_backup_id
 from strongroom.repository.local import LocalRepository
-from strongroom.seal import SEALED_FORMAT, check_seal, digests, make_seal, parse_document
+from strongroom.seal import SIGNED_FORMAT, check_seal, digests, make_seal, parse_document
 from strongroom.verify import verify_backup
 from tests.fixtures.postgres import PgDatabase
 from tests.fixtures.strongroom_fixtures import pg_connection
@@ -76,7 +76,7 @@ def test_publish_seals_and_verify_checks_the_stored_manifest(
     repo, _ = local_repo
     manifest = _publish(repo, age_key)
     stored = json.loads(_stored(repo, manifest).read_bytes())
-    assert stored["format_version"] == SEALED_FORMAT and manifest.seal == stored["seal"]
+    assert stored["format_version"] == SIGNED_FORMAT and manifest.seal == stored["seal"]
     # the seal is age ciphertext: no digest readable without the identity
     sealed = base64.b64decode(stored["seal"])
     assert sealed.startswith(b"age-encryption.org/v1")
@@ -143,7 +143,10 @@ def test_edited_manifest_is_refused_before_any_byte_is_read(
     doc = json.loads(path.read_bytes())
     doc["details"]["databases"][0]["tables"][0]["rows"] = 4
     _rewrite(path, doc)
-    loaded = Catalog(repo).resolve(manifest.backup_id)
+    with pytest.raises(IntegrityError, match="not signed by a trusted key"):
+        Catalog(repo).resolve(manifest.backup_id)
+    # read leniently, the refusal still names what changed (the seal is opened)
+    loaded = Catalog(repo).load(manifest.engine, manifest.target, manifest.backup_id, strict=False)
     sink = io.BytesIO()
     with pytest.raises(IntegrityError, match="does not match its seal") as caught:
         read_artifact(repo, loaded.artifact("globals.sql"), sink, encryption=age_key)
@@ -179,6 +182,7 @@ def test_manifest_copied_to_another_id_is_refused(
     copy_id = new_backup_id()
     copied = repo.root / manifest_key("postgresql", "unit", copy_id)
     shutil.copy(_stored(repo, manifest), copied)
+    shutil.copy(f"{_stored(repo, manifest)}.sig", f"{copied}.sig")  # genuinely signed bytes
     loaded = Catalog(repo).load("postgresql", "unit", copy_id)
     with pytest.raises(IntegrityError, match="describes another backup"):
         read_artifact(repo, loaded.artifacts[0], io.BytesIO(), encryption=age_key)
@@ -219,10 +223,12 @@ def test_duplicated_key_in_a_stored_manifest_is_refused(
         parse_document(b'{"kind": "logical", "kind": "base"}', "m.json")
 
 
-def test_a_recipient_holder_can_forge_a_seal(local_repo: Repo, age_key: EncryptionConfig) -> None:
-    """The documented limit: the seal is encryption, not a signature. Whoever holds the
-    public recipient (it is in every manifest) and can write the repository can re-seal
-    an edited manifest, and verify accepts it."""
+def test_a_re_sealed_forgery_is_refused_by_the_signature(
+    local_repo: Repo, age_key: EncryptionConfig
+) -> None:
+    """The seal is encryption, not a signature: whoever holds the public recipient (it is
+    in every manifest) and can write the repository can re-seal an edited manifest. The
+    Ed25519 signature (strongroom.signing) is what refuses it."""
     repo, _ = local_repo
     manifest = _publish(repo, age_key)
     path = _stored(repo, manifest)
@@ -231,8 +237,11 @@ def test_a_recipient_holder_can_forge_a_seal(local_repo: Repo, age_key: Encrypti
     doc["labels"] = {"forged": "yes"}
     doc["seal"] = make_seal(doc, doc["artifacts"][0]["recipients"])
     _rewrite(path, doc)
-    report = verify_backup(repo, Catalog(repo).resolve(manifest.backup_id), age_key)
-    assert report["ok"], "a holder of the recipient can forge a seal (see docs/guarantees.md)"
+    with pytest.raises(IntegrityError, match="not signed by a trusted key"):
+        Catalog(repo).resolve(manifest.backup_id)
+    forged = Catalog(repo).load(manifest.engine, manifest.target, manifest.backup_id, strict=False)
+    report = verify_backup(repo, forged, age_key)
+    assert not report["ok"] and "does not match its content" in json.dumps(report)
 
 
 # -- every engine publishes sealed manifests ------------------------------------------------
@@ -240,7 +249,7 @@ def test_a_recipient_holder_can_forge_a_seal(local_repo: Repo, age_key: Encrypti
 
 def _assert_sealed(repo: LocalRepository, m: Manifest, enc: EncryptionConfig) -> None:
     doc = json.loads(_stored(repo, m).read_bytes())
-    assert doc["format_version"] == SEALED_FORMAT and doc["seal"] == m.seal
+    assert doc["format_version"] == SIGNED_FORMAT and doc["seal"] == m.seal
     report = verify_backup(repo, Catalog(repo).resolve(m.backup_id), enc)
     assert report["ok"] and report["manifest"]["sealed"] and not report["warnings"], report
 

@@ -20,10 +20,10 @@ from functools import cached_property
 from typing import Any
 
 from strongroom.audit import AuditEvent, ChainReport, read_events, verify_chain
-from strongroom.catalog import Manifest
+from strongroom.catalog import Catalog, Manifest
 from strongroom.compliance.model import ComplianceSettings, TargetPolicy
 from strongroom.config import RepositoryConfig
-from strongroom.errors import NotFound, StrongroomError
+from strongroom.errors import NotFound
 from strongroom.ids import ENGINES
 from strongroom.repository.base import ObjectInfo, Repository
 
@@ -304,16 +304,14 @@ class Evidence:
         """Every manifest, per (engine, target), oldest first. Unreadable ones are
         listed in ``bad_manifests``."""
         found: dict[tuple[str, str], list[Manifest]] = defaultdict(list)
-        for info in self._list("catalog/"):
-            parts = info.key.split("/")
-            if len(parts) != 4 or not parts[3].endswith(".json"):
-                continue
-            try:
-                manifest = Manifest.model_validate_json(self.repo.get_bytes(info.key))
-            except (ValueError, StrongroomError) as exc:
-                self.bad_manifests.append((info.key, str(exc).splitlines()[0][:200]))
-                continue
+        # through the catalog: manifests not signed by a trusted key (a bucket writer
+        # faking fresh backups), malformed or oversized ones are skipped and reported
+        catalog = Catalog(self.repo)
+        for manifest in catalog.list():
             found[(manifest.engine, manifest.target)].append(manifest)
+        for finding in catalog.findings:
+            error = str(finding["error"]).splitlines()[0][:200]
+            self.bad_manifests.append((str(finding["key"]), error))
         for items in found.values():
             items.sort(key=lambda m: (m.finished_at, m.backup_id))
         return dict(found)

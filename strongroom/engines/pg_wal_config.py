@@ -331,6 +331,7 @@ def write_wal_config(
     from pathlib import Path
 
     repo = repository.model_dump(mode="json", exclude_none=True)
+    repo.pop("signing_key", None)  # the WAL hot path signs nothing: it never holds the key
     if repository.secret_access_key is not None:
         repo["secret_access_key"] = repository.secret_access_key.get_secret_value()
     data: dict[str, Any] = {

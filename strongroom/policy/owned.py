@@ -12,7 +12,9 @@ prefix (or walks out of it with ``..``), or a base backup claims another target'
 A suspect manifest is reported as a finding and kept out of retention: it is never
 deleted and never counts toward keeping (or redundancy of) any other backup. An
 unreadable manifest, or a catalog key whose names strongroom would never write, is
-reported the same way.
+reported the same way, and so is a manifest not signed by a key the repository
+trusts (reason ``untrusted``: ``strongroom.signing``): a bucket writer cannot make
+retention keep, count or delete anything by planting one.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from strongroom.errors import (
 )
 from strongroom.ids import BACKUP_ID_RE, ENGINES, NAME_RE, check_engine, check_name
 from strongroom.repository.base import Repository
+from strongroom.seal import origin_of
+from strongroom.signing import Verdict, sig_key
 
 Ident = tuple[str, str, str]  # (engine, target, backup id), from the listing path
 
@@ -64,7 +68,8 @@ class Finding:
     """A catalog object retention does not trust: reported, never acted on."""
 
     key: str
-    reason: str  # unreadable | bad-name | identity-mismatch | foreign-artifacts | wal-target
+    # unreadable | untrusted | bad-name | identity-mismatch | foreign-artifacts | wal-target
+    reason: str
     detail: str
     engine: str | None = None
     target: str | None = None
@@ -192,7 +197,7 @@ def list_catalog(
             )
             continue
         try:
-            manifest = catalog.load(eng, tgt, bid)
+            manifest = catalog.load(eng, tgt, bid, strict=False)
         except NotFound:
             continue  # deleted since the listing
         except _TRANSIENT:
@@ -201,6 +206,11 @@ def list_catalog(
             detail = str(exc) if isinstance(exc, StrongroomError) else "malformed"
             findings.append(Finding(info.key, "unreadable", detail[:300], eng, tgt, bid))
             continue
+        verdict = stored_verdict(manifest)
+        if verdict is None or not verdict.trusted:
+            detail = verdict.message("manifest") if verdict else "no signature verdict"
+            findings.append(Finding(info.key, "untrusted", detail[:300], eng, tgt, bid))
+            continue
         entry = Listed(info.key, eng, tgt, bid, manifest)
         entry.problems = ownership_problems(entry)
         listed.append(entry)
@@ -208,8 +218,17 @@ def list_catalog(
     return listed, findings
 
 
+def stored_verdict(manifest: Manifest) -> Verdict | None:
+    """The signature verdict ``Catalog.load`` recorded for a manifest (None: not loaded
+    from a repository)."""
+    origin = origin_of(manifest)
+    return origin.verdict if origin is not None else None
+
+
 def owned_keys(repo: Repository, entry: Listed) -> list[tuple[str, int]]:
-    """(key, size) of every object a backup owns: its manifest key first, then every
-    object under its own data prefix (both from the listing path)."""
+    """(key, size) of every object a backup owns: its manifest key first, its signature
+    (``<manifest key>.sig``) next, then every object under its own data prefix (all
+    from the listing path)."""
     data = [(i.key, i.size) for i in repo.list(entry.prefix) if inside(i.key, entry.prefix)]
-    return [(entry.key, 0), *data]
+    signature = [(sig_key(entry.key), 0)] if repo.exists(sig_key(entry.key)) else []
+    return [(entry.key, 0), *signature, *data]

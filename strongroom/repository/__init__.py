@@ -14,7 +14,8 @@ __all__ = ["ObjectInfo", "ObjectWriter", "Repository", "StorageSettings", "open_
 
 
 def open_repository(config: RepositoryConfig) -> Repository:
-    """Build the repository a RepositoryConfig describes."""
+    """Build the repository a RepositoryConfig describes, trusting its
+    ``trusted_signers`` and signing with its ``signing_key`` (``repo.trust``)."""
     if config.kind == "local":
         from pathlib import Path
 
@@ -22,7 +23,7 @@ def open_repository(config: RepositoryConfig) -> Repository:
 
         if not config.path:
             raise InvalidInput("a local repository needs a path")
-        return LocalRepository(Path(config.path).expanduser())
+        return LocalRepository(Path(config.path).expanduser(), trust=config.trust())
     from strongroom.repository.s3 import S3Repository
 
-    return S3Repository(config)
+    return S3Repository(config, trust=config.trust())

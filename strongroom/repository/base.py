@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from strongroom.errors import InvalidInput
+from strongroom.errors import IntegrityError, InvalidInput
+from strongroom.signing import Trust
 
 _KEY_PART_RE = re.compile(r"^[A-Za-z0-9_.=+-]{1,200}$")
 
@@ -68,8 +69,20 @@ class ObjectWriter(ABC):
             self.abort()
 
 
+def too_large(key: str, size: int, max_size: int) -> IntegrityError:
+    return IntegrityError(
+        f"{key} has {size} bytes, over the {max_size}-byte limit for a record; not read"
+    )
+
+
 class Repository(ABC):
-    """A place backups live. Implementations: LocalRepository, S3Repository."""
+    """A place backups live. Implementations: LocalRepository, S3Repository.
+
+    ``trust`` (``strongroom.signing.Trust``) holds the public keys readers of this
+    repository trust and, on a backup runner, the signing key; by default nothing is
+    trusted and nothing can be signed."""
+
+    trust: Trust = Trust()
 
     @abstractmethod
     def describe(self) -> str:
@@ -95,8 +108,9 @@ class Repository(ABC):
         """Write a small object whole. Raises Conflict if it exists and not overwrite."""
 
     @abstractmethod
-    def get_bytes(self, key: str) -> bytes:
-        """Read a small object whole; raises NotFound."""
+    def get_bytes(self, key: str, *, max_size: int | None = None) -> bytes:
+        """Read a small object whole; raises NotFound. With ``max_size``, an object
+        over it is an ``IntegrityError`` (``too_large``) before it is read whole."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...

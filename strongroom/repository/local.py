@@ -26,7 +26,9 @@ from strongroom.repository.base import (
     Repository,
     StorageSettings,
     check_key,
+    too_large,
 )
+from strongroom.signing import Trust
 
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-[0-9a-f]{16}$")
 _FILE_MODE = 0o600  # backups hold database contents: owner-only
@@ -48,14 +50,15 @@ def _fsync_file(fd: int) -> None:
 class LocalRepository(Repository):
     """A repository in a folder. ``StorageSettings`` (object lock) do not apply here."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, trust: Trust | None = None) -> None:
         self.root = Path(root)
+        self.trust = trust if trust is not None else Trust()
 
     @classmethod
     def from_config(cls, config: RepositoryConfig) -> LocalRepository:
         if not config.path:
             raise InvalidInput("a local repository needs a path")
-        return cls(Path(config.path))
+        return cls(Path(config.path), trust=config.trust())
 
     def describe(self) -> str:
         return self.root.absolute().as_uri()
@@ -171,10 +174,15 @@ class LocalRepository(Repository):
             f.flush()
             _fsync_file(f.fileno())
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, max_size: int | None = None) -> bytes:
         path = self._path(key)
-        with self._os_errors(key, "reading"):
-            return path.read_bytes()
+        with self._os_errors(key, "reading"), path.open("rb") as f:
+            if max_size is None:
+                return f.read()
+            data = f.read(max_size + 1)
+            if len(data) > max_size:
+                raise too_large(key, os.fstat(f.fileno()).st_size, max_size)
+            return data
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -71,7 +71,9 @@ from strongroom.repository.base import (
     Repository,
     StorageSettings,
     check_key,
+    too_large,
 )
+from strongroom.signing import Trust
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -263,15 +265,18 @@ class S3Repository(Repository):
         retry_wait_initial: float = 0.5,
         retry_wait_max: float = 20.0,
         secrets: list[str] | None = None,
+        trust: Trust | None = None,
     ) -> None:
         """``conditional_writes=False`` is for S3-compatible servers that ignore
         ``If-None-Match``: ``put_bytes(overwrite=False)`` then checks with HEAD
         first, which is racy (see ``put_bytes``). ``secrets`` are extra strings
         to scrub from any message (e.g. a secret held by a handed-over client).
+        ``trust``: the keys readers trust and the signer (default: ``config.trust()``).
         """
         if not config.bucket:
             raise InvalidInput("an S3 repository needs a bucket name")
         self.config = config
+        self.trust = trust if trust is not None else config.trust()
         self.bucket: str = config.bucket
         self.root = _normalise_prefix(config.prefix)
         self._conditional_writes = conditional_writes
@@ -600,13 +605,21 @@ class S3Repository(Repository):
         # (412 PreconditionFailed), so two concurrent writers cannot both succeed.
         self._put_object(key, body, extra, if_none_match=True, on_conflict_retry=ours)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, max_size: int | None = None) -> bytes:
         full = self._full(key)
 
         def get(_attempt: int) -> bytes:
             resp = self._client.get_object(Bucket=self.bucket, Key=full)
             with resp["Body"] as stream:
-                return stream.read()
+                length = int(resp.get("ContentLength") or 0)
+                if max_size is None:
+                    return stream.read()
+                if length > max_size:
+                    raise too_large(key, length, max_size)
+                data = stream.read(max_size + 1)
+                if len(data) > max_size:
+                    raise too_large(key, len(data), max_size)
+                return data
 
         return self._call("GetObject", get, key=key)
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
+from strongroom.config import EncryptionConfig, PostgresConnection
+from tests.fixtures.strongroom_fixtures import signed_config
 
 
 class _SlowReader:
@@ -60,7 +61,7 @@ def main() -> None:
     repo_data = json.loads(os.environ["SR_REPO"])
     if os.environ.get("SR_REPO_SECRET"):
         repo_data["secret_access_key"] = os.environ["SR_REPO_SECRET"]
-    config = RepositoryConfig.model_validate(repo_data)
+    config = signed_config(**repo_data)
     repo = LocalRepository.from_config(config) if config.kind == "local" else S3Repository(config)
     if os.environ.get("SR_READ_BPS"):
         _throttle_reads(repo, int(os.environ["SR_READ_BPS"]))

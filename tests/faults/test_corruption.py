@@ -19,7 +19,7 @@ from strongroom.repository.local import LocalRepository
 from strongroom.verify import verify_backup
 from tests.faults._support import databases
 from tests.fixtures.postgres import PgDatabase
-from tests.fixtures.strongroom_fixtures import pg_connection
+from tests.fixtures.strongroom_fixtures import TEST_SIGNER, pg_connection
 
 POPULATE = """
 CREATE TABLE items (id int PRIMARY KEY, val text);
@@ -106,10 +106,16 @@ def test_damaged_artifact_is_detected_and_refused(
 def _edit_manifest(
     repo: LocalRepository, manifest: Manifest, edit: Callable[[dict[str, Any]], None]
 ) -> None:
+    """Edit a stored manifest and re-sign it with the trusted key: a tool holding the
+    runner's signing key that does not re-seal. The seal (this file's subject) is then
+    what catches the edit; an edit that is not re-signed is refused earlier, by the
+    signature (tests/test_signing.py, tests/test_seal.py)."""
     path = repo.root / manifest_key(manifest.engine, manifest.target, manifest.backup_id)
     data = json.loads(path.read_bytes())
     edit(data)
-    _writable(path).write_text(json.dumps(data))
+    body = json.dumps(data).encode()
+    _writable(path).write_bytes(body)
+    _writable(Path(f"{path}.sig")).write_bytes(TEST_SIGNER.sign(body))
 
 
 def test_manifest_checksum_edited_is_detected_and_refused(

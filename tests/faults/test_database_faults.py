@@ -28,7 +28,7 @@ from strongroom.sandbox.postgres import PostgresServer
 from strongroom.verify import verify_backup
 from tests.faults._support import BIG_POPULATE
 from tests.fixtures.postgres import PgDatabase
-from tests.fixtures.strongroom_fixtures import pg_connection
+from tests.fixtures.strongroom_fixtures import make_local_repo, pg_connection, signed_config
 
 
 @pytest.mark.slow
@@ -251,8 +251,8 @@ def test_full_repository_disk_fails_clearly_and_keeps_earlier_backups(
     """A local repository on a full disk: the big backup fails naming ENOSPC, leaves no
     manifest, no data and no temp file; the earlier small backup still verifies."""
     pg_db.psql("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 100)")
-    repo = LocalRepository(tiny_disk / "repo")
-    config = RepositoryConfig(kind="local", path=str(repo.root))
+    repo = make_local_repo(tiny_disk / "repo")
+    config = signed_config(kind="local", path=str(repo.root))
     earlier = backup_postgres(pg_connection(pg_db, "small"), repo, config, age_key)
     before = _files(repo.root)
     with pytest.raises(Exception) as caught:
@@ -271,8 +271,8 @@ def test_full_repository_disk_error_is_a_strongroom_error(
     tiny_disk: Path,
     age_key: EncryptionConfig,
 ) -> None:
-    repo = LocalRepository(tiny_disk / "repo")
-    config = RepositoryConfig(kind="local", path=str(repo.root))
+    repo = make_local_repo(tiny_disk / "repo")
+    config = signed_config(kind="local", path=str(repo.root))
     with pytest.raises(Exception) as caught:
         backup_postgres(big_conn, repo, config, age_key)
     assert _names_enospc(caught.value), repr(caught.value)

@@ -43,6 +43,7 @@ from strongroom.sandbox.redis import RedisServer
 from strongroom.verify import verify_backup
 from tests.faults._child import _throttle_reads
 from tests.faults._support import ROOT, kill_when
+from tests.fixtures.strongroom_fixtures import make_local_repo
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +74,7 @@ def _child_main() -> None:
         conn_data["password"] = os.environ["SR_CONN_PASSWORD"]
     config = RepositoryConfig.model_validate_json(os.environ["SR_REPO"])
     assert config.path is not None
-    repo = LocalRepository(Path(config.path))
+    repo = make_local_repo(Path(config.path))
     enc = EncryptionConfig(
         recipients=[os.environ["SR_AGE_RECIPIENT"]],
         identities=[SecretStr(os.environ["SR_AGE_IDENTITY"])],

@@ -23,6 +23,7 @@ from tests.faults._support import (
     start_child,
 )
 from tests.fixtures.postgres import PgDatabase
+from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def big_backup(
     age_key: EncryptionConfig,
 ) -> tuple[LocalRepository, RepositoryConfig, Manifest]:
     root = tmp_path_factory.mktemp("killrestore") / "repo"
-    repo, config = LocalRepository(root), RepositoryConfig(kind="local", path=str(root))
+    repo, config = make_local_repo(root), signed_config(kind="local", path=str(root))
     conn = _conn(big_source.server, "bigsrc", big_source.name)
     return repo, config, backup_postgres(conn, repo, config, age_key)
 

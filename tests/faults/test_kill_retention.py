@@ -30,7 +30,7 @@ from strongroom.verify import verify_backup
 from tests.faults._support import ROOT, kill_when
 from tests.fixtures.postgres import PgDatabase
 from tests.fixtures.s3 import MotoServer
-from tests.fixtures.strongroom_fixtures import pg_connection
+from tests.fixtures.strongroom_fixtures import pg_connection, signed_config
 
 POLICY = RetentionPolicy(keep_last=1, compliance_floor_years=0)
 PAUSE_S = "0.4"  # before each object deletion in the child: the kill window
@@ -42,7 +42,7 @@ def _child_main() -> None:
 
     data = json.loads(os.environ["SR_REPO"])
     data["secret_access_key"] = SecretStr(os.environ["SR_REPO_SECRET"])
-    repo = S3Repository(RepositoryConfig.model_validate(data))
+    repo = S3Repository(signed_config(**data))
     pause = float(os.environ["SR_DELETE_PAUSE"])
     original = S3ObjectStore.remove
 
@@ -117,7 +117,7 @@ def test_kill_retention_run_leaves_whole_or_gone_backups(
         "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 2000) g;"
     )
     conn = pg_connection(pg_db, "retained")
-    config = RepositoryConfig(
+    config = signed_config(
         kind="s3",
         bucket=s3_locked_bucket,
         prefix="backups",

@@ -21,6 +21,7 @@ from pyrage import x25519
 from strongroom.errors import ServiceUnavailable
 from tests.fixtures.postgres import PgDatabase
 from tests.fixtures.s3 import MotoServer
+from tests.fixtures.strongroom_fixtures import signing_block_fields
 
 pytestmark = pytest.mark.slow
 
@@ -86,9 +87,9 @@ def test_s3_outage_fails_the_backup_flow_and_emits_an_alert_event(
         aws_client_parameters=AwsClientParameters(endpoint_url=own_moto.endpoint_url),
     )
     repository = f"outage-repo-{tag}"
-    BackupRepository(s3_bucket=S3Bucket(bucket_name=bucket, credentials=creds)).save(
-        repository, overwrite=True
-    )
+    BackupRepository(
+        **signing_block_fields(), s3_bucket=S3Bucket(bucket_name=bucket, credentials=creds)
+    ).save(repository, overwrite=True)
     target = f"outage-{tag}"
     PostgresTarget(
         host=server.host,

@@ -38,7 +38,12 @@ from strongroom.verify import verify_backup
 from tests.faults._support import ROOT, kill_when
 from tests.fixtures.postgres import PgDatabase
 from tests.fixtures.s3 import MotoServer
-from tests.fixtures.strongroom_fixtures import pg_connection
+from tests.fixtures.strongroom_fixtures import (
+    TEST_SIGNER,
+    make_local_repo,
+    pg_connection,
+    signed_config,
+)
 
 POLICY = RetentionPolicy(keep_last=1, compliance_floor_years=0)
 VICTIM = "victim"
@@ -59,9 +64,7 @@ def _forge(base: Manifest, **changes: Any) -> dict[str, Any]:
     return doc
 
 
-def _put(repo: Repository, key: str, doc: dict[str, Any] | bytes) -> str:
-    """Write like a bucket writer: raw bytes under any key, no strongroom checks."""
-    body = doc if isinstance(doc, bytes) else json.dumps(doc, indent=2).encode()
+def _put_raw(repo: Repository, key: str, body: bytes) -> None:
     if isinstance(repo, LocalRepository):
         path = repo.root.joinpath(*key.split("/"))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +72,16 @@ def _put(repo: Repository, key: str, doc: dict[str, Any] | bytes) -> str:
     else:
         assert isinstance(repo, S3Repository)
         repo._client.put_object(Bucket=repo.bucket, Key=f"{repo.root}/{key}", Body=body)
+
+
+def _put(repo: Repository, key: str, doc: dict[str, Any] | bytes) -> str:
+    """Write like a bucket writer: raw bytes under any key, no strongroom checks. JSON
+    forgeries are signed with the trusted key (a leaked signing key: ownership checks
+    still hold; unsigned forgeries are refused earlier, see tests/test_signing.py)."""
+    body = doc if isinstance(doc, bytes) else json.dumps(doc, indent=2).encode()
+    _put_raw(repo, key, body)
+    if not isinstance(doc, bytes):
+        _put_raw(repo, key + ".sig", TEST_SIGNER.sign(body))
     return key
 
 
@@ -144,7 +157,8 @@ def _versions(s3: Any, bucket: str, prefix: str = "") -> set[tuple[str, str, str
 
 
 def _owned(m: Manifest) -> set[str]:
-    return {manifest_key(m.engine, m.target, m.backup_id), *(a.key for a in m.artifacts)}
+    mkey = manifest_key(m.engine, m.target, m.backup_id)
+    return {mkey, mkey + ".sig", *(a.key for a in m.artifacts)}
 
 
 def _check_report(report: dict[str, Any], planted: dict[str, str], old: Manifest) -> None:
@@ -183,8 +197,8 @@ def _two_backups(
 def test_forged_manifests_delete_nothing_they_do_not_own_local(
     tmp_path: Path, pg_db: PgDatabase, age_key: EncryptionConfig
 ) -> None:
-    repo = LocalRepository(tmp_path / "repo")
-    config = RepositoryConfig(kind="local", path=str(tmp_path / "repo"))
+    repo = make_local_repo(tmp_path / "repo")
+    config = signed_config(kind="local", path=str(tmp_path / "repo"))
     old, kept = _two_backups(pg_db, repo, config, age_key)
     planted = _plant(repo, old, kept)
     before = _snapshot(repo)
@@ -235,7 +249,7 @@ def test_forged_manifests_delete_no_version_they_do_not_own_s3(
 
 
 def _s3_config(server: MotoServer, bucket: str) -> RepositoryConfig:
-    return RepositoryConfig(
+    return signed_config(
         kind="s3",
         bucket=bucket,
         prefix="vault",
@@ -254,7 +268,7 @@ def _child_main() -> None:
 
     data = json.loads(os.environ["SR_REPO"])
     data["secret_access_key"] = SecretStr(os.environ["SR_REPO_SECRET"])
-    repo = S3Repository(RepositoryConfig.model_validate(data))
+    repo = S3Repository(signed_config(**data))
     original = S3ObjectStore.remove
 
     def paced(self: S3ObjectStore, key: str) -> None:

@@ -21,7 +21,7 @@ from strongroom.repository.s3 import S3Repository
 from strongroom.sandbox.ports import free_port
 from tests.fixtures.postgres import PgDatabase
 from tests.fixtures.s3 import MotoServer
-from tests.fixtures.strongroom_fixtures import pg_connection
+from tests.fixtures.strongroom_fixtures import pg_connection, signed_config
 
 
 def _texts_of(exc: BaseException) -> str:
@@ -83,7 +83,7 @@ def test_no_secret_in_logs_repository_or_errors(
         (s3_server.endpoint_url, f"missing-{uuid.uuid4().hex[:8]}"),
         (f"http://127.0.0.1:{free_port()}", "whatever"),
     ):
-        s3_config = RepositoryConfig(
+        s3_config = signed_config(
             kind="s3",
             bucket=bucket,
             endpoint_url=endpoint,

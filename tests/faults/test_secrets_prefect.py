@@ -21,6 +21,7 @@ from strongroom.catalog import Catalog
 from strongroom.repository.s3 import S3Repository
 from tests.fixtures.postgres import PgDatabase
 from tests.fixtures.s3 import MotoServer
+from tests.fixtures.strongroom_fixtures import signing_block_fields
 
 PAGE = 200
 
@@ -110,7 +111,9 @@ def test_no_secret_in_prefect_logs_artifacts_or_states(
         aws_client_parameters=AwsClientParameters(endpoint_url=s3_server.endpoint_url),
     )
     BackupRepository(
-        s3_bucket=S3Bucket(bucket_name=s3_bucket, credentials=creds), prefix="sec"
+        **signing_block_fields(),
+        s3_bucket=S3Bucket(bucket_name=s3_bucket, credentials=creds),
+        prefix="sec",
     ).save(repo_block, overwrite=True)
     good, bad = f"sec-{tag}", f"sec-bad-{tag}"
     for name, password in ((good, server.password), (bad, wrong_password)):

@@ -12,12 +12,13 @@ from pydantic import SecretStr
 
 import tests.fixtures.s3 as s3_fixtures
 from strongroom.catalog import Catalog
-from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
+from strongroom.config import EncryptionConfig, PostgresConnection
 from strongroom.engines.postgres import backup_postgres
 from strongroom.errors import ServiceUnavailable
 from strongroom.repository.s3 import S3Repository
 from strongroom.verify import verify_backup
 from tests.fixtures.s3 import MotoServer
+from tests.fixtures.strongroom_fixtures import signed_config
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def test_s3_outage_mid_upload_fails_clearly_then_recovers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     bucket = own_moto.create_bucket()
-    config = RepositoryConfig(
+    config = signed_config(
         kind="s3",
         bucket=bucket,
         prefix="backups",

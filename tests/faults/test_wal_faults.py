@@ -46,6 +46,7 @@ from strongroom.wal_cli import main as wal_main
 from tests.faults._support import ROOT
 from tests.faults.throttle_proxy import Hold, ThrottleProxy
 from tests.fixtures.s3 import MotoServer
+from tests.fixtures.strongroom_fixtures import signed_config
 
 TARGET = "walfaults"
 BANDWIDTH = 8 * 1024 * 1024  # bytes per second through the proxy, each way
@@ -200,7 +201,7 @@ class Rig:
 
 
 def _s3_config(endpoint: str, bucket: str) -> RepositoryConfig:
-    return RepositoryConfig(
+    return signed_config(
         kind="s3",
         bucket=bucket,
         prefix="sr",

@@ -24,6 +24,7 @@ from strongroom.engines.clickhouse_native import _Feed, walk
 from strongroom.engines.pg_pitr_tar import TarTap, check_manifest_checksum, parse_backup_label
 from strongroom.engines.redis_rdb import RdbTracker, crc64
 from strongroom.errors import StrongroomError
+from tests.fixtures.strongroom_fixtures import make_local_repo
 
 #: strongroom's own errors; WalNameError is the WAL parsers' (a ValueError subclass).
 ALLOWED: tuple[type[BaseException], ...] = (StrongroomError, pg_wal_names.WalNameError)
@@ -178,10 +179,9 @@ class _ManifestTarget:
     """Bytes stored as a manifest in a local repository, then read as every reader does."""
 
     def __init__(self) -> None:
-        from strongroom.repository.local import LocalRepository
 
         self.folder = Path(tempfile.mkdtemp(prefix="sr-fuzz-catalog-"))
-        self.repo = LocalRepository(self.folder)
+        self.repo = make_local_repo(self.folder)
         self.key = "catalog/postgresql/pg1/20261124T020000Z-1a2b3c.json"
 
     def __call__(self, data: bytes) -> None:
