@@ -176,23 +176,35 @@ def _wal_seeds() -> list[bytes]:
 
 
 class _ManifestTarget:
-    """Bytes stored as a manifest in a local repository, then read as every reader does."""
+    """Bytes stored as a manifest in a local repository, then read as every reader does.
+
+    Most inputs are signed with the suite's trusted key (so the bytes get past the
+    signature to the JSON and model parsers, as a leaked signing key would); inputs
+    whose length is a multiple of 5 get a signature made of their first 64 bytes instead, which
+    exercises the refusal path."""
 
     def __init__(self) -> None:
+        from strongroom.signing import sig_key
+        from tests.fixtures.strongroom_fixtures import TEST_SIGNER, make_local_repo
 
         self.folder = Path(tempfile.mkdtemp(prefix="sr-fuzz-catalog-"))
         self.repo = make_local_repo(self.folder)
+        self.signer = TEST_SIGNER
         self.key = "catalog/postgresql/pg1/20261124T020000Z-1a2b3c.json"
+        self.sig = sig_key(self.key)
 
     def __call__(self, data: bytes) -> None:
         from strongroom.catalog import Catalog
 
         path = self.folder / self.key
         path.parent.mkdir(parents=True, exist_ok=True)
+        forged = len(data) % 5 == 0
+        signature = data[:64].ljust(64, b"\0") if forged else self.signer.sign(data)
+        (self.folder / self.sig).write_bytes(signature)
         path.write_bytes(data)
         catalog = Catalog(self.repo)
-        catalog.load("postgresql", "pg1", "20261124T020000Z-1a2b3c")
         catalog.list()
+        catalog.load("postgresql", "pg1", "20261124T020000Z-1a2b3c")
 
 
 def _manifest_seed() -> bytes:
