@@ -185,7 +185,7 @@ class _ManifestTarget:
 
     def __init__(self) -> None:
         from strongroom.signing import sig_key
-        from tests.fixtures.strongroom_fixtures import TEST_SIGNER, make_local_repo
+        from tests.fixtures.strongroom_fixtures import TEST_SIGNER
 
         self.folder = Path(tempfile.mkdtemp(prefix="sr-fuzz-catalog-"))
         self.repo = make_local_repo(self.folder)
