@@ -52,14 +52,14 @@ fuzz: venv
 clean:
 	rm -rf .strongroom-demo
 
-# ---- the Prefect UI on this machine (strongroom/bootstrap_up.py) ---------------------------
+# ---- the Prefect UI on this machine (strongroom/deploy/up.py) ---------------------------
 # `make up`: throwaway PostgreSQL (+ Redis, ClickHouse when installed), a Prefect server
 # with its UI on 127.0.0.1, `strongroom bootstrap` onto a process pool and a process
 # worker, all in the background; prints the UI address. `make down` stops exactly those.
 .PHONY: down
 
 up: setup
-	$(PY) -m strongroom.bootstrap_up up
+	$(PY) -m strongroom.deploy.up up
 
 down:
-	@if [ -x $(PY) ]; then $(PY) -m strongroom.bootstrap_up down; else echo "nothing to stop"; fi
+	@if [ -x $(PY) ]; then $(PY) -m strongroom.deploy.up down; else echo "nothing to stop"; fi

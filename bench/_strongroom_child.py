@@ -72,9 +72,9 @@ class _TimedWriter:
 
 def _instrument() -> None:
     """Wrap the engine's steps with timers (cheap: a few calls per backup, one per read)."""
-    import strongroom.engines.postgres as engine
+    import strongroom.engines.postgres.backup as engine
     from strongroom.catalog import Catalog
-    from strongroom.engines import pg_psql
+    from strongroom.engines.postgres.backup import psql as pg_psql
 
     store = engine.store_artifact
 
@@ -105,7 +105,7 @@ def main() -> int:
     from pydantic import SecretStr
 
     from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-    from strongroom.engines.postgres import backup_postgres
+    from strongroom.engines.postgres.backup import backup_postgres
     from strongroom.fast_exit import freeze_heap
     from strongroom.repository.local import LocalRepository
 

@@ -98,8 +98,8 @@ def child() -> int:
     t_entry = time.time()
     job = json.loads(sys.stdin.read())
     from strongroom.config import EncryptionConfig, RepositoryConfig
-    from strongroom.engines.clickhouse import backup_clickhouse
-    from strongroom.engines.clickhouse_conn import ClickHouseConnection
+    from strongroom.engines.clickhouse.backup import backup_clickhouse
+    from strongroom.engines.clickhouse.conn import ClickHouseConnection
     from strongroom.repository.local import LocalRepository
 
     t_imported = time.time()
@@ -232,8 +232,8 @@ class Bench:
 
 
 def _fill(server: Any, table: str, rows: int) -> None:
-    from strongroom.engines.clickhouse_conn import ClickHouseConnection
-    from strongroom.engines.clickhouse_http import ClickHouseHTTP
+    from strongroom.engines.clickhouse.conn import ClickHouseConnection
+    from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 
     client = ClickHouseHTTP(
         ClickHouseConnection(name="fill", http_port=server.http_port, read_timeout=3600)

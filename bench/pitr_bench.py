@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import pgbackrest as pgbr_mod
-from strongroom.engines.pg_wal_config import load_wal_config
-from strongroom.engines.pg_wal_fast import archive_command
+from strongroom.engines.postgres.wal.config import load_wal_config
+from strongroom.engines.postgres.wal.fast import archive_command
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -122,7 +122,7 @@ class Bench:
 
     def wal_config(self, path: Path, repo: Path, mode: str) -> Path:
         from strongroom.config import RepositoryConfig
-        from strongroom.engines.pg_wal_config import write_wal_config
+        from strongroom.engines.postgres.wal.config import write_wal_config
 
         return write_wal_config(
             path,
@@ -154,8 +154,8 @@ class Bench:
 
     def setup(self) -> None:
         from strongroom.config import PostgresConnection, RepositoryConfig
-        from strongroom.engines.pg_basebackup import base_backup_postgres
-        from strongroom.engines.pg_pitr_restore import default_wal_command
+        from strongroom.engines.postgres.pitr.basebackup import base_backup_postgres
+        from strongroom.engines.postgres.pitr.restore import default_wal_command
         from strongroom.repository.local import LocalRepository
         from strongroom.sandbox.postgres import PostgresServer, chown_to_postgres
 
@@ -207,7 +207,7 @@ class Bench:
         _copytree(self.pgbr.repo, self.pgbr_snapshot)
 
     def make_backlog(self) -> None:
-        from strongroom.engines.postgres import pg_tool
+        from strongroom.engines.postgres.backup import pg_tool
 
         src = self.src
         src.psql("ALTER SYSTEM SET archive_command = ''; SELECT pg_reload_conf();")
@@ -240,7 +240,7 @@ class Bench:
         )
         src.psql("CHECKPOINT; SELECT pg_switch_wal();")
         end_lsn = src.psql("SELECT pg_current_wal_insert_lsn()")
-        from strongroom.engines.pg_wal_names import parse_lsn
+        from strongroom.engines.postgres.wal.names import parse_lsn
 
         wal_bytes = parse_lsn(end_lsn) - parse_lsn(start_lsn)
         time.sleep(0.5)
@@ -330,9 +330,9 @@ class Bench:
 
     def pitr_strongroom(self, run: int) -> dict[str, Any]:
         from strongroom.config import RepositoryConfig
-        from strongroom.engines.pg_pitr_plan import PitrRequest
-        from strongroom.engines.pg_pitr_restore import pitr_restore
-        from strongroom.engines.pg_pitr_server import RestoredServer
+        from strongroom.engines.postgres.pitr.plan import PitrRequest
+        from strongroom.engines.postgres.pitr.restore import pitr_restore
+        from strongroom.engines.postgres.pitr.server import RestoredServer
         from strongroom.repository.local import LocalRepository
         from strongroom.sandbox.ports import free_port
         from strongroom.sandbox.postgres import chown_to_postgres
@@ -376,7 +376,7 @@ class Bench:
         return record
 
     def pitr_pgbackrest(self, asynchronous: bool, run: int) -> dict[str, Any]:
-        from strongroom.engines.pg_pitr_server import RestoredServer
+        from strongroom.engines.postgres.pitr.server import RestoredServer
         from strongroom.sandbox.ports import free_port
         from strongroom.sandbox.postgres import chown_to_postgres
 

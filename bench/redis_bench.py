@@ -126,8 +126,8 @@ def _child_backup() -> None:
     from pydantic import SecretStr
 
     from strongroom.config import EncryptionConfig, RepositoryConfig
-    from strongroom.engines.redis import backup_redis
-    from strongroom.engines.redis_conn import RedisConnection
+    from strongroom.engines.redis.backup import backup_redis
+    from strongroom.engines.redis.conn import RedisConnection
     from strongroom.repository.local import LocalRepository
 
     conn = RedisConnection(
@@ -244,9 +244,9 @@ def compare_restores(
     from pydantic import SecretStr
 
     from strongroom.config import EncryptionConfig, RepositoryConfig
-    from strongroom.engines.redis import backup_redis
-    from strongroom.engines.redis_conn import RedisConnection
-    from strongroom.engines.redis_restore import RedisRestoreRequest, restore_redis
+    from strongroom.engines.redis.backup import backup_redis
+    from strongroom.engines.redis.conn import RedisConnection
+    from strongroom.engines.redis.restore import RedisRestoreRequest, restore_redis
     from strongroom.repository.local import LocalRepository
 
     repo_path = work / "restore-repo"

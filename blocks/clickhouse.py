@@ -7,7 +7,7 @@ from typing import Literal
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from strongroom.engines.clickhouse_conn import ClickHouseConnection
+from strongroom.engines.clickhouse.conn import ClickHouseConnection
 
 
 class ClickHouseTarget(Block):

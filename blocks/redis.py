@@ -7,7 +7,7 @@ from typing import Literal
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from strongroom.engines.redis_conn import RedisConnection
+from strongroom.engines.redis.conn import RedisConnection
 
 
 class RedisTarget(Block):

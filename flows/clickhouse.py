@@ -18,9 +18,9 @@ from flows.engine_runs import open_backup, open_restore
 from strongroom import progress
 from strongroom.catalog import artifact_totals
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines.clickhouse import backup_clickhouse
-from strongroom.engines.clickhouse_conn import ClickHouseConnection
-from strongroom.engines.clickhouse_restore import ChRestoreRequest, restore_clickhouse
+from strongroom.engines.clickhouse.backup import backup_clickhouse
+from strongroom.engines.clickhouse.conn import ClickHouseConnection
+from strongroom.engines.clickhouse.restore import ChRestoreRequest, restore_clickhouse
 from strongroom.repository import Repository
 
 

@@ -32,12 +32,12 @@ from flows.engine_runs import load_target, open_backup
 from strongroom import progress
 from strongroom.catalog import artifact_totals
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines.pg_basebackup import base_backup_postgres, base_backups
-from strongroom.engines.pg_pitr_plan import PitrRequest
-from strongroom.engines.pg_pitr_points import create_restore_point
-from strongroom.engines.pg_pitr_restore import pitr_restore
-from strongroom.engines.pg_wal_check import wal_check
-from strongroom.engines.pg_wal_config import write_wal_config
+from strongroom.engines.postgres.pitr.basebackup import base_backup_postgres, base_backups
+from strongroom.engines.postgres.pitr.plan import PitrRequest
+from strongroom.engines.postgres.pitr.points import create_restore_point
+from strongroom.engines.postgres.pitr.restore import pitr_restore
+from strongroom.engines.postgres.wal.check import wal_check
+from strongroom.engines.postgres.wal.config import write_wal_config
 from strongroom.errors import IntegrityError
 from strongroom.repository import Repository
 

@@ -18,8 +18,8 @@ from flows.engine_runs import open_backup, open_restore
 from strongroom import progress
 from strongroom.catalog import artifact_totals
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines.postgres import backup_postgres
-from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
+from strongroom.engines.postgres.backup import backup_postgres
+from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
 from strongroom.repository import Repository
 
 

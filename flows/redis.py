@@ -12,9 +12,9 @@ from flows.common import TRANSIENT_TASK, human_size, publish, secure_logging
 from flows.engine_runs import open_backup, open_restore
 from strongroom import progress
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines.redis import backup_redis
-from strongroom.engines.redis_conn import BackupMethod, RedisConnection
-from strongroom.engines.redis_restore import RedisRestoreRequest, restore_redis
+from strongroom.engines.redis.backup import backup_redis
+from strongroom.engines.redis.conn import BackupMethod, RedisConnection
+from strongroom.engines.redis.restore import RedisRestoreRequest, restore_redis
 from strongroom.repository import Repository
 
 

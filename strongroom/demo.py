@@ -261,9 +261,9 @@ def _clickhouse(demo: Demo) -> tuple[str, str]:
     from flows.clickhouse import backup_clickhouse_flow, restore_clickhouse_flow
     from flows.verify import verify_backup_flow
     from strongroom.catalog import artifact_totals
-    from strongroom.engines.clickhouse_conn import ClickHouseConnection
-    from strongroom.engines.clickhouse_http import ClickHouseHTTP
-    from strongroom.engines.clickhouse_inspect import DDL_SETTINGS
+    from strongroom.engines.clickhouse.conn import ClickHouseConnection
+    from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
+    from strongroom.engines.clickhouse.inspection import DDL_SETTINGS
     from strongroom.sandbox.clickhouse import ClickHouseServer
 
     server = demo.stack.enter_context(ClickHouseServer())

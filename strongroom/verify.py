@@ -74,8 +74,8 @@ class PgDumpListCheck:
     """Feeds the dump to ``pg_restore --list`` and checks every table's data is listed."""
 
     def __init__(self, manifest: Manifest, artifact: Artifact) -> None:
-        from strongroom.engines.pg_relations import data_entry
-        from strongroom.engines.postgres import pg_tool
+        from strongroom.engines.postgres.backup import pg_tool
+        from strongroom.engines.postgres.relations import data_entry
 
         self._expected: list[dict[str, Any]] = []
         for db in manifest.details.get("databases", []):
@@ -117,7 +117,7 @@ class PgDumpListCheck:
             raise IntegrityError(
                 f"pg_restore --list rejected the dump: {err.decode(errors='replace').strip()}"
             )
-        from strongroom.engines import pg_toc
+        from strongroom.engines.postgres.backup import toc as pg_toc
 
         listing = out.decode("utf-8", "replace")
         entries = [line for line in listing.splitlines() if line and not line.startswith(";")]
@@ -149,9 +149,9 @@ register_check("pg_dump-custom", PgDumpListCheck)
 
 # engine modules that register their own checks when imported
 ENGINE_CHECK_MODULES = (
-    "strongroom.engines.clickhouse_verify",
-    "strongroom.engines.pg_basebackup",
-    "strongroom.engines.redis",
+    "strongroom.engines.clickhouse.verify",
+    "strongroom.engines.postgres.pitr.basebackup",
+    "strongroom.engines.redis.backup",
 )
 
 

@@ -285,7 +285,7 @@ def test_prefect_hook_records_runs_and_cli_verifies(prefect_api: str, tmp_path: 
 
     from blocks import BackupRepository, register_all
     from flows.audit import audit_hook
-    from strongroom.cli_audit import register
+    from strongroom.cli.audit import register
 
     register_all()
     root = tmp_path / "repo"

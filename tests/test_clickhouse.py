@@ -20,13 +20,13 @@ from pydantic import SecretStr
 
 from strongroom.catalog import Catalog, manifest_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines import clickhouse_client as chclient
-from strongroom.engines import clickhouse_sql as chsql
-from strongroom.engines.clickhouse import backup_clickhouse
-from strongroom.engines.clickhouse_conn import ClickHouseConnection
-from strongroom.engines.clickhouse_http import ClickHouseHTTP
-from strongroom.engines.clickhouse_native import summarize
-from strongroom.engines.clickhouse_restore import ChRestoreRequest, restore_clickhouse
+from strongroom.engines.clickhouse.backup import backup_clickhouse
+from strongroom.engines.clickhouse.backup import native_client as chclient
+from strongroom.engines.clickhouse.backup import sql as chsql
+from strongroom.engines.clickhouse.conn import ClickHouseConnection
+from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
+from strongroom.engines.clickhouse.native import summarize
+from strongroom.engines.clickhouse.restore import ChRestoreRequest, restore_clickhouse
 from strongroom.errors import (
     AccessDenied,
     Conflict,
@@ -232,7 +232,7 @@ def test_native_walker_counts_rows_and_rejects_cut_streams(ch: Server) -> None:
 
 def test_an_error_in_the_middle_of_an_export_fails_the_stream(ch: Server) -> None:
     """18.16 answers 200 OK, then appends the exception to the body: it must not pass."""
-    from strongroom.engines.clickhouse_http import ClickHouseQueryError
+    from strongroom.engines.clickhouse.http_client import ClickHouseQueryError
 
     client = ClickHouseHTTP(ClickHouseConnection(name="x", http_port=ch.server.http_port))
     stream = client.select_stream(
@@ -500,7 +500,7 @@ def test_a_failure_after_the_swaps_puts_everything_back(
     age_key: EncryptionConfig,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from strongroom.engines import clickhouse_restore as run_module
+    from strongroom.engines.clickhouse.backup import restore as run_module
 
     backup(ch, source, local_repo, age_key)
     ch.q(f"INSERT INTO {source}.plain VALUES (7777, 'after the backup')")
@@ -723,7 +723,7 @@ def test_both_transports_store_the_same_content(
 
 def test_an_error_in_the_middle_of_a_native_export_fails_it(ch: Server) -> None:
     """A query that fails after rows went out: clickhouse-client's exit status says so."""
-    from strongroom.engines.clickhouse_http import ClickHouseQueryError
+    from strongroom.engines.clickhouse.http_client import ClickHouseQueryError
 
     select = chclient.native_select(
         conn_for(ch),
@@ -829,7 +829,7 @@ def test_a_table_written_during_its_export_is_read_again(
     age_key: EncryptionConfig,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from strongroom.engines import clickhouse as engine
+    from strongroom.engines.clickhouse.backup import backup as engine
 
     original = engine._TableExport._export
     writes = {"left": 1}
@@ -997,7 +997,7 @@ def test_cli_commands(flow_setup: dict[str, Any], ch: Server) -> None:
     import typer
     from typer.testing import CliRunner
 
-    from strongroom.cli_clickhouse import register
+    from strongroom.cli.clickhouse import register
 
     app, backup_app, restore_app = typer.Typer(), typer.Typer(), typer.Typer()
     app.add_typer(backup_app, name="backup")

@@ -1,4 +1,4 @@
-"""Restored ClickHouse DDL is held to an engine allowlist (strongroom.engines.clickhouse_engines).
+"""Restored ClickHouse DDL is held to an engine allowlist (strongroom.engines.clickhouse.table_engines).
 
 A backup whose CREATE statements use a File table or a view over url() (made here on the real
 18.16 server, so the DDL is exactly what SHOW CREATE gives) is refused before anything is
@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines.clickhouse import backup_clickhouse
-from strongroom.engines.clickhouse_conn import ClickHouseConnection
-from strongroom.engines.clickhouse_engines import engines_in, object_engines
-from strongroom.engines.clickhouse_http import ClickHouseHTTP
-from strongroom.engines.clickhouse_plan import ChRestoreRequest
-from strongroom.engines.clickhouse_restore import restore_clickhouse
-from strongroom.engines.clickhouse_sql import quote_ident, quote_string
+from strongroom.engines.clickhouse.backup import backup_clickhouse
+from strongroom.engines.clickhouse.conn import ClickHouseConnection
+from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
+from strongroom.engines.clickhouse.plan import ChRestoreRequest
+from strongroom.engines.clickhouse.restore import restore_clickhouse
+from strongroom.engines.clickhouse.sql import quote_ident, quote_string
+from strongroom.engines.clickhouse.table_engines import engines_in, object_engines
 from strongroom.errors import InvalidInput
 from strongroom.repository import Repository
 from strongroom.sandbox.clickhouse import ClickHouseServer

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from strongroom.config import EncryptionConfig
-from strongroom.engines.clickhouse_plan import ChRestoreRequest
-from strongroom.engines.clickhouse_restore import restore_clickhouse
-from strongroom.engines.clickhouse_sql import qualified, quote_string
+from strongroom.engines.clickhouse.plan import ChRestoreRequest
+from strongroom.engines.clickhouse.restore import restore_clickhouse
+from strongroom.engines.clickhouse.sql import qualified, quote_string
 from strongroom.sandbox.gauntlet_clickhouse import FACT_ROWS, FACTS, MAIN_DB, SECOND_DB, fingerprint
 from strongroom.verify import verify_backup
 from tests.fixtures.clickhouse_gauntlet import PARTITION_WHERE, PARTITIONS, ClickHouseGauntlet

@@ -42,7 +42,7 @@ RETENTION = {
     "yearly": 7,
     "compliance_floor_years": 7,
 }
-# what pg_basebackup records (strongroom.engines.pg_basebackup): WAL from segment 3
+# what pg_basebackup records (strongroom.engines.postgres.pitr.basebackup): WAL from segment 3
 BASE_DETAILS = {
     "timeline": 1,
     "start_lsn": "0/3000028",
@@ -680,7 +680,7 @@ def test_compliance_audit_flow(flow_repo: LocalRepository, tmp_path: Path) -> No
     from typer import Typer
     from typer.testing import CliRunner
 
-    from strongroom.cli_audit import register
+    from strongroom.cli.audit import register
 
     app = Typer()
     register(app)

@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import yaml
 
-from strongroom.bootstrap import (
+from strongroom.deploy.bootstrap import (
     BootstrapConfig,
     declared_deployments,
     entrypoint_path,
     load_config,
     render_prefect_yaml,
 )
-from strongroom.bootstrap_k8s import (
+from strongroom.deploy.k8s import (
     load_base_job_template,
     load_k8s_manifests,
     render_job,
@@ -379,8 +379,8 @@ def test_bootstrap_twice_is_idempotent(prefect_api: str, tmp_path: Path, monkeyp
     from typer.testing import CliRunner
 
     from blocks import PostgresTarget
-    from strongroom.bootstrap import bootstrap
-    from strongroom.cli_ops import register
+    from strongroom.cli.ops import register
+    from strongroom.deploy.bootstrap import bootstrap
 
     monkeypatch.setenv("BOOT_PG_PASSWORD", "pw-for-bootstrap-test")
     config = tmp_path / "bootstrap.yaml"

@@ -27,8 +27,8 @@ from strongroom.drills import (
     run_drill,
 )
 from strongroom.drills.postgres import PostgresDrill
-from strongroom.engines.pg_connect import connect
-from strongroom.engines.postgres import backup_postgres
+from strongroom.engines.postgres.backup import backup_postgres
+from strongroom.engines.postgres.connect import connect
 from strongroom.ids import new_backup_id
 from strongroom.repository.local import LocalRepository
 from strongroom.sandbox.postgres import PostgresServer
@@ -221,8 +221,8 @@ def redis_source() -> Iterator[RedisServer]:
 def test_redis_drill_passes_and_fails_when_tampered(
     redis_source: RedisServer, local_repo: Repo, age_key: EncryptionConfig
 ) -> None:
-    from strongroom.engines.redis import backup_redis
-    from strongroom.engines.redis_conn import RedisConnection
+    from strongroom.engines.redis.backup import backup_redis
+    from strongroom.engines.redis.conn import RedisConnection
 
     for db, n in ((0, 300), (2, 40)):
         c = redispy.Redis(
@@ -272,9 +272,9 @@ def test_redis_drill_passes_and_fails_when_tampered(
 def test_clickhouse_drill_passes_and_fails_when_tampered(
     clickhouse_server: Any, local_repo: Repo, age_key: EncryptionConfig
 ) -> None:
-    from strongroom.engines.clickhouse import backup_clickhouse
-    from strongroom.engines.clickhouse_conn import ClickHouseConnection
-    from strongroom.engines.clickhouse_http import ClickHouseHTTP
+    from strongroom.engines.clickhouse.backup import backup_clickhouse
+    from strongroom.engines.clickhouse.conn import ClickHouseConnection
+    from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 
     db = f"drill_{uuid.uuid4().hex[:8]}"
     ch = clickhouse_server
@@ -375,7 +375,7 @@ def test_flows_and_cli(
     from flows.deep_verify import deep_verify_flow
     from flows.drill import restore_drill
     from flows.retention import apply_retention
-    from strongroom.cli_policy import register
+    from strongroom.cli.policy import register
 
     conn, repo = policy_blocks
     config = signed_config(kind="local", path=str(repo.root))

@@ -150,7 +150,7 @@ def test_transient_failures_retry_and_permanent_ones_do_not(
 def _cli(*args: str, api: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_LOGGING_LEVEL": "WARNING"}
     return subprocess.run(
-        [sys.executable, "-m", "strongroom.cli", *args],
+        [sys.executable, "-m", "strongroom.cli.app", *args],
         capture_output=True,
         text=True,
         env=env,

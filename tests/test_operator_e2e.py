@@ -24,7 +24,7 @@ import pytest
 import yaml
 from pyrage import x25519
 
-from strongroom.bootstrap_local import ROOT, PrefectServer, ProcessWorker, prefect_command
+from strongroom.deploy.local_server import ROOT, PrefectServer, ProcessWorker, prefect_command
 from strongroom.sandbox._process import log_tail
 from strongroom.sandbox.postgres import PostgresServer
 from tests.fixtures.prefect_server import FlakyProxy, WebhookReceiver, prefect_server
@@ -103,7 +103,7 @@ def _explain(stack: Stack, result: subprocess.CompletedProcess[str]) -> str:
 def stack(
     prefect_server: PrefectServer, pg_server: PostgresServer, tmp_path_factory: Any
 ) -> Iterator[Stack]:
-    from strongroom.bootstrap import bootstrap, load_config
+    from strongroom.deploy.bootstrap import bootstrap, load_config
 
     tmp = tmp_path_factory.mktemp("e2e")
     repo = tmp / "repo"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines.postgres import backup_postgres
-from strongroom.engines.postgres_restore import _spool_directory_dump
+from strongroom.engines.postgres.backup import backup_postgres
+from strongroom.engines.postgres.restore import _spool_directory_dump
 from strongroom.errors import IntegrityError
 from strongroom.repository import Repository
 from tests.fixtures.postgres import PgDatabase

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from strongroom.config import EncryptionConfig
-from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
+from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
 from strongroom.errors import IntegrityError, InvalidInput, NotFound, StrongroomError
 from strongroom.policy.verification import SamplingPolicy, deep_verify
 from strongroom.sandbox import gauntlet_pg as g

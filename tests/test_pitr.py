@@ -22,32 +22,32 @@ import pytest
 from pydantic import SecretStr
 from pyrage import x25519
 
+from strongroom.cli.wal import main as wal_main
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines import pg_wal_names as names
-from strongroom.engines.pg_basebackup import base_backup_postgres, base_backups
-from strongroom.engines.pg_pitr_plan import PitrRequest, plan_pitr
-from strongroom.engines.pg_pitr_points import create_restore_point
-from strongroom.engines.pg_pitr_restore import (
+from strongroom.engines.postgres.pitr.basebackup import base_backup_postgres, base_backups
+from strongroom.engines.postgres.pitr.plan import PitrRequest, plan_pitr
+from strongroom.engines.postgres.pitr.points import create_restore_point
+from strongroom.engines.postgres.pitr.restore import (
     default_wal_command,
     extract_base,
     pitr_restore,
     write_recovery,
 )
-from strongroom.engines.pg_pitr_server import RestoredServer
-from strongroom.engines.pg_wal_check import wal_check
-from strongroom.engines.pg_wal_config import (
+from strongroom.engines.postgres.pitr.server import RestoredServer
+from strongroom.engines.postgres.wal import names
+from strongroom.engines.postgres.wal.check import wal_check
+from strongroom.engines.postgres.wal.config import (
     load_wal_config,
     write_identity_file,
     write_wal_config,
 )
-from strongroom.engines.pg_wal_fast import archive_command
-from strongroom.engines.pg_wal_store import wal_key
+from strongroom.engines.postgres.wal.fast import archive_command
+from strongroom.engines.postgres.wal.store import wal_key
 from strongroom.errors import Conflict, InvalidInput, StrongroomError, TargetNotEmpty
 from strongroom.repository.local import LocalRepository
 from strongroom.sandbox._process import make_temp_dir, remove_dir
 from strongroom.sandbox.postgres import PostgresServer, chown_to_postgres
 from strongroom.verify import verify_backup
-from strongroom.wal_cli import main as wal_main
 from tests.fixtures.ports import free_port
 from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config, signing_block_fields
 
@@ -167,7 +167,7 @@ def test_push_is_durable_parallel_and_never_overwrites(
 def test_duplicate_comparison_across_levels_and_versions(tmp_path: Path) -> None:
     """The header fingerprints the zstd frame: a re-push at another level is compared by
     recompressing; one by another zstd version cannot be compared and fails loudly."""
-    from strongroom.engines.pg_wal_store import push_bytes, read_stored_header
+    from strongroom.engines.postgres.wal.store import push_bytes, read_stored_header
 
     repo = make_local_repo(tmp_path / "repo")
     key = x25519.Identity.generate()
@@ -683,7 +683,7 @@ def test_flows_and_cli(prefect_api: str, pg_tmp: Path, age_identity: x25519.Iden
         pitr_restore_postgresql,
         wal_check_postgresql,
     )
-    from strongroom.cli_pitr import register
+    from strongroom.cli.pitr import register
 
     c = _cluster(pg_tmp, "flowpg", age_identity)
     try:

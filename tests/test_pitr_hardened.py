@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from pyrage import x25519
 
-from strongroom.engines.pg_basebackup import base_backup_postgres
-from strongroom.engines.pg_pitr_plan import PitrRequest
-from strongroom.engines.pg_pitr_restore import pitr_restore
-from strongroom.engines.pg_pitr_server import RestoredServer
-from strongroom.engines.postgres import pg_tool
+from strongroom.engines.postgres.backup import pg_tool
+from strongroom.engines.postgres.pitr.basebackup import base_backup_postgres
+from strongroom.engines.postgres.pitr.plan import PitrRequest
+from strongroom.engines.postgres.pitr.restore import pitr_restore
+from strongroom.engines.postgres.pitr.server import RestoredServer
 from strongroom.sandbox._process import make_temp_dir, remove_dir
 from strongroom.sandbox.postgres import chown_to_postgres
 from tests.fixtures.ports import free_port
@@ -220,7 +220,7 @@ def test_planted_symlink_at_a_private_name_is_not_followed(tmp_path: Path) -> No
     the final name and never writes through it; its temporary name is random."""
     import os
 
-    from strongroom.engines.pg_pitr_fs import write_new
+    from strongroom.engines.postgres.pitr.fs import write_new
 
     victim = tmp_path / "victim"
     victim.write_text("root's file\n")

@@ -10,8 +10,8 @@ from pydantic import SecretStr
 
 from strongroom.catalog import Catalog, manifest_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines.postgres import backup_postgres
-from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
+from strongroom.engines.postgres.backup import backup_postgres
+from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
 from strongroom.errors import (
     AccessDenied,
     IntegrityError,

@@ -24,16 +24,16 @@ from pydantic import SecretStr
 from strongroom.artifacts import read_artifact, store_artifact
 from strongroom.catalog import Catalog, data_key, manifest_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines.redis import backup_redis
-from strongroom.engines.redis_conn import RedisConnection
-from strongroom.engines.redis_copy import value_digest
-from strongroom.engines.redis_rdb import crc64
-from strongroom.engines.redis_restore import (
+from strongroom.engines.redis.backup import backup_redis
+from strongroom.engines.redis.conn import RedisConnection
+from strongroom.engines.redis.key_copy import value_digest
+from strongroom.engines.redis.rdb import crc64
+from strongroom.engines.redis.restore import (
     RdbVersionTooNew,
     RedisRestoreRequest,
     restore_redis,
 )
-from strongroom.engines.redis_sync import SyncRefused
+from strongroom.engines.redis.sync import SyncRefused
 from strongroom.errors import AccessDenied, IntegrityError, InvalidInput, TargetNotEmpty
 from strongroom.ids import new_backup_id
 from strongroom.repository import Repository
@@ -595,7 +595,7 @@ def _cli_checks(backup_id: str) -> str:
     import typer
     from typer.testing import CliRunner
 
-    from strongroom.cli_redis import register
+    from strongroom.cli.redis import register
 
     app, backup_app, restore_app = typer.Typer(), typer.Typer(), typer.Typer()
     app.add_typer(backup_app, name="backup")

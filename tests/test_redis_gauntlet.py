@@ -15,8 +15,8 @@ import pytest
 from pydantic import SecretStr
 
 from strongroom.config import EncryptionConfig
-from strongroom.engines.redis_conn import RedisConnection
-from strongroom.engines.redis_restore import RedisRestoreRequest, restore_redis
+from strongroom.engines.redis.conn import RedisConnection
+from strongroom.engines.redis.restore import RedisRestoreRequest, restore_redis
 from strongroom.sandbox.gauntlet_redis import (
     BIG_VALUE_SIZE,
     GAUNTLET_DBS,

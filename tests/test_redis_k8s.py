@@ -22,11 +22,11 @@ import yaml
 from pydantic import SecretStr
 
 from strongroom.catalog import Manifest
-from strongroom.engines.redis import backup_redis
-from strongroom.engines.redis_conn import RedisConnection
-from strongroom.engines.redis_copy import value_digest
-from strongroom.engines.redis_k8s import K8sSettings, StatefulSetRestart
-from strongroom.engines.redis_restore import RedisRestoreRequest, restore_redis
+from strongroom.engines.redis.backup import backup_redis
+from strongroom.engines.redis.conn import RedisConnection
+from strongroom.engines.redis.k8s import K8sSettings, StatefulSetRestart
+from strongroom.engines.redis.key_copy import value_digest
+from strongroom.engines.redis.restore import RedisRestoreRequest, restore_redis
 from strongroom.errors import (
     AccessDenied,
     InvalidInput,

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strongroom.engines.redis_conn import RedisConnection
-from strongroom.engines.redis_rdb import RdbTracker, crc64
-from strongroom.engines.redis_sync import ReplicationSnapshot, bulk_length
+from strongroom.engines.redis.conn import RedisConnection
+from strongroom.engines.redis.rdb import RdbTracker, crc64
+from strongroom.engines.redis.sync import ReplicationSnapshot, bulk_length
 from strongroom.errors import IntegrityError, StrongroomError, ToolFailed
 
 

@@ -257,8 +257,8 @@ def _assert_sealed(repo: LocalRepository, m: Manifest, enc: EncryptionConfig) ->
 def test_postgres_backup_is_sealed_and_restores(
     pg_db: PgDatabase, local_repo: Repo, age_key: EncryptionConfig
 ) -> None:
-    from strongroom.engines.postgres import backup_postgres
-    from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
+    from strongroom.engines.postgres.backup import backup_postgres
+    from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
 
     pg_db.psql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 50)")
     repo, config = local_repo
@@ -277,8 +277,8 @@ def test_postgres_backup_is_sealed_and_restores(
 def test_redis_backup_is_sealed(
     redis_server: Any, local_repo: Repo, age_key: EncryptionConfig
 ) -> None:
-    from strongroom.engines.redis import backup_redis
-    from strongroom.engines.redis_conn import RedisConnection
+    from strongroom.engines.redis.backup import backup_redis
+    from strongroom.engines.redis.conn import RedisConnection
 
     repo, config = local_repo
     conn = RedisConnection(
@@ -293,9 +293,9 @@ def test_redis_backup_is_sealed(
 def test_clickhouse_backup_is_sealed(
     clickhouse_server: Any, local_repo: Repo, age_key: EncryptionConfig
 ) -> None:
-    from strongroom.engines.clickhouse import backup_clickhouse
-    from strongroom.engines.clickhouse_conn import ClickHouseConnection
-    from strongroom.engines.clickhouse_http import ClickHouseHTTP
+    from strongroom.engines.clickhouse.backup import backup_clickhouse
+    from strongroom.engines.clickhouse.conn import ClickHouseConnection
+    from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 
     db = f"seal_{uuid.uuid4().hex[:8]}"
     setup = ClickHouseHTTP(ClickHouseConnection(name="s", http_port=clickhouse_server.http_port))

@@ -14,8 +14,8 @@ import pytest
 
 from strongroom.catalog import Catalog, Manifest, manifest_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines.postgres import backup_postgres
-from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
+from strongroom.engines.postgres.backup import backup_postgres
+from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
 from strongroom.errors import IntegrityError, InvalidInput
 from strongroom.policy.prune import plan
 from strongroom.policy.retention import RetentionPolicy
@@ -285,7 +285,7 @@ def test_sign_command_signs_confirmed_unsigned_manifests_audited(
 
     from blocks import BackupRepository, EncryptionKey, register_all
     from strongroom.audit import read_events
-    from strongroom.cli import app
+    from strongroom.cli.app import app
     from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config
 
     register_all()

@@ -9,8 +9,8 @@ from blocks.clickhouse import ClickHouseTarget
 from blocks.redis import RedisTarget
 from blocks.targets import PostgresTarget
 from strongroom.config import PostgresConnection
-from strongroom.engines.clickhouse_conn import ClickHouseConnection
-from strongroom.engines.redis_conn import RedisConnection
+from strongroom.engines.clickhouse.conn import ClickHouseConnection
+from strongroom.engines.redis.conn import RedisConnection
 from strongroom.errors import InvalidInput
 from strongroom.transport import classify, is_local
 

@@ -670,16 +670,16 @@ _WAL_CHECK_FIELDS = ("timeline", "start_lsn", "stop_lsn", "stop_time", "start_wa
 
 
 def _engine_wal_check(ev: Evidence, target: TargetPolicy) -> dict[str, Any] | None:
-    """The PITR engine's own continuity report (strongroom.engines.pg_wal_check), when it
+    """The PITR engine's own continuity report (strongroom.engines.postgres.wal.check), when it
     is installed and the base backups carry the details it reads; else None."""
     from strongroom.compliance.evidence import PITR_KINDS, module_present
 
-    if not module_present("strongroom.engines.pg_wal_check"):
+    if not module_present("strongroom.engines.postgres.wal.check"):
         return None
     bases = [m for m in ev.manifests.get(target.key, []) if m.kind in PITR_KINDS]
     if not bases or not all(all(k in m.details for k in _WAL_CHECK_FIELDS) for m in bases):
         return None
-    from strongroom.engines.pg_wal_check import wal_check
+    from strongroom.engines.postgres.wal.check import wal_check
 
     report: dict[str, Any] = wal_check(ev.repo, target.target, bases)
     return report

@@ -39,9 +39,9 @@ FEATURE_MODULES: dict[str, tuple[str, ...]] = {
     "restore drills": ("strongroom.drills", "strongroom.drill"),
     "deep verify": ("strongroom.policy.verification", "strongroom.deep_verify"),
     "PITR (WAL archiving)": (
-        "strongroom.engines.pg_wal_store",
-        "strongroom.engines.pg_wal_check",
-        "strongroom.engines.pg_basebackup",
+        "strongroom.engines.postgres.wal.store",
+        "strongroom.engines.postgres.wal.check",
+        "strongroom.engines.postgres.pitr.basebackup",
     ),
     "retention policy": ("strongroom.policy.retention",),
 }

@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig
-from strongroom.engines import clickhouse_inspect as inspect
-from strongroom.engines.clickhouse_conn import ClickHouseConnection
-from strongroom.engines.clickhouse_http import ClickHouseHTTP
-from strongroom.engines.clickhouse_restore import ChRestoreRequest, restore_clickhouse
-from strongroom.engines.clickhouse_sql import quote_ident
+from strongroom.engines.clickhouse.backup import inspection as inspect
+from strongroom.engines.clickhouse.conn import ClickHouseConnection
+from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
+from strongroom.engines.clickhouse.restore import ChRestoreRequest, restore_clickhouse
+from strongroom.engines.clickhouse.sql import quote_ident
 from strongroom.errors import NotFound, StrongroomError
 from strongroom.redact import register, scrub
 from strongroom.repository.base import Repository

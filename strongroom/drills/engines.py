@@ -39,14 +39,14 @@ def _needs(module: str, engine: str) -> None:
 def _clickhouse(
     source: Any, repo: Repository, enc: EncryptionConfig, **options: Any
 ) -> ScratchAdapter:
-    _needs("strongroom.engines.clickhouse_restore", "ClickHouse")
+    _needs("strongroom.engines.clickhouse.restore", "ClickHouse")
     from strongroom.drills.clickhouse import ClickHouseDrill
 
     return ClickHouseDrill(source, repo, enc, **options)
 
 
 def _redis(source: Any, repo: Repository, enc: EncryptionConfig, **options: Any) -> ScratchAdapter:
-    _needs("strongroom.engines.redis_restore", "Redis")
+    _needs("strongroom.engines.redis.restore", "Redis")
     from strongroom.drills.redis import RedisDrill
 
     return RedisDrill(source, repo, enc, **options)
@@ -75,8 +75,8 @@ def available_engines() -> list[str]:
     """Engines whose drill adapter can be built in this installation."""
     found = ["postgresql"]
     for engine, module in (
-        ("clickhouse", "strongroom.engines.clickhouse_restore"),
-        ("redis", "strongroom.engines.redis_restore"),
+        ("clickhouse", "strongroom.engines.clickhouse.restore"),
+        ("redis", "strongroom.engines.redis.restore"),
     ):
         try:
             importlib.import_module(module)

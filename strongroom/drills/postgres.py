@@ -36,15 +36,16 @@ from pydantic import SecretStr
 from strongroom.artifacts import read_artifact
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig, PostgresConnection
-from strongroom.engines import pg_inspect, pg_relations
-from strongroom.engines.pg_connect import connect
-from strongroom.engines.pg_sql_guard import (
+from strongroom.engines.postgres.backup import inspection as pg_inspect
+from strongroom.engines.postgres.backup import pg_tool
+from strongroom.engines.postgres.backup import relations as pg_relations
+from strongroom.engines.postgres.connect import connect
+from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
+from strongroom.engines.postgres.sql_guard import (
     check_no_meta_commands,
     feed_restricted,
     new_restrict_key,
 )
-from strongroom.engines.postgres import pg_tool
-from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
 from strongroom.errors import IntegrityError, NotFound, StrongroomError
 from strongroom.private_files import create_private
 from strongroom.process import Tool

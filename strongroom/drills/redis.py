@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig
-from strongroom.engines.redis_conn import RedisConnection, redis_errors
-from strongroom.engines.redis_restore import RedisRestoreRequest, restore_redis
-from strongroom.engines.redis_scratch import ScratchRedis
+from strongroom.engines.redis.conn import RedisConnection, redis_errors
+from strongroom.engines.redis.restore import RedisRestoreRequest, restore_redis
+from strongroom.engines.redis.scratch import ScratchRedis
 from strongroom.errors import InvalidInput, StrongroomError
 from strongroom.redact import register, scrub
 from strongroom.repository.base import Repository

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from strongroom.catalog import Manifest
-from strongroom.engines import pg_wal_names as names
+from strongroom.engines.postgres.wal import names
 from strongroom.ids import NAME_RE
 from strongroom.policy.locks import ObjectStore
 from strongroom.repository.base import Repository
@@ -40,7 +40,7 @@ DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 _LOG_BYTES = 0x1_0000_0000
 
 # Manifest ``details`` fields that name the first WAL segment a base backup needs, in the
-# order they are tried (``start_wal`` is what strongroom.engines.pg_basebackup writes);
+# order they are tried (``start_wal`` is what strongroom.engines.postgres.pitr.basebackup writes);
 # failing those, ``start_lsn`` + ``timeline`` (+ ``wal_segment_size``). A base backup's
 # WAL lives under ``wal/<details.wal_target or target>/``.
 START_SEGMENT_FIELDS = (

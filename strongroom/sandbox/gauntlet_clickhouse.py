@@ -20,8 +20,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from strongroom.engines.clickhouse_http import ClickHouseHTTP
-from strongroom.engines.clickhouse_sql import parse_type, quote_ident, quote_string
+from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
+from strongroom.engines.clickhouse.sql import parse_type, quote_ident, quote_string
 
 MAIN_DB = "sr gauntlet `ch` ü"
 SECOND_DB = "второй db"

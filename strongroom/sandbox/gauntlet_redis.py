@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from strongroom.engines.redis_conn import RedisConnection
+from strongroom.engines.redis.conn import RedisConnection
 
 GAUNTLET_DBS = (0, 1, 5)
 BIG_VALUE_SIZE = 20 * 1024 * 1024 + 4099  # more than 20 MB, not a round number

@@ -50,8 +50,8 @@ def _throttle_reads(repo: Any, bps: int) -> None:
 
 
 def main() -> None:
-    from strongroom.engines.postgres import backup_postgres
-    from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
+    from strongroom.engines.postgres.backup import backup_postgres
+    from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
     from strongroom.repository.local import LocalRepository
     from strongroom.repository.s3 import S3Repository
 

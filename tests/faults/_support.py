@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines.postgres_restore import PgRestoreRequest
+from strongroom.engines.postgres.restore import PgRestoreRequest
 from strongroom.sandbox.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import pytest
 
 from strongroom.catalog import Catalog
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines.postgres import backup_postgres
+from strongroom.engines.postgres.backup import backup_postgres
 from strongroom.errors import Conflict, StrongroomError
 from strongroom.policy import prune
 from strongroom.policy.retention import RetentionPolicy

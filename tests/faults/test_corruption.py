@@ -12,8 +12,8 @@ import pytest
 
 from strongroom.catalog import Catalog, Manifest, manifest_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines.postgres import backup_postgres
-from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
+from strongroom.engines.postgres.backup import backup_postgres
+from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
 from strongroom.errors import IntegrityError, NotFound
 from strongroom.repository.local import LocalRepository
 from strongroom.verify import verify_backup

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 from strongroom.catalog import Catalog
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines.postgres import backup_postgres
+from strongroom.engines.postgres.backup import backup_postgres
 from strongroom.errors import ServiceUnavailable, StorageFull, StrongroomError
 from strongroom.repository.local import LocalRepository
 from strongroom.sandbox.ports import free_port

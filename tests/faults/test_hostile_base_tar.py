@@ -20,12 +20,12 @@ import pytest
 from strongroom.artifacts import publish_backup, store_artifact
 from strongroom.catalog import Manifest, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines import pg_wal_names as names
-from strongroom.engines.pg_pitr_extract import extract_stream
-from strongroom.engines.pg_pitr_plan import PitrRequest
-from strongroom.engines.pg_pitr_restore import pitr_restore
-from strongroom.engines.pg_pitr_tar import TarTap, _pax_path
-from strongroom.engines.pg_wal_store import wal_key
+from strongroom.engines.postgres.pitr.extract import extract_stream
+from strongroom.engines.postgres.pitr.plan import PitrRequest
+from strongroom.engines.postgres.pitr.restore import pitr_restore
+from strongroom.engines.postgres.pitr.tar import TarTap, _pax_path
+from strongroom.engines.postgres.wal import names
+from strongroom.engines.postgres.wal.store import wal_key
 from strongroom.errors import IntegrityError
 from strongroom.ids import new_backup_id
 from strongroom.repository.local import LocalRepository

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from strongroom.artifacts import publish_backup, store_artifact
 from strongroom.catalog import Catalog, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines import pg_wal_names as names
-from strongroom.engines.pg_wal_store import wal_key
-from strongroom.engines.postgres import backup_postgres
-from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
+from strongroom.engines.postgres.backup import backup_postgres
+from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
+from strongroom.engines.postgres.wal import names
+from strongroom.engines.postgres.wal.store import wal_key
 from strongroom.errors import InvalidInput, NotFound
 from strongroom.ids import BACKUP_ID_RE, NAME_RE, check_backup_id, check_name, new_backup_id
 from strongroom.repository.local import LocalRepository
@@ -191,7 +191,7 @@ def test_cli_refuses_hostile_ids_with_exit_codes(
 ) -> None:
     from typer.testing import CliRunner
 
-    import strongroom.cli as cli
+    import strongroom.cli.app as cli
 
     _db, repo, manifest = world
     assume(value not in ("latest", manifest.backup_id, manifest.target))
@@ -373,7 +373,7 @@ CLEAR: dict[str, tuple[str, ...]] = {
 
 
 def _pitr_request(kind: str, value: Any, data_dir: Path, *, dry_run: bool = False) -> Any:
-    from strongroom.engines.pg_pitr_plan import PitrRequest
+    from strongroom.engines.postgres.pitr.plan import PitrRequest
 
     fields: dict[str, Any] = {"target": PITR_TARGET, "data_dir": str(data_dir), "dry_run": dry_run}
     if kind == "timeline":
@@ -422,7 +422,7 @@ def test_pitr_restore_refuses_malformed_targets_and_touches_nothing(
     name or timeline raises InvalidInput naming the field; the repository is unchanged and
     the data directory is never created. (A well-formed name no restore point has is
     passed on, quoted, for PostgreSQL to decide: that is checked in a dry run.)"""
-    from strongroom.engines.pg_pitr_restore import pitr_restore
+    from strongroom.engines.postgres.pitr.restore import pitr_restore
 
     repo, config, stopped = pitr_world
     strategy = {"time": TIMES, "lsn": LSNS, "xid": XIDS, "name": NAMES, "timeline": TIMELINES}
@@ -474,8 +474,8 @@ def test_pitr_request_refuses_malformed_parameters(
     value: Any,
 ) -> None:
     """Every other flow parameter of a PITR restore: InvalidInput, nothing touched."""
-    from strongroom.engines.pg_pitr_plan import PitrRequest
-    from strongroom.engines.pg_pitr_restore import pitr_restore
+    from strongroom.engines.postgres.pitr.plan import PitrRequest
+    from strongroom.engines.postgres.pitr.restore import pitr_restore
 
     repo, config, _ = pitr_world
     before = _tree(repo.root)
@@ -499,7 +499,7 @@ def test_create_restore_point_refuses_before_contacting_the_server(
     """A malformed restore-point name or wait is refused before any connection: the
     connection here points at a port nothing listens on, so reaching the server at all
     would be ServiceUnavailable, not InvalidInput. The repository is unchanged."""
-    from strongroom.engines.pg_pitr_points import create_restore_point
+    from strongroom.engines.postgres.pitr.points import create_restore_point
     from strongroom.sandbox.ports import free_port
 
     assume(not (NAME_RE.fullmatch(name) and ".." not in name) or wait != 120.0)
@@ -516,7 +516,7 @@ def test_malformed_restore_point_record_is_named(
     pitr_world: tuple[LocalRepository, RepositoryConfig, dt.datetime], tmp_path: Path
 ) -> None:
     """A stored restore-point record with a broken LSN is an IntegrityError naming it."""
-    from strongroom.engines.pg_pitr_points import list_restore_points, point_key
+    from strongroom.engines.postgres.pitr.points import list_restore_points, point_key
     from strongroom.errors import IntegrityError
 
     repo, _, _ = pitr_world
@@ -586,7 +586,7 @@ def test_cli_pitr_refuses_malformed_targets_with_exit_2(
     (through the real flow) exits 2 without a traceback and changes nothing."""
     from typer.testing import CliRunner
 
-    import strongroom.cli as cli
+    import strongroom.cli.app as cli
 
     repo, _, stopped = pitr_blocks
     assume(not _cli_accepted(kind, value, stopped))

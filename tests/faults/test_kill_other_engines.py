@@ -29,12 +29,12 @@ from pydantic import BaseModel, SecretStr
 
 from strongroom.catalog import Catalog
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines.clickhouse import backup_clickhouse
-from strongroom.engines.clickhouse_conn import ClickHouseConnection
-from strongroom.engines.clickhouse_restore import ChRestoreRequest, restore_clickhouse
-from strongroom.engines.redis import backup_redis
-from strongroom.engines.redis_conn import RedisConnection
-from strongroom.engines.redis_restore import RedisRestoreRequest, restore_redis
+from strongroom.engines.clickhouse.backup import backup_clickhouse
+from strongroom.engines.clickhouse.conn import ClickHouseConnection
+from strongroom.engines.clickhouse.restore import ChRestoreRequest, restore_clickhouse
+from strongroom.engines.redis.backup import backup_redis
+from strongroom.engines.redis.conn import RedisConnection
+from strongroom.engines.redis.restore import RedisRestoreRequest, restore_redis
 from strongroom.errors import TargetNotEmpty
 from strongroom.policy import find_orphans
 from strongroom.repository.local import LocalRepository

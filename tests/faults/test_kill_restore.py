@@ -10,8 +10,8 @@ import pytest
 
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines.postgres import backup_postgres
-from strongroom.engines.postgres_restore import PgRestoreRequest
+from strongroom.engines.postgres.backup import backup_postgres
+from strongroom.engines.postgres.restore import PgRestoreRequest
 from strongroom.errors import StrongroomError
 from strongroom.repository.local import LocalRepository
 from strongroom.sandbox.postgres import PostgresServer
@@ -187,7 +187,7 @@ def test_swap_failure_never_leaves_the_target_missing(
 
     import psycopg
 
-    from strongroom.engines.postgres_restore import restore_postgres
+    from strongroom.engines.postgres.restore import restore_postgres
 
     _repo, _config, manifest = big_backup
     before = fingerprint(pg_server, live_target)

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from strongroom.catalog import Catalog, Manifest, manifest_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines.postgres import backup_postgres
+from strongroom.engines.postgres.backup import backup_postgres
 from strongroom.policy import find_orphans, prune
 from strongroom.policy.retention import RetentionPolicy
 from strongroom.repository.s3 import S3Repository

@@ -19,12 +19,12 @@ from strongroom.catalog import Catalog, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.drills import DrillFailed, run_drill
 from strongroom.drills.postgres import PostgresDrill
-from strongroom.engines.pg_sql_guard import (
+from strongroom.engines.postgres.backup import backup_postgres
+from strongroom.engines.postgres.sql_guard import (
     check_no_meta_commands,
     new_restrict_key,
     restricted_lines,
 )
-from strongroom.engines.postgres import backup_postgres
 from strongroom.errors import IntegrityError
 from strongroom.ids import new_backup_id
 from strongroom.repository.local import LocalRepository

@@ -13,8 +13,8 @@ from pydantic import SecretStr
 
 from strongroom.catalog import Catalog
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines.postgres import backup_postgres
-from strongroom.engines.postgres_restore import PgRestoreRequest, restore_postgres
+from strongroom.engines.postgres.backup import backup_postgres
+from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
 from strongroom.errors import StrongroomError
 from strongroom.repository.local import LocalRepository
 from strongroom.repository.s3 import S3Repository

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 import tests.fixtures.s3 as s3_fixtures
 from strongroom.catalog import Catalog
 from strongroom.config import EncryptionConfig, PostgresConnection
-from strongroom.engines.postgres import backup_postgres
+from strongroom.engines.postgres.backup import backup_postgres
 from strongroom.errors import ServiceUnavailable
 from strongroom.repository.s3 import S3Repository
 from strongroom.verify import verify_backup

@@ -28,21 +28,21 @@ import pytest
 from pydantic import SecretStr
 from pyrage import x25519
 
+from strongroom.cli.wal import main as wal_main
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines import pg_wal_names as names
-from strongroom.engines.pg_wal_check import wal_check
-from strongroom.engines.pg_wal_config import (
+from strongroom.engines.postgres.wal import names
+from strongroom.engines.postgres.wal.check import wal_check
+from strongroom.engines.postgres.wal.config import (
     load_wal_config,
     write_identity_file,
     write_wal_config,
 )
-from strongroom.engines.pg_wal_fast import ok_dir, push_dir
-from strongroom.engines.pg_wal_push import lock_held
-from strongroom.engines.pg_wal_store import encode, parse_header, wal_key
+from strongroom.engines.postgres.wal.fast import ok_dir, push_dir
+from strongroom.engines.postgres.wal.push import lock_held
+from strongroom.engines.postgres.wal.store import encode, parse_header, wal_key
 from strongroom.repository.s3 import S3Repository
 from strongroom.sandbox._process import make_temp_dir, remove_dir
 from strongroom.sandbox.postgres import PostgresServer, chown_to_postgres
-from strongroom.wal_cli import main as wal_main
 from tests.faults._support import ROOT
 from tests.faults.throttle_proxy import Hold, ThrottleProxy
 from tests.fixtures.s3 import MotoServer
@@ -213,7 +213,7 @@ def _s3_config(endpoint: str, bucket: str) -> RepositoryConfig:
 
 @pytest.fixture(scope="module")
 def rig(s3_server: MotoServer) -> Iterator[Rig]:
-    from strongroom.engines.pg_pitr_restore import default_wal_command
+    from strongroom.engines.postgres.pitr.restore import default_wal_command
 
     bucket = f"wal-{uuid.uuid4().hex[:12]}"
     s3 = s3_server.s3()
@@ -357,7 +357,7 @@ def test_killed_push_leaves_no_partial_segment_and_the_retry_succeeds(
 
 
 def _push_process(config: Path, wal: Path) -> subprocess.Popen[str]:
-    argv = ["-m", "strongroom.wal_cli", "push", "--sync", "--config", str(config), str(wal)]
+    argv = ["-m", "strongroom.cli.wal", "push", "--sync", "--config", str(config), str(wal)]
     return subprocess.Popen(
         [sys.executable, *argv],
         cwd=ROOT,
@@ -406,7 +406,7 @@ def test_two_pushes_of_one_segment_at_once(rig: Rig, tmp_path: Path) -> None:
     listed = rig.moto.s3().list_object_versions(Bucket=rig.bucket, Prefix=f"sr/wal/{target}/")
     assert [v["Key"] for v in listed.get("Versions", [])] == [key]  # one object, one version
     stored = rig.repo.get_bytes(wal_key(target, name))
-    from strongroom.engines.pg_wal_store import decode
+    from strongroom.engines.postgres.wal.store import decode
 
     assert decode(name, stored, [str(rig.identity)]) == raw
 
@@ -547,10 +547,10 @@ def test_replaced_segment_is_named_by_verify_and_refused_by_fetch(
 def test_pitr_over_a_replaced_segment_fails_naming_it(rig: Rig) -> None:
     """A point-in-time restore whose replay needs the replaced segment stops with an
     error naming it; it never promotes a cluster recovered from the wrong data."""
-    from strongroom.engines.pg_basebackup import base_backup_postgres
-    from strongroom.engines.pg_pitr_plan import PitrRequest
-    from strongroom.engines.pg_pitr_restore import pitr_restore
-    from strongroom.engines.pg_pitr_server import RestoredServer
+    from strongroom.engines.postgres.pitr.basebackup import base_backup_postgres
+    from strongroom.engines.postgres.pitr.plan import PitrRequest
+    from strongroom.engines.postgres.pitr.restore import pitr_restore
+    from strongroom.engines.postgres.pitr.server import RestoredServer
     from strongroom.errors import StrongroomError
     from tests.fixtures.ports import free_port
 

@@ -19,10 +19,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from strongroom.engines import pg_wal_names
-from strongroom.engines.clickhouse_native import _Feed, walk
-from strongroom.engines.pg_pitr_tar import TarTap, check_manifest_checksum, parse_backup_label
-from strongroom.engines.redis_rdb import RdbTracker, crc64
+from strongroom.engines.clickhouse.native import _Feed, walk
+from strongroom.engines.postgres.pitr.tar import TarTap, check_manifest_checksum, parse_backup_label
+from strongroom.engines.postgres.wal import names as pg_wal_names
+from strongroom.engines.redis.rdb import RdbTracker, crc64
 from strongroom.errors import StrongroomError
 from tests.fixtures.strongroom_fixtures import make_local_repo
 

@@ -1,0 +1,98 @@
+"""What every ``strongroom`` command module shares: consoles, common options, JSON output,
+error-to-exit-code mapping and the progress bar. Kept apart from ``strongroom.cli.app`` so
+command modules can import it without importing (and re-registering) the CLI itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from strongroom.errors import StrongroomError
+from strongroom.redact import scrub
+
+out = Console()
+err = Console(stderr=True)
+
+JsonOpt = typer.Option(False, "--json", help="Print one JSON document for scripts.")
+RepoOpt = typer.Option("default", "--repository", "-r", help="BackupRepository block name.")
+KeyOpt = typer.Option("default", "--key", "-k", help="EncryptionKey block name.")
+
+
+def _emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    else:
+        human()
+
+
+@contextmanager
+def _handled(as_json: bool) -> Iterator[None]:
+    """Map errors to exit codes and secret-free messages."""
+    try:
+        yield
+    except StrongroomError as exc:
+        message = scrub(str(exc))
+        if as_json:
+            sys.stdout.write(
+                json.dumps({"ok": False, "error": message, "kind": type(exc).__name__}) + "\n"
+            )
+        err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        message = scrub(f"{type(exc).__name__}: {exc}")
+        if as_json:
+            sys.stdout.write(json.dumps({"ok": False, "error": message}) + "\n")
+        err.print(f"[red]error:[/red] {message}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[None]:
+    """A rich progress bar per artifact while bytes stream (only on a terminal)."""
+    from strongroom import progress
+
+    if not enabled or not err.is_terminal:
+        yield
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+    )
+
+    def reporter(name: str, total: int | None) -> Callable[[int], None]:
+        task_id = bar.add_task(name, total=total)
+        return lambda n: bar.advance(task_id, n)
+
+    progress.install(reporter)
+    try:
+        with bar:
+            yield
+    finally:
+        progress.install(None)
+
+
+def _open_repo(repository: str) -> Any:
+    from flows.common import load_repository
+
+    return load_repository(repository)[0]

@@ -1,0 +1,1 @@
+"""ClickHouse: logical backups (DDL + Native data per part), plans, restores."""

@@ -1,0 +1,290 @@
+"""A reader for ClickHouse's ``Native`` format, enough to walk a stream block by block
+without a server: it checks column names and types and counts rows exactly.
+
+Block layout (HTTP, no block info): varint column count, varint row count, then per
+column its name, its type and the column data. Data sizes follow from the type;
+a type this reader does not know stops the walk (reported, not failed), because
+the length of its data cannot be known.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from strongroom.engines.clickhouse.sql import TypeNode, parse_type
+from strongroom.errors import IntegrityError, InvalidInput
+
+_FIXED = {
+    "UInt8": 1, "Int8": 1, "Enum8": 1, "Bool": 1,
+    "UInt16": 2, "Int16": 2, "Enum16": 2, "Date": 2,
+    "UInt32": 4, "Int32": 4, "Float32": 4, "DateTime": 4, "Decimal32": 4, "IPv4": 4, "Date32": 4,
+    "UInt64": 8, "Int64": 8, "Float64": 8, "Decimal64": 8, "DateTime64": 8,
+    "UInt128": 16, "Int128": 16, "Decimal128": 16, "UUID": 16, "IPv6": 16,
+    "UInt256": 32, "Int256": 32, "Decimal256": 32,
+}  # fmt: skip
+MAX_NAME = 1 << 20
+
+
+class Unsupported(Exception):
+    """A column type whose data length this reader cannot determine."""
+
+
+class _EndOfStream(Exception):
+    pass
+
+
+class _Feed:
+    """Bytes pushed by one thread (``put``), pulled by the reader thread."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self.buf = b""
+        self.pos = 0
+        self.eof = False
+        self.offset = 0  # bytes consumed before ``buf``
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        chunk = self.q.get()
+        if chunk is None:
+            self.eof = True
+            return False
+        self.offset += self.pos
+        self.buf = self.buf[self.pos :] + chunk
+        self.pos = 0
+        return True
+
+    def at_end(self) -> bool:
+        while self.pos >= len(self.buf):
+            if not self._more():
+                return True
+        return False
+
+    def take(self, n: int) -> bytes:
+        while len(self.buf) - self.pos < n:
+            if not self._more():
+                raise _EndOfStream
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def skip(self, n: int) -> None:
+        while n > 0:
+            avail = len(self.buf) - self.pos
+            if avail >= n:
+                self.pos += n
+                return
+            n -= avail
+            self.pos = len(self.buf)
+            if not self._more():
+                raise _EndOfStream
+
+    def varint(self) -> int:
+        shift = result = 0
+        while True:
+            if self.pos >= len(self.buf) and not self._more():
+                raise _EndOfStream
+            b = self.buf[self.pos]
+            self.pos += 1
+            result |= (b & 0x7F) << shift
+            if b < 0x80:
+                return result
+            shift += 7
+            if shift > 63:
+                raise IntegrityError("Native stream: malformed varint")
+
+    def strings(self, count: int) -> None:
+        """Skip ``count`` length-prefixed strings (the hot loop of the walk)."""
+        for _ in range(count):
+            if self.pos < len(self.buf) and self.buf[self.pos] < 0x80:
+                length = self.buf[self.pos]
+                self.pos += 1
+            else:
+                length = self.varint()
+            if self.pos + length <= len(self.buf):
+                self.pos += length
+            else:
+                self.skip(length)
+
+    def drain(self) -> None:
+        while not self.eof:
+            self._more()
+
+
+def _decimal_size(node: TypeNode) -> int:
+    try:
+        precision = int(str(node.args[0]))
+    except (IndexError, ValueError):
+        raise Unsupported(str(node)) from None
+    return 4 if precision <= 9 else 8 if precision <= 18 else 16 if precision <= 38 else 32
+
+
+_LC_GLOBAL_DICTIONARY = 0x100
+_LC_ADDITIONAL_KEYS = 0x200
+
+
+def _u64(feed: _Feed) -> int:
+    return int.from_bytes(feed.take(8), "little")
+
+
+def _skip_low_cardinality(feed: _Feed, inner: TypeNode, rows: int) -> None:
+    """UInt64 version, then granules: UInt64 flags (index width in the low byte), optional
+    dictionary keys (UInt64 count + keys of the non-Nullable type), UInt64 rows, indexes."""
+    if inner.name == "Nullable" and inner.args and isinstance(inner.args[0], TypeNode):
+        inner = inner.args[0]
+    if _u64(feed) != 1:
+        raise Unsupported("LowCardinality (unknown serialization version)")
+    done = 0
+    while done < rows:
+        flags = _u64(feed)
+        width = flags & 0xFF
+        if flags & _LC_GLOBAL_DICTIONARY or width > 3:
+            raise Unsupported("LowCardinality (shared dictionary)")
+        if flags & _LC_ADDITIONAL_KEYS:
+            _skip_column(feed, inner, _u64(feed))
+        count = _u64(feed)
+        if count == 0 or done + count > rows:
+            raise IntegrityError("Native stream: malformed LowCardinality column")
+        feed.skip(count << width)
+        done += count
+
+
+def _skip_column(feed: _Feed, node: TypeNode, rows: int) -> None:
+    name = node.name
+    if name in _FIXED:
+        feed.skip(_FIXED[name] * rows)
+    elif name == "Decimal":
+        feed.skip(_decimal_size(node) * rows)
+    elif name == "FixedString":
+        feed.skip(int(str(node.args[0])) * rows)
+    elif name == "String":
+        feed.strings(rows)
+    elif name == "Nothing":
+        feed.skip(rows)
+    elif name == "Nullable" and isinstance(node.args[0], TypeNode):
+        feed.skip(rows)
+        _skip_column(feed, node.args[0], rows)
+    elif name == "Array" and isinstance(node.args[0], TypeNode):
+        last = 0
+        if rows:
+            feed.skip(8 * (rows - 1))
+            last = int.from_bytes(feed.take(8), "little")
+        _skip_column(feed, node.args[0], last)
+    elif name == "LowCardinality" and isinstance(node.args[0], TypeNode):
+        _skip_low_cardinality(feed, node.args[0], rows)
+    elif name == "Tuple" and all(isinstance(a, TypeNode) for a in node.args):
+        for arg in node.args:
+            assert isinstance(arg, TypeNode)
+            _skip_column(feed, arg, rows)
+    else:
+        raise Unsupported(str(node))
+
+
+@dataclass
+class NativeSummary:
+    blocks: int = 0
+    rows: int = 0
+    columns: list[tuple[str, str]] = field(default_factory=list)
+    complete: bool = True  # False: stopped at a type it cannot walk
+    stopped_at: str = ""
+
+
+def walk(feed: _Feed) -> NativeSummary:
+    summary = NativeSummary()
+    types: dict[str, TypeNode] = {}
+    while not feed.at_end():
+        start = feed.offset + feed.pos
+        try:
+            ncols = feed.varint()
+            nrows = feed.varint()
+            header: list[tuple[str, str]] = []
+            for _ in range(ncols):
+                nlen = feed.varint()
+                if nlen > MAX_NAME:
+                    raise IntegrityError(f"Native stream: implausible block at byte {start}")
+                cname = feed.take(nlen).decode("utf-8", "surrogateescape")
+                tlen = feed.varint()
+                if tlen > MAX_NAME:
+                    raise IntegrityError(f"Native stream: implausible block at byte {start}")
+                ctype = feed.take(tlen).decode("utf-8", "surrogateescape")
+                header.append((cname, ctype))
+                if ctype not in types:
+                    try:
+                        types[ctype] = parse_type(ctype)
+                    except InvalidInput:
+                        raise IntegrityError(
+                            f"Native stream: unreadable type {ctype[:60]!r} at byte {start}"
+                        ) from None
+                _skip_column(feed, types[ctype], nrows)
+        except _EndOfStream:
+            raise IntegrityError(f"Native stream: block at byte {start} is cut short") from None
+        except Unsupported as exc:
+            summary.complete = False
+            summary.stopped_at = str(exc)
+            summary.columns = summary.columns or header
+            feed.drain()
+            return summary
+        if summary.columns and header != summary.columns:
+            raise IntegrityError(
+                f"Native stream: block at byte {start} has columns {header[:4]}..., "
+                f"the first block had {summary.columns[:4]}..."
+            )
+        summary.columns = header
+        summary.blocks += 1
+        summary.rows += nrows
+    return summary
+
+
+class NativeWalker:
+    """Push bytes with ``write``; ``finish`` returns the summary or raises IntegrityError."""
+
+    def __init__(self) -> None:
+        self._feed = _Feed()
+        self._result: NativeSummary | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = walk(self._feed)
+        except BaseException as exc:
+            self._error = exc
+            self._feed.drain()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if data:
+            self._feed.q.put(bytes(data))
+        return len(data)
+
+    def finish(self) -> NativeSummary:
+        self._feed.q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._feed.q.put(None)
+            self._thread.join(timeout=30)
+
+
+def iter_chunks(data: bytes, size: int = 1 << 16) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def summarize(data: bytes) -> dict[str, Any]:
+    """Walk an in-memory Native payload (tests and small artifacts)."""
+    walker = NativeWalker()
+    for chunk in iter_chunks(data):
+        walker.write(chunk)
+    result = walker.finish()
+    return {"blocks": result.blocks, "rows": result.rows, "complete": result.complete}

@@ -1,0 +1,1 @@
+"""PostgreSQL: logical dumps and restores (pg_dump/pg_restore), connections, psql."""

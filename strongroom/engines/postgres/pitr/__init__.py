@@ -1,0 +1,1 @@
+"""Point-in-time recovery: base backups, their tar stream, plans, restores."""

@@ -1,0 +1,1 @@
+"""Redis: RDB snapshots over the replication protocol, logical dumps, restores."""
