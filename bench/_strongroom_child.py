@@ -74,7 +74,7 @@ def _instrument() -> None:
     """Wrap the engine's steps with timers (cheap: a few calls per backup, one per read)."""
     import strongroom.engines.postgres.backup as engine
     from strongroom.catalog import Catalog
-    from strongroom.engines.postgres.backup import psql as pg_psql
+    from strongroom.engines.postgres import psql as pg_psql
 
     store = engine.store_artifact
 

@@ -117,7 +117,7 @@ class PgDumpListCheck:
             raise IntegrityError(
                 f"pg_restore --list rejected the dump: {err.decode(errors='replace').strip()}"
             )
-        from strongroom.engines.postgres.backup import toc as pg_toc
+        from strongroom.engines.postgres import toc as pg_toc
 
         listing = out.decode("utf-8", "replace")
         entries = [line for line in listing.splitlines() if line and not line.startswith(";")]

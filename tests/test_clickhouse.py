@@ -20,9 +20,9 @@ from pydantic import SecretStr
 
 from strongroom.catalog import Catalog, manifest_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
+from strongroom.engines.clickhouse import native_client as chclient
+from strongroom.engines.clickhouse import sql as chsql
 from strongroom.engines.clickhouse.backup import backup_clickhouse
-from strongroom.engines.clickhouse.backup import native_client as chclient
-from strongroom.engines.clickhouse.backup import sql as chsql
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.native import summarize
@@ -500,7 +500,7 @@ def test_a_failure_after_the_swaps_puts_everything_back(
     age_key: EncryptionConfig,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from strongroom.engines.clickhouse.backup import restore as run_module
+    from strongroom.engines.clickhouse import restore as run_module
 
     backup(ch, source, local_repo, age_key)
     ch.q(f"INSERT INTO {source}.plain VALUES (7777, 'after the backup')")
@@ -829,7 +829,7 @@ def test_a_table_written_during_its_export_is_read_again(
     age_key: EncryptionConfig,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from strongroom.engines.clickhouse.backup import backup as engine
+    from strongroom.engines.clickhouse import backup as engine
 
     original = engine._TableExport._export
     writes = {"left": 1}

@@ -1,4 +1,4 @@
-"""Restored ClickHouse DDL is held to an engine allowlist (strongroom.engines.clickhouse.table_engines).
+"""Restored ClickHouse DDL is held to an engine allowlist (engines/clickhouse/table_engines.py).
 
 A backup whose CREATE statements use a File table or a view over url() (made here on the real
 18.16 server, so the DDL is exactly what SHOW CREATE gives) is refused before anything is

@@ -27,7 +27,7 @@ _REPO = typer.Option("default", "--repository", "-r", help="BackupRepository blo
 
 
 def _cli() -> Any:
-    from strongroom.cli.app import app as cli
+    from strongroom.cli import common as cli
 
     return cli
 

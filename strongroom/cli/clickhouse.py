@@ -13,7 +13,7 @@ import typer
 
 def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
     """Add the ``clickhouse`` commands to the ``backup`` and ``restore`` groups."""
-    from strongroom.cli.app import JsonOpt, KeyOpt, RepoOpt, _emit, _handled, _progress
+    from strongroom.cli.common import JsonOpt, KeyOpt, RepoOpt, _emit, _handled, _progress
 
     @backup_app.command("clickhouse")
     def backup_clickhouse_cmd(
@@ -95,7 +95,7 @@ def _print_backup(m: dict[str, Any]) -> None:
 
     from flows.common import human_size
     from strongroom.catalog import artifact_totals
-    from strongroom.cli.app import out
+    from strongroom.cli.common import out
 
     out.print(
         f"[bold]{m['backup_id']}[/bold] clickhouse/{m['target']} "
@@ -121,7 +121,7 @@ def _print_restore(r: dict[str, Any]) -> None:
     from rich.table import Table
 
     from flows.common import human_size
-    from strongroom.cli.app import out
+    from strongroom.cli.common import out
 
     title = "plan (dry run)" if r.get("dry_run") else "restored"
     into = ", ".join(f"{s} -> {t}" for s, t in r["databases"].items())

@@ -96,3 +96,9 @@ def _open_repo(repository: str) -> Any:
     from flows.common import load_repository
 
     return load_repository(repository)[0]
+
+
+def size(n: int) -> str:
+    from flows.common import human_size
+
+    return human_size(n)

@@ -15,7 +15,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add ``bootstrap`` and ``render-job`` to the ``strongroom`` app."""
-    from strongroom.cli.app import JsonOpt, _emit, _handled, out
+    from strongroom.cli.common import JsonOpt, _emit, _handled, out
 
     @app.command("bootstrap")
     def bootstrap_cmd(

@@ -26,7 +26,7 @@ CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True, "help_optio
 
 def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer) -> None:
     """Add the PITR commands to the CLI."""
-    from strongroom.cli.app import JsonOpt, _emit, _handled, _progress, out
+    from strongroom.cli.common import JsonOpt, _emit, _handled, _progress, out
 
     repo_opt = typer.Option("default", "--repository", "-r", help="BackupRepository block name.")
     key_opt = typer.Option("default", "--key", "-k", help="EncryptionKey block name.")

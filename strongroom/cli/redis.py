@@ -13,7 +13,7 @@ import typer
 
 def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
     """Add the ``redis`` commands to the ``backup`` and ``restore`` command groups."""
-    from strongroom.cli.app import JsonOpt, _emit, _handled, _progress, out
+    from strongroom.cli.common import JsonOpt, _emit, _handled, _progress, out
 
     repo_opt = typer.Option("default", "--repository", "-r", help="BackupRepository block name.")
     key_opt = typer.Option("default", "--key", "-k", help="EncryptionKey block name.")

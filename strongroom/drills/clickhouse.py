@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig
-from strongroom.engines.clickhouse.backup import inspection as inspect
+from strongroom.engines.clickhouse import inspection as inspect
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.restore import ChRestoreRequest, restore_clickhouse

@@ -36,9 +36,9 @@ from pydantic import SecretStr
 from strongroom.artifacts import read_artifact
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig, PostgresConnection
-from strongroom.engines.postgres.backup import inspection as pg_inspect
+from strongroom.engines.postgres import inspection as pg_inspect
+from strongroom.engines.postgres import relations as pg_relations
 from strongroom.engines.postgres.backup import pg_tool
-from strongroom.engines.postgres.backup import relations as pg_relations
 from strongroom.engines.postgres.connect import connect
 from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
 from strongroom.engines.postgres.sql_guard import (

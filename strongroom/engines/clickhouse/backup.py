@@ -30,8 +30,8 @@ from strongroom.artifacts import (
 )
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines.clickhouse.backup import inspection as inspect
-from strongroom.engines.clickhouse.backup import native_client as clickhouse_client
+from strongroom.engines.clickhouse import inspection as inspect
+from strongroom.engines.clickhouse import native_client as clickhouse_client
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.sql import qualified, quote_string

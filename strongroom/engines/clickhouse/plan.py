@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from strongroom.artifacts import read_artifact
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig
-from strongroom.engines.clickhouse.backup import inspection as inspect
+from strongroom.engines.clickhouse import inspection as inspect
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.sql import normalized, rewrite_create
 from strongroom.engines.clickhouse.verify import check_schema_document

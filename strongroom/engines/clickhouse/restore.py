@@ -26,8 +26,8 @@ from typing import Any
 from strongroom.artifacts import read_artifact
 from strongroom.catalog import Catalog, Manifest
 from strongroom.config import EncryptionConfig
+from strongroom.engines.clickhouse import inspection as inspect
 from strongroom.engines.clickhouse.backup import ENGINE
-from strongroom.engines.clickhouse.backup import inspection as inspect
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.plan import (

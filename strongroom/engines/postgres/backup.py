@@ -23,7 +23,7 @@ from strongroom.artifacts import (
 )
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines.postgres.backup import psql as pg_psql
+from strongroom.engines.postgres import psql as pg_psql
 from strongroom.errors import NotFound
 from strongroom.ids import new_backup_id
 from strongroom.pipeline import Progress

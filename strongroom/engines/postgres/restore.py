@@ -28,10 +28,10 @@ from pydantic import BaseModel, Field
 from strongroom.artifacts import read_artifact
 from strongroom.catalog import Catalog, Manifest
 from strongroom.config import EncryptionConfig, PostgresConnection
+from strongroom.engines.postgres import inspection as pg_inspect
+from strongroom.engines.postgres import relations as pg_relations
+from strongroom.engines.postgres import toc as pg_toc
 from strongroom.engines.postgres.backup import ENGINE, pg_tool
-from strongroom.engines.postgres.backup import inspection as pg_inspect
-from strongroom.engines.postgres.backup import relations as pg_relations
-from strongroom.engines.postgres.backup import toc as pg_toc
 from strongroom.engines.postgres.connect import connect
 from strongroom.engines.postgres.relations import check_identifier as _check_identifier
 from strongroom.errors import (

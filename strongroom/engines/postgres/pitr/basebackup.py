@@ -22,8 +22,8 @@ from typing import IO, Any, cast
 from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
 from strongroom.catalog import Artifact, Catalog, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
+from strongroom.engines.postgres import inspection as pg_inspect
 from strongroom.engines.postgres.backup import ENGINE, pg_tool, tool_version
-from strongroom.engines.postgres.backup import inspection as pg_inspect
 from strongroom.engines.postgres.connect import connect
 from strongroom.engines.postgres.pitr.archiver_watch import ArchiverWatch
 from strongroom.engines.postgres.pitr.tar import (

@@ -1,0 +1,156 @@
+"""Read commands over the catalog (``list``, ``show``, ``verify``) and key/block set-up.
+
+``strongroom.cli.app`` calls ``register(app, blocks_app)``. ``list`` and ``show`` read the
+repository directly (fast, no Prefect run); ``verify`` runs the verify flow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from strongroom.cli.common import (
+    JsonOpt,
+    KeyOpt,
+    RepoOpt,
+    _emit,
+    _handled,
+    _open_repo,
+    _progress,
+    out,
+    size,
+)
+
+
+def register(app: typer.Typer, blocks_app: typer.Typer) -> None:
+    app.command("list")(list_cmd)
+    app.command("show")(show_cmd)
+    app.command("verify")(verify_cmd)
+    app.command("keygen")(keygen_cmd)
+    blocks_app.command("register")(blocks_register_cmd)
+
+
+def list_cmd(
+    engine: str | None = typer.Option(None, help="postgresql, clickhouse or redis."),
+    target: str | None = typer.Option(None),
+    repository: str = RepoOpt,
+    drills: bool = typer.Option(False, "--drills", help="List restore drill records instead."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """List backups (or, with --drills, restore drill records), oldest first."""
+    with _handled(as_json):
+        from strongroom.catalog import Catalog
+
+        if drills:
+            from strongroom.cli.policy import print_drills
+            from strongroom.drills import list_drills
+
+            drill_rows = list_drills(_open_repo(repository), engine, target)
+            _emit(as_json, drill_rows, lambda: print_drills(drill_rows))
+            return
+
+        manifests = Catalog(_open_repo(repository)).list(engine, target)
+        rows = [m.summary() for m in manifests]
+
+        def human() -> None:
+            table = Table("backup id", "engine", "target", "finished", "dump", "stored", "secs")
+            for r in rows:
+                table.add_row(
+                    r["backup_id"],
+                    r["engine"],
+                    r["target"],
+                    r["finished_at"][:19],
+                    size(r["raw_size"]),
+                    size(r["stored_size"]),
+                    str(r["duration_s"]),
+                )
+            out.print(table)
+
+        _emit(as_json, rows, human)
+
+
+def show_cmd(
+    backup_id: str = typer.Argument("latest"),
+    engine: str | None = typer.Option(None),
+    target: str | None = typer.Option(None),
+    repository: str = RepoOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Show one backup's manifest."""
+    with _handled(as_json):
+        from strongroom.catalog import Catalog
+
+        manifest = Catalog(_open_repo(repository)).resolve(backup_id, engine, target)
+        data = manifest.model_dump(mode="json")
+        _emit(as_json, data, lambda: print_manifest(data))
+
+
+def verify_cmd(
+    backup_id: str = typer.Argument("latest"),
+    engine: str | None = typer.Option(None),
+    target: str | None = typer.Option(None),
+    repository: str = RepoOpt,
+    key: str = KeyOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Re-read a backup: checksums, decryption, decompression, dump structure."""
+    with _handled(as_json):
+        from flows.verify import verify_backup_flow
+
+        with _progress(not as_json):
+            report = verify_backup_flow(
+                backup_id=backup_id,
+                engine=engine,
+                target=target,
+                repository=repository,
+                encryption_key=key,
+            )
+
+        def human() -> None:
+            for item in report["artifacts"]:
+                mark = "[green]ok[/green]" if item["ok"] else "[red]FAILED[/red]"
+                out.print(f"{mark} {item['artifact']} {item.get('structure', '')}")
+            out.print(f"backup {report['backup_id']}: verified in {report['duration_s']} s")
+            for warning in report.get("warnings", []):
+                out.print(f"[yellow]warning:[/yellow] {warning}")
+
+        _emit(as_json, report, human)
+
+
+def keygen_cmd(as_json: bool = JsonOpt) -> None:
+    """Generate an age X25519 key pair (identity is secret: store it in an EncryptionKey block)."""
+    from pyrage import x25519
+
+    identity = x25519.Identity.generate()
+    data = {"recipient": str(identity.to_public()), "identity": str(identity)}
+    _emit(
+        as_json,
+        data,
+        lambda: out.print(f"# public (recipient): {data['recipient']}\n{data['identity']}"),
+    )
+
+
+def blocks_register_cmd(as_json: bool = JsonOpt) -> None:
+    """Register strongroom's block types with the Prefect API."""
+    with _handled(as_json):
+        from blocks import register_all
+
+        slugs = register_all()
+        _emit(as_json, slugs, lambda: out.print("registered: " + ", ".join(slugs)))
+
+
+def print_manifest(m: dict[str, Any]) -> None:
+    out.print(f"[bold]{m['backup_id']}[/bold] {m['engine']}/{m['target']} ({m['kind']})")
+    out.print(f"  finished {m['finished_at']}  server {m.get('server', {}).get('version', '?')}")
+    table = Table("artifact", "content", "dump", "stored", "sha256 (stored)")
+    for a in m["artifacts"]:
+        table.add_row(
+            a["name"],
+            a["content"],
+            size(a["raw_size"]),
+            size(a["stored_size"]),
+            a["stored_sha256"][:16],
+        )
+    out.print(table)

@@ -1,0 +1,109 @@
+"""``strongroom backup postgresql`` and ``strongroom restore postgresql`` (logical dumps).
+
+``strongroom.cli.app`` calls ``register(backup_app, restore_app)``; the commands run the
+Prefect flows in ``flows.postgres`` so every run is recorded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from strongroom.cli.catalog import print_manifest
+from strongroom.cli.common import JsonOpt, KeyOpt, RepoOpt, _emit, _handled, _progress, out, size
+
+
+def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
+    backup_app.command("postgresql")(backup_postgresql_cmd)
+    restore_app.command("postgresql")(restore_postgresql_cmd)
+
+
+def backup_postgresql_cmd(
+    target: str = typer.Argument(..., help="PostgresTarget block name."),
+    repository: str = RepoOpt,
+    key: str = KeyOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Dump every configured database of TARGET (pg_dump -Fc, streamed and encrypted)."""
+    with _handled(as_json):
+        from flows.postgres import backup_postgresql
+
+        with _progress(not as_json):
+            manifest = backup_postgresql(target=target, repository=repository, encryption_key=key)
+        _emit(as_json, manifest, lambda: print_manifest(manifest))
+
+
+def restore_postgresql_cmd(
+    target: str = typer.Argument(..., help="PostgresTarget block to restore into."),
+    backup_id: str = typer.Option("latest", "--backup-id", "-b"),
+    source_target: str | None = typer.Option(None, help="Target the backup was taken from."),
+    database: str | None = typer.Option(None, help="Database in the backup."),
+    target_database: str | None = typer.Option(None, "--into", help="Restore under this name."),
+    table: list[str] = typer.Option(
+        [],
+        "--table",
+        "-t",
+        help=(
+            "schema.table (repeatable). A partitioned table brings all its partitions "
+            "(any depth); a single partition is restored as a standalone table. Types "
+            "and extensions the table needs are not restored (as pg_restore -t)."
+        ),
+    ),
+    schema: list[str] = typer.Option([], "--schema", "-n", help="Schema (repeatable)."),
+    schema_only: bool = typer.Option(False, "--schema-only"),
+    data_only: bool = typer.Option(False, "--data-only"),
+    drop_existing: bool = typer.Option(False, "--drop-existing", help="Allow replacing data."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, change nothing."),
+    no_owner: bool = typer.Option(False, "--no-owner"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="pg_restore jobs (directory dumps)."),
+    repository: str = RepoOpt,
+    key: str = KeyOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Restore a PostgreSQL logical backup (whole database, tables or schemas)."""
+    with _handled(as_json):
+        from flows.postgres import restore_postgresql
+
+        with _progress(not as_json):
+            report = restore_postgresql(
+                target=target,
+                backup_id=backup_id,
+                source_target=source_target,
+                database=database,
+                target_database=target_database,
+                tables=table,
+                schemas=schema,
+                schema_only=schema_only,
+                data_only=data_only,
+                drop_existing=drop_existing,
+                dry_run=dry_run,
+                no_owner=no_owner,
+                jobs=jobs,
+                repository=repository,
+                encryption_key=key,
+            )
+        _emit(as_json, report, lambda: print_restore(report))
+
+
+def print_restore(r: dict[str, Any]) -> None:
+    title = "plan (dry run)" if r.get("dry_run") else "restored"
+    out.print(
+        f"[bold]{title}[/bold]: {r['source_database']} from {r['backup_id']} -> "
+        f"{r['target_database']} on {r['target_server']} ({r['mode']}, {size(r['raw_size'])})"
+    )
+    if r.get("blocked"):
+        out.print(f"[yellow]blocked:[/yellow] {r['blocked']}")
+    for note in r.get("notes") or []:
+        out.print(f"note: {note}", markup=False)
+    checks = r.get("row_checks") or []
+    if checks:
+        table = Table("table", "expected rows", "restored rows", "ok")
+        for c in checks:
+            table.add_row(
+                c["table"], str(c["expected"]), str(c["actual"]), "yes" if c["ok"] else "NO"
+            )
+        out.print(table)
+    elif r.get("tables"):
+        out.print("tables: " + ", ".join(r["tables"]))
