@@ -117,7 +117,7 @@ def load_policy_block(name: str | None) -> Any | None:
     if not name:
         return None
     try:
-        from flows.retention import try_load_policy
+        from flows.policy_blocks import try_load_policy
     except ImportError:  # retention feature not installed
         return None
     return try_load_policy(name)

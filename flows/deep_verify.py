@@ -63,7 +63,7 @@ def deep_verify_flow(
     enc = load_key(encryption_key)
     sampling = SamplingPolicy(seed=seed)
     if policy:
-        from flows.retention import load_policy
+        from flows.policy_blocks import load_policy
 
         sampling = load_policy(policy).sampling(seed)
     updates = {

@@ -198,7 +198,7 @@ def restore_drill(
     enc = load_key(encryption_key)
     defaults = None
     if policy:
-        from flows.retention import load_policy
+        from flows.policy_blocks import load_policy
 
         defaults = load_policy(policy).default_objectives()
     objectives = objectives_for(block, rto_minutes, rpo_hours, defaults)

@@ -18,7 +18,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from flows.common import load_key, load_repository
 from flows.locks import target_lock
-from flows.retention import policy_lock
+from flows.policy_blocks import policy_lock
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.redact import register
 from strongroom.repository import Repository

@@ -339,7 +339,7 @@ def main() -> int:
 
         from flows.audit import write_compliance_report
         from strongroom.catalog import Catalog
-        from strongroom.drills.demo import demo_drills
+        from strongroom.demo_drills import demo_drills
         from strongroom.repository.local import LocalRepository
         from strongroom.signing import Trust, key_file_signer
 

@@ -399,7 +399,7 @@ def test_flows_and_cli(
 
     from rich.console import Console
 
-    from strongroom.drills.demo import demo_drills
+    from strongroom.demo_drills import demo_drills
 
     shown = io.StringIO()
     (demo,) = demo_drills(

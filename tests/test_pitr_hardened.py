@@ -220,7 +220,7 @@ def test_planted_symlink_at_a_private_name_is_not_followed(tmp_path: Path) -> No
     the final name and never writes through it; its temporary name is random."""
     import os
 
-    from strongroom.engines.postgres.pitr.fs import write_new
+    from strongroom.engines.postgres.root_fs import write_new
 
     victim = tmp_path / "victim"
     victim.write_text("root's file\n")

@@ -33,7 +33,7 @@ import tarfile
 import threading
 from typing import IO, Any
 
-from strongroom.engines.postgres.pitr.fs import DIR_FLAGS, NEW_FILE_FLAGS, Owner
+from strongroom.engines.postgres.root_fs import DIR_FLAGS, NEW_FILE_FLAGS, Owner
 from strongroom.errors import IntegrityError
 
 CHUNK = 1024 * 1024

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import secrets
 
-from strongroom.engines.postgres.pitr.fs import Owner, UnsafePath, read_plain, write_new
+from strongroom.engines.postgres.root_fs import Owner, UnsafePath, read_plain, write_new
 from strongroom.errors import IntegrityError, InvalidInput
 
 HBA_FILE = "pg_hba.conf"

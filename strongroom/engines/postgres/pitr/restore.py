@@ -37,8 +37,8 @@ from typing import Any
 from strongroom.artifacts import read_artifact
 from strongroom.catalog import Catalog
 from strongroom.config import EncryptionConfig, RepositoryConfig
+from strongroom.engines.postgres import root_fs as fs
 from strongroom.engines.postgres.backup import ENGINE, pg_tool
-from strongroom.engines.postgres.pitr import fs
 from strongroom.engines.postgres.pitr.basebackup import ARTIFACT
 from strongroom.engines.postgres.pitr.extract import PipeExtractor, summary
 from strongroom.engines.postgres.pitr.hba import admit, withdraw

@@ -360,7 +360,7 @@ def _write_private(final: Path, text: str, owner: str | None) -> Path:
     """Mode 0600, optionally handed to ``owner`` (root only): a random temporary name
     (O_EXCL | O_NOFOLLOW), fchmod / fchown on its descriptor, then rename(2); a
     symlink or file planted by the folder's owner is never followed or written."""
-    from strongroom.engines.postgres.pitr.fs import owner_of, write_new
+    from strongroom.engines.postgres.root_fs import owner_of, write_new
 
     final.parent.mkdir(parents=True, exist_ok=True)
     dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
