@@ -682,7 +682,7 @@ def _engine_wal_check(ev: Evidence, target: TargetPolicy) -> dict[str, Any] | No
         return None
     from strongroom.engines.pg_wal_check import wal_check
 
-    report: dict[str, Any] = wal_check(ev.repo, target.target, bases)
+    report: dict[str, Any] = wal_check(ev.repo, target.target, bases, untrusted=[])  # SR-SIG-01
     return report
 
 
