@@ -310,7 +310,8 @@ def _print_check(out: Any, report: dict[str, Any]) -> None:
     from rich.markup import escape
 
     for item in report.get("untrusted", []):
-        out.print(f"  [red]not trusted, ignored:[/red] {escape(f'{item['key']}: {item['error']}')}")
+        text = escape(f"{item['key']}: {item['error']}")
+        out.print(f"  [red]not trusted, ignored:[/red] {text}")
     table = Table("timeline", "parent", "segments", "first", "last", "gaps")
     for t in report["timelines"]:
         table.add_row(
