@@ -38,6 +38,7 @@ __all__ = [
     "TargetPolicy",
     "Violation",
     "evaluate",
+    "health_rows",
     "stale_targets",
     "write_report",
 ]
@@ -241,6 +242,43 @@ def stale_targets(
     now: dt.datetime | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(every target's freshness, the stale ones) for the backup-health flow."""
+    rows, stale, _untrusted = health_rows(repo, targets, settings=settings, now=now)
+    return rows, stale
+
+
+def untrusted_rows(ev: Evidence) -> list[dict[str, Any]]:
+    """The catalog entries that do not count as backups (not signed by a trusted key,
+    malformed, misplaced): key, status, error and the target resource named by the key."""
+    from strongroom.compliance.check_signatures import target_of_key
+
+    rows = []
+    for item in ev.manifest_findings:
+        key = str(item["key"])
+        engine, target = target_of_key(key)
+        rows.append(
+            {
+                "key": key,
+                "status": str(item["status"]),
+                "error": str(item["error"]).splitlines()[0][:300] if item["error"] else "",
+                "engine": engine,
+                "target": target,
+                "resource_id": f"strongroom.target.{engine}.{target}"
+                if engine and target
+                else "strongroom.catalog",
+            }
+        )
+    return rows
+
+
+def health_rows(
+    repo: Repository,
+    targets: list[TargetPolicy] | None = None,
+    *,
+    settings: ComplianceSettings | None = None,
+    now: dt.datetime | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(every target's freshness, the stale ones, the untrusted catalog entries): an
+    untrusted manifest never counts as a backup, so never as a fresh one."""
     from strongroom.compliance.controls import check_freshness
 
     ev = Evidence(repo, targets=targets, settings=settings, now=now)
@@ -263,7 +301,7 @@ def stale_targets(
                 "resource_id": t.resource_id,
             }
         )
-    return rows, [r for r in rows if r["stale"]]
+    return rows, [r for r in rows if r["stale"]], untrusted_rows(ev)
 
 
 def write_report(

@@ -267,6 +267,7 @@ class Evidence:
         self._given_anchors = dict(anchors or {})
         self.read_problems: list[str] = []
         self.bad_manifests: list[tuple[str, str]] = []
+        self.untrusted_records: list[tuple[str, str]] = []
         self._object_heads: dict[str, dict[str, Any] | None] = {}
 
     # ---------------------------------------------------------------- basics
@@ -300,6 +301,13 @@ class Evidence:
     # --------------------------------------------------------------- catalog
 
     @cached_property
+    def manifest_findings(self) -> list[dict[str, Any]]:
+        """The catalog entries skipped (``strongroom.catalog.catalog_finding``: key,
+        status, error), e.g. manifests not signed by a trusted key."""
+        _ = self.manifests
+        return self._manifest_findings
+
+    @cached_property
     def manifests(self) -> dict[tuple[str, str], list[Manifest]]:
         """Every manifest, per (engine, target), oldest first. Unreadable ones are
         listed in ``bad_manifests``."""
@@ -309,6 +317,7 @@ class Evidence:
         catalog = Catalog(self.repo)
         for manifest in catalog.list():
             found[(manifest.engine, manifest.target)].append(manifest)
+        self._manifest_findings = list(catalog.findings)
         for finding in catalog.findings:
             error = str(finding["error"]).splitlines()[0][:200]
             self.bad_manifests.append((str(finding["key"]), error))
