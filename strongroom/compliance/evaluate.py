@@ -2,9 +2,10 @@
 
 ``evaluate`` is pure reading; ``write_report`` stores the JSON and HTML under
 ``reports/compliance/<report_id>.{json,html}`` in the repository (never
-overwriting) and, optionally, in a local folder. The report records the audit
+overwriting; both signed) and, optionally, in a local folder. The report records the audit
 chain head it saw (``audit_head``): the next evaluation uses it as an anchor,
-so an edited or truncated tail of the chain is detected.
+so an edited or truncated tail of the chain is detected (only a report signed by a
+trusted key provides that anchor).
 """
 
 from __future__ import annotations
@@ -311,8 +312,14 @@ def write_report(
     local_dir: Path | str | None = None,
 ) -> dict[str, str]:
     """Store ``<report_id>.json`` and ``.html`` under reports/compliance/ in the repository
-    (no overwrite) and in ``local_dir`` if given. Returns the keys and paths written."""
+    (no overwrite), each signed (``.sig``: the next evaluation takes its audit anchor
+    only from a trusted report, and an auditor can check them offline with
+    ``strongroom verify-signature``), and in ``local_dir`` if given. Returns the keys
+    and paths written."""
     from strongroom.compliance.report_html import render_html
+    from strongroom.signing import put_signed
+
+    repo.trust.require_signer("a compliance report")
 
     base = f"{REPORTS_PREFIX}{report.report_id}"
     keys = {"json_key": f"{base}.json", "html_key": f"{base}.html"}
@@ -327,8 +334,8 @@ def write_report(
     report.locations = written
     body = report.model_dump_json(indent=2).encode()
     html = render_html(report).encode()
-    repo.put_bytes(keys["json_key"], body, overwrite=False)
-    repo.put_bytes(keys["html_key"], html, overwrite=False)
+    put_signed(repo, keys["json_key"], body, overwrite=False)
+    put_signed(repo, keys["html_key"], html, overwrite=False)
     if local_dir is not None:
         folder = Path(local_dir)
         folder.mkdir(parents=True, exist_ok=True)
