@@ -168,7 +168,7 @@ def base_backup_postgres(
             "and pg_global; streamed base backups support the default tablespaces only"
         )
     started = dt.datetime.now(dt.UTC)
-    watch = ArchiverWatch(conn, facts["archive_command"])
+    watch = ArchiverWatch(conn, facts["archive_command"], facts["wal_segment_size"])
     bid = backup_id or new_backup_id(started)
     claim_backup_id(repo, ENGINE, conn.name, bid)
     settings = storage_settings(repo_config, started)
