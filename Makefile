@@ -38,8 +38,9 @@ unit: venv
 
 test: lint unit
 
+# GAUNTLET=1: the PostgreSQL step on the generated gauntlet dataset (strongroom/demo_gauntlet.py)
 demo: setup
-	$(PY) -m strongroom.demo
+	$(PY) -m strongroom.demo $(if $(filter-out 0,$(GAUNTLET)),--gauntlet)
 
 bench: setup
 	$(PY) -m bench.run

@@ -3,6 +3,9 @@
 Runs often (every 15 minutes by default), reads only the catalog, and emits one
 ``strongroom.backup.stale`` Prefect event per target whose newest backup is
 older than its RPO (or that has none); the automations route those to Slack.
+A manifest not signed by a trusted key (``strongroom.signing``: e.g. planted by a
+bucket writer to fake a fresh backup) never counts as a backup; each one is reported
+as a ``strongroom.manifest.untrusted`` event on its target and in the result.
 The run itself succeeds: a stale backup is an alert, not a failed health check
 (a failed run would page twice through the failed-run automation).
 """
@@ -17,19 +20,55 @@ from prefect.events import emit_event
 
 from flows.audit import discover_targets, load_policy_block, settings_from_policy
 from flows.common import load_repository, publish, secure_logging
-from strongroom.compliance.evaluate import stale_targets
+from strongroom.compliance.evaluate import health_rows
 from strongroom.compliance.model import ComplianceSettings, TargetPolicy
 from strongroom.repository import Repository
 
 STALE_EVENT = "strongroom.backup.stale"
+UNTRUSTED_EVENT = "strongroom.manifest.untrusted"
 
 
 @task(cache_policy=NO_CACHE)
 def check_freshness(
     repo: Repository, targets: list[TargetPolicy], settings: ComplianceSettings
-) -> list[dict[str, Any]]:
-    rows, _stale = stale_targets(repo, targets, settings=settings)
-    return rows
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(every target's freshness, the catalog entries not trusted)."""
+    rows, _stale, untrusted = health_rows(repo, targets, settings=settings)
+    return rows, untrusted
+
+
+def _related(engine: str | None, repository: str) -> list[dict[str, str]]:
+    tags = ["strongroom", *([engine] if engine else [])]
+    return [
+        *(
+            {"prefect.resource.id": f"prefect.tag.{t}", "prefect.resource.role": "tag"}
+            for t in tags
+        ),
+        {
+            "prefect.resource.id": f"strongroom.repository.{repository}",
+            "prefect.resource.role": "repository",
+        },
+    ]
+
+
+def emit_untrusted(row: dict[str, Any], repository: str) -> None:
+    named = f"{row['engine']}/{row['target']}" if row["engine"] else "catalog"
+    emit_event(
+        event=UNTRUSTED_EVENT,
+        resource={
+            "prefect.resource.id": row["resource_id"],
+            "prefect.resource.name": named,
+            "strongroom.engine": row["engine"] or "",
+            "strongroom.target": row["target"] or "",
+        },
+        related=_related(row["engine"], repository),
+        payload={
+            "key": row["key"],
+            "status": row["status"],
+            "detail": row["error"],
+            "repository": repository,
+        },
+    )
 
 
 def emit_stale(row: dict[str, Any], repository: str) -> None:
@@ -83,15 +122,21 @@ def backup_health(
     for item in targets or []:
         t = TargetPolicy(**{**item, "source": item.get("source", "flow parameter")})
         found[t.key] = t
-    rows = check_freshness(repo, list(found.values()), settings)
+    rows, untrusted = check_freshness(repo, list(found.values()), settings)
     stale = [r for r in rows if r["stale"]]
     for row in stale:
         emit_stale(row, repository)
         logger.warning("stale: %s/%s: %s", row["engine"], row["target"], row["message"])
+    for bad in untrusted:
+        emit_untrusted(bad, repository)
+        logger.warning("not trusted, not counted as a backup: %s: %s", bad["key"], bad["error"])
     publish(
-        f"Backup health: {len(stale)} of {len(rows)} target(s) stale",
+        f"Backup health: {len(stale)} of {len(rows)} target(s) stale, "
+        f"{len(untrusted)} manifest(s) not trusted",
         "backup-health",
-        [f"- {r['engine']}/{r['target']}: {r['message']}" for r in rows] or ["- no targets"],
+        [f"- {r['engine']}/{r['target']}: {r['message']}" for r in rows]
+        + [f"- NOT TRUSTED {u['key']}: {u['error']}" for u in untrusted]
+        or ["- no targets"],
         [
             {
                 "target": f"{r['engine']}/{r['target']}",
@@ -104,7 +149,8 @@ def backup_health(
         ],
     )
     return {
-        "ok": not stale,
+        "ok": not stale and not untrusted,
         "targets": rows,
         "stale": [f"{r['engine']}/{r['target']}" for r in stale],
+        "untrusted": [{k: u[k] for k in ("key", "status", "error")} for u in untrusted],
     }

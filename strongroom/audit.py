@@ -18,21 +18,27 @@ checksums involved, the result, and the SHA-256 of the previous event.
   versioned S3 bucket it also reports any audit object that was overwritten or
   deleted (extra versions, delete markers).
 
+* Each event is also signed (``strongroom.signing``): ``audit/<seq>.json.sig`` holds
+  the Ed25519 signature of its stored bytes and the event names the key
+  (``signed_by``). The chain proves order and completeness, the signature who wrote
+  the event: a bucket writer who rewrites the whole chain cannot sign it.
+  ``verify_chain`` reports unsigned and untrusted events (``unsigned`` /
+  ``untrusted``); ``read_events`` skips them (they are not evidence). The signature is
+  written just after the event (only the writer that won the sequence number signs
+  it); a runner with no trusted signing key still appends, unsigned, so an operation
+  is never left out of the trail, and the check reports the gap in trust.
+
 Nothing here imports Prefect unless a flow run is already in progress.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import getpass
 import hashlib
 import json
 import logging
-import os
 import random
 import re
-import socket
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,9 +46,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from strongroom.errors import Conflict, NotFound, StrongroomError
+from strongroom.audit_actor import current_actor
+from strongroom.errors import Conflict, IntegrityError, InvalidInput, NotFound, StrongroomError
 from strongroom.redact import scrub
 from strongroom.repository.base import Repository
+from strongroom.signing import MAX_RECORD_SIZE, SIG_SUFFIX, Signer, sig_key, verify_stored
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +78,13 @@ class AuditEvent(BaseModel):
     checksums: dict[str, str] = Field(default_factory=dict)
     details: dict[str, Any] = Field(default_factory=dict)
     prev_sha256: str
+    signed_by: str | None = None
 
     def canonical_bytes(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json"))
+        data = self.model_dump(mode="json")
+        if data["signed_by"] is None:  # events from before signing have no such field
+            del data["signed_by"]
+        return canonical_json(data)
 
 
 def canonical_json(data: Any) -> bytes:
@@ -93,66 +105,6 @@ def _seq_of(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-# ------------------------------------------------------------------ who did it
-
-
-def current_actor() -> dict[str, Any]:
-    """Who is acting: the Prefect flow run (and deployment) if inside one, else the
-    CLI user. ``STRONGROOM_AUDIT_ACTOR`` names a service account explicitly."""
-    actor: dict[str, Any] = {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-    }
-    try:
-        actor["user"] = getpass.getuser()
-    except (KeyError, OSError):
-        actor["user"] = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
-    explicit = os.environ.get("STRONGROOM_AUDIT_ACTOR")
-    if explicit:
-        actor["principal"] = explicit
-    flow_run = _prefect_flow_run()
-    if flow_run:
-        actor.update(kind="prefect-flow-run", **flow_run)
-    else:
-        actor["kind"] = (
-            "cli" if sys.argv and "strongroom" in os.path.basename(sys.argv[0]) else ("process")
-        )
-        actor.setdefault("command", " ".join(os.path.basename(a) for a in sys.argv[:2]))
-    return actor
-
-
-def _prefect_flow_run() -> dict[str, Any]:
-    """Flow-run identity, only if Prefect is already loaded and a run is active."""
-    if "prefect" not in sys.modules:
-        return {}
-    try:
-        from prefect.context import FlowRunContext
-
-        ctx = FlowRunContext.get()
-        if ctx is None or ctx.flow_run is None:
-            return {}
-        run = ctx.flow_run
-        found: dict[str, Any] = {
-            "flow_run_id": str(run.id),
-            "flow_run_name": run.name,
-            "flow_name": ctx.flow.name if ctx.flow is not None else None,
-        }
-        if run.deployment_id:
-            found["deployment_id"] = str(run.deployment_id)
-            try:
-                from prefect.runtime import deployment
-
-                found["deployment_name"] = deployment.name
-            except Exception as exc:  # the API may be unreachable: the id is enough
-                log.debug("deployment name unavailable: %s", exc)
-        if run.tags:
-            found["tags"] = sorted(run.tags)
-        return found
-    except Exception as exc:  # never let identity lookup break an operation
-        log.debug("could not read the Prefect flow run context: %s", exc)
-        return {}
-
-
 # --------------------------------------------------------------------- append
 
 
@@ -170,16 +122,33 @@ EMPTY_HEAD = ChainHead(0, GENESIS_SHA256)
 
 
 def _audit_keys(repo: Repository, stray: list[str] | None = None) -> list[tuple[int, str]]:
-    """(seq, key) of every event, in order; other keys under audit/ go to ``stray``."""
+    """(seq, key) of every event, in order; other keys under audit/ (but the signatures
+    of events) go to ``stray``."""
     found = []
+    sigs: list[str] = []
     for info in repo.list(AUDIT_PREFIX):
         seq = _seq_of(info.key)
         if seq is not None:
             found.append((seq, info.key))
+        elif info.key.endswith(SIG_SUFFIX) and _seq_of(info.key[: -len(SIG_SUFFIX)]):
+            sigs.append(info.key)
         elif stray is not None:
             stray.append(info.key)
+    if stray is not None:
+        events = {key for _, key in found}
+        stray.extend(k for k in sigs if k[: -len(SIG_SUFFIX)] not in events)
     found.sort()
     return found
+
+
+def event_signer(repo: Repository) -> Signer | None:
+    """The key events are signed with: the repository's signer if its readers trust it,
+    else None (the event is still appended, unsigned, and ``verify_chain`` reports it)."""
+    try:
+        return repo.trust.require_signer("a signed audit event")
+    except InvalidInput as exc:
+        log.warning("audit event appended unsigned: %s", exc)
+        return None
 
 
 def read_head(repo: Repository) -> ChainHead:
@@ -207,6 +176,7 @@ def append_event(
     """Append one event to the chain; retries on a lost race for the sequence number."""
     who = dict(actor) if actor is not None else current_actor()
     clean_details = _scrubbed(dict(details or {}))
+    signer = event_signer(repo)
     for attempt in range(1, _MAX_APPEND_ATTEMPTS + 1):
         head = read_head(repo)
         event = AuditEvent(
@@ -221,13 +191,18 @@ def append_event(
             checksums=dict(checksums or {}),
             details=clean_details,
             prev_sha256=head.sha256,
+            signed_by=signer.key_id if signer is not None else None,
         )
+        body = event.canonical_bytes()
+        key = event_key(event.seq)
         try:
-            repo.put_bytes(event_key(event.seq), event.canonical_bytes(), overwrite=False)
+            repo.put_bytes(key, body, overwrite=False)
         except Conflict:
             # Another writer took this sequence number: re-read the head, go again.
             time.sleep(random.uniform(0, min(0.05 * attempt, 0.5)))  # noqa: S311
             continue
+        if signer is not None:  # only the winner of ``seq`` signs it (no race on .sig)
+            repo.put_bytes(sig_key(key), signer.sign(body), overwrite=True)
         return event
     raise Conflict(
         f"could not append to the audit trail of {repo.describe()} after "
@@ -294,16 +269,27 @@ def record_event(
     )
 
 
-def read_events(repo: Repository, *, since_seq: int = 0) -> list[AuditEvent]:
-    """Events in sequence order (malformed ones are skipped; ``verify_chain`` reports them)."""
+def read_events(
+    repo: Repository, *, since_seq: int = 0, findings: list[dict[str, Any]] | None = None
+) -> list[AuditEvent]:
+    """Events signed by a trusted key, in sequence order. Malformed and untrusted ones
+    are skipped (``verify_chain`` reports them); when ``findings`` is given, untrusted
+    ones are appended to it (``key``, ``error``)."""
     events = []
     for seq, key in _audit_keys(repo):
         if seq <= since_seq:
             continue
         try:
-            events.append(AuditEvent.model_validate_json(repo.get_bytes(key)))
-        except (ValueError, NotFound):
+            raw = repo.get_bytes(key, max_size=MAX_RECORD_SIZE)
+            event = AuditEvent.model_validate_json(raw)
+        except (ValueError, NotFound, IntegrityError):
             continue
+        verdict = verify_stored(repo, key, raw, event.signed_by)
+        if not verdict.trusted:
+            if findings is not None:
+                findings.append(verdict.finding())
+            continue
+        events.append(event)
     return events
 
 
@@ -356,7 +342,8 @@ def verify_chain(
     check_versions: bool = True,
 ) -> ChainReport:
     """Walk ``audit/`` from event 1: every sequence number present, each event stored
-    under its own number, each ``prev_sha256`` equal to the hash of the event before.
+    under its own number, each ``prev_sha256`` equal to the hash of the event before,
+    each signed by a trusted key (``unsigned`` / ``untrusted`` problems otherwise).
 
     ``anchors`` (seq -> sha256 recorded outside the chain) catch an edited or removed
     tail, which the chain alone cannot. ``check_versions`` also lists object versions
@@ -413,6 +400,10 @@ def verify_chain(
             problems.append(
                 ChainProblem(seq, "edited", f"{key} is not in canonical form: it was rewritten")
             )
+        verdict = verify_stored(repo, key, raw, event.signed_by)
+        if not verdict.trusted:
+            kind = "unsigned" if verdict.status == "unsigned" else "untrusted"
+            problems.append(ChainProblem(seq, kind, verdict.message("audit event")))
         prev_seq, prev_hash = seq, digest
     report.head_seq = prev_seq
     report.head_sha256 = prev_hash

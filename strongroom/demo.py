@@ -1,5 +1,8 @@
 """``make demo``: the whole loop on embedded defaults, end to end.
 
+``--gauntlet`` (``make demo GAUNTLET=1``) takes the PostgreSQL gauntlet dataset
+instead of the sample shop database (``strongroom.demo_gauntlet``).
+
 Starts throwaway database servers with realistic sample data, keeps the
 repository in a local folder and Prefect's state in ``.strongroom-demo/``
 (Prefect's local API), then per engine: backs up through the Prefect flows,
@@ -321,7 +324,13 @@ def _clickhouse(demo: Demo) -> tuple[str, str]:
     return "clickhouse", "demo-ch"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    unknown = [a for a in args if a != "--gauntlet"]
+    if unknown:
+        print(f"usage: python -m strongroom.demo [--gauntlet]; unknown: {' '.join(unknown)}")
+        return 2
+    gauntlet = "--gauntlet" in args
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     # Each run makes a new age identity, so it starts from an empty repository: backups
     # of an earlier run could not be decrypted (and deep verify would rightly fail).
@@ -333,7 +342,12 @@ def main() -> int:
         demo = Demo(stack)
         demo.console.rule("[bold]strongroom demo")
         _setup_common()
-        targets = [_postgres(demo), _clickhouse(demo), _redis(demo)]
+        if gauntlet:
+            from strongroom.demo_gauntlet import postgres_gauntlet
+
+            targets = [postgres_gauntlet(demo), _clickhouse(demo), _redis(demo)]
+        else:
+            targets = [_postgres(demo), _clickhouse(demo), _redis(demo)]
 
         from rich.table import Table
 

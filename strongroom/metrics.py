@@ -11,7 +11,10 @@ Metrics (labels ``engine``, ``target``):
 * ``strongroom_backup_last_size_bytes`` (stored) / ``..._last_raw_size_bytes`` (dump)
 * ``strongroom_backup_last_duration_seconds``
 * ``strongroom_backup_age_seconds``: now minus the newest backup's finish time
-* ``strongroom_backups_in_catalog``
+* ``strongroom_backups_in_catalog``: trusted backups only (signed by a trusted key)
+* ``strongroom_untrusted_manifests``: catalog entries not counted as backups (not signed
+  by a trusted key, malformed, misplaced: ``strongroom.signing``); labels empty when the
+  key names no valid engine/target
 * ``strongroom_backup_runs_total{result="success|failure"}``: backup runs recorded in
   the audit trail (successes fall back to the catalog count while the trail has no
   backup events for the target)
@@ -63,6 +66,7 @@ class Snapshot:
     wal: dict[str, dict[str, Any]] = field(default_factory=dict)
     drills: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     controls: dict[str, str] = field(default_factory=dict)
+    untrusted: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def take_snapshot(repo: Repository, now: dt.datetime | None = None) -> Snapshot:
@@ -83,6 +87,12 @@ def take_snapshot(repo: Repository, now: dt.datetime | None = None) -> Snapshot:
             "duration": last.duration_s,
             "count": len(items),
         }
+    from strongroom.compliance.check_signatures import target_of_key
+
+    for finding in ev.manifest_findings:
+        engine, target = target_of_key(str(finding["key"]))
+        where = (engine or "", target or "")
+        snap.untrusted[where] = snap.untrusted.get(where, 0) + 1
     audit_counted: set[tuple[str, str]] = set()
     for event in read_events(repo):
         if event.action != "backup" or not event.engine or not event.target:
@@ -189,6 +199,15 @@ class RepositoryCollector(Collector):
             raw.add_metric(values, b["raw"])
             duration.add_metric(values, b["duration"])
             count.add_metric(values, b["count"])
+        untrusted = gauge(
+            "strongroom_untrusted_manifests",
+            "Manifests not counted as backups: not signed by a trusted key (or malformed).",
+        )
+        for (engine, target), n in sorted(snap.untrusted.items()):
+            untrusted.add_metric([engine, target], n)
+        for engine, target in sorted(snap.backups):
+            if (engine, target) not in snap.untrusted:
+                untrusted.add_metric([engine, target], 0)
         runs = CounterMetricFamily(
             "strongroom_backup_runs",
             "Backup runs by result (audit trail; catalog count while the trail has none).",
@@ -248,6 +267,7 @@ class RepositoryCollector(Collector):
             raw,
             duration,
             count,
+            untrusted,
             runs,
             wal_last,
             wal_lag,

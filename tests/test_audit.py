@@ -188,9 +188,10 @@ def test_anchor_detects_edited_or_truncated_tail(tmp_path: Path) -> None:
     _fill(repo, 4)
     head = read_head(repo)
     assert verify_chain(repo, anchors={head.seq: head.sha256}).ok
-    # the newest event has no successor to vouch for it: only the anchor catches this
+    # the newest event has no successor to vouch for it: its signature and the anchor
+    # catch this (the chain alone cannot)
     _edit(tmp_path / "audit" / "000000000004.json", result="failure")
-    assert _kinds(repo) == set()
+    assert _kinds(repo) == {"untrusted"}
     assert "anchor-mismatch" in _kinds(repo, anchors={head.seq: head.sha256})
     (tmp_path / "audit" / "000000000004.json").unlink()
     assert "truncated" in _kinds(repo, anchors={head.seq: head.sha256})

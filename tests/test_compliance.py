@@ -30,6 +30,7 @@ from strongroom.ids import new_backup_id
 from strongroom.repository.base import Repository
 from strongroom.repository.local import LocalRepository
 from strongroom.repository.s3 import S3Repository
+from strongroom.signing import put_signed_json
 from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config, signing_block_fields
 
 RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
@@ -152,7 +153,7 @@ def add_drill(
         "failures": [] if ok else ["restored data differs"],
     }
     key = f"drills/{engine}/{target}/{drill_id}.json"
-    repo.put_bytes(key, json.dumps(record).encode())
+    put_signed_json(repo, key, record)
     return key
 
 
@@ -169,7 +170,7 @@ def add_verification(repo: Repository, manifest: Manifest, *, ok: bool = True) -
         "ok": ok,
     }
     key = f"verifications/{manifest.engine}/{manifest.target}/{vid}.json"
-    repo.put_bytes(key, json.dumps(record).encode())
+    put_signed_json(repo, key, record)
     return key
 
 
@@ -290,7 +291,7 @@ def test_every_control_passes_on_a_compliant_repository(compliant: Bucket) -> No
         if c.status != "pass"
     }
     assert not bad, bad
-    assert len(report.controls) == 13
+    assert len(report.controls) == len(CONTROL_IDS) == 14 and "SR-SIG-01" in CONTROL_IDS
     for c in report.controls:
         assert c.frameworks["SOC 2"] and c.frameworks["HIPAA"], c.id
         assert c.frameworks["ISO/IEC 27001:2022"], c.id

@@ -157,49 +157,84 @@ def test_pitr_start_on_a_hardened_cluster(
         remove_dir(where)
 
 
-@pytest.mark.parametrize(
-    "command",
-    # exit codes above 125 (command not found) make PostgreSQL's archiver exit FATAL before
-    # it counts the failure in pg_stat_archiver: not detected yet (see docs/pitr.md)
-    ["sh -c 'echo AWS_SECRET_ACCESS_KEY=hunter2-not-real >&2; exit 1' %p", "false %p"],
-    ids=["fails_with_secret", "false"],
-)
-def test_failing_archive_command_fails_the_base_backup_fast(command: str) -> None:
-    """The base backup reads pg_stat_archiver while it waits for its WAL: a failing
-    archive_command ends it with a ToolFailed (not retried as transient) naming the
-    command, its secrets redacted, and the archiver's last failure; nothing is
-    published."""
+# {dir}: the test's own folder. Exit 1: pg_stat_archiver counts the failures. Exit 126 and
+# 127: the archiver exits FATAL before counting, the postmaster restarts it every 10 s; the
+# watch sees the .ready file waiting and the archiver process gone (superuser or
+# pg_monitor), or only no progress (a role with neither).
+FAILING = {
+    "fails_with_secret": ("sh -c 'echo AWS_SECRET_ACCESS_KEY=hunter2-not-real >&2; exit 1' %p", ""),
+    "false": ("false %p", ""),
+    "exit126_not_executable": ("{dir}/not-executable %p", "superuser"),
+    "exit127_not_found_server_log": (
+        "/nonexistent/strongroom-wal --password=hunter2-not-real push %p",
+        "logging_collector",
+    ),
+    "exit127_not_found_without_pg_monitor": ("/nonexistent/strongroom-wal push %p", "plain_role"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILING), ids=list(FAILING))
+def test_failing_archive_command_fails_the_base_backup_fast(case: str) -> None:
+    """The base backup reads pg_stat_archiver (and the archiver's process and
+    archive_status) while it waits for its WAL: a failing archive_command ends it within
+    30 s with a ToolFailed (not retried as transient) naming the command, its secrets
+    redacted, and the best error available; nothing is published."""
     from pydantic import SecretStr
 
     from strongroom.catalog import Catalog
-    from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
+    from strongroom.config import EncryptionConfig, PostgresConnection
     from strongroom.errors import ServiceUnavailable, ToolFailed
-    from strongroom.repository.local import LocalRepository
     from strongroom.sandbox.postgres import PostgresServer
+    from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config
 
+    template, mode = FAILING[case]
     root = make_temp_dir("pitr-badarch")
     chown_to_postgres(root, 0o755)
+    command = template.replace("{dir}", str(root))
+    (root / "not-executable").write_text("#!/bin/sh\nexit 0\n")
+    (root / "not-executable").chmod(0o644)  # readable by postgres, not executable: exit 126
     key = x25519.Identity.generate()
-    server = PostgresServer(root / "src", archive_command=command)
+    settings = {"logging_collector": "on"} if mode == "logging_collector" else {}
+    server = PostgresServer(root / "src", archive_command=command, settings=settings)
     try:
         server.start()
-        repo = LocalRepository(root / "repo")
-        config = RepositoryConfig(kind="local", path=str(root / "repo"))
+        user, password = "postgres", server.password
+        if mode == "plain_role":  # what a base backup needs, without superuser or pg_monitor
+            user, password = "strongroom_bk", "bk-" + server.password
+            server.psql(
+                f"CREATE ROLE {user} LOGIN REPLICATION PASSWORD '{password}';"
+                f" GRANT EXECUTE ON FUNCTION pg_control_system() TO {user};"
+                f" GRANT EXECUTE ON FUNCTION pg_control_checkpoint() TO {user};"
+            )
+        repo = make_local_repo(root / "repo")
+        config = signed_config(kind="local", path=str(root / "repo"))
         enc = EncryptionConfig(recipients=[str(key.to_public())])
         conn = PostgresConnection(
-            name="badarch", host=server.host, port=server.port, password=SecretStr(server.password)
+            name="badarch",
+            host=server.host,
+            port=server.port,
+            user=user,
+            password=SecretStr(password),
         )
         started = time.monotonic()
         with pytest.raises(ToolFailed) as caught:
             base_backup_postgres(conn, repo, config, enc, wal_timeout_s=600)
         took = time.monotonic() - started
         message = str(caught.value)
+        print(f"{case}: base backup refused after {took:.1f} s: {message}")
         assert not isinstance(caught.value, ServiceUnavailable)
+        assert took < 30
         assert "archive_command" in message and "pg_stat_archiver" in message
         assert command.split()[0] in message
         assert "hunter2" not in message
+        if mode in ("superuser", "logging_collector"):
+            assert "archiver process is" in message and ".ready" not in message
+            assert "waits to be archived" in message
+        if mode == "plain_role":
+            assert "pg_monitor" in message
+        if mode == "logging_collector":
+            assert "failed with exit code 127" in message and "not found" in message
         assert Catalog(repo).list() == []
-        print(f"base backup refused after {took:.1f} s: {message}")
     finally:
         server.stop()
     remove_dir(root)

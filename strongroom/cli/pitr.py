@@ -169,11 +169,12 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
         with --verify, on a damaged or replaced WAL file)."""
         with _handled(as_json):
             from flows.common import load_key, load_repository
-            from strongroom.engines.postgres.pitr.basebackup import base_backups
+            from strongroom.engines.postgres.pitr.basebackup import base_backups_with_findings
             from strongroom.engines.postgres.wal.check import wal_check
 
             repo, _ = load_repository(repository)
-            report = wal_check(repo, target, base_backups(repo, target))
+            bases, untrusted = base_backups_with_findings(repo, target)
+            report = wal_check(repo, target, bases, untrusted)
             if verify_key:
                 from strongroom.engines.postgres.wal.verify import verify_archive
 
@@ -306,6 +307,11 @@ def _print_check(out: Any, report: dict[str, Any]) -> None:
     out.print(f"WAL archive of [bold]{report['target']}[/bold]: {mark}")
     for problem in report["problems"]:
         out.print(f"  [red]-[/red] {problem}")
+    from rich.markup import escape
+
+    for item in report.get("untrusted", []):
+        text = escape(f"{item['key']}: {item['error']}")
+        out.print(f"  [red]not trusted, ignored:[/red] {text}")
     table = Table("timeline", "parent", "segments", "first", "last", "gaps")
     for t in report["timelines"]:
         table.add_row(

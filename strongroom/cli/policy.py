@@ -182,6 +182,9 @@ def pins_cmd(
                     str(r.get("reason", "")),
                 )
             out.print(table)
+            for r in rows:
+                if not r["trusted"]:
+                    err.print(f"[yellow]{r['untrusted']} (it still protects the backup)[/yellow]")
 
         _emit(as_json, rows, human)
 

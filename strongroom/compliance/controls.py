@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from strongroom.compliance.check_signatures import SIGNATURE_CONTROL, check_signatures
 from strongroom.compliance.check_transport import check_transport
 from strongroom.compliance.evidence import Evidence, segment_name
 from strongroom.compliance.model import (
@@ -681,7 +682,7 @@ def _engine_wal_check(ev: Evidence, target: TargetPolicy) -> dict[str, Any] | No
         return None
     from strongroom.engines.postgres.wal.check import wal_check
 
-    report: dict[str, Any] = wal_check(ev.repo, target.target, bases)
+    report: dict[str, Any] = wal_check(ev.repo, target.target, bases, untrusted=[])  # SR-SIG-01
     return report
 
 
@@ -1022,6 +1023,7 @@ CONTROLS: list[Control] = [
         "target blocks: host, sslmode / secure + verify_tls / tls, allow_plaintext",
         check_transport,
     ),
+    Control(*SIGNATURE_CONTROL, check_signatures),
 ]
 
 CONTROL_IDS = [c.id for c in CONTROLS]

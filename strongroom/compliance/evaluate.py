@@ -2,9 +2,10 @@
 
 ``evaluate`` is pure reading; ``write_report`` stores the JSON and HTML under
 ``reports/compliance/<report_id>.{json,html}`` in the repository (never
-overwriting) and, optionally, in a local folder. The report records the audit
+overwriting; both signed) and, optionally, in a local folder. The report records the audit
 chain head it saw (``audit_head``): the next evaluation uses it as an anchor,
-so an edited or truncated tail of the chain is detected.
+so an edited or truncated tail of the chain is detected (only a report signed by a
+trusted key provides that anchor).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "TargetPolicy",
     "Violation",
     "evaluate",
+    "health_rows",
     "stale_targets",
     "write_report",
 ]
@@ -241,6 +243,43 @@ def stale_targets(
     now: dt.datetime | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(every target's freshness, the stale ones) for the backup-health flow."""
+    rows, stale, _untrusted = health_rows(repo, targets, settings=settings, now=now)
+    return rows, stale
+
+
+def untrusted_rows(ev: Evidence) -> list[dict[str, Any]]:
+    """The catalog entries that do not count as backups (not signed by a trusted key,
+    malformed, misplaced): key, status, error and the target resource named by the key."""
+    from strongroom.compliance.check_signatures import target_of_key
+
+    rows = []
+    for item in ev.manifest_findings:
+        key = str(item["key"])
+        engine, target = target_of_key(key)
+        rows.append(
+            {
+                "key": key,
+                "status": str(item["status"]),
+                "error": str(item["error"]).splitlines()[0][:300] if item["error"] else "",
+                "engine": engine,
+                "target": target,
+                "resource_id": f"strongroom.target.{engine}.{target}"
+                if engine and target
+                else "strongroom.catalog",
+            }
+        )
+    return rows
+
+
+def health_rows(
+    repo: Repository,
+    targets: list[TargetPolicy] | None = None,
+    *,
+    settings: ComplianceSettings | None = None,
+    now: dt.datetime | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(every target's freshness, the stale ones, the untrusted catalog entries): an
+    untrusted manifest never counts as a backup, so never as a fresh one."""
     from strongroom.compliance.controls import check_freshness
 
     ev = Evidence(repo, targets=targets, settings=settings, now=now)
@@ -263,7 +302,7 @@ def stale_targets(
                 "resource_id": t.resource_id,
             }
         )
-    return rows, [r for r in rows if r["stale"]]
+    return rows, [r for r in rows if r["stale"]], untrusted_rows(ev)
 
 
 def write_report(
@@ -273,8 +312,14 @@ def write_report(
     local_dir: Path | str | None = None,
 ) -> dict[str, str]:
     """Store ``<report_id>.json`` and ``.html`` under reports/compliance/ in the repository
-    (no overwrite) and in ``local_dir`` if given. Returns the keys and paths written."""
+    (no overwrite), each signed (``.sig``: the next evaluation takes its audit anchor
+    only from a trusted report, and an auditor can check them offline with
+    ``strongroom verify-signature``), and in ``local_dir`` if given. Returns the keys
+    and paths written."""
     from strongroom.compliance.report_html import render_html
+    from strongroom.signing import put_signed
+
+    repo.trust.require_signer("a compliance report")
 
     base = f"{REPORTS_PREFIX}{report.report_id}"
     keys = {"json_key": f"{base}.json", "html_key": f"{base}.html"}
@@ -289,8 +334,8 @@ def write_report(
     report.locations = written
     body = report.model_dump_json(indent=2).encode()
     html = render_html(report).encode()
-    repo.put_bytes(keys["json_key"], body, overwrite=False)
-    repo.put_bytes(keys["html_key"], html, overwrite=False)
+    put_signed(repo, keys["json_key"], body, overwrite=False)
+    put_signed(repo, keys["html_key"], html, overwrite=False)
     if local_dir is not None:
         folder = Path(local_dir)
         folder.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
-import json
 import logging
 import re
 from collections import defaultdict
@@ -23,9 +22,10 @@ from strongroom.audit import AuditEvent, ChainReport, read_events, verify_chain
 from strongroom.catalog import Catalog, Manifest
 from strongroom.compliance.model import ComplianceSettings, TargetPolicy
 from strongroom.config import RepositoryConfig
-from strongroom.errors import NotFound
+from strongroom.errors import IntegrityError, NotFound
 from strongroom.ids import ENGINES
 from strongroom.repository.base import ObjectInfo, Repository
+from strongroom.signing import get_verified_json
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ class Evidence:
         self._given_anchors = dict(anchors or {})
         self.read_problems: list[str] = []
         self.bad_manifests: list[tuple[str, str]] = []
+        self.untrusted_records: list[tuple[str, str]] = []
         self._object_heads: dict[str, dict[str, Any] | None] = {}
 
     # ---------------------------------------------------------------- basics
@@ -286,18 +287,28 @@ class Evidence:
     def _list(self, prefix: str) -> list[ObjectInfo]:
         return list(self.repo.list(prefix))
 
-    def _json(self, key: str) -> dict[str, Any] | None:
+    def _signed_json(self, key: str) -> dict[str, Any] | None:
+        """A record that counts as evidence only if signed by a trusted key; an untrusted
+        one is appended to ``untrusted_records`` (key, why), an unreadable one to
+        ``read_problems``."""
         try:
-            data = json.loads(self.repo.get_bytes(key))
-        except (ValueError, NotFound) as exc:
+            data, verdict = get_verified_json(self.repo, key, strict=False)
+        except (IntegrityError, NotFound) as exc:
             self.read_problems.append(f"{key}: unreadable ({exc})")
             return None
-        if not isinstance(data, dict):
-            self.read_problems.append(f"{key}: not a JSON object")
+        if not verdict.trusted:
+            self.untrusted_records.append((key, verdict.message()))
             return None
         return data
 
     # --------------------------------------------------------------- catalog
+
+    @cached_property
+    def manifest_findings(self) -> list[dict[str, Any]]:
+        """The catalog entries skipped (``strongroom.catalog.catalog_finding``: key,
+        status, error), e.g. manifests not signed by a trusted key."""
+        _ = self.manifests
+        return self._manifest_findings
 
     @cached_property
     def manifests(self) -> dict[tuple[str, str], list[Manifest]]:
@@ -309,6 +320,7 @@ class Evidence:
         catalog = Catalog(self.repo)
         for manifest in catalog.list():
             found[(manifest.engine, manifest.target)].append(manifest)
+        self._manifest_findings = list(catalog.findings)
         for finding in catalog.findings:
             error = str(finding["error"]).splitlines()[0][:200]
             self.bad_manifests.append((str(finding["key"]), error))
@@ -410,7 +422,7 @@ class Evidence:
             parts = info.key.split("/")
             if len(parts) != 4 or not parts[3].endswith(".json"):
                 continue
-            data = self._json(info.key)
+            data = self._signed_json(info.key)
             if data is None:
                 continue
             record = DrillRecord.parse(info.key, parts[1], parts[2], data)
@@ -434,7 +446,7 @@ class Evidence:
             for info in self._list(prefix):
                 if not info.key.endswith(".json"):
                     continue
-                data = self._json(info.key)
+                data = self._signed_json(info.key)
                 if data is None:
                     continue
                 parts = info.key[len(prefix) :].split("/")
@@ -547,7 +559,7 @@ class Evidence:
         """Audit-chain anchors: given ones plus the head the newest report recorded."""
         found = dict(self._given_anchors)
         for key in reversed(self.previous_reports):
-            data = self._json(key)
+            data = self._signed_json(key)  # a forged report must not set the anchor
             head = (data or {}).get("audit_head") or {}
             if isinstance(head.get("seq"), int) and isinstance(head.get("sha256"), str):
                 if head["seq"] > 0:
@@ -561,7 +573,12 @@ class Evidence:
 
     @cached_property
     def audit_events(self) -> list[AuditEvent]:
-        return read_events(self.repo)
+        """Events signed by a trusted key (the others are listed in ``untrusted_records``;
+        ``chain`` reports them too)."""
+        findings: list[dict[str, Any]] = []
+        events = read_events(self.repo, findings=findings)
+        self.untrusted_records.extend((str(f["key"]), str(f["error"])) for f in findings)
+        return events
 
     def evidence_objects(self) -> list[ObjectInfo]:
         """Audit events, drill records, verification records and reports."""

@@ -15,6 +15,12 @@ A drill
    drill record at ``drills/<engine>/<target>/<drill_id>.json`` (also for a
    failed drill: a failure is evidence too);
 8. raises ``DrillFailed`` if anything failed (unless ``check=False``).
+
+Drill records are signed (``strongroom.signing``): a drill runs on a runner with the
+repository block (and its signing key) of the backups it drills, so a drill that is to
+store its record refuses to start without a trusted signer. ``list_drills`` skips
+records not signed by a trusted key (reporting them in ``findings``); ``load_drill``
+refuses them.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from strongroom.errors import IntegrityError, StrongroomError
 from strongroom.ids import check_engine, check_name, new_backup_id
 from strongroom.redact import scrub
 from strongroom.repository.base import Repository
+from strongroom.signing import get_verified_json, put_signed_json
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +123,8 @@ def run_drill(
     clock = now or (lambda: dt.datetime.now(dt.UTC))
     engine = check_engine(adapter.engine)
     check_name(target, "target name")
+    if store:  # the record is evidence: no point drilling if it cannot be signed
+        repo.trust.require_signer("a drill record")
     objectives = objectives or Objectives()
     did = drill_id or new_backup_id()
     started = clock()
@@ -211,7 +220,7 @@ def run_drill(
     record["data_mismatch"] = bool(record.get("data_mismatch"))
     if store:
         key = drill_key(engine, target, did)
-        repo.put_bytes(key, json.dumps(record, indent=2, default=str).encode())
+        put_signed_json(repo, key, json.loads(json.dumps(record, default=str)))
         record["record_key"] = key
     log.info(
         "drill %s of %s/%s: %s (RTO %s s, RPO %s s)",
@@ -228,9 +237,15 @@ def run_drill(
 
 
 def list_drills(
-    repo: Repository, engine: str | None = None, target: str | None = None
+    repo: Repository,
+    engine: str | None = None,
+    target: str | None = None,
+    *,
+    findings: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Drill records, oldest first, as summary rows (for ``strongroom list --drills``).
+    Records not signed by a trusted key, or unreadable, are skipped (and appended to
+    ``findings`` when given: ``key``, ``error``).
 
     Each row: drill_id, engine, target, backup_id, started_at, ok, rto_s,
     rto_objective_s, rpo_s, rpo_objective_s, failures, record_key.
@@ -248,10 +263,15 @@ def list_drills(
         if target and parts[2] != target:
             continue
         try:
-            r = json.loads(repo.get_bytes(info.key))
-        except (StrongroomError, ValueError):
+            r, verdict = get_verified_json(repo, info.key, strict=False)
+        except StrongroomError as exc:
+            if findings is not None:
+                findings.append({"key": info.key, "status": "unreadable", "error": str(exc)})
             continue
-        if not isinstance(r, dict):
+        if not verdict.trusted:
+            log.warning("%s", verdict.message("drill record"))
+            if findings is not None:
+                findings.append(verdict.finding())
             continue
         objectives = r.get("objectives") or {}
         rows.append(
@@ -274,7 +294,8 @@ def list_drills(
 
 
 def load_drill(repo: Repository, engine: str, target: str, drill_id: str) -> dict[str, Any]:
-    data = json.loads(repo.get_bytes(drill_key(engine, target, drill_id)))
-    if not isinstance(data, dict):
-        raise StrongroomError(f"drill record {drill_id} is malformed")
+    """One drill record; ``IntegrityError`` unless it is signed by a trusted key."""
+    key = drill_key(engine, target, drill_id)
+    data, verdict = get_verified_json(repo, key, strict=False)
+    verdict.require("drill record")
     return data

@@ -5,19 +5,26 @@ Manifests are never rewritten, so a pin is a small separate object:
 (or ``pinned=true``) set when the backup was taken pins it too. Unpinning
 deletes the pin object (in a versioned bucket that adds a delete marker; the
 old pin version is history, not a pin).
+
+Pins are signed (``strongroom.signing``) like manifests. A pin that is not signed by a
+trusted key still protects its backup from retention (fail safe: forging a pin can only
+keep more data), but it is marked ``trusted: False`` and reported (``pin_findings``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import getpass
-import json
+import logging
 from typing import Any
 
 from strongroom.catalog import Catalog, Manifest
-from strongroom.errors import InvalidInput, NotFound
+from strongroom.errors import IntegrityError, InvalidInput, NotFound
 from strongroom.ids import check_backup_id, check_engine, check_name
 from strongroom.repository.base import Repository
+from strongroom.signing import delete_signed, get_verified_json, put_signed_json
+
+log = logging.getLogger(__name__)
 
 PIN_LABELS = {"keep": "forever", "pinned": "true", "pin": "true"}
 
@@ -40,7 +47,9 @@ def pin(
     reason: str = "",
     by: str | None = None,
 ) -> dict[str, Any]:
-    """Pin a backup (it must exist). Pinning again replaces the reason."""
+    """Pin a backup (it must exist). Pinning again replaces the reason. The pin is
+    signed: a repository without a trusted signing key cannot pin."""
+    repo.trust.require_signer("a pin")
     if backup_id == "latest" and not target:
         raise InvalidInput("pin 'latest' needs --engine and --target")
     manifest = Catalog(repo).resolve(backup_id, engine, target)
@@ -55,8 +64,8 @@ def pin(
         "reason": reason,
     }
     key = pin_key(manifest.engine, manifest.target, manifest.backup_id)
-    repo.put_bytes(key, json.dumps(record, indent=2).encode(), overwrite=True)
-    return {**record, "key": key}
+    key_id = put_signed_json(repo, key, record, overwrite=True)
+    return {**record, "key": key, "signed_by": key_id}
 
 
 def unpin(
@@ -70,14 +79,16 @@ def unpin(
     if len(pins) > 1:
         raise InvalidInput(f"backup id {backup_id} is pinned for several targets; give --target")
     record = pins[0]
-    repo.delete(record["key"])
+    delete_signed(repo, record["key"])
     return {**record, "unpinned_at": dt.datetime.now(dt.UTC).isoformat()}
 
 
 def list_pins(
     repo: Repository, engine: str | None = None, target: str | None = None
 ) -> list[dict[str, Any]]:
-    """Pin records (each with its ``key``), oldest backup first."""
+    """Pin records (each with its ``key``), oldest backup first. Each has ``trusted``;
+    an untrusted one (unsigned, foreign key, edited, malformed) is still listed (it
+    still pins: fail safe) with ``untrusted`` saying why."""
     prefix = "pins/"
     if engine:
         prefix += f"{check_engine(engine)}/"
@@ -91,11 +102,17 @@ def list_pins(
         if target and parts[2] != target:
             continue
         try:
-            record = json.loads(repo.get_bytes(info.key))
-        except (NotFound, ValueError):
+            record, verdict = get_verified_json(repo, info.key, strict=False)
+        except NotFound:
             continue
-        if not isinstance(record, dict):
-            continue
+        except IntegrityError as exc:  # not JSON or oversized: still a pin (fail safe)
+            record = {"trusted": False, "untrusted": f"pin {info.key} is unreadable: {exc}"}
+        else:
+            record["trusted"] = verdict.trusted
+            if not verdict.trusted:
+                record["untrusted"] = verdict.message("pin")
+        if not record["trusted"]:
+            log.warning("%s; it still protects its backup", record["untrusted"])
         record.update(
             {"engine": parts[1], "target": parts[2], "backup_id": parts[3][: -len(".json")]}
         )
@@ -109,6 +126,18 @@ def pinned_ids(
 ) -> set[tuple[str, str, str]]:
     """(engine, target, backup_id) of every pinned backup."""
     return {(p["engine"], p["target"], p["backup_id"]) for p in list_pins(repo, engine, target)}
+
+
+def pin_findings(
+    repo: Repository, engine: str | None = None, target: str | None = None
+) -> list[dict[str, Any]]:
+    """Pins not signed by a trusted key (each: ``key``, ``backup_id``, ``error``): they
+    still protect their backups, and retention reports should show them."""
+    return [
+        {"key": p["key"], "backup_id": p["backup_id"], "error": p["untrusted"]}
+        for p in list_pins(repo, engine, target)
+        if not p["trusted"]
+    ]
 
 
 def _user() -> str:

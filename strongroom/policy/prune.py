@@ -10,7 +10,8 @@ Order of operations for each backup the policy lets go:
    orphan pass of a later run removes: never a manifest pointing at deleted data.
 
 Then, optionally: orphans (data folders without a manifest, older than a grace
-period, so a backup still uploading is never touched), interrupted uploads
+period, so a backup still uploading is never touched; lone catalog ``.sig`` objects
+older than the same grace: ``strongroom.policy.orphan_sigs``), interrupted uploads
 (``cleanup_incomplete`` with the same grace), and PITR WAL older than the oldest
 retained base backup. ``dry_run`` reads everything (locks included) and
 changes nothing.
@@ -34,6 +35,7 @@ from strongroom.catalog import Catalog, Manifest
 from strongroom.errors import StrongroomError
 from strongroom.ids import BACKUP_ID_RE, backup_id_time, check_engine, check_name
 from strongroom.policy.locks import LockState, ObjectStore, object_store
+from strongroom.policy.orphan_sigs import catalog_scope, prune_orphan_signatures
 from strongroom.policy.owned import (
     Finding,
     Ident,
@@ -111,6 +113,7 @@ class RetentionReport:
     policies: dict[str, str] = field(default_factory=dict)
     backups: list[BackupOutcome] = field(default_factory=list)
     orphans: list[dict[str, Any]] = field(default_factory=list)
+    orphan_signatures: list[dict[str, Any]] = field(default_factory=list)
     dangling: list[dict[str, Any]] = field(default_factory=list)
     incomplete_uploads_removed: int = 0
     wal: list[dict[str, Any]] = field(default_factory=list)
@@ -147,12 +150,14 @@ class RetentionReport:
                 )
                 + sum(int(w.get("bytes_freed", 0)) for w in self.wal),
                 "orphans": len(self.orphans),
+                "orphan_signatures": len(self.orphan_signatures),
                 "wal_segments_deleted": sum(int(w["deleted"]) for w in self.wal),
                 "wal_segments_would_delete": sum(int(w["would_delete"]) for w in self.wal),
                 "findings": len(self.findings),
             },
             "backups": [b.to_dict() for b in self.backups],
             "orphans": self.orphans,
+            "orphan_signatures": self.orphan_signatures,
             "dangling": self.dangling,
             "incomplete_uploads_removed": self.incomplete_uploads_removed,
             "wal": self.wal,
@@ -496,6 +501,20 @@ def _orphan_pass(
                     report.errors.append(f"orphan {orphan['prefix']}: {exc}")
         orphan["objects"] = len(orphan["objects"])
         report.orphans.append(orphan)
+    report.orphan_signatures = prune_orphan_signatures(
+        repo,
+        store,
+        catalog_scope(engine, target),
+        grace=grace,
+        now=now,
+        dry_run=dry_run,
+        locked=lambda key: _lock_summary(a)[1] if (a := _active_locks(store, [key], now)) else "",
+    )
+    report.errors.extend(
+        f"orphan signature {o['key']}: {o['detail']}"
+        for o in report.orphan_signatures
+        if o["action"] == "error"
+    )
     if not dry_run:
         try:
             report.incomplete_uploads_removed = _cleanup_incomplete(repo, grace)

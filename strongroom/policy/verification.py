@@ -12,7 +12,10 @@ then caps the list at ``max_backups`` / ``max_bytes`` (in that priority order).
 Every artifact of each picked backup is read back: stored checksum, decryption
 (authenticated), decompression, plaintext checksum and the engine's structure
 check (``strongroom.verify``). One evidence record per verified backup is written
-to ``verifications/<engine>/<target>/<verification_id>.json``.
+to ``verifications/<engine>/<target>/<verification_id>.json``, signed
+(``strongroom.signing``). A record not signed by a trusted key is not history: it
+cannot make a backup look recently verified (``list_verifications`` skips it and
+reports it in ``findings``).
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from pydantic import BaseModel, Field
 
 from strongroom.catalog import Catalog, Manifest
 from strongroom.config import EncryptionConfig
-from strongroom.errors import NotFound
+from strongroom.errors import IntegrityError, NotFound
 from strongroom.ids import BACKUP_ID_RE, check_engine, check_name, new_backup_id
 from strongroom.repository.base import Repository
+from strongroom.signing import get_verified_json, put_signed_json
 from strongroom.verify import verify_backup
 
 NEWEST = "newest"
@@ -117,9 +121,14 @@ def evidence_key(engine: str, target: str, verification_id: str) -> str:
 
 
 def list_verifications(
-    repo: Repository, engine: str | None = None, target: str | None = None
+    repo: Repository,
+    engine: str | None = None,
+    target: str | None = None,
+    *,
+    findings: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Evidence records (oldest first)."""
+    """Evidence records signed by a trusted key (oldest first); untrusted or unreadable
+    ones are skipped and, when ``findings`` is given, appended to it (``key``, ``error``)."""
     prefix = "verifications/"
     if engine:
         prefix += f"{check_engine(engine)}/"
@@ -133,11 +142,18 @@ def list_verifications(
         if target and parts[2] != target:
             continue
         try:
-            record = json.loads(repo.get_bytes(info.key))
-        except (NotFound, ValueError):
+            record, verdict = get_verified_json(repo, info.key, strict=False)
+        except NotFound:
             continue
-        if isinstance(record, dict):
-            records.append(record)
+        except IntegrityError as exc:
+            if findings is not None:
+                findings.append({"key": info.key, "status": "unreadable", "error": str(exc)})
+            continue
+        if not verdict.trusted:
+            if findings is not None:
+                findings.append(verdict.finding())
+            continue
+        records.append(record)
     return sorted(records, key=lambda r: str(r.get("verification_id", "")))
 
 
@@ -169,8 +185,10 @@ def deep_verify(
 ) -> dict[str, Any]:
     """Verify the sampled backups, store one evidence record each; returns a report."""
     moment = now or dt.datetime.now(dt.UTC)
+    repo.trust.require_signer("verification evidence")  # before reading anything back
     manifests = Catalog(repo).list(engine, target)
-    history = last_verified_at(list_verifications(repo, engine, target))
+    untrusted: list[dict[str, Any]] = []
+    history = last_verified_at(list_verifications(repo, engine, target, findings=untrusted))
     picks = select_backups(manifests, history, sampling, moment)
     results: list[dict[str, Any]] = []
     for pick in picks:
@@ -203,7 +221,7 @@ def deep_verify(
             "report": report,
         }
         key = evidence_key(m.engine, m.target, vid)
-        repo.put_bytes(key, json.dumps(record, indent=2, default=str).encode())
+        put_signed_json(repo, key, json.loads(json.dumps(record, default=str)))
         results.append({**record, "evidence_key": key})
     failed = [r for r in results if not r["ok"]]
     return {
@@ -229,6 +247,7 @@ def deep_verify(
             }
             for r in results
         ],
+        "untrusted_records": untrusted,
         "never_verified_left": sum(
             1
             for m in manifests

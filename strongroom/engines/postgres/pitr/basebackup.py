@@ -168,7 +168,7 @@ def base_backup_postgres(
             "and pg_global; streamed base backups support the default tablespaces only"
         )
     started = dt.datetime.now(dt.UTC)
-    watch = ArchiverWatch(conn, facts["archive_command"])
+    watch = ArchiverWatch(conn, facts["archive_command"], facts["wal_segment_size"])
     bid = backup_id or new_backup_id(started)
     claim_backup_id(repo, ENGINE, conn.name, bid)
     settings = storage_settings(repo_config, started)
@@ -292,4 +292,13 @@ def base_backup_postgres(
 
 def base_backups(repo: Repository, target: str) -> list[Manifest]:
     """Base backups of ``target``, oldest first (logical backups are skipped)."""
-    return [m for m in Catalog(repo).list(ENGINE, target) if m.kind == KIND]
+    return base_backups_with_findings(repo, target)[0]
+
+
+def base_backups_with_findings(
+    repo: Repository, target: str
+) -> tuple[list[Manifest], list[dict[str, Any]]]:
+    """(trusted base backups of ``target`` oldest first, the target's catalog entries
+    skipped as not trusted: ``strongroom.catalog.catalog_finding``)."""
+    manifests, findings = Catalog(repo).list_with_findings(ENGINE, target)
+    return [m for m in manifests if m.kind == KIND], findings

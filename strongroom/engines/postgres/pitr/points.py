@@ -5,12 +5,15 @@ keeps the restore point's LSN, timeline and time, so a PITR restore to a name
 can choose its base backup and check the recoverable window like an LSN target.
 The WAL segment holding the restore point is switched out and waited for, so
 the name is restorable once this returns.
+
+A PITR restore decides on this record (which base backup, which LSN), so it is signed
+(``strongroom.signing``) and read strictly: a record not signed by a trusted key is an
+``IntegrityError`` naming it, never a restore target.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 from typing import Any
 
@@ -21,6 +24,7 @@ from strongroom.engines.postgres.wal import names
 from strongroom.errors import Conflict, IntegrityError, InvalidInput, NotFound, ServiceUnavailable
 from strongroom.ids import check_name
 from strongroom.repository.base import Repository
+from strongroom.signing import get_verified_json, put_signed_json
 
 MAX_WAIT_S = 86400.0
 
@@ -52,6 +56,7 @@ def create_restore_point(
     the wait are checked before anything is asked of the server."""
     check_name(name, "restore point name")
     wait_s = check_wait(wait_s)
+    repo.trust.require_signer(f"restore point {name!r}")
     key = point_key(conn.name, name)
     if repo.exists(key):
         raise Conflict(f"restore point {name!r} already exists for target {conn.name}")
@@ -83,7 +88,7 @@ def create_restore_point(
         "system_identifier": int(sysid),
         "archived": not missing,
     }
-    repo.put_bytes(key, json.dumps(record, indent=2).encode(), overwrite=False)
+    put_signed_json(repo, key, record, overwrite=False)
     if missing:
         raise ServiceUnavailable(
             f"restore point {name!r} created at {record['lsn']}, but its WAL segment "
@@ -106,21 +111,33 @@ def load_restore_point(repo: Repository, target: str, name: str) -> dict[str, An
 
 
 def _record(repo: Repository, key: str) -> dict[str, Any]:
-    """One stored restore point record; a malformed one is named, not a raw error."""
+    """One stored restore point record, signed by a trusted key (else ``IntegrityError``
+    naming it); a malformed one is named, not a raw error."""
+    record, verdict = get_verified_json(repo, key, strict=False)
+    verdict.require("restore point record")
     try:
-        record = dict(json.loads(repo.get_bytes(key)))
         record["_lsn"] = names.parse_lsn(str(record["lsn"]))
     except (ValueError, TypeError, KeyError) as exc:
         raise IntegrityError(f"restore point record {key} is malformed: {exc}") from None
     return record
 
 
-def list_restore_points(repo: Repository, target: str) -> list[dict[str, Any]]:
-    found = [
-        _record(repo, info.key)
-        for info in repo.list(f"pitr/{target}/restore_points/")
-        if info.key.endswith(".json")
-    ]
+def list_restore_points(
+    repo: Repository, target: str, *, findings: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Restore points of ``target`` by LSN. A record that is untrusted or malformed is an
+    ``IntegrityError``, or, when ``findings`` is given (a listing), skipped and reported
+    there (``key``, ``error``)."""
+    found = []
+    for info in repo.list(f"pitr/{target}/restore_points/"):
+        if not info.key.endswith(".json"):
+            continue
+        try:
+            found.append(_record(repo, info.key))
+        except (IntegrityError, NotFound) as exc:
+            if findings is None:
+                raise
+            findings.append({"key": info.key, "error": str(exc)})
     found.sort(key=lambda r: int(r["_lsn"]))
     for record in found:
         del record["_lsn"]

@@ -9,6 +9,11 @@ PostgreSQL reads segment ``n`` of a recovery along timeline ``T`` from the
 newest timeline in ``T``'s history whose first segment is at or before ``n``
 (``XLogFileReadAnyTLI``); ``walk`` follows the same rule, so a gap is reported
 exactly where a recovery would stop.
+
+Only base backups signed by a trusted key count (``strongroom.signing``): a manifest a
+bucket writer planted could otherwise claim a window the archive does not hold. The
+manifests of the target that are not trusted are ignored, listed under ``untrusted``
+and reported as a problem.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from strongroom.engines.postgres.wal import names
 from strongroom.engines.postgres.wal.store import archived_files, read_stored_header, wal_key
 from strongroom.errors import IntegrityError, NotFound
 from strongroom.repository.base import ObjectInfo, Repository
+from strongroom.signing import Verdict
 
 
 @dataclass
@@ -254,8 +260,40 @@ def windows(
     return found
 
 
-def wal_check(repo: Repository, target: str, backups: list[Manifest]) -> dict[str, Any]:
-    """The continuity report for ``target`` (JSON-ready)."""
+def _verdict(manifest: Manifest) -> Verdict | None:
+    """The signature verdict recorded when ``manifest`` was loaded (None: not loaded from
+    a repository)."""
+    from strongroom.seal import origin_of
+
+    origin = origin_of(manifest)
+    return origin.verdict if origin is not None else None
+
+
+def untrusted_manifests(repo: Repository, target: str) -> list[dict[str, Any]]:
+    """The catalog entries of ``postgresql/<target>`` not trusted (``catalog_finding``)."""
+    from strongroom.catalog import Catalog
+
+    catalog = Catalog(repo)
+    catalog.list("postgresql", target)
+    return list(catalog.findings)
+
+
+def wal_check(
+    repo: Repository,
+    target: str,
+    backups: list[Manifest],
+    untrusted: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The continuity report for ``target`` (JSON-ready). ``backups`` are trusted base
+    backups; ``untrusted`` the target's catalog entries that were skipped (None: read
+    them from the catalog here), reported and never used."""
+    if untrusted is None:
+        untrusted = untrusted_manifests(repo, target)
+    # a caller handing over leniently loaded manifests: the untrusted ones are ignored too
+    ignored = [v.finding() for m in backups if (v := _verdict(m)) is not None and not v.trusted]
+    backups = [m for m in backups if (v := _verdict(m)) is None or v.trusted]
+    known = {str(u["key"]) for u in untrusted}
+    untrusted = [*untrusted, *(i for i in ignored if i["key"] not in known)]
     size = int(backups[-1].details.get("wal_segment_size", 0)) if backups else 0
     index = load_index(repo, target, size or names.DEFAULT_SEGMENT_SIZE)
     timelines = timeline_report(index)
@@ -308,6 +346,12 @@ def wal_check(repo: Repository, target: str, backups: list[Manifest]) -> dict[st
         problems.append(f"history file missing for timeline(s) {missing_history}")
     if index.unreadable:
         problems.append(f"unreadable history file(s) {index.unreadable}")
+    if untrusted:
+        shown = ", ".join(str(u["key"]) for u in untrusted[:3])
+        more = f" and {len(untrusted) - 3} more" if len(untrusted) > 3 else ""
+        problems.append(
+            f"{len(untrusted)} manifest(s) not signed by a trusted key, ignored: {shown}{more}"
+        )
     return {
         "target": target,
         "ok": not problems,
@@ -317,5 +361,8 @@ def wal_check(repo: Repository, target: str, backups: list[Manifest]) -> dict[st
         "gaps": all_gaps,
         "backups": backup_rows,
         "window": window,
+        "untrusted": [
+            {"key": u["key"], "status": u["status"], "error": u["error"]} for u in untrusted
+        ],
         "checked_at": dt.datetime.now(dt.UTC).isoformat(),
     }
