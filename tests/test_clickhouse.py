@@ -41,7 +41,7 @@ from strongroom.sandbox.clickhouse import ClickHouseServer
 from strongroom.seal import make_seal
 from strongroom.verify import verify_backup
 from tests.fixtures.ports import free_port
-from tests.fixtures.strongroom_fixtures import signing_block_fields
+from tests.fixtures.strongroom_fixtures import TEST_SIGNER, signing_block_fields
 
 Repo = tuple[Repository, RepositoryConfig]
 LC = {"allow_experimental_low_cardinality_type": 1}
@@ -535,7 +535,9 @@ def test_a_fingerprint_mismatch_fails_and_names_the_table(
             table["fingerprint"]["hash"] = "12345"
     doc["seal"] = make_seal(doc, age_key.recipients)
     path = repo.root / key  # type: ignore[attr-defined]
-    path.write_text(json.dumps(doc))
+    body = json.dumps(doc).encode()
+    path.write_bytes(body)
+    Path(f"{path}.sig").write_bytes(TEST_SIGNER.sign(body))  # a runner's key, no re-check
     into = ch.new_db("fp")
     with pytest.raises(IntegrityError, match=f"{into}.plain differs from backup"):
         restore(ch, local_repo, age_key, target_database=into)
