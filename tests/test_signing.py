@@ -14,6 +14,8 @@ import pytest
 
 from strongroom.catalog import Catalog, Manifest, manifest_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
+from strongroom.drills import DrillFailed, run_drill
+from strongroom.drills.postgres import PostgresDrill
 from strongroom.engines.postgres.backup import backup_postgres
 from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
 from strongroom.errors import IntegrityError, InvalidInput
@@ -148,6 +150,17 @@ def test_foreign_backup_refused_by_strict_readers_and_reported_by_lenient(
     assert not report["ok"]
     assert "not signed by a trusted key" in json.dumps(report)
     assert verify_backup(repo, catalog.resolve("latest"), age_key)["ok"]
+
+    # a drill of the forged backup fails at resolve and restores nothing
+    with pytest.raises(DrillFailed, match="not signed by a trusted key") as failed:
+        run_drill(
+            PostgresDrill(pg_connection(source), repo, age_key),
+            repo,
+            target=forged.target,
+            backup_id=forged.backup_id,
+        )
+    assert failed.value.record["ok"] is False
+    assert "sr_drill" not in source.server.psql("SELECT string_agg(datname, ',') FROM pg_database")
 
     # retention: the forged backup is a finding, never kept, counted or deleted
     retention = plan(repo, RetentionPolicy(keep_last=1, compliance_floor_years=0))
