@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from strongroom.artifacts import publish_backup, store_artifact
-from strongroom.catalog import Manifest, data_key
+from strongroom.catalog import Manifest, data_key, manifest_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.postgres.pitr.extract import extract_stream
 from strongroom.engines.postgres.pitr.plan import PitrRequest
@@ -29,6 +29,7 @@ from strongroom.engines.postgres.wal.store import wal_key
 from strongroom.errors import IntegrityError
 from strongroom.ids import new_backup_id
 from strongroom.repository.local import LocalRepository
+from strongroom.signing import Signer, Trust, sig_key
 
 TARGET = "pitrtar"
 START_LSN, STOP_LSN = 0x2000028, 0x2000138
@@ -57,8 +58,8 @@ def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
     return out.getvalue()
 
 
-def _publish(repo: LocalRepository, enc: EncryptionConfig, tar: bytes) -> None:
-    """Publish ``tar`` as a base backup of TARGET, as a bucket writer would."""
+def _publish(repo: LocalRepository, enc: EncryptionConfig, tar: bytes) -> str:
+    """Publish ``tar`` as a base backup of TARGET, as a bucket writer would; its id."""
     stopped = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     bid = new_backup_id(stopped)
     artifact = store_artifact(
@@ -94,6 +95,7 @@ def _publish(repo: LocalRepository, enc: EncryptionConfig, tar: bytes) -> None:
     publish_backup(repo, manifest)
     for segno in (2, 3):
         repo.put_bytes(wal_key(TARGET, names.segment_name(1, segno)), b"not read by the plan")
+    return bid
 
 
 def _cases(outside: Path) -> dict[str, tuple[list[tuple[tarfile.TarInfo, bytes | None]], str]]:
@@ -143,26 +145,41 @@ def _outside_state(outside: Path) -> list[tuple[str, bytes | None]]:
     return sorted(found)
 
 
+@pytest.mark.parametrize("signed", ["trusted", "foreign", "unsigned"])
 @pytest.mark.parametrize("case", CASES)
 def test_forged_base_backup_member_is_refused_and_nothing_outside_changes(
     case: str,
+    signed: str,
     local_repo: tuple[LocalRepository, RepositoryConfig],
     age_key: EncryptionConfig,
     tmp_path: Path,
 ) -> None:
+    """``trusted``: a compromised runner signed the forgery with a trusted key, so the
+    extractor is what refuses the member. ``foreign`` (a second set-up's own key) and
+    ``unsigned``: the signature check refuses the backup before a byte is extracted."""
     repo, config = local_repo
     outside = tmp_path / "outside"
     (outside / "dir").mkdir(parents=True)
     (outside / "victim").write_bytes(b"root's file\n")
     members, shown = _cases(outside)[case]
-    _publish(repo, age_key, _tar(members))
+    other = Signer.generate()
+    writer = (
+        repo
+        if signed == "trusted"
+        else LocalRepository(repo.root, trust=Trust((other.public,), other))
+    )
+    bid = _publish(writer, age_key, _tar(members))
+    mkey = manifest_key("postgresql", TARGET, bid)
+    if signed == "unsigned":
+        repo.delete(sig_key(mkey))
     before = _outside_state(outside)
     data_dir = tmp_path / "restore" / "data"
-    req = PitrRequest(target=TARGET, data_dir=str(data_dir))
+    req = PitrRequest(target=TARGET, data_dir=str(data_dir), backup_id=bid)
     with pytest.raises(IntegrityError) as caught:
         pitr_restore(repo, config, age_key, req)
     message = str(caught.value)
-    assert shown in message, message
+    expected = shown if signed == "trusted" else f"{mkey} is not signed by a trusted key"
+    assert expected in message, message
     assert _outside_state(outside) == before
     assert not data_dir.exists() or list(data_dir.iterdir()) == []
     assert not (tmp_path / "escape").exists()

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
-from strongroom.catalog import Manifest
+from strongroom.catalog import Catalog, Manifest
 from strongroom.engines.postgres.pitr.basebackup import base_backups
 from strongroom.engines.postgres.pitr.points import load_restore_point
 from strongroom.engines.postgres.wal import names
@@ -217,6 +217,8 @@ def _settings(req: PitrRequest, timeline: int) -> dict[str, str]:
 def plan_pitr(repo: Repository, req: PitrRequest) -> Plan:
     """Choose the base backup and timeline for ``req``; refuse targets outside the window."""
     req.check_target()
+    if req.backup_id != "auto":  # named: an untrusted one is refused by name, not skipped
+        Catalog(repo).load("postgresql", req.target, req.backup_id)
     backups = base_backups(repo, req.target)
     if not backups:
         raise NotFound(f"no base backup of target {req.target} in {repo.describe()}")
