@@ -21,9 +21,11 @@ from strongroom.engines.clickhouse.plan import ChRestoreRequest
 from strongroom.engines.clickhouse.restore import restore_clickhouse
 from strongroom.engines.clickhouse.sql import quote_ident, quote_string
 from strongroom.engines.clickhouse.table_engines import engines_in, object_engines
-from strongroom.errors import InvalidInput
+from strongroom.errors import IntegrityError, InvalidInput, NotFound
 from strongroom.repository import Repository
+from strongroom.repository.local import LocalRepository
 from strongroom.sandbox.clickhouse import ClickHouseServer
+from strongroom.signing import Signer, Trust
 
 Repo = tuple[Repository, RepositoryConfig]
 
@@ -140,3 +142,44 @@ def test_allow_engines_takes_names_only(
     req = ChRestoreRequest(source_target="chx", allow_engines=["URL('x')"])
     with pytest.raises(InvalidInput, match="not an engine name"):
         restore_clickhouse(h["conn"], local_repo[0], age_key, req)
+
+
+def test_a_hostile_backup_from_a_second_set_up_is_refused_by_its_signature(
+    clickhouse_server: ClickHouseServer, local_repo: Repo, age_key: EncryptionConfig
+) -> None:
+    """The same hostile DDL published by someone holding only bucket write access and the
+    public recipient (their own signing key): refused before the DDL is even read."""
+    repo, config = local_repo
+    assert isinstance(repo, LocalRepository)
+    other = Signer.generate()
+    intruder = LocalRepository(repo.root, trust=Trust((other.public,), other))
+    conn = ClickHouseConnection(
+        name="chforged",
+        host=clickhouse_server.host,
+        port=clickhouse_server.tcp_port,
+        http_port=clickhouse_server.http_port,
+    )
+    client = ClickHouseHTTP(conn)
+    src, dst = f"srf_{uuid.uuid4().hex[:8]}", f"dsf_{uuid.uuid4().hex[:8]}"
+    try:
+        client.execute(f"CREATE DATABASE {src}")
+        client.execute(f"CREATE TABLE {src}.f (a UInt8) ENGINE = File(TabSeparated)")
+        forged = backup_clickhouse(
+            conn.model_copy(update={"databases": [src]}), intruder, config, age_key
+        )
+        named = ChRestoreRequest(
+            source_target="chforged",
+            backup_id=forged.backup_id,
+            target_database=dst,
+            allow_engines=["File"],  # even with the exception named
+        )
+        with pytest.raises(IntegrityError, match="not signed by a trusted key"):
+            restore_clickhouse(conn, repo, age_key, named)
+        with pytest.raises(NotFound, match="no backups in clickhouse/chforged"):
+            restore_clickhouse(
+                conn, repo, age_key, named.model_copy(update={"backup_id": "latest"})
+            )
+        assert _databases(client, dst) == 0
+    finally:
+        for db in (src, dst):
+            client.execute(f"DROP DATABASE IF EXISTS {quote_ident(db)}")
