@@ -40,6 +40,15 @@ class PostgresTarget(Block):
     )
     jobs: int = Field(default=1, ge=1, le=64, description="Parallel jobs (directory format).")
     spool_dir: str | None = Field(default=None, description="Spool for directory dumps.")
+    wal_config_path: str | None = Field(
+        default=None,
+        description="Absolute path where each base backup first (re)writes strongroom-wal's "
+        "configuration (holds the repository secret, mode 0600); empty: not written. Set here, "
+        "by whoever may write blocks, never by a flow parameter.",
+    )
+    wal_config_owner: str | None = Field(
+        default="postgres", description="OS user the WAL configuration is chowned to (root)."
+    )
     rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
     rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
 
@@ -57,4 +66,6 @@ class PostgresTarget(Block):
             dump_format=self.dump_format,
             jobs=self.jobs,
             spool_dir=self.spool_dir,
+            wal_config_path=self.wal_config_path,
+            wal_config_owner=self.wal_config_owner,
         )

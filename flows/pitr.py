@@ -1,8 +1,8 @@
 """Prefect flows for PostgreSQL point-in-time recovery (orchestration only).
 
 - ``base-backup-postgresql``: pg_basebackup streamed into the repository; done
-  only when the WAL it needs is archived. Can (re)write the WAL configuration
-  file ``strongroom-wal`` reads.
+  only when the WAL it needs is archived. (Re)writes the WAL configuration file
+  ``strongroom-wal`` reads where the target block's ``wal_config_path`` says.
 - ``wal-check-postgresql``: continuity of the WAL archive and the recoverable
   window, as JSON; fails (so automations alert) when there is a gap.
 - ``pitr-restore-postgresql``: restore to a time / LSN / xid / restore point /
@@ -105,24 +105,25 @@ def base_backup_postgresql(
     labels: dict[str, str] | None = None,
     manifest_checksums: str = "SHA256",
     wal_timeout_s: float = 300.0,
-    wal_config_path: str | None = None,
-    wal_config_owner: str | None = "postgres",
 ) -> dict[str, Any]:
     """Physical base backup of ``target`` (pg_basebackup tar, streamed and encrypted).
 
-    With ``wal_config_path`` the flow first writes the configuration file that
-    ``archive_command = 'strongroom-wal push %p'`` reads on the database host.
+    When the target block sets ``wal_config_path``, the flow first writes there the
+    configuration file that ``archive_command = 'strongroom-wal push %p'`` reads on
+    the database host, chowned to the block's ``wal_config_owner``. Path and owner are
+    block fields, not flow parameters: whoever may start a run must not make a root
+    worker write the repository secret anywhere and hand it to any user.
     """
     secure_logging()
     run = open_backup(PostgresTarget, "postgresql", target, repository, encryption_key, kind="base")
     log = get_run_logger()
-    if wal_config_path:
+    if run.conn.wal_config_path:
         written = write_wal_config_from_blocks(
             target,
-            wal_config_path,
+            run.conn.wal_config_path,
             repository=repository,
             encryption_key=encryption_key,
-            owner=wal_config_owner,
+            owner=run.conn.wal_config_owner,
         )
         log.info("wrote the WAL configuration %s", written)
     log.info("base backup of PostgreSQL target %s into %s", target, run.repo.describe())

@@ -50,11 +50,26 @@ class PostgresConnection(BaseModel):
     spool_dir: str | None = Field(
         default=None, description="where directory-format dumps are staged (default: temp)"
     )
+    wal_config_path: str | None = Field(
+        default=None,
+        description="absolute path where each base backup first (re)writes strongroom-wal's "
+        "configuration (it holds the repository secret; mode 0600); unset: not written",
+    )
+    wal_config_owner: str | None = Field(
+        default="postgres", description="OS user the WAL configuration is chowned to (root)"
+    )
 
     @field_validator("name")
     @classmethod
     def _name_ok(cls, value: str) -> str:
         return check_name(value, "target name")
+
+    @field_validator("wal_config_path")
+    @classmethod
+    def _wal_config_path_ok(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.isabs(value):
+            raise InvalidInput(f"wal_config_path {value!r} must be an absolute path")
+        return value or None
 
     @model_validator(mode="before")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pwd
 import shutil
 import struct
 import time
@@ -694,19 +695,21 @@ def test_flows_and_cli(prefect_api: str, pg_tmp: Path, age_identity: x25519.Iden
         BackupRepository(**signing_block_fields(), local_path=str(c.repo.root)).save(
             "pitrrepo", overwrite=True
         )
+        written = pg_tmp / "written.toml"
         PostgresTarget(
             host=c.server.host,
             port=c.server.port,
             user=c.server.superuser,
             password=c.server.password,
+            wal_config_path=str(written),  # the block says where, never a flow parameter
+            wal_config_owner="postgres",
         ).save("flowpg", overwrite=True)
         blocks = {"repository": "pitrrepo"}
-        written = pg_tmp / "written.toml"
-        manifest = base_backup_postgresql(
-            target="flowpg", encryption_key="pitrkey", wal_config_path=str(written), **blocks
-        )
+        manifest = base_backup_postgresql(target="flowpg", encryption_key="pitrkey", **blocks)
         assert manifest["kind"] == "base" and manifest["details"]["archived_wal"]
         assert written.stat().st_mode & 0o777 == 0o600
+        if os.geteuid() == 0:  # the block's owner was applied
+            assert written.stat().st_uid == pwd.getpwnam("postgres").pw_uid
         cfg = load_wal_config(str(written))
         assert cfg.target == "flowpg" and cfg.recipients == c.enc.recipients
         assert cfg.identity_file is None  # the archiver never gets the identity
@@ -733,6 +736,13 @@ def test_flows_and_cli(prefect_api: str, pg_tmp: Path, age_identity: x25519.Iden
         app.add_typer(restore_app, name="restore")
         register(app, backup_app, restore_app)
         runner = CliRunner()
+        by_cli = pg_tmp / "by-cli.toml"  # written by the CLI's own process, then the flow
+        backup_cmd = ["backup", "postgresql-base", "flowpg", "-r", "pitrrepo", "-k", "pitrkey"]
+        result = runner.invoke(app, [*backup_cmd, "--write-wal-config", str(by_cli), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["kind"] == "base"
+        assert by_cli.stat().st_mode & 0o777 == 0o600
+        assert load_wal_config(str(by_cli)).target == "flowpg"
         result = runner.invoke(app, ["wal-check", "flowpg", "-r", "pitrrepo", "--json"])
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["ok"] is True

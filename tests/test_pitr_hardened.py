@@ -250,6 +250,28 @@ def test_pitr_flow_takes_no_socket_folder_or_os_user() -> None:
     assert "socket_dir" not in params and "os_user" not in params
 
 
+def test_wal_config_path_and_owner_come_from_the_target_block() -> None:
+    """A flow parameter must not make a root worker write the repository secret to any
+    path and chown it to any user (issue 15, item 6): the base-backup flow takes no
+    such parameter; the PostgreSQL target block carries them to the connection the
+    flow writes with (tests/test_pitr.py::test_flows_and_cli writes through it)."""
+    import inspect
+
+    from blocks import PostgresTarget
+    from flows.pitr import base_backup_postgresql
+    from strongroom.errors import InvalidInput
+
+    params = inspect.signature(base_backup_postgresql.fn).parameters
+    assert not [p for p in params if p.startswith("wal_config") or "owner" in p or "path" in p]
+    block = PostgresTarget(wal_config_path="/etc/strongroom/wal.toml", wal_config_owner="pgarch")
+    conn = block.to_connection("prod-db")
+    assert (conn.wal_config_path, conn.wal_config_owner) == ("/etc/strongroom/wal.toml", "pgarch")
+    default = PostgresTarget().to_connection("prod-db")
+    assert (default.wal_config_path, default.wal_config_owner) == (None, "postgres")
+    with pytest.raises(InvalidInput, match="absolute"):
+        PostgresTarget(wal_config_path="etc/wal.toml").to_connection("prod-db")
+
+
 def test_planted_symlink_at_a_private_name_is_not_followed(tmp_path: Path) -> None:
     """write_new (WAL config, identity file, pg_hba.conf) replaces a symlink planted at
     the final name and never writes through it; its temporary name is random."""

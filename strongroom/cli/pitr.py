@@ -41,7 +41,13 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
             300.0, help="Seconds to wait for the backup's WAL to reach the archive."
         ),
         wal_config: str | None = typer.Option(
-            None, "--write-wal-config", help="Also write strongroom-wal's config file here."
+            None,
+            "--write-wal-config",
+            help="First write strongroom-wal's config file here, from this process (for "
+            "every run: the target block's wal_config_path).",
+        ),
+        owner: str | None = typer.Option(
+            "postgres", "--owner", help="chown the --write-wal-config file to (when root)."
         ),
         repository: str = repo_opt,
         key: str = key_opt,
@@ -49,8 +55,12 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
     ) -> None:
         """Physical base backup for PITR (pg_basebackup tar, streamed and encrypted)."""
         with _handled(as_json):
-            from flows.pitr import base_backup_postgresql
+            from flows.pitr import base_backup_postgresql, write_wal_config_from_blocks
 
+            if wal_config:  # the caller's own rights: the flow takes no path or owner
+                write_wal_config_from_blocks(
+                    target, wal_config, repository=repository, encryption_key=key, owner=owner
+                )
             with _progress(not as_json):
                 manifest = base_backup_postgresql(
                     target=target,
@@ -58,7 +68,6 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
                     encryption_key=key,
                     manifest_checksums=manifest_checksums,
                     wal_timeout_s=wal_timeout,
-                    wal_config_path=wal_config,
                 )
             d = manifest["details"]
             _emit(
