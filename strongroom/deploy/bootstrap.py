@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from strongroom.errors import InvalidInput, StrongroomError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the project: strongroom/deploy/<this>
 CONFIG_ENV = "STRONGROOM_BOOTSTRAP_CONFIG"
 STEPS = ("blocks", "pools", "deployments", "automations")
 K8S_WORKDIR = "/opt/strongroom"

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the project: strongroom/deploy/<this>
 DEPLOYMENTS_DIR = ROOT / "deployments"
 BASE_JOB_TEMPLATE = DEPLOYMENTS_DIR / "k8s-base-job-template.json"
 K8S_MANIFESTS_DIR = DEPLOYMENTS_DIR / "k8s"

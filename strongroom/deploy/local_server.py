@@ -28,7 +28,7 @@ from strongroom.sandbox._process import (
 )
 from strongroom.sandbox.ports import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the project: strongroom/deploy/<this>
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 

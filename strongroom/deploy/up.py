@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the project: strongroom/deploy/<this>
 STATE_DIR = Path(os.environ.get("STRONGROOM_UP_DIR", ROOT / ".strongroom-demo" / "up"))
 STATE_FILE = STATE_DIR / "state.json"
 LOG_FILE = STATE_DIR / "supervisor.log"

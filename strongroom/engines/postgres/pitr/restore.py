@@ -74,7 +74,8 @@ def wal_command_candidates(os_user: str | None = None) -> list[str]:
     # of the postgres account: the system's same-version Python with our paths works
     system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
     if Path(system).exists():
-        roots = [str(Path(__file__).resolve().parents[2]), sysconfig.get_paths()["purelib"]]
+        project = Path(__file__).resolve().parents[4]  # strongroom/engines/postgres/pitr/
+        roots = [str(project), sysconfig.get_paths()["purelib"]]
         path = ":".join(dict.fromkeys(roots))
         # bytecode goes to the account's own cache: it cannot write next to our sources,
         # and recompiling every module on each call would cost more than the call
