@@ -115,6 +115,7 @@ def test_every_control_passes_on_the_gauntlet_in_a_compliant_bucket(
     backup = backup_gauntlet(pg_gauntlet, (bucket.repo, bucket.config), age_key)
     FIGURES["s3_backup_s"] = backup.seconds
     manifest = backup.manifest
+    FIGURES["s3_dump_raw_mb"] = round(sum(a.raw_size for a in manifest.artifacts) / 2**20, 1)
     # what flows.audit's hook appends when the backup-postgresql flow completes
     record_event(
         bucket.repo,
