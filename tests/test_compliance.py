@@ -12,37 +12,29 @@ import json
 import os
 import time
 import urllib.request
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from strongroom.audit import event_key, record_event
 from strongroom.catalog import Artifact, Catalog, Manifest, data_key
 from strongroom.compliance import TargetPolicy, evaluate, write_report
 from strongroom.compliance.controls import CONTROL_IDS
 from strongroom.compliance.evaluate import ComplianceReport
-from strongroom.config import RepositoryConfig
 from strongroom.ids import new_backup_id
 from strongroom.repository.base import Repository
 from strongroom.repository.local import LocalRepository
-from strongroom.repository.s3 import S3Repository
 from strongroom.signing import put_signed_json
-from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config, signing_block_fields
+from tests.fixtures.compliant_bucket import (
+    RETENTION,
+    Bucket,
+    compliant_bucket,
+    s3_repository,
+)
+from tests.fixtures.strongroom_fixtures import make_local_repo, signing_block_fields
 
 RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
-SEVEN_YEARS_DAYS = 2557
-RETENTION = {
-    "recovery_window_days": 35,
-    "daily": 7,
-    "weekly": 5,
-    "monthly": 12,
-    "yearly": 7,
-    "compliance_floor_years": 7,
-}
 # what pg_basebackup records (strongroom.engines.postgres.pitr.basebackup): WAL from segment 3
 BASE_DETAILS = {
     "timeline": 1,
@@ -204,56 +196,6 @@ def populate(repo: Repository, targets: list[TargetPolicy] = TARGETS) -> dict[st
         if t.pitr:
             add_wal(repo, t.target, list(range(3, 12)))
     return latest
-
-
-@dataclass
-class Bucket:
-    repo: S3Repository
-    config: RepositoryConfig
-    name: str
-
-
-def s3_repository(
-    server: Any, bucket: str, *, prefix: str = "prod", **changes: Any
-) -> tuple[S3Repository, RepositoryConfig]:
-    config = signed_config(
-        kind="s3",
-        bucket=bucket,
-        prefix=prefix,
-        endpoint_url=server.endpoint_url,
-        access_key_id=server.access_key,
-        secret_access_key=SecretStr(server.secret_key),
-        sse="AES256",
-        lock_mode="COMPLIANCE",
-        retention_days=SEVEN_YEARS_DAYS,
-    ).model_copy(update=changes)
-    return S3Repository(config), config
-
-
-def compliant_bucket(server: Any, *, locked: bool = True, protect: bool = True) -> Bucket:
-    """A fresh bucket set up as the DESIGN asks: object lock (versioning on), default
-    encryption, public access blocked. Left in moto (COMPLIANCE locks cannot be removed)."""
-    name = server.create_bucket(f"cmp-{uuid.uuid4().hex[:12]}", object_lock=locked)
-    s3 = server.s3()
-    if protect:
-        s3.put_bucket_encryption(
-            Bucket=name,
-            ServerSideEncryptionConfiguration={
-                "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
-            },
-        )
-        s3.put_public_access_block(
-            Bucket=name,
-            PublicAccessBlockConfiguration={
-                "BlockPublicAcls": True,
-                "IgnorePublicAcls": True,
-                "BlockPublicPolicy": True,
-                "RestrictPublicBuckets": True,
-            },
-        )
-    changes: dict[str, Any] = {} if locked else {"lock_mode": None, "retention_days": 0}
-    repo, config = s3_repository(server, name, **changes)
-    return Bucket(repo, config, name)
 
 
 def run(bucket: Bucket, targets: list[TargetPolicy] = TARGETS, **kwargs: Any) -> ComplianceReport:
