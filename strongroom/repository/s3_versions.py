@@ -1,0 +1,216 @@
+"""Object versions, object lock and retention, and bucket protection for S3 repositories.
+
+Why a module of its own: what makes a repository tamper-resistant (versioning,
+object-lock retention on every object, the bucket settings an audit reads) and
+what retention needs to purge for good (listing and deleting single versions)
+is a concern of its own, apart from moving bytes.
+
+* Objects written under ``config.lock_mode`` carry ``ObjectLockMode`` and a
+  retain-until date (per object, or ``config.retention_days`` from now).
+* Some S3-compatible servers (and moto) drop the lock headers of a multipart
+  upload; ``_ensure_retention`` checks and sets the retention afterwards.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from strongroom.errors import InvalidInput
+from strongroom.repository.base import StorageSettings
+from strongroom.repository.s3_client import S3Calls, check_list_prefix, error_code
+
+log = logging.getLogger(__name__)
+
+_NOT_CONFIGURED_CODES = frozenset(
+    {
+        "NoSuchPublicAccessBlockConfiguration",
+        "ObjectLockConfigurationNotFoundError",
+        "ServerSideEncryptionConfigurationNotFoundError",
+    }
+)
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One version of an object in a versioned bucket, or a delete marker."""
+
+    key: str  # relative to the repository's prefix
+    version_id: str
+    delete_marker: bool
+
+
+class S3Versions(S3Calls):
+    """Lock, retention and version requests of ``S3Repository`` (one of its bases)."""
+
+    def _retain_until(self, settings: StorageSettings | None) -> dt.datetime:
+        now = dt.datetime.now(dt.UTC)
+        if settings is not None and settings.retain_until is not None:
+            until = settings.retain_until
+            if until.tzinfo is None:  # naive datetimes are taken as UTC
+                until = until.replace(tzinfo=dt.UTC)
+        elif self.config.retention_days > 0:
+            until = now + dt.timedelta(days=self.config.retention_days)
+        else:
+            raise InvalidInput(
+                f"{self.describe()}: lock_mode {self.config.lock_mode} needs retention_days > 0 "
+                "or a retain_until date for each object"
+            )
+        if until <= now:
+            raise InvalidInput(f"retain_until {until.isoformat()} is not in the future")
+        return until
+
+    def _object_args(self, settings: StorageSettings | None) -> dict[str, Any]:
+        """SSE and object-lock parameters for PutObject/CreateMultipartUpload."""
+        args: dict[str, Any] = {}
+        if self.config.sse == "AES256":
+            args["ServerSideEncryption"] = "AES256"
+        elif self.config.sse == "aws:kms":
+            args["ServerSideEncryption"] = "aws:kms"
+            if self.config.kms_key_id:
+                args["SSEKMSKeyId"] = self.config.kms_key_id
+        if self.config.lock_mode:
+            args["ObjectLockMode"] = self.config.lock_mode
+            args["ObjectLockRetainUntilDate"] = self._retain_until(settings)
+        elif settings is not None and settings.retain_until is not None:
+            log.debug("%s: no lock_mode configured, retain_until ignored", self.describe())
+        return args
+
+    def _ensure_retention(self, key: str, version_id: str | None, extra: dict[str, Any]) -> None:
+        """Check that a multipart object carries its lock; set it if the server
+        dropped the CreateMultipartUpload lock headers (some S3-compatible servers,
+        and moto, do). On AWS this costs one HEAD."""
+        full = self._full(key)
+        version: dict[str, Any] = {"VersionId": version_id} if version_id else {}
+
+        def head(_attempt: int) -> dict[str, Any]:
+            return dict(self._client.head_object(Bucket=self.bucket, Key=full, **version))
+
+        found = self._call("HeadObject", head, key=key)
+        if found.get("ObjectLockMode") and found.get("ObjectLockRetainUntilDate"):
+            return
+        log.warning(
+            "%s/%s: the server did not apply the object lock of the multipart upload; "
+            "setting the retention now",
+            self.describe(),
+            key,
+        )
+
+        def retain(_attempt: int) -> None:
+            self._client.put_object_retention(
+                Bucket=self.bucket,
+                Key=full,
+                Retention={
+                    "Mode": extra["ObjectLockMode"],
+                    "RetainUntilDate": extra["ObjectLockRetainUntilDate"],
+                },
+                **version,
+            )
+
+        self._call("PutObjectRetention", retain, key=key)
+
+    def delete_version(self, key: str, version_id: str) -> None:
+        """Delete one version (or delete marker) of ``key`` for good; locked ones are refused."""
+        full = self._full(key)
+
+        def delete(_attempt: int) -> None:
+            self._client.delete_object(Bucket=self.bucket, Key=full, VersionId=version_id)
+
+        self._call("DeleteObject", delete, key=key)
+
+    def bucket_versioning(self) -> str | None:
+        """The bucket's versioning status: "Enabled", "Suspended", or None (never enabled)."""
+
+        def get(_attempt: int) -> dict[str, Any]:
+            return dict(self._client.get_bucket_versioning(Bucket=self.bucket))
+
+        status = self._call("GetBucketVersioning", get).get("Status")
+        return str(status) if status else None
+
+    def _versions(self, full_prefix: str, *, key: str | None) -> Iterator[ObjectVersion]:
+        """ListObjectVersions under a full (prefixed) key prefix, page by page."""
+        markers: dict[str, Any] = {}
+        while True:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full_prefix, **markers}
+
+            def page(_attempt: int, args: dict[str, Any] = args) -> dict[str, Any]:
+                return dict(self._client.list_object_versions(**args))
+
+            resp = self._call("ListObjectVersions", page, key=key)
+            for v in resp.get("Versions", []):
+                yield ObjectVersion(self._relative(str(v["Key"])), str(v["VersionId"]), False)
+            for m in resp.get("DeleteMarkers", []):
+                yield ObjectVersion(self._relative(str(m["Key"])), str(m["VersionId"]), True)
+            if not resp.get("IsTruncated"):
+                return
+            markers = {
+                "KeyMarker": resp.get("NextKeyMarker", ""),
+                "VersionIdMarker": resp.get("NextVersionIdMarker", ""),
+            }
+
+    def object_versions(self, key: str) -> list[ObjectVersion]:
+        """Every version and delete marker of exactly ``key``."""
+        full = self._full(key)
+        return [v for v in self._versions(full, key=key) if v.key == key]
+
+    def list_versions(self, prefix: str) -> Iterator[ObjectVersion]:
+        """Every version and delete marker of the objects whose key starts with ``prefix``."""
+        check_list_prefix(prefix)
+        full_prefix = f"{self.root}/{prefix}" if self.root else prefix
+        return self._versions(full_prefix, key=None)
+
+    def bucket_settings(self) -> dict[str, Any]:
+        """The bucket's protection, for audits. Each entry is None when not configured:
+
+        ``versioning`` ("Enabled"/"Suspended"), ``mfa_delete``, ``object_lock``
+        (ObjectLockConfiguration), ``encryption`` (ServerSideEncryptionConfiguration),
+        ``public_access_block`` (PublicAccessBlockConfiguration).
+        """
+        bucket = self.bucket
+
+        def optional(fetch: Callable[[], Any], field: str) -> Callable[[int], Any]:
+            def run(_attempt: int) -> Any:
+                try:
+                    value = fetch().get(field)
+                except ClientError as exc:
+                    if error_code(exc) in _NOT_CONFIGURED_CODES:
+                        return None
+                    raise
+                return dict(value) if isinstance(value, dict) else value
+
+            return run
+
+        versioning = self._call(
+            "GetBucketVersioning",
+            lambda _a: dict(self._client.get_bucket_versioning(Bucket=bucket)),
+        )
+        return {
+            "versioning": versioning.get("Status"),
+            "mfa_delete": versioning.get("MFADelete"),
+            "object_lock": self._call(
+                "GetObjectLockConfiguration",
+                optional(
+                    lambda: self._client.get_object_lock_configuration(Bucket=bucket),
+                    "ObjectLockConfiguration",
+                ),
+            ),
+            "encryption": self._call(
+                "GetBucketEncryption",
+                optional(
+                    lambda: self._client.get_bucket_encryption(Bucket=bucket),
+                    "ServerSideEncryptionConfiguration",
+                ),
+            ),
+            "public_access_block": self._call(
+                "GetPublicAccessBlock",
+                optional(
+                    lambda: self._client.get_public_access_block(Bucket=bucket),
+                    "PublicAccessBlockConfiguration",
+                ),
+            ),
+        }
