@@ -26,7 +26,7 @@ from strongroom.compliance.evidence import REPORTS_PREFIX, Evidence
 from strongroom.config import RepositoryConfig
 from strongroom.drills.core import drill_key, list_drills, load_drill
 from strongroom.engines.pg_pitr_points import list_restore_points, load_restore_point, point_key
-from strongroom.errors import IntegrityError
+from strongroom.errors import IntegrityError, InvalidInput
 from strongroom.policy import pins as pins_mod
 from strongroom.policy.prune import prune
 from strongroom.policy.retention import RetentionPolicy
@@ -364,3 +364,88 @@ def test_compliance_report_anchor(local: tuple[LocalRepository, Repository], var
         assert anchors == {7: "a" * 64} and evidence.untrusted_records == []
         return
     assert anchors == {} and [k for k, _ in evidence.untrusted_records] == [key]
+
+
+# ------------------------------------------------- signing old records later
+
+
+def test_sign_records_signs_only_confirmed_unsigned_records_audited(
+    local: tuple[LocalRepository, Repository],
+) -> None:
+    from strongroom.sign_records import record_keys, sign_unsigned_records
+
+    repo, foreign = local
+    old = _manifest("db1", dt.datetime.now(UTC) - dt.timedelta(days=3))
+    Catalog(repo).write(old)
+    pin = pins_mod.pin_key("postgresql", "db1", old.backup_id)
+    record = {"backup_id": old.backup_id, "engine": "postgresql", "target": "db1"}
+    write_variant(repo, foreign, pin, record, "unsigned")
+    drills = {v: drill_key("postgresql", "db1", f"d-{v}") for v in VARIANTS}
+    for variant, key in drills.items():
+        write_variant(repo, foreign, key, _drill(f"d-{variant}"), variant)
+    assert record_keys(repo, "drills") == sorted(drills.values())
+    before = {k: repo.get_bytes(k) for k in [pin, *drills.values()]}
+
+    # a foreign or edited record among those asked for: refused, nothing written
+    for bad in ("foreign", "tampered"):
+        with pytest.raises(IntegrityError, match=f"refusing to sign {drills[bad]}"):
+            sign_unsigned_records(repo, TEST_SIGNER, "drills", set(), yes=True)
+        assert not repo.exists(sig_key(drills["unsigned"]))
+        repo.delete(drills[bad])
+        repo.delete(sig_key(drills[bad]))
+    with pytest.raises(InvalidInput, match="no drills record at drills/x"):
+        sign_unsigned_records(repo, TEST_SIGNER, "drills", {"drills/x"}, yes=True)
+
+    dry = sign_unsigned_records(repo, TEST_SIGNER, "drills", set(), yes=False)
+    assert [(r["key"], r["action"]) for r in dry] == [
+        (drills["signed"], "already-signed"),
+        (drills["unsigned"], "would-sign"),
+    ]
+    assert not repo.exists(sig_key(drills["unsigned"]))
+    done = sign_unsigned_records(repo, TEST_SIGNER, "drills", {drills["unsigned"]}, yes=True)
+    assert [(r["key"], r["action"]) for r in done] == [(drills["unsigned"], "signed")]
+    assert sorted(r["drill_id"] for r in list_drills(repo)) == ["d-signed", "d-unsigned"]
+    assert pins_mod.pin_findings(repo) != []
+    sign_unsigned_records(repo, TEST_SIGNER, "pins", set(), yes=True)
+    assert pins_mod.pin_findings(repo) == [] and pins_mod.list_pins(repo)[0]["trusted"]
+    # records are never rewritten: only their .sig was added
+    assert all(repo.get_bytes(k) == v for k, v in before.items() if repo.exists(k))
+    signed = [e for e in read_events(repo) if e.action == "sign"]
+    assert [e.details["record"] for e in signed] == [drills["unsigned"], pin]
+    assert all(e.details["key_id"] == TEST_SIGNER.key_id for e in signed)
+
+    # audit events appended without a signing key are signed the same way
+    append_event(unsigned_view(repo), action="restore", result="ok", actor={"user": "t"})
+    problems = verify_chain(repo, check_versions=False).problems
+    assert [p.kind for p in problems] == ["unsigned"]
+    sign_unsigned_records(repo, TEST_SIGNER, "audit", set(), yes=True)
+    assert verify_chain(repo, check_versions=False).problems == []
+
+
+def test_sign_command_records_option(
+    prefect_api: str, local: tuple[LocalRepository, Repository]
+) -> None:
+    from typer.testing import CliRunner
+
+    from blocks import BackupRepository, register_all
+    from strongroom.cli import app
+    from tests.fixtures.strongroom_fixtures import signing_block_fields
+
+    repo, foreign = local
+    register_all()
+    BackupRepository(**signing_block_fields(), local_path=str(repo.root)).save(
+        "recsignrepo", overwrite=True
+    )
+    key = evidence_key("postgresql", "db1", "v1")
+    write_variant(repo, foreign, key, {"verification_id": "v1", "ok": True}, "unsigned")
+    runner = CliRunner()
+    base = ["sign", "-r", "recsignrepo", "--records", "verifications", "--json"]
+    dry = runner.invoke(app, [*base, "--all-unsigned"])
+    assert dry.exit_code == 0, dry.output
+    assert [r["action"] for r in json.loads(dry.stdout)["records"]] == ["would-sign"]
+    assert list_verifications(repo) == []
+    done = runner.invoke(app, [*base, key, "--yes"])
+    assert done.exit_code == 0, done.output
+    assert [r["verification_id"] for r in list_verifications(repo)] == ["v1"]
+    unknown = runner.invoke(app, ["sign", "-r", "recsignrepo", "--records", "x", "--all-unsigned"])
+    assert unknown.exit_code == 2 and "unknown record kind" in unknown.output
