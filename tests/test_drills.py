@@ -30,6 +30,7 @@ from strongroom.drills.postgres import PostgresDrill
 from strongroom.engines.pg_connect import connect
 from strongroom.engines.postgres import backup_postgres
 from strongroom.ids import new_backup_id
+from strongroom.policy.pins import pin_key
 from strongroom.repository.local import LocalRepository
 from strongroom.sandbox.postgres import PostgresServer
 from strongroom.sandbox.redis import RedisServer
@@ -441,6 +442,12 @@ def test_flows_and_cli(
         second.backup_id: ("keep", "keep-last 1"),
     }
     run("unpin", first.backup_id)
+    forged = pin_key("postgresql", "flowdrill", first.backup_id)
+    repo.put_bytes(forged, json.dumps({"reason": "forged"}).encode())  # unsigned: still pins
+    kept = apply_retention(policy="drillpolicy", repository="drillrepo", dry_run=True)
+    assert [(f["key"], f["reason"]) for f in kept["findings"]] == [(forged, "untrusted-pin")]
+    assert kept["summary"]["would_delete"] == 0
+    repo.delete(forged)
     applied = apply_retention(policy="drillpolicy", repository="drillrepo")
     assert applied["summary"]["deleted"] == 1
     assert [m.backup_id for m in Catalog(repo).list()] == [second.backup_id]
