@@ -85,6 +85,12 @@ def apply_retention(
     ]
     if report["dangling"]:
         lines.append(f"- **manifests with missing data: {len(report['dangling'])}**")
+    if report["findings"]:  # counts only: the keys come from the bucket
+        pins = sum(1 for f in report["findings"] if f["reason"] == "untrusted-pin")
+        lines.append(
+            f"- **not trusted, left alone: {len(report['findings'])}** (of which {pins} "
+            "pins not signed by a trusted key: they still protect their backups)"
+        )
     if report["errors"]:
         lines.append(f"- **errors: {len(report['errors'])}**: {report['errors'][0]}")
     rows = [

@@ -30,9 +30,11 @@ from strongroom.drills.postgres import PostgresDrill
 from strongroom.engines.postgres.backup import backup_postgres
 from strongroom.engines.postgres.connect import connect
 from strongroom.ids import new_backup_id
+from strongroom.policy.pins import pin_key
 from strongroom.repository.local import LocalRepository
 from strongroom.sandbox.postgres import PostgresServer
 from strongroom.sandbox.redis import RedisServer
+from strongroom.signing import SIG_SUFFIX, get_verified_json
 from tests.fixtures.postgres import PgDatabase
 from tests.fixtures.strongroom_fixtures import (
     make_local_repo,
@@ -413,8 +415,10 @@ def test_flows_and_cli(
     report = deep_verify_flow(repository="drillrepo", encryption_key="drillkey", sample_fraction=1)
     assert report["ok"] and report["verified"] == 2
     assert {r["reason"] for r in report["results"]} == {"newest", "never verified"}
-    evidence = [
-        json.loads(repo.get_bytes(i.key)) for i in repo.list("verifications/postgresql/flowdrill/")
+    evidence = [  # signed records only (each has its .sig beside it), all trusted
+        get_verified_json(repo, i.key)[0]
+        for i in repo.list("verifications/postgresql/flowdrill/")
+        if not i.key.endswith(SIG_SUFFIX)
     ]
     assert len(evidence) == 2 and all(e["ok"] for e in evidence)
     assert all(e["structure_unchecked"] == [] for e in evidence)  # pg_restore --list, UTF-8
@@ -438,6 +442,12 @@ def test_flows_and_cli(
         second.backup_id: ("keep", "keep-last 1"),
     }
     run("unpin", first.backup_id)
+    forged = pin_key("postgresql", "flowdrill", first.backup_id)
+    repo.put_bytes(forged, json.dumps({"reason": "forged"}).encode())  # unsigned: still pins
+    kept = apply_retention(policy="drillpolicy", repository="drillrepo", dry_run=True)
+    assert [(f["key"], f["reason"]) for f in kept["findings"]] == [(forged, "untrusted-pin")]
+    assert kept["summary"]["would_delete"] == 0
+    repo.delete(forged)
     applied = apply_retention(policy="drillpolicy", repository="drillrepo")
     assert applied["summary"]["deleted"] == 1
     assert [m.backup_id for m in Catalog(repo).list()] == [second.backup_id]

@@ -6,7 +6,9 @@ repository), its detached ``.sig`` and one public key PEM; no secret is needed.
 ``sign`` is the one way to make manifests written before signing trusted again: it
 signs only unsigned manifests the operator names (or ``--all-unsigned``), only with
 ``--yes``, checks each sealed one against its seal first, never rewrites a manifest
-(only its ``.sig`` is written) and appends an audit event per manifest.
+(only its ``.sig`` is written) and appends an audit event per manifest. ``sign
+--records KIND`` does the same for pins, drills, verification records, restore points,
+audit events and compliance reports (``strongroom.sign_records``).
 """
 
 from __future__ import annotations
@@ -90,8 +92,16 @@ def verify_signature_cmd(
 
 
 def sign_cmd(
-    backup_ids: list[str] = typer.Argument(None, help="Backup ids of unsigned manifests."),
-    all_unsigned: bool = typer.Option(False, "--all-unsigned", help="Every unsigned manifest."),
+    backup_ids: list[str] = typer.Argument(
+        None, help="Backup ids of unsigned manifests (with --records: record keys)."
+    ),
+    all_unsigned: bool = typer.Option(False, "--all-unsigned", help="Every unsigned one."),
+    records: str | None = typer.Option(
+        None,
+        "--records",
+        help="Sign other records instead of manifests: pins, drills, verifications, "
+        "restore-points, audit or reports.",
+    ),
     yes: bool = typer.Option(False, "--yes", help="Really sign (without it: list only)."),
     repository: str = RepoOpt,
     key: str = KeyOpt,
@@ -101,24 +111,32 @@ def sign_cmd(
 
     Only manifests with no signature at all are signed; a manifest with a bad or foreign
     signature is refused. Sealed manifests are checked against their seal first (needs
-    the encryption key's identity). Each signature is recorded in the audit trail."""
+    the encryption key's identity). Each signature is recorded in the audit trail.
+    ``--records KIND`` does the same for the other records strongroom trusts."""
     with _handled(as_json):
         from flows.common import load_key, load_repository
 
         if not backup_ids and not all_unsigned:
-            raise InvalidInput("name backup ids to sign, or pass --all-unsigned")
+            raise InvalidInput("name backup ids (or record keys) to sign, or pass --all-unsigned")
         repo, _ = load_repository(repository)
         signer = repo.trust.require_signer("a signature")
+        if records is not None:
+            from strongroom.sign_records import sign_unsigned_records
+
+            rows = sign_unsigned_records(repo, signer, records, set(backup_ids or []), yes=yes)
+            _emit(as_json, {"ok": True, "signed": yes, "records": rows}, lambda: _show(rows, yes))
+            return
         identities = [i.get_secret_value() for i in load_key(key).identities]
         rows = _sign_unsigned(repo, signer, set(backup_ids or []), identities, yes=yes)
 
-        def human() -> None:
-            for row in rows:
-                out.print(f"{row['key']}: {row['action']} {row.get('detail', '')}")
-            if not yes:
-                out.print("nothing signed: pass --yes to sign the manifests listed")
+        _emit(as_json, {"ok": True, "signed": yes, "manifests": rows}, lambda: _show(rows, yes))
 
-        _emit(as_json, {"ok": True, "signed": yes, "manifests": rows}, human)
+
+def _show(rows: list[dict[str, Any]], yes: bool) -> None:
+    for row in rows:
+        out.print(f"{row['key']}: {row['action']} {row.get('detail', '')}")
+    if not yes:
+        out.print("nothing signed: pass --yes to sign what is listed")
 
 
 def _sign_unsigned(

@@ -68,7 +68,8 @@ class Finding:
     """A catalog object retention does not trust: reported, never acted on."""
 
     key: str
-    # unreadable | untrusted | bad-name | identity-mismatch | foreign-artifacts | wal-target
+    # unreadable | untrusted | untrusted-pin | bad-name | identity-mismatch |
+    # foreign-artifacts | wal-target
     reason: str
     detail: str
     engine: str | None = None

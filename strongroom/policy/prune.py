@@ -47,7 +47,7 @@ from strongroom.policy.owned import (
     parents_of,
     valid_ident,
 )
-from strongroom.policy.pins import label_pinned, pinned_ids
+from strongroom.policy.pins import label_pinned, list_pins
 from strongroom.policy.retention import (
     BackupPoint,
     Decision,
@@ -216,7 +216,13 @@ def plan(
     entries, findings = list_catalog(repo, engine, target)
     trusted = [e for e in entries if not e.suspect]
     findings = [*findings, *(p for e in entries for p in e.problems)]
-    pins = pinned_ids(repo, engine, target)
+    pin_records = list_pins(repo, engine, target)
+    pins = {(p["engine"], p["target"], p["backup_id"]) for p in pin_records}
+    findings.extend(  # an untrusted pin still protects its backup (fail safe), reported
+        Finding(p["key"], "untrusted-pin", p["untrusted"], p["engine"], p["target"], p["backup_id"])
+        for p in pin_records
+        if not p["trusted"]
+    )
     listed = {e.ident: e for e in trusted}
     series: dict[tuple[str, str], list[BackupPoint]] = defaultdict(list)
     for e in trusted:

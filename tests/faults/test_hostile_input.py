@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from strongroom.artifacts import publish_backup, store_artifact
 from strongroom.catalog import Catalog, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines.postgres.backup import backup_postgres
-from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
 from strongroom.engines.postgres.wal import names
 from strongroom.engines.postgres.wal.store import wal_key
+from strongroom.engines.postgres.backup import backup_postgres
+from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
 from strongroom.errors import InvalidInput, NotFound
 from strongroom.ids import BACKUP_ID_RE, NAME_RE, check_backup_id, check_name, new_backup_id
 from strongroom.repository.local import LocalRepository
@@ -515,17 +515,21 @@ def test_create_restore_point_refuses_before_contacting_the_server(
 def test_malformed_restore_point_record_is_named(
     pitr_world: tuple[LocalRepository, RepositoryConfig, dt.datetime], tmp_path: Path
 ) -> None:
-    """A stored restore-point record with a broken LSN is an IntegrityError naming it."""
+    """A stored restore-point record with a broken LSN is an IntegrityError naming it,
+    even when it is signed by a trusted key (so "malformed" is what is tested, not the
+    signature)."""
     from strongroom.engines.postgres.pitr.points import list_restore_points, point_key
     from strongroom.errors import IntegrityError
+    from strongroom.signing import put_signed_json
 
     repo, _, _ = pitr_world
     key = point_key(PITR_TARGET, "before-upgrade")
-    repo.put_bytes(
-        key, json.dumps({"name": "before-upgrade", "lsn": "FFFFFFFF/FFFFFFFF1"}).encode()
-    )
-    with pytest.raises(IntegrityError, match="before-upgrade"):
+    put_signed_json(repo, key, {"name": "before-upgrade", "lsn": "FFFFFFFF/FFFFFFFF1"})
+    with pytest.raises(IntegrityError, match=r"before-upgrade.* is malformed"):
         list_restore_points(repo, PITR_TARGET)
+    findings: list[dict[str, object]] = []
+    assert list_restore_points(repo, PITR_TARGET, findings=findings) == []
+    assert [f["key"] for f in findings] == [key] and "malformed" in str(findings[0]["error"])
 
 
 def _cli_accepted(kind: str, value: str, stopped: dt.datetime) -> bool:
