@@ -19,8 +19,8 @@ from strongroom.compliance import evaluate
 from strongroom.compliance.evaluate import health_rows
 from strongroom.compliance.model import TargetPolicy
 from strongroom.config import RepositoryConfig
-from strongroom.engines.pg_basebackup import base_backups, base_backups_with_findings
-from strongroom.engines.pg_wal_check import wal_check
+from strongroom.engines.postgres.pitr.basebackup import base_backups, base_backups_with_findings
+from strongroom.engines.postgres.wal.check import wal_check
 from strongroom.metrics import make_registry, take_snapshot
 from strongroom.policy.orphan_sigs import lone_signatures
 from strongroom.policy.prune import prune

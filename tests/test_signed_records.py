@@ -25,7 +25,11 @@ from strongroom.catalog import Catalog, Manifest, manifest_key
 from strongroom.compliance.evidence import REPORTS_PREFIX, Evidence
 from strongroom.config import RepositoryConfig
 from strongroom.drills.core import drill_key, list_drills, load_drill
-from strongroom.engines.postgres.pitr.points import list_restore_points, load_restore_point, point_key
+from strongroom.engines.postgres.pitr.points import (
+    list_restore_points,
+    load_restore_point,
+    point_key,
+)
 from strongroom.errors import IntegrityError, InvalidInput
 from strongroom.policy import pins as pins_mod
 from strongroom.policy.prune import prune

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from strongroom.artifacts import publish_backup, store_artifact
 from strongroom.catalog import Catalog, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines.postgres.wal import names
-from strongroom.engines.postgres.wal.store import wal_key
 from strongroom.engines.postgres.backup import backup_postgres
 from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
+from strongroom.engines.postgres.wal import names
+from strongroom.engines.postgres.wal.store import wal_key
 from strongroom.errors import InvalidInput, NotFound
 from strongroom.ids import BACKUP_ID_RE, NAME_RE, check_backup_id, check_name, new_backup_id
 from strongroom.repository.local import LocalRepository
