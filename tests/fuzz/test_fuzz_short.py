@@ -12,6 +12,7 @@ import random
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -82,3 +83,13 @@ def test_parser_survives_hostile_bytes(name: str) -> None:
         run_one(name, build_input(name, seed_index, mutation, raw))
 
     check()
+
+
+FOUND = Path(__file__).parent / "found"
+
+
+@pytest.mark.parametrize("path", sorted(FOUND.iterdir()), ids=lambda p: p.name)
+def test_inputs_the_long_runs_found_stay_fixed(path: Path) -> None:
+    """Each file in tests/fuzz/found/ is an input a long run once crashed a parser with,
+    named ``<target>-<what>``: it must now return or raise one of strongroom's errors."""
+    run_one(path.name.split("-", 1)[0], path.read_bytes())

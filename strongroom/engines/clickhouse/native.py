@@ -154,30 +154,49 @@ def _skip_low_cardinality(feed: _Feed, inner: TypeNode, rows: int) -> None:
         done += count
 
 
+def _one_type(node: TypeNode) -> TypeNode | None:
+    """The single type argument of ``Nullable(T)``, ``Array(T)``, ``LowCardinality(T)``;
+    None when the stream's type name has none, several or a non-type one (hostile)."""
+    if len(node.args) == 1 and isinstance(node.args[0], TypeNode):
+        return node.args[0]
+    return None
+
+
+def _fixed_string_size(node: TypeNode) -> int:
+    try:
+        size = int(str(node.args[0])) if len(node.args) == 1 else -1
+    except ValueError:
+        size = -1
+    if size < 1:
+        raise Unsupported(str(node))
+    return size
+
+
 def _skip_column(feed: _Feed, node: TypeNode, rows: int) -> None:
     name = node.name
+    inner = _one_type(node)
     if name in _FIXED:
         feed.skip(_FIXED[name] * rows)
     elif name == "Decimal":
         feed.skip(_decimal_size(node) * rows)
     elif name == "FixedString":
-        feed.skip(int(str(node.args[0])) * rows)
+        feed.skip(_fixed_string_size(node) * rows)
     elif name == "String":
         feed.strings(rows)
     elif name == "Nothing":
         feed.skip(rows)
-    elif name == "Nullable" and isinstance(node.args[0], TypeNode):
+    elif name == "Nullable" and inner is not None:
         feed.skip(rows)
-        _skip_column(feed, node.args[0], rows)
-    elif name == "Array" and isinstance(node.args[0], TypeNode):
+        _skip_column(feed, inner, rows)
+    elif name == "Array" and inner is not None:
         last = 0
         if rows:
             feed.skip(8 * (rows - 1))
             last = int.from_bytes(feed.take(8), "little")
-        _skip_column(feed, node.args[0], last)
-    elif name == "LowCardinality" and isinstance(node.args[0], TypeNode):
-        _skip_low_cardinality(feed, node.args[0], rows)
-    elif name == "Tuple" and all(isinstance(a, TypeNode) for a in node.args):
+        _skip_column(feed, inner, last)
+    elif name == "LowCardinality" and inner is not None:
+        _skip_low_cardinality(feed, inner, rows)
+    elif name == "Tuple" and node.args and all(isinstance(a, TypeNode) for a in node.args):
         for arg in node.args:
             assert isinstance(arg, TypeNode)
             _skip_column(feed, arg, rows)
