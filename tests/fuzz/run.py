@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("tar", "native", "rdb", "wal", "manifest")
@@ -111,9 +113,23 @@ def main() -> int:
         print(json.dumps(result), flush=True)
         results.append(result)
     if args.record:
-        out = ROOT / "bench" / "results" / "fuzz.json"
-        out.write_text(json.dumps({"runs_per_target": args.runs, "results": results}, indent=2))
+        _record(results)
     return 0 if all(r["ok"] for r in results) else 1
+
+
+def _record(results: list[dict[str, Any]]) -> None:
+    """Merge into bench/results/fuzz.json by target: each target keeps its newest run, so
+    the targets can be run one at a time (``run tar --record``, ``run manifest ...``)."""
+    out = ROOT / "bench" / "results" / "fuzz.json"
+    known: dict[str, dict[str, Any]] = {}
+    if out.exists():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            known = {r["target"]: r for r in json.loads(out.read_text())["results"]}
+    stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    for result in results:
+        known[result["target"]] = {**result, "finished_at": stamp}
+    ordered = [known[n] for n in NAMES if n in known]
+    out.write_text(json.dumps({"results": ordered}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
