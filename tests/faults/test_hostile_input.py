@@ -192,11 +192,12 @@ def test_cli_refuses_hostile_ids_with_exit_codes(
     from typer.testing import CliRunner
 
     import strongroom.cli.app as cli
+    import strongroom.cli.catalog as catalog_commands
 
     _db, repo, manifest = world
     assume(value not in ("latest", manifest.backup_id, manifest.target))
     assume(command == "show" or value != "")  # --target "" means no filter
-    monkeypatch.setattr(cli, "_open_repo", lambda _name: repo)
+    monkeypatch.setattr(catalog_commands, "_open_repo", lambda _name: repo)
     before = _tree(repo.root)
     if command == "show":
         args = ["show", "--json", "--", value]
