@@ -318,7 +318,7 @@ def test_hot_path_imports_stay_light(tmp_path: Path) -> None:
     import sys
 
     code = (
-        "import sys; from strongroom import wal_cli; "
+        "import sys; from strongroom.cli import wal as wal_cli; "
         "rc = wal_cli.main(['push', '--config', sys.argv[1], sys.argv[2]]); "
         "bad = [m for m in ('prefect', 'pydantic', 'boto3', 'botocore', 'typer', 'rich')"
         " if m in sys.modules]; print(rc, bad)"

@@ -432,7 +432,7 @@ def test_sign_command_records_option(
     from typer.testing import CliRunner
 
     from blocks import BackupRepository, register_all
-    from strongroom.cli import app
+    from strongroom.cli.app import app
     from tests.fixtures.strongroom_fixtures import signing_block_fields
 
     repo, foreign = local
