@@ -52,14 +52,12 @@ def sign_unsigned_records(
 ) -> list[dict[str, Any]]:
     """Sign the unsigned records of ``kind`` (only the keys in ``wanted`` when it is not
     empty); without ``yes`` only list them. Rows: ``key``, ``action``, ``detail``."""
-    from strongroom.audit import append_event
-
     keys = record_keys(repo, kind)
     missing = sorted(wanted - set(keys))
     if missing:
         raise InvalidInput(f"no {kind} record at {', '.join(missing)}")
     rows: list[dict[str, Any]] = []
-    todo: list[tuple[str, bytes]] = []
+    todo: list[tuple[str, bytes, dict[str, Any]]] = []
     for key in keys:
         if wanted and key not in wanted:
             continue
@@ -69,19 +67,36 @@ def sign_unsigned_records(
         elif verdict.status != "unsigned":
             raise IntegrityError(f"refusing to sign {key}: {verdict.message(kind)}")
         else:
-            todo.append((key, data))
-    # every check passed for every record named: only now is anything written
-    for key, data in todo:
+            todo.append((key, data, {"details": {"record": key, "kind": kind}}))
+    return rows + write_signatures(repo, signer, todo, yes=yes)
+
+
+def write_signatures(
+    repo: Repository,
+    signer: Signer,
+    todo: list[tuple[str, bytes, dict[str, Any]]],
+    *,
+    yes: bool,
+) -> list[dict[str, Any]]:
+    """Sign each checked ``(key, stored bytes, audit fields)`` (only list them without
+    ``yes``): the ``.sig`` is written, never the record, and each signature is an audit
+    event ``sign`` with the record's checksum and the signing key id added to the
+    fields' ``details``. Callers check every record before calling this."""
+    from strongroom.audit import append_event
+
+    rows: list[dict[str, Any]] = []
+    for key, data, fields in todo:
         if not yes:
             rows.append({"key": key, "action": "would-sign", "detail": signer.key_id})
             continue
         repo.put_bytes(sig_key(key), signer.sign(data), overwrite=False)
+        details = {"key_id": signer.key_id, **fields.get("details", {})}
         append_event(
             repo,
             action="sign",
             result="ok",
             checksums={key: hashlib.sha256(data).hexdigest()},
-            details={"key_id": signer.key_id, "record": key, "kind": kind},
+            **{**fields, "details": details},
         )
         rows.append({"key": key, "action": "signed", "detail": signer.key_id})
     return rows

@@ -13,7 +13,6 @@ audit events and compliance reports (``strongroom.sign_records``).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -142,14 +141,13 @@ def _show(rows: list[dict[str, Any]], yes: bool) -> None:
 def _sign_unsigned(
     repo: Any, signer: Signer, wanted: set[str], identities: list[str], *, yes: bool
 ) -> list[dict[str, Any]]:
-    from strongroom.audit import append_event
     from strongroom.catalog import Catalog, manifest_key
     from strongroom.seal import SEAL_FIELD, check_name, check_seal, origin_of, parse_document
-    from strongroom.signing import sig_key
+    from strongroom.sign_records import write_signatures
 
     catalog = Catalog(repo)
     rows: list[dict[str, Any]] = []
-    todo: list[tuple[str, str, str, str, bytes, bool]] = []
+    todo: list[tuple[str, bytes, dict[str, Any]]] = []
     entries = catalog.entries()
     found = {b for _, _, b in entries}
     missing = sorted(wanted - found)
@@ -176,25 +174,10 @@ def _sign_unsigned(
             if not identities:
                 raise InvalidInput(f"{mkey} is sealed: the encryption key's identity is needed")
             check_seal(doc, seal, identities, mkey)
-        todo.append((engine, target, backup_id, mkey, raw, isinstance(seal, str)))
+        fields = {"engine": engine, "target": target, "backup_id": backup_id}
+        todo.append((mkey, raw, {**fields, "details": {"sealed": isinstance(seal, str)}}))
     # every check passed for every manifest named: only now is anything written
-    for engine, target, backup_id, mkey, raw, sealed in todo:
-        if not yes:
-            rows.append({"key": mkey, "action": "would-sign", "detail": signer.key_id})
-            continue
-        repo.put_bytes(sig_key(mkey), signer.sign(raw), overwrite=False)
-        append_event(
-            repo,
-            action="sign",
-            result="ok",
-            engine=engine,
-            target=target,
-            backup_id=backup_id,
-            checksums={mkey: hashlib.sha256(raw).hexdigest()},
-            details={"key_id": signer.key_id, "sealed": sealed},
-        )
-        rows.append({"key": mkey, "action": "signed", "detail": signer.key_id})
-    return rows
+    return rows + write_signatures(repo, signer, todo, yes=yes)
 
 
 def register(app: typer.Typer) -> None:
