@@ -104,7 +104,8 @@ def main() -> int:
 
     from pydantic import SecretStr
 
-    from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
+    from bench.signing import bench_config
+    from strongroom.config import EncryptionConfig, PostgresConnection
     from strongroom.engines.postgres.backup import backup_postgres
     from strongroom.fast_exit import freeze_heap
     from strongroom.repository.local import LocalRepository
@@ -125,8 +126,10 @@ def main() -> int:
         password=SecretStr(job["password"]),
         databases=[job["database"]],
     )
-    repo_cfg = RepositoryConfig(kind="local", path=str(out), compression_level=job["level"])
-    manifest = backup_postgres(conn, TimedRepository(out), repo_cfg, enc, include_globals=False)
+    repo_cfg = bench_config(kind="local", path=str(out), compression_level=job["level"])
+    manifest = backup_postgres(
+        conn, TimedRepository(out, trust=repo_cfg.trust()), repo_cfg, enc, include_globals=False
+    )
     t_done = time.time()
     rows = sum(table["rows"] for db in manifest.details["databases"] for table in db["tables"])
     self_usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -97,10 +97,10 @@ def _wait(proc: subprocess.Popen[Any]) -> tuple[int, resource.struct_rusage]:
 def child() -> int:
     t_entry = time.time()
     job = json.loads(sys.stdin.read())
-    from strongroom.config import EncryptionConfig, RepositoryConfig
+    from bench.signing import bench_config, bench_repo
+    from strongroom.config import EncryptionConfig
     from strongroom.engines.clickhouse.backup import backup_clickhouse
     from strongroom.engines.clickhouse.conn import ClickHouseConnection
-    from strongroom.repository.local import LocalRepository
 
     t_imported = time.time()
     out = Path(job["out_dir"])
@@ -109,8 +109,8 @@ def child() -> int:
     )
     manifest = backup_clickhouse(
         conn,
-        LocalRepository(out),
-        RepositoryConfig(kind="local", path=str(out), compression_level=LEVEL),
+        bench_repo(out),
+        bench_config(kind="local", path=str(out), compression_level=LEVEL),
         EncryptionConfig(recipients=[job["recipient"]]),
     )
     tables = manifest.details["databases"][0]["tables"]

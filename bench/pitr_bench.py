@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import pgbackrest as pgbr_mod
+from bench.signing import bench_config, bench_repo
 from strongroom.engines.postgres.wal.config import load_wal_config
 from strongroom.engines.postgres.wal.fast import archive_command
 
@@ -121,13 +122,12 @@ class Bench:
     # ------------------------------------------------------------------ helpers
 
     def wal_config(self, path: Path, repo: Path, mode: str) -> Path:
-        from strongroom.config import RepositoryConfig
         from strongroom.engines.postgres.wal.config import write_wal_config
 
         return write_wal_config(
             path,
             target="bench",
-            repository=RepositoryConfig(kind="local", path=str(repo)),
+            repository=bench_config(kind="local", path=str(repo)),
             recipients=self.enc.recipients,
             owner="postgres",
             push={
@@ -153,10 +153,9 @@ class Bench:
     # -------------------------------------------------------------------- setup
 
     def setup(self) -> None:
-        from strongroom.config import PostgresConnection, RepositoryConfig
+        from strongroom.config import PostgresConnection
         from strongroom.engines.postgres.pitr.basebackup import base_backup_postgres
         from strongroom.engines.postgres.pitr.restore import default_wal_command
-        from strongroom.repository.local import LocalRepository
         from strongroom.sandbox.postgres import PostgresServer, chown_to_postgres
 
         self.wal_cmd = default_wal_command("postgres")
@@ -192,8 +191,8 @@ class Bench:
         t0 = time.perf_counter()
         self.sr_manifest = base_backup_postgres(
             conn,
-            LocalRepository(self.sr_repo),
-            RepositoryConfig(kind="local", path=str(self.sr_repo)),
+            bench_repo(self.sr_repo),
+            bench_config(kind="local", path=str(self.sr_repo)),
             self.enc,
         )
         _log(f"strongroom base backup {time.perf_counter() - t0:.1f} s")
@@ -329,11 +328,9 @@ class Bench:
     # --------------------------------------------------------------------- pitr
 
     def pitr_strongroom(self, run: int) -> dict[str, Any]:
-        from strongroom.config import RepositoryConfig
         from strongroom.engines.postgres.pitr.plan import PitrRequest
         from strongroom.engines.postgres.pitr.restore import pitr_restore
         from strongroom.engines.postgres.pitr.server import RestoredServer
-        from strongroom.repository.local import LocalRepository
         from strongroom.sandbox.ports import free_port
         from strongroom.sandbox.postgres import chown_to_postgres
 
@@ -352,8 +349,8 @@ class Bench:
         t0 = time.perf_counter()
         try:
             report = pitr_restore(
-                LocalRepository(repo_dir),
-                RepositoryConfig(kind="local", path=str(repo_dir)),
+                bench_repo(repo_dir),
+                bench_config(kind="local", path=str(repo_dir)),
                 self.enc,
                 req,
             )

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.signing import bench_config, bench_repo
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 ZSTD = shutil.which("zstd") or "/usr/bin/zstd"
@@ -125,18 +127,17 @@ def _child_backup() -> None:
     job = json.loads(sys.stdin.read())
     from pydantic import SecretStr
 
-    from strongroom.config import EncryptionConfig, RepositoryConfig
+    from strongroom.config import EncryptionConfig
     from strongroom.engines.redis.backup import backup_redis
     from strongroom.engines.redis.conn import RedisConnection
-    from strongroom.repository.local import LocalRepository
 
     conn = RedisConnection(
         name="bench", host=job["host"], port=job["port"], password=SecretStr(job["password"])
     )
-    repo_config = RepositoryConfig(kind="local", path=job["repo"])
+    repo_config = bench_config(kind="local", path=job["repo"])
     enc = EncryptionConfig(recipients=[job["recipient"]])
     start = time.perf_counter()
-    manifest = backup_redis(conn, LocalRepository(Path(job["repo"])), repo_config, enc)
+    manifest = backup_redis(conn, bench_repo(Path(job["repo"])), repo_config, enc)
     seconds = time.perf_counter() - start
     artifact = manifest.artifacts[0]
     sys.stdout.write(
@@ -243,21 +244,18 @@ def compare_restores(
     import redis
     from pydantic import SecretStr
 
-    from strongroom.config import EncryptionConfig, RepositoryConfig
+    from strongroom.config import EncryptionConfig
     from strongroom.engines.redis.backup import backup_redis
     from strongroom.engines.redis.conn import RedisConnection
     from strongroom.engines.redis.restore import RedisRestoreRequest, restore_redis
-    from strongroom.repository.local import LocalRepository
 
     repo_path = work / "restore-repo"
-    repo = LocalRepository(repo_path)
+    repo = bench_repo(repo_path)
     enc = EncryptionConfig(recipients=[recipient], identities=[SecretStr(identity)])
     src_conn = RedisConnection(
         name="bench", host=source.host, port=source.port, password=SecretStr(source.password)
     )
-    manifest = backup_redis(
-        src_conn, repo, RepositoryConfig(kind="local", path=str(repo_path)), enc
-    )
+    manifest = backup_redis(src_conn, repo, bench_config(kind="local", path=str(repo_path)), enc)
     keys = sum(v["keys"] for v in manifest.details["keyspace"].values())
     tgt_conn = RedisConnection(
         name="bench", host=target.host, port=target.port, password=SecretStr(target.password)
