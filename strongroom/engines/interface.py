@@ -79,6 +79,65 @@ class Engine(Protocol):
         ...
 
 
-def one_progress(factory: ProgressFactory | None, name: str) -> Progress | None:
-    """A single progress callback for engines whose restore reports one stream."""
-    return factory(name, None) if factory is not None else None
+class FunctionEngine:
+    """An Engine made of an engine package's functions: its ``backup_*`` and
+    ``restore_*`` and its two summaries. ``one_stream``: the restore reports progress
+    on one stream (a callback, not a factory of them)."""
+
+    def __init__(
+        self,
+        name: str,
+        label: str,
+        request_type: type[BaseModel],
+        *,
+        backup: Callable[..., Manifest],
+        restore: Callable[..., dict[str, Any]],
+        backup_summary: Callable[[Mapping[str, Any], str], Summary],
+        restore_summary: Callable[[Mapping[str, Any]], Summary],
+        one_stream: bool = False,
+    ) -> None:
+        self.name = name
+        self.label = label
+        self.request_type = request_type
+        self._backup = backup
+        self._restore = restore
+        self._backup_summary = backup_summary
+        self._restore_summary = restore_summary
+        self._one_stream = one_stream
+
+    def backup(
+        self,
+        conn: Any,
+        repo: Repository,
+        repo_config: RepositoryConfig,
+        enc: EncryptionConfig,
+        *,
+        labels: dict[str, str],
+        progress: ProgressFactory | None,
+        options: Mapping[str, Any],
+    ) -> Manifest:
+        return self._backup(
+            conn, repo, repo_config, enc, labels=labels, progress=progress, **options
+        )
+
+    def restore(
+        self,
+        conn: Any,
+        repo: Repository,
+        enc: EncryptionConfig,
+        request: Any,
+        *,
+        progress: ProgressFactory | None,
+    ) -> dict[str, Any]:
+        if not isinstance(request, self.request_type):
+            raise TypeError(f"a {self.label} restore takes a {self.request_type.__name__}")
+        stream: Any = progress
+        if self._one_stream and progress is not None:
+            stream = progress(f"restore {getattr(request, 'backup_id', 'latest')}", None)
+        return self._restore(conn, repo, enc, request, progress=stream)
+
+    def backup_summary(self, manifest: Mapping[str, Any], repository: str) -> Summary:
+        return self._backup_summary(manifest, repository)
+
+    def restore_summary(self, report: Mapping[str, Any]) -> Summary:
+        return self._restore_summary(report)
