@@ -33,7 +33,13 @@ from strongroom.errors import (
     StorageFull,
     StrongroomError,
 )
-from strongroom.ids import check_backup_id, check_engine, check_name, nearest
+from strongroom.ids import (
+    check_backup_id,
+    check_engine,
+    check_name,
+    nearest,
+    scope_prefix,
+)
 from strongroom.repository.base import Repository, StorageSettings, check_key
 from strongroom.seal import (
     SEAL_FIELD,
@@ -193,11 +199,7 @@ class Catalog:
     ) -> builtins.list[tuple[str, str, str]]:
         """(engine, target, id) of every manifest object, oldest first; objects under
         catalog/ that cannot be manifests (odd keys, over the size cap) are findings."""
-        prefix = "catalog/"
-        if engine:
-            prefix += f"{check_engine(engine)}/"
-            if target:
-                prefix += f"{check_name(target, 'target name')}/"
+        prefix = scope_prefix("catalog", engine, target)
         found = []
         for info in self.repo.list(prefix):
             parts = info.key.split("/")

@@ -61,6 +61,28 @@ def check_engine(value: str) -> str:
     return value
 
 
+def scope_prefix(area: str, engine: str | None = None, target: str | None = None) -> str:
+    """The key prefix of ``<area>/<engine>/<target>/`` as far as given (a target narrows
+    the prefix only with its engine); names are validated first."""
+    prefix = f"{area}/"
+    if engine:
+        prefix += f"{check_engine(engine)}/"
+        if target:
+            prefix += f"{check_name(target, 'target name')}/"
+    return prefix
+
+
+def record_key_parts(key: str, target: str | None = None) -> list[str] | None:
+    """``[area, engine, target, file]`` of a record key ``<area>/<engine>/<target>/<id>.json``
+    (of ``target`` when given), None for any other key."""
+    parts = key.split("/")
+    if len(parts) != 4 or not parts[3].endswith(".json"):
+        return None
+    if target and parts[2] != target:
+        return None
+    return parts
+
+
 def nearest(value: str, candidates: list[str], n: int = 3) -> list[str]:
     """Candidates closest to ``value`` (for 'did you mean' hints)."""
     close = difflib.get_close_matches(value, candidates, n=n, cutoff=0.3)

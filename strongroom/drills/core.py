@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 
 from strongroom.catalog import Catalog, Manifest
 from strongroom.errors import IntegrityError, StrongroomError
-from strongroom.ids import check_engine, check_name, new_backup_id
+from strongroom.ids import check_engine, check_name, new_backup_id, record_key_parts, scope_prefix
 from strongroom.redact import scrub
 from strongroom.repository.base import Repository
 from strongroom.signing import get_verified_json, put_signed_json
@@ -264,17 +264,11 @@ def list_drills(
     Each row: drill_id, engine, target, backup_id, started_at, ok, rto_s,
     rto_objective_s, rpo_s, rpo_objective_s, failures, record_key.
     """
-    prefix = "drills/"
-    if engine:
-        prefix += f"{check_engine(engine)}/"
-        if target:
-            prefix += f"{check_name(target, 'target name')}/"
+    prefix = scope_prefix("drills", engine, target)
     rows: list[dict[str, Any]] = []
     for info in repo.list(prefix):
-        parts = info.key.split("/")
-        if len(parts) != 4 or not parts[3].endswith(".json"):
-            continue
-        if target and parts[2] != target:
+        parts = record_key_parts(info.key, target)
+        if parts is None:
             continue
         try:
             r, verdict = get_verified_json(repo, info.key, strict=False)

@@ -30,7 +30,12 @@ from strongroom.errors import (
     StorageFull,
     StrongroomError,
 )
-from strongroom.ids import BACKUP_ID_RE, ENGINES, NAME_RE, check_engine, check_name
+from strongroom.ids import (
+    BACKUP_ID_RE,
+    ENGINES,
+    NAME_RE,
+    scope_prefix,
+)
 from strongroom.repository.base import Repository
 from strongroom.seal import origin_of
 from strongroom.signing import Verdict, sig_key
@@ -173,11 +178,7 @@ def list_catalog(
     identity of its path and its ownership problems; plus findings for catalog objects
     that are not readable manifests under names strongroom writes. Never raises for a
     bad object; storage outages propagate."""
-    prefix = "catalog/"
-    if engine:
-        prefix += f"{check_engine(engine)}/"
-        if target:
-            prefix += f"{check_name(target, 'target name')}/"
+    prefix = scope_prefix("catalog", engine, target)
     catalog = Catalog(repo)
     listed: list[Listed] = []
     findings: list[Finding] = []

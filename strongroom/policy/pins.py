@@ -20,7 +20,7 @@ from typing import Any
 
 from strongroom.catalog import Catalog, Manifest
 from strongroom.errors import IntegrityError, InvalidInput, NotFound
-from strongroom.ids import check_backup_id, check_engine, check_name
+from strongroom.ids import check_backup_id, check_engine, check_name, record_key_parts, scope_prefix
 from strongroom.repository.base import Repository
 from strongroom.signing import delete_signed, get_verified_json, put_signed_json
 
@@ -89,17 +89,11 @@ def list_pins(
     """Pin records (each with its ``key``), oldest backup first. Each has ``trusted``;
     an untrusted one (unsigned, foreign key, edited, malformed) is still listed (it
     still pins: fail safe) with ``untrusted`` saying why."""
-    prefix = "pins/"
-    if engine:
-        prefix += f"{check_engine(engine)}/"
-        if target:
-            prefix += f"{check_name(target, 'target name')}/"
+    prefix = scope_prefix("pins", engine, target)
     found: list[dict[str, Any]] = []
     for info in repo.list(prefix):
-        parts = info.key.split("/")
-        if len(parts) != 4 or not parts[3].endswith(".json"):
-            continue
-        if target and parts[2] != target:
+        parts = record_key_parts(info.key, target)
+        if parts is None:
             continue
         try:
             record, verdict = get_verified_json(repo, info.key, strict=False)

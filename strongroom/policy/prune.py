@@ -33,7 +33,11 @@ from typing import Any
 
 from strongroom.catalog import Catalog, Manifest
 from strongroom.errors import StrongroomError
-from strongroom.ids import BACKUP_ID_RE, backup_id_time, check_engine, check_name
+from strongroom.ids import (
+    BACKUP_ID_RE,
+    backup_id_time,
+    scope_prefix,
+)
 from strongroom.policy.locks import LockState, ObjectStore, object_store
 from strongroom.policy.orphan_sigs import catalog_scope, prune_orphan_signatures
 from strongroom.policy.owned import (
@@ -310,11 +314,7 @@ def find_orphans(
     objects outside any folder strongroom writes are added to ``findings`` (when given),
     never to the orphans: retention does not delete what it does not own."""
     moment = now or dt.datetime.now(dt.UTC)
-    prefix = "data/"
-    if engine:
-        prefix += f"{check_engine(engine)}/"
-        if target:
-            prefix += f"{check_name(target, 'target name')}/"
+    prefix = scope_prefix("data", engine, target)
     groups: dict[Ident, list[tuple[str, int, dt.datetime]]] = defaultdict(list)
     strays: dict[str, int] = defaultdict(int)
     present: set[str] = set()

@@ -33,7 +33,14 @@ from pydantic import BaseModel, Field
 from strongroom.catalog import Catalog, Manifest
 from strongroom.config import EncryptionConfig
 from strongroom.errors import IntegrityError, NotFound
-from strongroom.ids import BACKUP_ID_RE, check_engine, check_name, new_backup_id
+from strongroom.ids import (
+    BACKUP_ID_RE,
+    check_engine,
+    check_name,
+    new_backup_id,
+    record_key_parts,
+    scope_prefix,
+)
 from strongroom.repository.base import Repository
 from strongroom.signing import get_verified_json, put_signed_json
 from strongroom.verify import verify_backup
@@ -129,17 +136,11 @@ def list_verifications(
 ) -> list[dict[str, Any]]:
     """Evidence records signed by a trusted key (oldest first); untrusted or unreadable
     ones are skipped and, when ``findings`` is given, appended to it (``key``, ``error``)."""
-    prefix = "verifications/"
-    if engine:
-        prefix += f"{check_engine(engine)}/"
-        if target:
-            prefix += f"{check_name(target, 'target name')}/"
+    prefix = scope_prefix("verifications", engine, target)
     records = []
     for info in repo.list(prefix):
-        parts = info.key.split("/")
-        if len(parts) != 4 or not parts[3].endswith(".json"):
-            continue
-        if target and parts[2] != target:
+        parts = record_key_parts(info.key, target)
+        if parts is None:
             continue
         try:
             record, verdict = get_verified_json(repo, info.key, strict=False)
