@@ -1,5 +1,7 @@
 """Prefect block types for strongroom: targets, repository, encryption and signing keys."""
 
+from prefect.blocks.core import Block
+
 from blocks.clickhouse import ClickHouseTarget
 from blocks.keys import EncryptionKey
 from blocks.policy import RetentionPolicyBlock
@@ -7,6 +9,14 @@ from blocks.redis import RedisTarget
 from blocks.repository import BackupRepository
 from blocks.signing import SigningKey
 from blocks.targets import PostgresTarget
+
+# The target block type of each engine (strongroom.engines.registry's names): flows load
+# targets through it, the fleet and the audit find every target by its slug.
+TARGET_BLOCKS: dict[str, type[Block]] = {
+    "postgresql": PostgresTarget,
+    "clickhouse": ClickHouseTarget,
+    "redis": RedisTarget,
+}
 
 ALL_BLOCKS = (
     PostgresTarget,
@@ -28,6 +38,7 @@ def register_all() -> list[str]:
 
 __all__ = [
     "ALL_BLOCKS",
+    "TARGET_BLOCKS",
     "BackupRepository",
     "ClickHouseTarget",
     "EncryptionKey",

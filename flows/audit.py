@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
+from blocks import TARGET_BLOCKS
 from flows.alerts import alert_hook, related_resources
 from flows.common import load_repository, publish, secure_logging
 from strongroom.audit import build_hook, record_event
@@ -48,11 +49,9 @@ VIOLATION_EVENT = "strongroom.compliance.violation"
 REPORT_DIR_ENV = "STRONGROOM_REPORT_DIR"
 DEFAULT_REPORT_DIR = "strongroom-reports"
 
-# Target block types and the engine each backs up.
+# Target block type slug -> the engine whose targets it holds.
 TARGET_BLOCK_TYPES = {
-    "strongroom-postgres-target": "postgresql",
-    "strongroom-clickhouse-target": "clickhouse",
-    "strongroom-redis-target": "redis",
+    block.get_block_type_slug(): engine for engine, block in TARGET_BLOCKS.items()
 }
 
 

@@ -16,6 +16,17 @@ from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.errors import ServiceUnavailable
 from strongroom.redact import install_log_filter, register
 from strongroom.repository import Repository, open_repository
+from strongroom.sizes import human_size
+
+__all__ = [
+    "TRANSIENT_TASK",
+    "human_size",
+    "load_key",
+    "load_repository",
+    "publish",
+    "retry_transient",
+    "secure_logging",
+]
 
 TRANSIENT_RETRIES = 2
 RETRY_DELAY_S = 2.0
@@ -71,11 +82,3 @@ def publish(title: str, key: str, lines: list[str], rows: list[dict[str, Any]]) 
     create_markdown_artifact(markdown=body, key=_slug(f"{key}-summary"), description=title)
     if rows:
         create_table_artifact(table=rows, key=_slug(f"{key}-table"), description=title)
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"

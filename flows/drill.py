@@ -3,12 +3,12 @@ measure RTO and RPO, store the drill record, and fail when an objective is misse
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from blocks import TARGET_BLOCKS
 from flows.audit import AUDITED
 from flows.common import (
     human_size,
@@ -23,29 +23,13 @@ from strongroom.errors import InvalidInput, NotFound
 from strongroom.redact import register
 from strongroom.repository import Repository
 
-# engine -> (block modules to look in, block class name)
-TARGET_BLOCKS: dict[str, tuple[tuple[str, ...], str]] = {
-    "postgresql": (("blocks.targets", "blocks"), "PostgresTarget"),
-    "clickhouse": (("blocks.clickhouse", "blocks.targets", "blocks"), "ClickHouseTarget"),
-    "redis": (("blocks.redis", "blocks.targets", "blocks"), "RedisTarget"),
-}
-
 
 def load_target(engine: str, name: str) -> tuple[Any, Any]:
     """(engine connection config, the block) for target block ``name`` of ``engine``."""
-    if engine not in TARGET_BLOCKS:
-        raise InvalidInput(f"unknown engine {engine!r}: expected one of {', '.join(TARGET_BLOCKS)}")
-    modules, cls_name = TARGET_BLOCKS[engine]
-    block_cls = None
-    for module in modules:
-        try:
-            block_cls = getattr(importlib.import_module(module), cls_name, None)
-        except ImportError:
-            continue
-        if block_cls is not None:
-            break
+    block_cls: Any = TARGET_BLOCKS.get(engine)
     if block_cls is None:
-        raise NotFound(f"this installation has no {cls_name} block type for {engine} targets")
+        raise InvalidInput(f"unknown engine {engine!r}: expected one of {', '.join(TARGET_BLOCKS)}")
+    cls_name = block_cls.__name__
     try:
         block = block_cls.load(name)
     except ValueError as exc:

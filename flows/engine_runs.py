@@ -1,10 +1,12 @@
-"""The preamble every engine backup and restore flow shares.
+"""What every engine's backup and restore flow does, written once.
 
-Each flow of flows/postgres.py, flows/clickhouse.py, flows/redis.py and flows/pitr.py
-loads its target block (registering the connection's secrets for redaction), the
-repository and encryption-key blocks, applies the retention policy's object lock to a
-backup's repository config, and holds the target's lock around the engine task. That
-is written once here, so the flow modules keep only what differs per engine.
+A flow of flows/postgres.py, flows/clickhouse.py or flows/redis.py declares its
+parameters (Prefect shows them in deployments) and calls ``run_backup`` or
+``run_restore`` with its engine's name: they load the target block (registering the
+connection's secrets for redaction), the repository and encryption-key blocks, apply
+the retention policy's object lock to a backup's repository config, hold the target's
+lock around one retried engine task (``strongroom.engines.registry``), and publish the
+engine's summary as the run's artifacts. flows/pitr.py uses ``open_backup`` directly.
 
 A module of its own (not flows/common.py) because it needs flows.retention, which
 imports flows.common.
@@ -16,10 +18,15 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from flows.common import load_key, load_repository
+from prefect import get_run_logger, task
+
+from blocks import TARGET_BLOCKS
+from flows.common import TRANSIENT_TASK, human_size, load_key, load_repository, publish
 from flows.locks import target_lock
 from flows.policy_blocks import policy_lock
+from strongroom import progress
 from strongroom.config import EncryptionConfig, RepositoryConfig
+from strongroom.engines.registry import get_engine
 from strongroom.redact import register
 from strongroom.repository import Repository
 
@@ -96,3 +103,85 @@ def open_restore(
     repo, repo_config = load_repository(repository)
     enc = load_key(encryption_key)
     return EngineRun(engine, target, conn, repo, repo_config, enc)
+
+
+@task(task_run_name="backup-{engine_name}-{target}", **TRANSIENT_TASK)
+def engine_backup(
+    engine_name: str,
+    target: str,
+    conn: Any,
+    repo: Repository,
+    repo_config: RepositoryConfig,
+    enc: EncryptionConfig,
+    labels: dict[str, str],
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """One backup by the engine (retried only when a server or the storage was down)."""
+    manifest = get_engine(engine_name).backup(
+        conn,
+        repo,
+        repo_config,
+        enc,
+        labels=labels,
+        progress=progress.current(),
+        options=options,
+    )
+    return manifest.model_dump(mode="json")
+
+
+@task(task_run_name="restore-{engine_name}-{target}", **TRANSIENT_TASK)
+def engine_restore(
+    engine_name: str, target: str, conn: Any, repo: Repository, enc: EncryptionConfig, request: Any
+) -> dict[str, Any]:
+    """One restore by the engine, from its typed request."""
+    return get_engine(engine_name).restore(conn, repo, enc, request, progress=progress.current())
+
+
+def run_backup(
+    engine_name: str,
+    target: str,
+    repository: str,
+    encryption_key: str,
+    labels: dict[str, str] | None,
+    **options: Any,
+) -> dict[str, Any]:
+    """The body of a ``backup-<engine>`` flow: the manifest as JSON."""
+    engine = get_engine(engine_name)
+    block_type: Any = TARGET_BLOCKS[engine_name]
+    run: EngineRun[Any] = open_backup(block_type, engine_name, target, repository, encryption_key)
+    log = get_run_logger()
+    log.info("backing up %s target %s into %s", engine.label, target, run.repo.describe())
+    with run.locked():
+        manifest = engine_backup(
+            engine_name,
+            target,
+            run.conn,
+            run.repo,
+            run.repo_config,
+            run.enc,
+            labels or {},
+            {k: v for k, v in options.items() if v is not None},
+        )
+    summary = engine.backup_summary(manifest, run.repo.describe())
+    for attempt in manifest["details"].get("attempts") or []:
+        log.warning("method %s %s: %s", attempt["method"], attempt["outcome"], attempt["reason"])
+    publish(summary.title, f"backup-{engine_name}-{target}", summary.lines, summary.rows)
+    stored = sum(a["stored_size"] for a in manifest["artifacts"])
+    log.info("backup %s complete: %s stored", manifest["backup_id"], human_size(stored))
+    return manifest
+
+
+def run_restore(
+    engine_name: str, target: str, repository: str, encryption_key: str, request: Any
+) -> dict[str, Any]:
+    """The body of a ``restore-<engine>`` flow: the engine's report (or plan) as JSON."""
+    engine = get_engine(engine_name)
+    block_type: Any = TARGET_BLOCKS[engine_name]
+    run: EngineRun[Any] = open_restore(block_type, engine_name, target, repository, encryption_key)
+    with run.locked():
+        report = engine_restore(engine_name, target, run.conn, run.repo, run.enc, request)
+    summary = engine.restore_summary(report)
+    publish(summary.title, f"restore-{engine_name}-{target}", summary.lines, summary.rows)
+    verb = "planned" if report.get("dry_run") else "restored"
+    get_run_logger().info("%s %s into %s", verb, report["backup_id"], target)
+    return report

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_run
 
+from blocks import TARGET_BLOCKS
 from flows.audit import AUDITED
 from flows.common import _slug
 from flows.locks import LEASE_S, engine_limit_name, ensure_limit, host_limit_name
@@ -45,9 +46,7 @@ DEPLOYMENTS: dict[tuple[str, str], str] = {
 }
 # Block type holding the targets of each engine (all its named blocks = the fleet).
 TARGET_BLOCK_TYPES: dict[str, str] = {
-    "postgresql": "strongroom-postgres-target",
-    "clickhouse": "strongroom-clickhouse-target",
-    "redis": "strongroom-redis-target",
+    engine: block.get_block_type_slug() for engine, block in TARGET_BLOCKS.items()
 }
 
 

@@ -112,7 +112,7 @@ def target_lock(
     raises Conflict. Use around the work of a backup or restore flow::
 
         with target_lock("postgresql", target):
-            manifest = dump_databases(...)
+            manifest = engine_backup(...)
     """
     from prefect.concurrency.sync import concurrency
     from prefect.utilities.asyncutils import run_coro_as_sync

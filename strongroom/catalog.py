@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -129,7 +130,7 @@ class Manifest(BaseModel):
         }
 
 
-def artifact_totals(manifest: dict[str, Any]) -> tuple[int, int]:
+def artifact_totals(manifest: Mapping[str, Any]) -> tuple[int, int]:
     """(raw, stored) bytes summed over a manifest's artifacts (its JSON form)."""
     raw = sum(a["raw_size"] for a in manifest["artifacts"])
     stored = sum(a["stored_size"] for a in manifest["artifacts"])

@@ -84,6 +84,61 @@ class Demo:
     def row(self, engine: str, step: str, figures: str) -> None:
         self.summary.add_row(engine, step, f"{self.last_s:.1f}", figures)
 
+    def round_trip(
+        self,
+        engine: str,
+        target: str,
+        *,
+        backup_figures: Callable[[dict[str, Any]], str],
+        restore_step: str,
+        restore_args: dict[str, Any],
+        restore_figures: Callable[[dict[str, Any]], str],
+    ) -> None:
+        """Back up ``target`` through its engine's flow, verify the backup, restore it
+        (``restore_args`` for the restore flow) and print the engine's checks; the
+        demo fails unless the verify and the restore's checks pass."""
+        from flows.by_engine import backup_flow, restore_flow
+        from flows.verify import verify_backup_flow
+        from strongroom.cli.common import print_summary
+        from strongroom.engines.registry import get_engine
+
+        manifest = self.timed(engine, "backup", lambda: backup_flow(engine)(target=target))
+        self.row(engine, "backup", backup_figures(manifest))
+        backup_id = manifest["backup_id"]
+        verify = self.timed(
+            engine,
+            "verify",
+            lambda: verify_backup_flow(backup_id=backup_id, engine=engine, target=target),
+        )
+        self.row(engine, "verify", f"{len(verify['artifacts'])} artifacts, ok={verify['ok']}")
+        report = self.timed(
+            engine,
+            restore_step,
+            lambda: restore_flow(engine)(backup_id=backup_id, **restore_args),
+        )
+        summary = get_engine(engine).restore_summary(report)
+        print_summary(summary, console=self.console)
+        self.row(engine, "restore", restore_figures(report))
+        self.ok &= bool(verify["ok"] and summary.ok)
+
+
+def _throughput(demo: Demo, manifest: dict[str, Any], what: str) -> str:
+    """``dump 1.0 MiB -> stored 0.4 MiB (40%), 120 MiB/s`` for a backup just timed."""
+    from strongroom.catalog import artifact_totals
+
+    raw, stored = artifact_totals(manifest)
+    return (
+        f"{what} {_mb(raw)} -> stored {_mb(stored)} ({stored / max(raw, 1):.0%}), "
+        f"{raw / 1024 / 1024 / max(demo.last_s, 1e-3):,.0f} MiB/s"
+    )
+
+
+def _redis_figures(manifest: dict[str, Any]) -> str:
+    keyspace = manifest["details"].get("keyspace", {})
+    keys = sum(v.get("keys", 0) for v in keyspace.values())
+    stored = sum(a["stored_size"] for a in manifest["artifacts"])
+    return f"{manifest['details'].get('method')} snapshot, {keys:,} keys, stored {_mb(stored)}"
+
 
 def _setup_common() -> None:
     from pydantic import SecretStr
@@ -111,12 +166,8 @@ def _setup_common() -> None:
 def _postgres(demo: Demo) -> tuple[str, str]:
     import psycopg
     from pydantic import SecretStr
-    from rich.table import Table
 
     from blocks import PostgresTarget
-    from flows.postgres import backup_postgresql, restore_postgresql
-    from flows.verify import verify_backup_flow
-    from strongroom.catalog import artifact_totals
     from strongroom.sample_data import load_sample_data
     from strongroom.sandbox.postgres import PostgresServer
 
@@ -139,40 +190,14 @@ def _postgres(demo: Demo) -> tuple[str, str]:
         rto_minutes=30,
     ).save("demo-pg", overwrite=True)
 
-    manifest = demo.timed("postgresql", "backup", lambda: backup_postgresql(target="demo-pg"))
-    raw, stored = artifact_totals(manifest)
-    demo.row(
+    demo.round_trip(
         "postgresql",
-        "backup",
-        f"dump {_mb(raw)} -> stored {_mb(stored)} "
-        f"({stored / max(raw, 1):.0%}), {raw / 1024 / 1024 / demo.last_s:,.0f} MiB/s",
+        "demo-pg",
+        backup_figures=lambda m: _throughput(demo, m, "dump"),
+        restore_step="restore into shop_restored",
+        restore_args={"target": "demo-pg", "target_database": "shop_restored"},
+        restore_figures=lambda r: f"rows match manifest: {r['rows_ok']}",
     )
-    verify = demo.timed(
-        "postgresql",
-        "verify",
-        lambda: verify_backup_flow(
-            backup_id=manifest["backup_id"], engine="postgresql", target="demo-pg"
-        ),
-    )
-    demo.row("postgresql", "verify", f"{len(verify['artifacts'])} artifacts, ok={verify['ok']}")
-    report = demo.timed(
-        "postgresql",
-        "restore into shop_restored",
-        lambda: restore_postgresql(
-            target="demo-pg", backup_id=manifest["backup_id"], target_database="shop_restored"
-        ),
-    )
-    checks = Table("table", "rows in backup", "rows restored", "match")
-    for c in report["row_checks"]:
-        checks.add_row(
-            c["table"],
-            f"{c['expected']:,}",
-            f"{c['actual']:,}",
-            "[green]yes[/green]" if c["ok"] else "[red]NO[/red]",
-        )
-    demo.console.print(checks)
-    demo.row("postgresql", "restore", f"rows match manifest: {report['rows_ok']}")
-    demo.ok &= bool(verify["ok"] and report["rows_ok"])
     return "postgresql", "demo-pg"
 
 
@@ -203,8 +228,6 @@ def _redis(demo: Demo) -> tuple[str, str]:
     from pydantic import SecretStr
 
     from blocks import RedisTarget
-    from flows.redis import backup_redis_flow, restore_redis_flow
-    from flows.verify import verify_backup_flow
     from strongroom.sandbox.redis import RedisServer
 
     source = demo.stack.enter_context(RedisServer())
@@ -219,51 +242,23 @@ def _redis(demo: Demo) -> tuple[str, str]:
             rpo_hours=24,
             rto_minutes=15,
         ).save(name, overwrite=True)
-    manifest = demo.timed("redis", "backup", lambda: backup_redis_flow(target="demo-redis"))
-    stored = sum(a["stored_size"] for a in manifest["artifacts"])
-    keys = sum(
-        manifest["details"].get("keyspace", {}).get(db, {}).get("keys", 0)
-        for db in manifest["details"].get("keyspace", {})
-    )
-    demo.row(
+    demo.round_trip(
         "redis",
-        "backup",
-        f"{manifest['details'].get('method')} snapshot, {keys:,} keys, stored {_mb(stored)}",
-    )
-    verify = demo.timed(
-        "redis",
-        "verify",
-        lambda: verify_backup_flow(
-            backup_id=manifest["backup_id"], engine="redis", target="demo-redis"
+        "demo-redis",
+        backup_figures=_redis_figures,
+        restore_step="restore (live) into a second server",
+        restore_args={"target": "demo-redis-copy", "source_target": "demo-redis"},
+        restore_figures=lambda r: (
+            f"{sum(c.get('restored') or 0 for c in r['key_checks']):,} keys; counts match: "
+            f"{r['keys_ok']}, sampled values match: {r['sample']['ok']}"
         ),
     )
-    demo.row("redis", "verify", f"{len(verify['artifacts'])} artifacts, ok={verify['ok']}")
-    report = demo.timed(
-        "redis",
-        "restore (live) into a second server",
-        lambda: restore_redis_flow(
-            target="demo-redis-copy", source_target="demo-redis", backup_id=manifest["backup_id"]
-        ),
-    )
-    restored = sum(c.get("restored") or 0 for c in report["key_checks"])
-    demo.row(
-        "redis",
-        "restore",
-        f"{restored:,} keys; counts match: {report['keys_ok']}, "
-        f"sampled values match: {report['sample']['ok']}",
-    )
-    demo.ok &= bool(verify["ok"] and report["keys_ok"])
     RedisTarget.delete("demo-redis-copy")  # a restore destination, not a target to audit
     return "redis", "demo-redis"
 
 
 def _clickhouse(demo: Demo) -> tuple[str, str]:
-    from rich.table import Table
-
     from blocks import ClickHouseTarget
-    from flows.clickhouse import backup_clickhouse_flow, restore_clickhouse_flow
-    from flows.verify import verify_backup_flow
-    from strongroom.catalog import artifact_totals
     from strongroom.engines.clickhouse.conn import ClickHouseConnection
     from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
     from strongroom.engines.clickhouse.inspection import DDL_SETTINGS
@@ -285,42 +280,16 @@ def _clickhouse(demo: Demo) -> tuple[str, str]:
         rpo_hours=24,
         rto_minutes=30,
     ).save("demo-ch", overwrite=True)
-    manifest = demo.timed("clickhouse", "backup", lambda: backup_clickhouse_flow(target="demo-ch"))
-    raw, stored = artifact_totals(manifest)
-    demo.row(
+    demo.round_trip(
         "clickhouse",
-        "backup",
-        f"{len(manifest['artifacts'])} artifacts, Native "
-        f"{_mb(raw)} -> stored {_mb(stored)}, {raw / 1024 / 1024 / demo.last_s:,.0f} MiB/s",
-    )
-    verify = demo.timed(
-        "clickhouse",
-        "verify",
-        lambda: verify_backup_flow(
-            backup_id=manifest["backup_id"], engine="clickhouse", target="demo-ch"
+        "demo-ch",
+        backup_figures=lambda m: (
+            f"{len(m['artifacts'])} artifacts, " + _throughput(demo, m, "Native")
         ),
+        restore_step="restore into shop_restored",
+        restore_args={"target": "demo-ch", "target_database": "shop_restored"},
+        restore_figures=lambda r: f"fingerprints match: {r['fingerprints_ok']}",
     )
-    demo.row("clickhouse", "verify", f"{len(verify['artifacts'])} artifacts, ok={verify['ok']}")
-    report = demo.timed(
-        "clickhouse",
-        "restore into shop_restored",
-        lambda: restore_clickhouse_flow(
-            target="demo-ch", backup_id=manifest["backup_id"], target_database="shop_restored"
-        ),
-    )
-    checks = Table("table", "partitions", "rows in backup", "rows restored", "fingerprint")
-    for c in report["checks"]:
-        if c["stage"] == "final":
-            checks.add_row(
-                c["table"],
-                str(c["partitions"]),
-                f"{c['expected_rows']:,}",
-                f"{c['actual_rows']:,}",
-                "[green]match[/green]" if c["ok"] else "[red]DIFFERS[/red]",
-            )
-    demo.console.print(checks)
-    demo.row("clickhouse", "restore", f"fingerprints match: {report['fingerprints_ok']}")
-    demo.ok &= bool(verify["ok"] and report["fingerprints_ok"])
     return "clickhouse", "demo-ch"
 
 

@@ -990,7 +990,7 @@ def test_flow_retries_only_transient_failures(
     async def task_runs(client: Any) -> list[Any]:
         return await client.read_task_runs(limit=200)
 
-    runs = [r for r in _prefect(task_runs) if r.name.startswith("dump_clickhouse")]
+    runs = [r for r in _prefect(task_runs) if r.name.startswith("backup-clickhouse-")]
     counts = sorted(r.run_count for r in runs if r.state and r.state.is_failed())
     assert 3 in counts and 1 in counts  # retried twice when unreachable, never on credentials
 

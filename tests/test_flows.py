@@ -141,7 +141,7 @@ def test_transient_failures_retry_and_permanent_ones_do_not(
     async def task_runs(client: Any) -> list[Any]:
         return await client.read_task_runs(limit=200)
 
-    runs = [r for r in _api(task_runs) if r.name.startswith("dump_databases")]
+    runs = [r for r in _api(task_runs) if r.name.startswith("backup-postgresql-")]
     counts = sorted(r.run_count for r in runs if r.state and r.state.is_failed())
     # one failed run retried twice (ServiceUnavailable), one not retried (AccessDenied)
     assert 3 in counts and 1 in counts

@@ -199,7 +199,7 @@ def _save_target(name: str, pg: PostgresServer, database: str, **overrides: Any)
     PostgresTarget(**values).save(name, overwrite=True)
 
 
-def _task_runs(flow_run_id: str, prefix: str = "dump", timeout: float = 30) -> list[Any]:
+def _task_runs(flow_run_id: str, prefix: str = "backup-", timeout: float = 30) -> list[Any]:
     """The run's task runs named ``prefix*``, once all are final: task run states reach
     the API as events, possibly just after the flow run's final state."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

@@ -6,14 +6,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import typer
 
 
 def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
     """Add the ``clickhouse`` commands to the ``backup`` and ``restore`` groups."""
-    from strongroom.cli.common import JsonOpt, KeyOpt, RepoOpt, _emit, _handled, _progress
+    from strongroom.cli.common import JsonOpt, KeyOpt, RepoOpt, run_flow, show_backup, show_restore
 
     @backup_app.command("clickhouse")
     def backup_clickhouse_cmd(
@@ -23,14 +21,15 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
         as_json: bool = JsonOpt,
     ) -> None:
         """Back up TARGET: schema per database, data per table and partition (Native, HTTP)."""
-        with _handled(as_json):
-            from flows.clickhouse import backup_clickhouse_flow
+        from flows.clickhouse import backup_clickhouse_flow
 
-            with _progress(not as_json):
-                manifest = backup_clickhouse_flow(
-                    target=target, repository=repository, encryption_key=key
-                )
-            _emit(as_json, manifest, lambda: _print_backup(manifest))
+        run_flow(
+            as_json,
+            lambda: backup_clickhouse_flow(
+                target=target, repository=repository, encryption_key=key
+            ),
+            show_backup("clickhouse", repository),
+        )
 
     @restore_app.command("clickhouse")
     def restore_clickhouse_cmd(
@@ -67,77 +66,25 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
         as_json: bool = JsonOpt,
     ) -> None:
         """Restore a ClickHouse backup: everything, databases, tables or partitions."""
-        with _handled(as_json):
-            from flows.clickhouse import restore_clickhouse_flow
+        from flows.clickhouse import restore_clickhouse_flow
 
-            with _progress(not as_json):
-                report = restore_clickhouse_flow(
-                    target=target,
-                    backup_id=backup_id,
-                    source_target=source_target,
-                    databases=database,
-                    tables=table,
-                    partitions=partition,
-                    target_database=target_database,
-                    schema_only=schema_only,
-                    data_only=data_only,
-                    drop_existing=drop_existing,
-                    dry_run=dry_run,
-                    allow_engines=allow_engine,
-                    repository=repository,
-                    encryption_key=key,
-                )
-            _emit(as_json, report, lambda: _print_restore(report))
-
-
-def _print_backup(m: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    from flows.common import human_size
-    from strongroom.catalog import artifact_totals
-    from strongroom.cli.common import out
-
-    out.print(
-        f"[bold]{m['backup_id']}[/bold] clickhouse/{m['target']} "
-        f"(ClickHouse {m.get('server', {}).get('version', '?')})"
-    )
-    table = Table("database", "table", "engine", "rows", "partitions", "artifacts")
-    for db in m["details"]["databases"]:
-        for t in db["tables"]:
-            table.add_row(
-                db["name"],
-                t["name"],
-                t["engine"],
-                "" if t["rows"] is None else str(t["rows"]),
-                str(len(t["partitions"])),
-                str(len(t["artifacts"])),
-            )
-    out.print(table)
-    raw, stored = artifact_totals(m)
-    out.print(f"data {human_size(raw)}, stored {human_size(stored)}")
-
-
-def _print_restore(r: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    from flows.common import human_size
-    from strongroom.cli.common import out
-
-    title = "plan (dry run)" if r.get("dry_run") else "restored"
-    into = ", ".join(f"{s} -> {t}" for s, t in r["databases"].items())
-    out.print(
-        f"[bold]{title}[/bold]: backup {r['backup_id']} ({r['mode']}) {into} "
-        f"on {r['target_server']}, {human_size(r['raw_size'])}"
-    )
-    if r.get("blocked"):
-        out.print(f"[yellow]blocked:[/yellow] {r['blocked']}", highlight=False)
-    table = Table("object", "action", "partitions", "rows", "blocked")
-    for a in r["actions"]:
-        table.add_row(
-            a["target"], a["action"], ", ".join(a["partitions"]), str(a["rows"]), a["blocked"] or ""
+        run_flow(
+            as_json,
+            lambda: restore_clickhouse_flow(
+                target=target,
+                backup_id=backup_id,
+                source_target=source_target,
+                databases=database,
+                tables=table,
+                partitions=partition,
+                target_database=target_database,
+                schema_only=schema_only,
+                data_only=data_only,
+                drop_existing=drop_existing,
+                dry_run=dry_run,
+                allow_engines=allow_engine,
+                repository=repository,
+                encryption_key=key,
+            ),
+            show_restore("clickhouse"),
         )
-    out.print(table)
-    checks = r.get("checks") or []
-    if checks:
-        ok = all(c["ok"] for c in checks)
-        out.print(f"fingerprints checked: {len(checks)}, all match: {'yes' if ok else 'NO'}")

@@ -92,6 +92,54 @@ def _progress(enabled: bool) -> Iterator[None]:
         progress.install(None)
 
 
+def run_flow(
+    as_json: bool, call: Callable[[], dict[str, Any]], show: Callable[[dict[str, Any]], None]
+) -> None:
+    """Run a flow (``call``) with the progress bar, print its result (``show``, or JSON
+    with ``--json``) and map its errors to exit codes."""
+    with _handled(as_json):
+        with _progress(not as_json):
+            result = call()
+        _emit(as_json, result, lambda: show(result))
+
+
+def print_summary(summary: Any, console: Console = out) -> None:
+    """An engine's run summary (``strongroom.engines.interface.Summary``): the title, its
+    lines without markdown, and its rows as a table (the flow run's artifacts hold the
+    same)."""
+    from rich.table import Table
+
+    console.print(f"[bold]{summary.title}[/bold]", highlight=False)
+    for line in summary.lines:
+        console.print(line.replace("`", "").replace("**", ""), markup=False, highlight=False)
+    if summary.rows:
+        columns = list(dict.fromkeys(k for row in summary.rows for k in row))
+        table = Table(*columns)
+        for row in summary.rows:
+            table.add_row(*(_cell(row.get(c, "")) for c in columns))
+        console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    return str(value)
+
+
+def show_backup(engine: str, repository: str) -> Callable[[dict[str, Any]], None]:
+    """Printer of a backup flow's manifest, by the engine's summary."""
+    from strongroom.engines.registry import get_engine
+
+    return lambda manifest: print_summary(get_engine(engine).backup_summary(manifest, repository))
+
+
+def show_restore(engine: str) -> Callable[[dict[str, Any]], None]:
+    """Printer of a restore flow's report or plan, by the engine's summary."""
+    from strongroom.engines.registry import get_engine
+
+    return lambda report: print_summary(get_engine(engine).restore_summary(report))
+
+
 def _open_repo(repository: str) -> Any:
     from flows.common import load_repository
 

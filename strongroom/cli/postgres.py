@@ -6,13 +6,9 @@ Prefect flows in ``flows.postgres`` so every run is recorded.
 
 from __future__ import annotations
 
-from typing import Any
-
 import typer
-from rich.table import Table
 
-from strongroom.cli.catalog import print_manifest
-from strongroom.cli.common import JsonOpt, KeyOpt, RepoOpt, _emit, _handled, _progress, out, size
+from strongroom.cli.common import JsonOpt, KeyOpt, RepoOpt, run_flow, show_backup, show_restore
 
 
 def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
@@ -27,12 +23,13 @@ def backup_postgresql_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Dump every configured database of TARGET (pg_dump -Fc, streamed and encrypted)."""
-    with _handled(as_json):
-        from flows.postgres import backup_postgresql
+    from flows.postgres import backup_postgresql
 
-        with _progress(not as_json):
-            manifest = backup_postgresql(target=target, repository=repository, encryption_key=key)
-        _emit(as_json, manifest, lambda: print_manifest(manifest))
+    run_flow(
+        as_json,
+        lambda: backup_postgresql(target=target, repository=repository, encryption_key=key),
+        show_backup("postgresql", repository),
+    )
 
 
 def restore_postgresql_cmd(
@@ -63,47 +60,26 @@ def restore_postgresql_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Restore a PostgreSQL logical backup (whole database, tables or schemas)."""
-    with _handled(as_json):
-        from flows.postgres import restore_postgresql
+    from flows.postgres import restore_postgresql
 
-        with _progress(not as_json):
-            report = restore_postgresql(
-                target=target,
-                backup_id=backup_id,
-                source_target=source_target,
-                database=database,
-                target_database=target_database,
-                tables=table,
-                schemas=schema,
-                schema_only=schema_only,
-                data_only=data_only,
-                drop_existing=drop_existing,
-                dry_run=dry_run,
-                no_owner=no_owner,
-                jobs=jobs,
-                repository=repository,
-                encryption_key=key,
-            )
-        _emit(as_json, report, lambda: print_restore(report))
-
-
-def print_restore(r: dict[str, Any]) -> None:
-    title = "plan (dry run)" if r.get("dry_run") else "restored"
-    out.print(
-        f"[bold]{title}[/bold]: {r['source_database']} from {r['backup_id']} -> "
-        f"{r['target_database']} on {r['target_server']} ({r['mode']}, {size(r['raw_size'])})"
+    run_flow(
+        as_json,
+        lambda: restore_postgresql(
+            target=target,
+            backup_id=backup_id,
+            source_target=source_target,
+            database=database,
+            target_database=target_database,
+            tables=table,
+            schemas=schema,
+            schema_only=schema_only,
+            data_only=data_only,
+            drop_existing=drop_existing,
+            dry_run=dry_run,
+            no_owner=no_owner,
+            jobs=jobs,
+            repository=repository,
+            encryption_key=key,
+        ),
+        show_restore("postgresql"),
     )
-    if r.get("blocked"):
-        out.print(f"[yellow]blocked:[/yellow] {r['blocked']}")
-    for note in r.get("notes") or []:
-        out.print(f"note: {note}", markup=False)
-    checks = r.get("row_checks") or []
-    if checks:
-        table = Table("table", "expected rows", "restored rows", "ok")
-        for c in checks:
-            table.add_row(
-                c["table"], str(c["expected"]), str(c["actual"]), "yes" if c["ok"] else "NO"
-            )
-        out.print(table)
-    elif r.get("tables"):
-        out.print("tables: " + ", ".join(r["tables"]))

@@ -10,13 +10,19 @@ from typing import Any, Literal, cast
 
 import typer
 
+from strongroom.errors import InvalidInput
+
+
+def _one_of(option: str, value: str | None, allowed: tuple[str | None, ...]) -> Any:
+    if value not in allowed:
+        names = ", ".join(a for a in allowed if a)
+        raise InvalidInput(f"unknown {option} {value!r}: expected one of {names}")
+    return value
+
 
 def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
     """Add the ``redis`` commands to the ``backup`` and ``restore`` command groups."""
-    from strongroom.cli.common import JsonOpt, _emit, _handled, _progress, out
-
-    repo_opt = typer.Option("default", "--repository", "-r", help="BackupRepository block name.")
-    key_opt = typer.Option("default", "--key", "-k", help="EncryptionKey block name.")
+    from strongroom.cli.common import JsonOpt, KeyOpt, RepoOpt, run_flow, show_backup, show_restore
 
     @backup_app.command("redis")
     def backup_redis_cmd(
@@ -26,25 +32,26 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
             "--method",
             help="auto (default: SYNC, then BGSAVE+file, then logical), sync, bgsave, logical.",
         ),
-        repository: str = repo_opt,
-        key: str = key_opt,
+        repository: str = RepoOpt,
+        key: str = KeyOpt,
         as_json: bool = JsonOpt,
     ) -> None:
         """Snapshot a Redis server (RDB over the replication protocol, or a recorded fallback)."""
-        with _handled(as_json):
-            from flows.redis import backup_redis_flow
-            from strongroom.errors import InvalidInput
+        from flows.redis import backup_redis_flow
 
-            if method not in (None, "auto", "sync", "bgsave", "logical"):
-                raise InvalidInput(f"unknown --method {method!r}: auto, sync, bgsave or logical")
-            with _progress(not as_json):
-                manifest = backup_redis_flow(
-                    target=target,
-                    repository=repository,
-                    encryption_key=key,
-                    method=cast(Literal["auto", "sync", "bgsave", "logical"] | None, method),
-                )
-            _emit(as_json, manifest, lambda: _print_backup(out, manifest))
+        run_flow(
+            as_json,
+            lambda: backup_redis_flow(
+                target=target,
+                repository=repository,
+                encryption_key=key,
+                method=cast(
+                    Literal["auto", "sync", "bgsave", "logical"] | None,
+                    _one_of("--method", method, (None, "auto", "sync", "bgsave", "logical")),
+                ),
+            ),
+            show_backup("redis", repository),
+        )
 
     @restore_app.command("redis")
     def restore_redis_cmd(
@@ -65,96 +72,27 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
         copy_method: str = typer.Option(
             "auto", "--copy-method", help="live copy: auto/pipeline (DUMP/RESTORE) or migrate."
         ),
-        repository: str = repo_opt,
-        key: str = key_opt,
+        repository: str = RepoOpt,
+        key: str = KeyOpt,
         as_json: bool = JsonOpt,
     ) -> None:
         """Restore a Redis backup: live into a running server, or as its data file."""
-        with _handled(as_json):
-            from flows.redis import restore_redis_flow
-            from strongroom.errors import InvalidInput
+        from flows.redis import restore_redis_flow
 
-            if mode not in ("live", "file"):
-                raise InvalidInput(f"unknown --mode {mode!r}: live or file")
-            if copy_method not in ("auto", "pipeline", "migrate"):
-                raise InvalidInput(f"unknown --copy-method {copy_method!r}: pipeline or migrate")
-            with _progress(not as_json):
-                report = restore_redis_flow(
-                    target=target,
-                    backup_id=backup_id,
-                    source_target=source_target,
-                    mode=cast(Literal["live", "file"], mode),
-                    flush_existing=flush_existing,
-                    key_pattern=key_pattern,
-                    dbs=db,
-                    dry_run=dry_run,
-                    copy_method=cast(Literal["auto", "pipeline", "migrate"], copy_method),
-                    repository=repository,
-                    encryption_key=key,
-                )
-            _emit(as_json, report, lambda: _print_restore(out, report))
-
-
-def _print_backup(out: Any, m: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    from flows.common import human_size
-
-    d = m["details"]
-    out.print(f"[bold]{m['backup_id']}[/bold] redis/{m['target']} ({m['kind']})")
-    out.print(
-        f"  Redis {d.get('redis_version')}, RDB {d.get('rdb_version')}, method "
-        f"[bold]{d['method']}[/bold]"
-        + (
-            f" after {', '.join(a['method'] + ' ' + a['outcome'] for a in d['attempts'])}"
-            if d.get("attempts")
-            else ""
+        run_flow(
+            as_json,
+            lambda: restore_redis_flow(
+                target=target,
+                backup_id=backup_id,
+                source_target=source_target,
+                mode=_one_of("--mode", mode, ("live", "file")),
+                flush_existing=flush_existing,
+                key_pattern=key_pattern,
+                dbs=db,
+                dry_run=dry_run,
+                copy_method=_one_of("--copy-method", copy_method, ("auto", "pipeline", "migrate")),
+                repository=repository,
+                encryption_key=key,
+            ),
+            show_restore("redis"),
         )
-    )
-    for attempt in d.get("attempts", []):
-        out.print(
-            f"  [yellow]{attempt['method']} {attempt['outcome']}:[/yellow] {attempt['reason']}"
-        )
-    table = Table("db", "keys", "expires")
-    for dbn, v in sorted(d.get("keyspace", {}).items(), key=lambda kv: int(kv[0])):
-        table.add_row(dbn, str(v.get("keys")), str(v.get("expires", "")))
-    out.print(table)
-    a = m["artifacts"][0]
-    out.print(
-        f"  {a['name']}: {human_size(a['raw_size'])} -> stored {human_size(a['stored_size'])}"
-    )
-
-
-def _print_restore(out: Any, r: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    from flows.common import human_size
-
-    title = "plan (dry run)" if r.get("dry_run") else "restored"
-    out.print(
-        f"[bold]{title}[/bold]: {r['source_target']} {r['backup_id']} -> {r['target_server']} "
-        f"(mode {r['mode']}, {r['kind']}, {human_size(r['raw_size'])})"
-    )
-    if r.get("key_pattern"):
-        out.print(f"  keys matching {r['key_pattern']!r} in dbs {r['dbs']}")
-    if r.get("blocked"):
-        out.print(f"[yellow]blocked:[/yellow] {r['blocked']}")
-    if r.get("copy"):
-        c = r["copy"]
-        out.print(f"  copied {c['keys']} keys by {c['method']} in {c['seconds']} s")
-    checks = r.get("key_checks") or []
-    if checks:
-        table = Table("db", "manifest", "loaded", "restored", "ok")
-        for c in checks:
-            table.add_row(
-                str(c["db"]),
-                str(c["manifest"]),
-                str(c["loaded"]),
-                str(c["restored"]),
-                "yes" if c["ok"] else "NO",
-            )
-        out.print(table)
-        sample = r.get("sample", {})
-        out.print(f"  sampled values equal: {sample.get('ok')} ({sample.get('checked')} keys)")
-    if r.get("previous_data_file"):
-        out.print(f"  previous data file kept at {r['previous_data_file']}")

@@ -14,10 +14,11 @@ and optionally with the live source.
 from __future__ import annotations
 
 import secrets
-from typing import Any, Literal
+from typing import Any
 
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig
+from strongroom.drills.core import LiveMode, live_verdict
 from strongroom.engines.clickhouse import inspection as inspect
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
@@ -26,8 +27,6 @@ from strongroom.engines.clickhouse.sql import quote_ident
 from strongroom.errors import NotFound, StrongroomError
 from strongroom.redact import register, scrub
 from strongroom.repository.base import Repository
-
-LiveMode = Literal["off", "report", "strict"]
 
 
 def _whole(prints: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -176,10 +175,7 @@ class ClickHouseDrill:
                     check.update(
                         {"live_rows": live.get("rows"), "live_fingerprint": live.get("hash")}
                     )
-                    check["live_match"] = same
-                    if self.live == "strict" and not same:
-                        check["ok"] = False
-                        check.setdefault("detail", f"{item}: differs from the live source")
+                    live_verdict(check, self.live, same, f"{item}: differs from the live source")
                 checks.append(check)
         return checks
 

@@ -30,7 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -96,6 +96,20 @@ class ScratchAdapter(Protocol):
 
 
 DrillHook = Callable[[Any], None]
+
+# How a drill treats the live source: not compared, compared and reported, or a
+# difference fails the check (only for a source that does not change).
+LiveMode = Literal["off", "report", "strict"]
+
+
+def live_verdict(check: dict[str, Any], mode: LiveMode, same: bool, detail: str) -> None:
+    """Record on ``check`` whether the restored copy matches the live source; in
+    ``strict`` mode a difference fails the check (``detail`` says how, unless the check
+    already failed for another reason)."""
+    check["live_match"] = same
+    if mode == "strict" and not same:
+        check["ok"] = False
+        check.setdefault("detail", detail)
 
 
 def drill_key(engine: str, target: str, drill_id: str) -> str:

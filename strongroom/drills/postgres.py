@@ -27,7 +27,7 @@ import secrets
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -36,6 +36,7 @@ from pydantic import SecretStr
 from strongroom.artifacts import read_artifact
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig, PostgresConnection
+from strongroom.drills.core import LiveMode, live_verdict
 from strongroom.engines.postgres import inspection as pg_inspect
 from strongroom.engines.postgres import relations as pg_relations
 from strongroom.engines.postgres.backup import pg_tool
@@ -51,8 +52,6 @@ from strongroom.private_files import create_private
 from strongroom.process import Tool
 from strongroom.redact import register, scrub
 from strongroom.repository.base import Repository
-
-LiveMode = Literal["off", "report", "strict"]
 
 # Same text rendering of values on every server, so fingerprints compare across servers.
 _SESSION = (
@@ -284,16 +283,15 @@ class PostgresDrill:
                     live_rows, live_fp = live[key]
                     same = live_rows == rows and (not self.fingerprints or live_fp == fp)
                     check.update({"live_rows": live_rows, "live_fingerprint": live_fp or None})
-                    check["live_match"] = same
-                    if not same and self.live == "strict":
-                        check["ok"] = False
-                        check.setdefault(
-                            "detail",
-                            f"{item}: restored copy differs from the live source "
-                            f"({rows} vs {live_rows} rows"
-                            + (", fingerprints differ" if live_fp != fp else "")
-                            + ")",
-                        )
+                    live_verdict(
+                        check,
+                        self.live,
+                        same,
+                        f"{item}: restored copy differs from the live source "
+                        f"({rows} vs {live_rows} rows"
+                        + (", fingerprints differ" if live_fp != fp else "")
+                        + ")",
+                    )
                 checks.append(check)
         return checks
 

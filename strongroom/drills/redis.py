@@ -14,18 +14,17 @@ restored databases before and after (``flush_scratch`` must say so).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig
+from strongroom.drills.core import LiveMode, live_verdict
 from strongroom.engines.redis.conn import RedisConnection, redis_errors
 from strongroom.engines.redis.restore import RedisRestoreRequest, restore_redis
 from strongroom.engines.redis.scratch import ScratchRedis
 from strongroom.errors import InvalidInput, StrongroomError
 from strongroom.redact import register, scrub
 from strongroom.repository.base import Repository
-
-LiveMode = Literal["off", "report", "strict"]
 
 
 def _dbsize(conn: RedisConnection, db: int) -> int:
@@ -141,12 +140,12 @@ class RedisDrill:
             if self.live != "off":
                 live = _dbsize(self.source, db)
                 check["live_keys"] = live
-                check["live_match"] = live == restored
-                if self.live == "strict" and live != restored:
-                    check["ok"] = False
-                    check.setdefault(
-                        "detail", f"db{db}: {restored} keys restored, live source has {live}"
-                    )
+                live_verdict(
+                    check,
+                    self.live,
+                    live == restored,
+                    f"db{db}: {restored} keys restored, live source has {live}",
+                )
             checks.append(check)
         return checks
 

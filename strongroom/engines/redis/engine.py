@@ -1,0 +1,125 @@
+"""Redis backups behind the Engine interface (``strongroom.engines.interface``).
+
+The snapshot and restore live in ``backup.py`` and ``restore.py``; this module adapts
+them to the shared verbs and says what a backup's and a restore's summary show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from strongroom.catalog import Manifest
+from strongroom.config import EncryptionConfig, RepositoryConfig
+from strongroom.engines.interface import ProgressFactory, Summary, one_progress
+from strongroom.engines.redis.backup import backup_redis
+from strongroom.engines.redis.conn import RedisConnection
+from strongroom.engines.redis.restore import RedisRestoreRequest, restore_redis
+from strongroom.repository.base import Repository
+from strongroom.sizes import human_size
+
+
+def _method_line(details: Mapping[str, Any]) -> str:
+    attempts = details.get("attempts") or []
+    fallback = "; ".join(f"{a['method']} {a['outcome']}" for a in attempts)
+    return f"- method: **{details['method']}**" + (f" (fallback: {fallback})" if attempts else "")
+
+
+class RedisEngine:
+    name = "redis"
+    label = "Redis"
+    request_type = RedisRestoreRequest
+
+    def backup(
+        self,
+        conn: RedisConnection,
+        repo: Repository,
+        repo_config: RepositoryConfig,
+        enc: EncryptionConfig,
+        *,
+        labels: dict[str, str],
+        progress: ProgressFactory | None,
+        options: Mapping[str, Any],
+    ) -> Manifest:
+        return backup_redis(
+            conn, repo, repo_config, enc, labels=labels, progress=progress, **options
+        )
+
+    def restore(
+        self,
+        conn: RedisConnection,
+        repo: Repository,
+        enc: EncryptionConfig,
+        request: RedisRestoreRequest,
+        *,
+        progress: ProgressFactory | None,
+    ) -> dict[str, Any]:
+        stream = one_progress(progress, f"restore {request.backup_id}")
+        return restore_redis(conn, repo, enc, request, progress=stream)
+
+    def backup_summary(self, manifest: Mapping[str, Any], repository: str) -> Summary:
+        details = manifest["details"]
+        artifact = manifest["artifacts"][0]
+        return Summary(
+            f"Redis backup {manifest['backup_id']}",
+            [
+                f"- target: `{manifest['target']}` (Redis {details.get('redis_version')}, "
+                f"used memory {human_size(details.get('used_memory') or 0)})",
+                _method_line(details),
+                *(
+                    f"- {a['method']} {a['outcome']}: {a['reason']}"
+                    for a in details.get("attempts") or []
+                ),
+                f"- RDB version: {details.get('rdb_version')}",
+                f"- repository: `{repository}`",
+                f"- {artifact['name']}: {human_size(artifact['raw_size'])}, "
+                f"stored {human_size(artifact['stored_size'])}",
+                f"- finished: {manifest['finished_at']}",
+            ],
+            [
+                {"db": int(db), "keys": v.get("keys"), "expires": v.get("expires", "")}
+                for db, v in sorted(details.get("keyspace", {}).items(), key=lambda kv: int(kv[0]))
+            ],
+        )
+
+    def restore_summary(self, report: Mapping[str, Any]) -> Summary:
+        planned = bool(report.get("dry_run"))
+        lines = [
+            f"- {'would restore' if planned else 'restored'} backup `{report['backup_id']}` "
+            f"of `{report['source_target']}` ({report['kind']}, taken by "
+            f"{report['backup_method']})",
+            f"- into `{report['target_server']}` (Redis {report['target_version']}), "
+            f"mode **{report['mode']}**",
+            f"- databases: {', '.join(map(str, report['dbs'])) or '(none)'}"
+            + (f", keys matching `{report['key_pattern']}`" if report.get("key_pattern") else ""),
+            f"- size: {human_size(report['raw_size'])}",
+        ]
+        if report.get("copy"):
+            copy = report["copy"]
+            lines.append(
+                f"- copied {copy['keys']} keys by {copy['method']} in {copy.get('seconds')} s "
+                f"({copy['keys_per_s']} keys/s)"
+            )
+        if not planned:
+            sample = report.get("sample", {})
+            lines += [
+                f"- key counts match the backup: {report.get('keys_ok')}, "
+                f"the manifest: {report.get('matches_manifest')}",
+                f"- sampled values equal: {sample.get('ok')} ({sample.get('checked')} keys)",
+            ]
+        if report.get("blocked"):
+            lines.append(f"- blocked: {report['blocked']}")
+        if report.get("previous_data_file"):
+            lines.append(f"- previous data file kept at `{report['previous_data_file']}`")
+        rows = report.get("key_checks") or [
+            {"db": db, "manifest_keys": n} for db, n in report["manifest_keys"].items()
+        ]
+        return Summary(
+            f"Redis restore {'plan ' if planned else ''}{report['backup_id']}",
+            lines,
+            rows,
+            ok=planned or report.get("keys_ok") is not False,
+        )
+
+
+ENGINE = RedisEngine()
