@@ -118,8 +118,10 @@ class Server:
         client = ClickHouseHTTP(conn)
         for statement in script.format(**fmt).split("\n;"):
             if statement.strip():
-                # 18.16 needs allow_experimental_low_cardinality_type; 26.x refuses it
-                client.execute(statement, settings=capabilities(client).ddl_settings)
+                # 18.16 needs allow_experimental_low_cardinality_type, 26.x refuses it; 26.x
+                # merges rep's duplicates inside an INSERT unless optimize_on_insert = 0
+                caps = capabilities(client)
+                client.execute(statement, settings={**caps.ddl_settings, **caps.insert_settings})
 
     def q(self, sql: str) -> str:
         return self.server.query(sql)
@@ -263,7 +265,9 @@ def test_an_error_in_the_middle_of_an_export_fails_the_stream(ch: Server) -> Non
 
 
 def test_an_aborted_http_insert_keeps_the_blocks_it_received(ch: Server) -> None:
-    """Why restores load into scratch tables: on 18.16 a cut-off INSERT is not rolled back."""
+    """Why restores load into scratch tables: on 18.16 a cut-off INSERT is not rolled back
+    (the blocks already parsed stay). 26.x measured keeping none of them here, but nothing
+    promises that, so on both versions the table never ends up with the whole insert."""
     db = ch.new_db()
     ch.run(
         f"CREATE DATABASE {db}"
@@ -285,10 +289,14 @@ def test_an_aborted_http_insert_keeps_the_blocks_it_received(ch: Server) -> None
     assert connection.sock is not None
     connection.sock.shutdown(socket.SHUT_RDWR)
     connection.close()
-    deadline = time.monotonic() + 10
-    while ch.count(db, "t") == 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert 0 < ch.count(db, "t") < 20000
+    if ch.server.label == "ch18":
+        deadline = time.monotonic() + 10
+        while ch.count(db, "t") == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert 0 < ch.count(db, "t") < 20000
+    else:
+        time.sleep(1)
+        assert ch.count(db, "t") < 20000
 
 
 # --- round trips ----------------------------------------------------------------------------

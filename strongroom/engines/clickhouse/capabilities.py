@@ -16,6 +16,9 @@ from typing import Any
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 
 LOW_CARDINALITY_SETTING = "allow_experimental_low_cardinality_type"
+# 20.12+: Replacing/Summing/... engines merge rows inside each INSERT block, so restored
+# data would differ from what was read (duplicates the source still holds collapse)
+OPTIMIZE_ON_INSERT = "optimize_on_insert"
 INNER_PREFIX = ".inner."
 INNER_ID_PREFIX = ".inner_id."
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
@@ -38,6 +41,7 @@ class Capabilities:
     version_text: str
     version: tuple[int, ...]
     has_low_cardinality_setting: bool  # the setting exists (18.16); unknown on 26.x
+    has_optimize_on_insert: bool  # inserts merge rows of merge-sensitive engines (26.x)
     table_uuids: bool  # system.tables has ``uuid``
     target_table_column: bool  # system.tables has ``target_table`` (26.x)
     atomic_default: bool  # CREATE DATABASE without ENGINE makes an Atomic database
@@ -47,6 +51,11 @@ class Capabilities:
         """Settings every DDL statement gets (only those the server knows)."""
         return {LOW_CARDINALITY_SETTING: 1} if self.has_low_cardinality_setting else {}
 
+    @property
+    def insert_settings(self) -> dict[str, Any]:
+        """Settings for restore INSERTs: rows land exactly as they were read."""
+        return {OPTIMIZE_ON_INSERT: 0} if self.has_optimize_on_insert else {}
+
 
 def read_capabilities(client: ClickHouseHTTP) -> Capabilities:
     """Ask the server (uncached); ``capabilities`` caches the answer per client."""
@@ -54,7 +63,8 @@ def read_capabilities(client: ClickHouseHTTP) -> Capabilities:
     settings = {
         str(r[0])
         for r in client.tuples(
-            f"SELECT name FROM system.settings WHERE name = '{LOW_CARDINALITY_SETTING}'",
+            "SELECT name FROM system.settings "
+            f"WHERE name IN ('{LOW_CARDINALITY_SETTING}', '{OPTIMIZE_ON_INSERT}')",
             what="reading server settings",
         )
     }
@@ -75,6 +85,7 @@ def read_capabilities(client: ClickHouseHTTP) -> Capabilities:
         version_text=version,
         version=_version_tuple(version),
         has_low_cardinality_setting=LOW_CARDINALITY_SETTING in settings,
+        has_optimize_on_insert=OPTIMIZE_ON_INSERT in settings,
         table_uuids="uuid" in columns,
         target_table_column="target_table" in columns,
         atomic_default=atomic,

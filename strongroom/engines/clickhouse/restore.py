@@ -196,7 +196,7 @@ class _Run:
         insert = self.client.insert_stream(
             f"INSERT INTO {qualified(tdb, table)} FORMAT Native",
             artifact.raw_size,
-            settings={"max_execution_time": 0},
+            settings={"max_execution_time": 0, **capabilities(self.client).insert_settings},
             what=what,
         )
         try:
