@@ -50,12 +50,15 @@ def features(client: ClickHouseHTTP) -> dict[str, Any]:
     """Which optional features this server has (LowCardinality: experimental from 18.12,
     behind a setting until 19.x)."""
     version = server_version(client)
+    caps = capabilities(client)
     lc = version >= (18, 12)
     return {
         "version": ".".join(map(str, version)),
         "low_cardinality": lc,
         "skipped": [] if lc else ["LowCardinality"],
-        "settings": LC_SETTINGS if lc and version < (19, 9) else {},
+        # the LowCardinality switch where the server still has it (18.16), and rows of
+        # Replacing/Summing tables kept as inserted where inserts would merge them (26.x)
+        "settings": {**caps.ddl_settings, **caps.insert_settings} if lc else {},
     }
 
 
@@ -122,7 +125,8 @@ def load_gauntlet(client: ClickHouseHTTP) -> dict[str, Any]:
         client.execute(
             f"INSERT INTO {replaced} SELECT toUInt32(number % 20000), "
             f"concat('v{version} ', toString(number)), {version} * 100000 + number "
-            "FROM numbers(30000)"
+            "FROM numbers(30000)",
+            settings=s,
         )
     aggregated = _q(MAIN_DB, "aggregated")
     for part in range(2):
