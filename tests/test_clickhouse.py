@@ -234,6 +234,27 @@ def test_sql_quoting_and_rewriting() -> None:
     assert str(chsql.parse_type("Enum8('a,b' = 1, 'c' = 2)")) == "Enum8('a,b' = 1, 'c' = 2)"
 
 
+def test_capabilities_are_read_once_per_client_and_differ_by_version(ch: Server) -> None:
+    """18.16: the LowCardinality switch exists, Ordinary databases (no table UUIDs in
+    system.tables), inserts do not merge rows. 26.x: the switch is an unknown setting,
+    Atomic databases with UUIDs, optimize_on_insert exists and restores turn it off."""
+    from strongroom.engines.clickhouse.capabilities import capabilities, read_capabilities
+
+    client = ClickHouseHTTP(ClickHouseConnection(name="x", http_port=ch.server.http_port))
+    caps = capabilities(client)
+    assert capabilities(client) is caps  # cached: asked once per client
+    assert read_capabilities(client) == caps
+    assert caps.version_text.startswith(ch.server.version_prefix)
+    modern = ch.server.label == "ch26"
+    assert caps.version[0] == (26 if modern else 18)
+    assert caps.has_low_cardinality_setting is not modern
+    assert caps.ddl_settings == ({} if modern else {"allow_experimental_low_cardinality_type": 1})
+    assert caps.table_uuids is modern and caps.target_table_column is modern
+    assert caps.insert_settings == ({"optimize_on_insert": 0} if modern else {})
+    # what ddl_settings sends is accepted by this server
+    client.execute("SELECT 1", settings=caps.ddl_settings)
+
+
 def test_native_walker_counts_rows_and_rejects_cut_streams(ch: Server) -> None:
     body = ch.server.query_bytes(
         "SELECT number, toString(number) AS s, [number] AS a, toNullable(number) AS n, "
