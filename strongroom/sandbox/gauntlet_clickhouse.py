@@ -33,7 +33,6 @@ SECOND_DB = "второй db"
 FACTS = "facts `t` ü"
 FACT_ROWS = 3_000_000
 MONTHS = 24
-LC_SETTINGS = {"allow_experimental_low_cardinality_type": 1}
 MERGE_SENSITIVE = ("Replacing", "Summing", "Aggregating", "Collapsing", "VersionedCollapsing")
 
 

@@ -7,10 +7,11 @@ Every table's data is first loaded into a scratch table
 (``__sr_restore_<run>_<n>``) and its fingerprint (per partition) compared with
 the manifest. Only when every scratch table of the run matches are they
 swapped in (``RENAME TABLE`` for whole tables, ``ALTER TABLE ... REPLACE
-PARTITION ... FROM`` for partitions), views created, and the fingerprints
-checked again on the final tables. Replaced tables and partitions are kept
-aside until then, so a failure at any step undoes the swaps and the target is
-as it was.
+PARTITION ... FROM`` for partitions and, in Atomic databases, for a materialized
+view's ``.inner_id.<uuid>`` table, which a rename would detach from its view),
+views created, and the fingerprints checked again on the final tables. Replaced
+tables and partitions are kept aside until then, so a failure at any step undoes
+the swaps and the target is as it was.
 """
 
 from __future__ import annotations
