@@ -9,7 +9,7 @@ from tests.fixtures.prefect import isolate_prefect_env
 # Before anything imports prefect: no analytics, throwaway PREFECT_HOME, no inherited API URL.
 isolate_prefect_env()
 
-from tests.fixtures.clickhouse import clickhouse_server  # noqa: E402
+from tests.fixtures.clickhouse import clickhouse_server, clickhouse_servers  # noqa: E402
 from tests.fixtures.clickhouse_gauntlet import clickhouse_gauntlet  # noqa: E402
 from tests.fixtures.pg_gauntlet import (  # noqa: E402
     pg_gauntlet,
@@ -27,6 +27,7 @@ __all__ = [
     "age_key",
     "clickhouse_gauntlet",
     "clickhouse_server",
+    "clickhouse_servers",
     "local_repo",
     "pg_db",
     "pg_gauntlet",

@@ -1,4 +1,5 @@
-"""A throwaway ClickHouse 18.16 server (runs as root) with a generated config."""
+"""A throwaway ClickHouse 18.16 server (runs as root) with a generated config, and the
+HTTP query helpers every test server shares (``clickhouse_modern`` is the 26.x one)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Self
 from xml.sax.saxutils import escape
@@ -33,12 +35,75 @@ class ClickHouseError(RuntimeError):
     pass
 
 
-class ClickHouseServer:
-    """clickhouse-server with all state under a temp dir. ``--pid-file`` is ignored by 18.16,
-    so the server is stopped through the PID of the process we started."""
+class HTTPQueries(ABC):
+    """What every throwaway ClickHouse server offers tests: where it listens (``host``,
+    ``http_port``, ``tcp_port``, ``user``), plain HTTP queries independent of the engine, and
+    ``label``/``version_prefix`` naming the server version a test runs against."""
 
     host = "127.0.0.1"
     user = "default"
+    label = ""
+    version_prefix = ""
+    # CREATE USER / users.xml with passwords: only clickhouse-server has access management
+    has_users = False
+    http_port: int
+    tcp_port: int
+    base_dir: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}/"
+
+    @abstractmethod
+    def start(self) -> Self: ...
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def query_bytes(
+        self, sql: str, data: bytes | None = None, *, database: str | None = None
+    ) -> bytes:
+        """POST over HTTP. Without ``data`` the SQL is the body; with ``data`` (e.g. an
+        ``INSERT ... FORMAT Native`` payload) the SQL goes in the ``query`` parameter."""
+        params: dict[str, str] = {}
+        if database:
+            params["database"] = database
+        if data is None:
+            body = sql.encode()
+        else:
+            params["query"] = sql
+            body = data
+        url = self.http_url + ("?" + urllib.parse.urlencode(params) if params else "")
+        req = urllib.request.Request(url, data=body, method="POST")
+        try:
+            with _NO_PROXY.open(req, timeout=300) as resp:
+                return bytes(resp.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace").strip()
+            raise ClickHouseError(f"HTTP {exc.code} for {sql[:200]!r}: {detail}") from None
+
+    def query(self, sql: str, *, database: str | None = None) -> str:
+        """Run one statement over HTTP; return the text output without the trailing newline."""
+        return self.query_bytes(sql, database=database).decode().removesuffix("\n")
+
+    def ping(self) -> bool:
+        with _NO_PROXY.open(f"{self.http_url}ping", timeout=2) as resp:
+            return bool(resp.read() == b"Ok.\n")
+
+
+class ClickHouseServer(HTTPQueries):
+    """clickhouse-server with all state under a temp dir. ``--pid-file`` is ignored by 18.16,
+    so the server is stopped through the PID of the process we started."""
+
+    label = "ch18"
+    version_prefix = "18.16"
+    has_users = True
 
     def __init__(self, base_dir: Path | None = None) -> None:
         self.base_dir = base_dir if base_dir is not None else make_temp_dir("clickhouse")
@@ -58,10 +123,6 @@ class ClickHouseServer:
             f"ClickHouseServer(host={self.host!r}, http_port={self.http_port}, "
             f"tcp_port={self.tcp_port}, base_dir={self.base_dir})"
         )
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}/"
 
     @property
     def logs(self) -> list[Path]:
@@ -132,41 +193,8 @@ class ClickHouseServer:
         ports = [self.http_port, self.tcp_port, self.interserver_http_port]
         if not listens_on(self.proc.pid, ports):
             return False
-        with _NO_PROXY.open(f"{self.http_url}ping", timeout=2) as resp:
-            return bool(resp.read() == b"Ok.\n")
+        return self.ping()
 
     def stop(self) -> None:
         stop_process(self.proc, [(signal.SIGTERM, 30.0)])
         self.proc = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def query_bytes(
-        self, sql: str, data: bytes | None = None, *, database: str | None = None
-    ) -> bytes:
-        """POST over HTTP. Without ``data`` the SQL is the body; with ``data`` (e.g. an
-        ``INSERT ... FORMAT Native`` payload) the SQL goes in the ``query`` parameter."""
-        params: dict[str, str] = {}
-        if database:
-            params["database"] = database
-        if data is None:
-            body = sql.encode()
-        else:
-            params["query"] = sql
-            body = data
-        url = self.http_url + ("?" + urllib.parse.urlencode(params) if params else "")
-        req = urllib.request.Request(url, data=body, method="POST")
-        try:
-            with _NO_PROXY.open(req, timeout=300) as resp:
-                return bytes(resp.read())
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace").strip()
-            raise ClickHouseError(f"HTTP {exc.code} for {sql[:200]!r}: {detail}") from None
-
-    def query(self, sql: str, *, database: str | None = None) -> str:
-        """Run one statement over HTTP; return the text output without the trailing newline."""
-        return self.query_bytes(sql, database=database).decode().removesuffix("\n")

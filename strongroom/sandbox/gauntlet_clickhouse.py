@@ -20,6 +20,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from strongroom.engines.clickhouse.capabilities import (
+    capabilities,
+    inner_table_names,
+    is_inner_name,
+)
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.sql import parse_type, quote_ident, quote_string
 
@@ -28,7 +33,6 @@ SECOND_DB = "второй db"
 FACTS = "facts `t` ü"
 FACT_ROWS = 3_000_000
 MONTHS = 24
-LC_SETTINGS = {"allow_experimental_low_cardinality_type": 1}
 MERGE_SENSITIVE = ("Replacing", "Summing", "Aggregating", "Collapsing", "VersionedCollapsing")
 
 
@@ -45,12 +49,15 @@ def features(client: ClickHouseHTTP) -> dict[str, Any]:
     """Which optional features this server has (LowCardinality: experimental from 18.12,
     behind a setting until 19.x)."""
     version = server_version(client)
+    caps = capabilities(client)
     lc = version >= (18, 12)
     return {
         "version": ".".join(map(str, version)),
         "low_cardinality": lc,
         "skipped": [] if lc else ["LowCardinality"],
-        "settings": LC_SETTINGS if lc and version < (19, 9) else {},
+        # the LowCardinality switch where the server still has it (18.16), and rows of
+        # Replacing/Summing tables kept as inserted where inserts would merge them (26.x)
+        "settings": {**caps.ddl_settings, **caps.insert_settings} if lc else {},
     }
 
 
@@ -117,7 +124,8 @@ def load_gauntlet(client: ClickHouseHTTP) -> dict[str, Any]:
         client.execute(
             f"INSERT INTO {replaced} SELECT toUInt32(number % 20000), "
             f"concat('v{version} ', toString(number)), {version} * 100000 + number "
-            "FROM numbers(30000)"
+            "FROM numbers(30000)",
+            settings=s,
         )
     aggregated = _q(MAIN_DB, "aggregated")
     for part in range(2):
@@ -187,22 +195,25 @@ def fingerprint(
 
     ``databases`` maps source database names to the names to read (a renamed restore);
     ``tables`` limits the comparison to those source-qualified names; views are read like
-    tables (their hash shows they query the right data), ``.inner`` tables are skipped
-    (their view stands for them).
+    tables (their hash shows they query the right data), inner tables are skipped (their
+    view stands for them: ``.inner.<view>`` on 18.16, ``.inner_id.<uuid>`` on 26.x, whose
+    UUID differs between source and restore).
     """
     mapping = databases or {MAIN_DB: MAIN_DB, SECOND_DB: SECOND_DB}
     out: dict[str, Any] = {"tables": {}, "meta": {"features": features(client)}}
     for source, actual in mapping.items():
+        uuid = "toString(uuid)" if capabilities(client).table_uuids else "''"
         listed = client.tuples(
-            "SELECT name, engine FROM system.tables WHERE database = "
+            f"SELECT name, engine, {uuid} FROM system.tables WHERE database = "
             f"{quote_string(actual)} ORDER BY name"
         )
-        names = {str(n) for n, _ in listed}
-        for name, engine in listed:
+        names = {str(n) for n, _, _ in listed}
+        for name, engine, table_uuid in listed:
             key = f"{source}.{name}"
-            if str(name).startswith(".inner.") or (tables is not None and key not in tables):
+            if is_inner_name(str(name)) or (tables is not None and key not in tables):
                 continue
-            if engine == "MaterializedView" and f".inner.{name}" not in names:
+            view = {"name": name, "uuid": table_uuid}
+            if engine == "MaterializedView" and not names & set(inner_table_names(view)):
                 out["tables"][key] = {"engine": engine, "rows": None, "hash": None}
                 continue  # a TO view: its target table is fingerprinted
             out["tables"][key] = table_fingerprint(client, actual, str(name), str(engine), where)

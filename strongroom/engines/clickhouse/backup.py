@@ -32,6 +32,7 @@ from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.clickhouse import inspection as inspect
 from strongroom.engines.clickhouse import native_client as clickhouse_client
+from strongroom.engines.clickhouse.capabilities import inner_table_names
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.sql import qualified, quote_string
@@ -71,11 +72,16 @@ def inspect_database(client: ClickHouseHTTP, database: dict[str, str]) -> list[d
     rows = inspect.list_tables(client, db)
     columns = inspect.table_columns(client, db)
     by_name = {r["name"]: r for r in rows}
-    views = {r["name"] for r in rows if r["engine"] == "MaterializedView"}
+    inner_of = {
+        view["name"]: next((by_name[n] for n in inner_table_names(view) if n in by_name), None)
+        for view in rows
+        if view["engine"] == "MaterializedView"
+    }
+    inner_names = {inner["name"] for inner in inner_of.values() if inner is not None}
     objects: list[dict[str, Any]] = []
     for row in rows:
         name, engine = row["name"], row["engine"]
-        if name.startswith(inspect.INNER_PREFIX) and name[len(inspect.INNER_PREFIX) :] in views:
+        if name in inner_names:
             continue  # created by its materialized view; its data travels with the view
         kind = inspect.kind_of(engine)
         obj: dict[str, Any] = {
@@ -96,7 +102,7 @@ def inspect_database(client: ClickHouseHTTP, database: dict[str, str]) -> list[d
             "inner_create": None,
             "note": "",
         }
-        inner = by_name.get(inspect.INNER_PREFIX + name) if kind == "materialized_view" else None
+        inner = inner_of.get(name) if kind == "materialized_view" else None
         if inner is not None:
             obj.update(
                 data=True,

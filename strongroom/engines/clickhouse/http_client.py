@@ -48,6 +48,8 @@ _CODE = re.compile(rb"Code: (\d+)")
 _TRAILING_EXCEPTION = re.compile(
     rb"Code: (\d+)[.,] (?:e\.displayText\(\) = )?DB::Exception[^\n]*\n?\Z"
 )
+# 26.x: "__exception__" marker, then "Code: 395. DB::Exception: ..." and the stream is cut
+_CUT_EXCEPTION = re.compile(rb"__exception__\s+\w*\s+Code: (\d+)[.,] DB::Exception")
 _AUTH_CODES = {192, 193, 194, 195, 497, 516}
 _READONLY = 164
 _NOT_FOUND_CODES = {60, 81}
@@ -257,6 +259,18 @@ class SelectStream:
         try:
             data = self._resp.read(n if n and n > 0 else 1024 * 1024)
         except (OSError, http.client.HTTPException) as exc:
+            # 26.x writes the exception into the body and then cuts the chunked stream
+            partial = exc.partial if isinstance(exc, http.client.IncompleteRead) else b""
+            tail = (self._tail + partial)[-TAIL_KEEP:]
+            m = _TRAILING_EXCEPTION.search(tail) or _CUT_EXCEPTION.search(tail)
+            if m:
+                self.done = True
+                self.error = ClickHouseQueryError(
+                    f"{self._what}: ClickHouse failed while streaming after "
+                    f"{self.size + len(partial)} bytes: {_server_message(tail[m.start() :])}",
+                    int(m.group(1)),
+                )
+                raise self.error from None
             self.error = ServiceUnavailable(
                 f"{self._what}: connection to ClickHouse {self._where} lost after "
                 f"{self.size} bytes ({scrub(str(exc)) or type(exc).__name__})"

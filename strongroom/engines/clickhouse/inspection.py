@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
+from strongroom.engines.clickhouse.capabilities import capabilities, inner_table_names
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.sql import (
     fingerprint_expr,
@@ -20,7 +21,6 @@ from strongroom.engines.clickhouse.sql import (
 from strongroom.errors import InvalidInput, NotFound
 
 SYSTEM_DATABASES = ("system", "INFORMATION_SCHEMA", "information_schema")
-INNER_PREFIX = ".inner."
 LOG_ENGINES = ("Log", "TinyLog", "StripeLog", "Memory")
 # merges of these engines change what a plain SELECT returns (rows collapse or sum up)
 MERGE_SENSITIVE = (
@@ -49,7 +49,8 @@ NO_DATA_NOTES = {
     "Join": "data not backed up: the Join engine cannot be read with SELECT on 18.16",
     "File": "data not backed up: File tables live in the server's file system",
 }
-# settings every statement gets (harmless on servers that already allow LowCardinality)
+# 18.16's LowCardinality switch, for callers without a client at hand; restore sends
+# ``capabilities(client).ddl_settings`` instead (26.x refuses this setting as unknown)
 DDL_SETTINGS = {"allow_experimental_low_cardinality_type": 1}
 NATIVE_SETTINGS = {"max_execution_time": 0}
 
@@ -149,8 +150,9 @@ def show_create_table(client: ClickHouseHTTP, database: str, name: str) -> str:
 
 def list_tables(client: ClickHouseHTTP, database: str) -> list[dict[str, Any]]:
     """Tables and views of one database, with their CREATE statements."""
+    uuid = "toString(uuid) AS uuid, " if capabilities(client).table_uuids else ""
     rows = client.rows(
-        "SELECT name, engine, create_table_query, partition_key, sorting_key, "
+        f"SELECT name, {uuid}engine, create_table_query, partition_key, sorting_key, "
         "dependencies_database, dependencies_table FROM system.tables "
         f"WHERE database = {quote_string(database)} AND NOT is_temporary ORDER BY name",
         what=f"listing tables of {database!r}",
@@ -159,6 +161,21 @@ def list_tables(client: ClickHouseHTTP, database: str) -> list[dict[str, Any]]:
         if not row["create_table_query"]:
             row["create_table_query"] = show_create_table(client, database, row["name"])
     return rows
+
+
+def inner_table(client: ClickHouseHTTP, database: str, view: str) -> str | None:
+    """The name of a materialized view's inner table on the server (None: it writes TO
+    another table)."""
+    uuid = "toString(uuid) AS uuid, " if capabilities(client).table_uuids else ""
+    rows = client.rows(
+        f"SELECT {uuid}name FROM system.tables WHERE database = {quote_string(database)}",
+        what=f"listing tables of {database!r}",
+    )
+    names = {r["name"] for r in rows}
+    view_rows = [r for r in rows if r["name"] == view]
+    if not view_rows:
+        return None
+    return next((n for n in inner_table_names(view_rows[0]) if n in names), None)
 
 
 def table_columns(client: ClickHouseHTTP, database: str) -> dict[str, list[dict[str, str]]]:

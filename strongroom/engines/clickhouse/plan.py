@@ -18,6 +18,12 @@ from strongroom.artifacts import read_artifact
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig
 from strongroom.engines.clickhouse import inspection as inspect
+from strongroom.engines.clickhouse.capabilities import (
+    INNER_ID_PREFIX,
+    INNER_PREFIX,
+    inner_table_names,
+    is_inner_name,
+)
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.sql import normalized, rewrite_create
 from strongroom.engines.clickhouse.verify import check_schema_document
@@ -61,12 +67,10 @@ class ChRestoreRequest(BaseModel):
 def check_name(value: str, what: str) -> str:
     if not isinstance(value, str) or not value or "\x00" in value:
         raise InvalidInput(f"invalid {what} {str(value)[:80]!r}: empty or contains NUL")
-    if len(value.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES or value.startswith(
-        inspect.INNER_PREFIX
-    ):
+    if len(value.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES or is_inner_name(value):
         raise InvalidInput(
             f"invalid {what} {value[:80]!r}: at most {MAX_NAME_BYTES} bytes, "
-            f"not starting with {inspect.INNER_PREFIX!r}"
+            f"not starting with {INNER_PREFIX!r} or {INNER_ID_PREFIX!r}"
         )
     if value in inspect.SYSTEM_DATABASES and what == "target database":
         raise InvalidInput(f"refusing to restore into the system database {value!r}")
@@ -214,6 +218,22 @@ def read_target(client: ClickHouseHTTP, databases: list[str]) -> TargetState:
     return TargetState(existing, tables)
 
 
+def _current_data(
+    state: TargetState, tdb: str, entry: dict[str, Any], current: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The target's table that holds the data of ``entry`` (None: not there)."""
+    data_table = entry.get("data_table")
+    if not data_table or current is None:
+        return None
+    if entry["kind"] == "materialized_view":
+        if current["engine"] != "MaterializedView":
+            return None
+        return next(
+            (t for n in inner_table_names(current) if (t := state.get(tdb, n)) is not None), None
+        )
+    return state.get(tdb, data_table)
+
+
 def _columns(cols: list[dict[str, str]]) -> list[tuple[str, str]]:
     return [(c["name"], c["type"]) for c in cols]
 
@@ -257,9 +277,8 @@ def plan_actions(
         db, name = entry["database"], entry["name"]
         tdb = sel.target_db(db)
         doc = docs[db]["objects"][name]
-        data_table = entry.get("data_table")
         current = state.get(tdb, name)
-        current_data = state.get(tdb, data_table) if data_table and current else None
+        current_data = _current_data(state, tdb, entry, current)
         act: dict[str, Any] = {
             "database": db,
             "table": name,
@@ -275,6 +294,9 @@ def plan_actions(
             "blocked": None,
             "blocked_kind": None,
             "note": entry.get("note", ""),
+            # the table holding the data on the target now (a view's inner table is named
+            # after its UUID in Atomic databases, so it differs from the backup's)
+            "data_target": current_data["name"] if current_data else None,
         }
         actions.append(act)
         if inspect.is_replicated(entry.get("data_engine") or entry["engine"]):

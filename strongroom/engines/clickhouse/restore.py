@@ -7,10 +7,11 @@ Every table's data is first loaded into a scratch table
 (``__sr_restore_<run>_<n>``) and its fingerprint (per partition) compared with
 the manifest. Only when every scratch table of the run matches are they
 swapped in (``RENAME TABLE`` for whole tables, ``ALTER TABLE ... REPLACE
-PARTITION ... FROM`` for partitions), views created, and the fingerprints
-checked again on the final tables. Replaced tables and partitions are kept
-aside until then, so a failure at any step undoes the swaps and the target is
-as it was.
+PARTITION ... FROM`` for partitions and, in Atomic databases, for a materialized
+view's ``.inner_id.<uuid>`` table, which a rename would detach from its view),
+views created, and the fingerprints checked again on the final tables. Replaced
+tables and partitions are kept aside until then, so a failure at any step undoes
+the swaps and the target is as it was.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from strongroom.catalog import Catalog, Manifest
 from strongroom.config import EncryptionConfig
 from strongroom.engines.clickhouse import inspection as inspect
 from strongroom.engines.clickhouse.backup import ENGINE
+from strongroom.engines.clickhouse.capabilities import INNER_ID_PREFIX, capabilities
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.plan import (
@@ -121,7 +123,7 @@ class _Run:
     # -- helpers ---------------------------------------------------------------------------
 
     def ddl(self, sql: str, what: str) -> None:
-        self.client.execute(sql, settings=inspect.DDL_SETTINGS, what=what)
+        self.client.execute(sql, settings=capabilities(self.client).ddl_settings, what=what)
 
     def name(self, prefix: str) -> str:
         self.seq += 1
@@ -174,7 +176,7 @@ class _Run:
         entry = self.entries[(act["database"], act["table"])]
         tdb = act["target_database"]
         scratch = self.name(SCRATCH_PREFIX)
-        data_table = entry["data_table"]
+        data_table = act.get("data_target") or entry["data_table"]
         target_exists = act["exists"] and act["action"] in ("load", "replace partitions")
         if target_exists:
             stmt = f"CREATE TABLE {qualified(tdb, scratch)} AS {qualified(tdb, data_table)}"
@@ -195,7 +197,7 @@ class _Run:
         insert = self.client.insert_stream(
             f"INSERT INTO {qualified(tdb, table)} FORMAT Native",
             artifact.raw_size,
-            settings={"max_execution_time": 0},
+            settings={"max_execution_time": 0, **capabilities(self.client).insert_settings},
             what=what,
         )
         try:
@@ -256,10 +258,9 @@ class _Run:
                 ):
                     continue
                 if act["action"] == "load":
-                    entry = self.entries[(act["database"], act["table"])]
-                    self._move_in(index, act["target_database"], entry["data_table"], existed=True)
+                    self._load_in(index, act)
                 elif act["action"] == "replace partitions":
-                    self._swap_partitions(index, act)
+                    self._swap_partitions(index, act, act["partitions"])
                 elif act["kind"] == "table":
                     self._put_table(index, act)
                 else:
@@ -326,32 +327,66 @@ class _Run:
         self.ddl(self.create_statement(act, name), f"creating {tdb}.{name}")
         self.undo.append((f"removing {tdb}.{name}", f"DROP TABLE IF EXISTS {qualified(tdb, name)}"))
 
-    def _swap_partitions(self, index: int, act: dict[str, Any]) -> None:
-        tdb, name = act["target_database"], act["table"]
+    def _load_in(self, index: int, act: dict[str, Any]) -> None:
+        """Data-only restore: the checked scratch table replaces the target's data."""
+        entry = self.entries[(act["database"], act["table"])]
+        tdb = act["target_database"]
+        final = act.get("data_target") or entry["data_table"]
+        if final.startswith(INNER_ID_PREFIX):
+            self._fill_inner(index, act, final)
+        else:
+            self._move_in(index, tdb, final, existed=True)
+
+    def _pids(self, tdb: str, table: str) -> set[str]:
+        return {p["partition_id"] for p in inspect.active_parts(self.client, tdb, table)}
+
+    def _fill_inner(self, index: int, act: dict[str, Any], inner: str) -> None:
+        """A materialized view in an Atomic database stops working when a table is renamed
+        over its inner table: every partition is replaced in place instead (the target's
+        partitions the backup lacks are dropped)."""
+        tdb = act["target_database"]
+        pids = sorted(self._pids(tdb, inner) | self._pids(tdb, self.scratch[index]))
+        self._swap_partitions(index, act, pids, table=inner)
+        act["data_target"] = inner
+
+    def _swap_partitions(
+        self, index: int, act: dict[str, Any], pids: list[str], *, table: str | None = None
+    ) -> None:
+        """Replace partitions ``pids`` of the target with the scratch table's. Only
+        partitions the target holds are kept aside (26.x refuses ``REPLACE PARTITION``
+        from a table that lacks the partition); the others are undone by dropping them."""
+        tdb = act["target_database"]
+        name = table or act.get("data_target") or act["table"]
         target = qualified(tdb, name)
         scratch = qualified(tdb, self.scratch[index])
+        held = self._pids(tdb, name)
+        fresh = self._pids(tdb, self.scratch[index])
         holder = self.name(ASIDE_PREFIX)
         self.ddl(f"CREATE TABLE {qualified(tdb, holder)} AS {target}", "creating partition holder")
         self.aside.append((tdb, holder))
         entry = self.entries[(act["database"], act["table"])]
         if inspect.merge_sensitive(entry["data_engine"]):
             self.stop_merges(tdb, name)
-        for pid in act["partitions"]:
+        for pid in pids:
             part = f"PARTITION ID {quote_string(pid)}"
-            self.ddl(
-                f"ALTER TABLE {qualified(tdb, holder)} REPLACE {part} FROM {target}",
-                f"keeping partition {pid} of {tdb}.{name}",
-            )
-            self.undo.append(
-                (
-                    f"putting partition {pid} of {tdb}.{name} back",
-                    f"ALTER TABLE {target} REPLACE {part} FROM {qualified(tdb, holder)}",
+            if pid in held:
+                self.ddl(
+                    f"ALTER TABLE {qualified(tdb, holder)} REPLACE {part} FROM {target}",
+                    f"keeping partition {pid} of {tdb}.{name}",
                 )
-            )
-            self.ddl(
-                f"ALTER TABLE {target} REPLACE {part} FROM {scratch}",
-                f"replacing partition {pid} of {tdb}.{name}",
-            )
+                back = f"ALTER TABLE {target} REPLACE {part} FROM {qualified(tdb, holder)}"
+            else:
+                back = f"ALTER TABLE {target} DROP {part}"
+            self.undo.append((f"putting partition {pid} of {tdb}.{name} back", back))
+            if pid in fresh:
+                self.ddl(
+                    f"ALTER TABLE {target} REPLACE {part} FROM {scratch}",
+                    f"replacing partition {pid} of {tdb}.{name}",
+                )
+            elif pid in held:
+                self.ddl(
+                    f"ALTER TABLE {target} DROP {part}", f"emptying partition {pid} of {tdb}.{name}"
+                )
 
     def _put_view(self, index: int, act: dict[str, Any]) -> None:
         tdb, name = act["target_database"], act["table"]
@@ -366,8 +401,16 @@ class _Run:
         self.ddl(self.create_statement(act, name), f"creating {tdb}.{name}")
         self.undo.append((f"removing {tdb}.{name}", f"DROP TABLE IF EXISTS {qualified(tdb, name)}"))
         if index in self.scratch:
-            # the view's new, empty inner table goes aside; the checked data takes its name
-            self._move_in(index, tdb, inspect.INNER_PREFIX + name, existed=True)
+            inner = inspect.inner_table(self.client, tdb, name)
+            if inner is None:
+                raise IntegrityError(f"{tdb}.{name} was created without an inner table")
+            if inner.startswith(INNER_ID_PREFIX):
+                self._fill_inner(index, act, inner)
+            else:
+                # Ordinary database (18.16): the view's new, empty inner table goes aside;
+                # the checked data takes its name
+                self._move_in(index, tdb, inner, existed=True)
+                act["data_target"] = inner
 
     # -- cleanup ---------------------------------------------------------------------------
 
@@ -410,7 +453,9 @@ class _Run:
 
 def entry_target(act: dict[str, Any], entry: dict[str, Any]) -> str:
     """The table that holds the object's data on the target after the restore."""
-    return str(entry["data_table"] if entry["kind"] == "materialized_view" else act["table"])
+    if entry["kind"] != "materialized_view":
+        return str(act["table"])
+    return str(act.get("data_target") or entry["data_table"])
 
 
 def _raise_if_blocked(actions: list[dict[str, Any]]) -> None:
