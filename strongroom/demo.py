@@ -259,15 +259,16 @@ def _redis(demo: Demo) -> tuple[str, str]:
 
 def _clickhouse(demo: Demo) -> tuple[str, str]:
     from blocks import ClickHouseTarget
+    from strongroom.engines.clickhouse.capabilities import capabilities
     from strongroom.engines.clickhouse.conn import ClickHouseConnection
     from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
-    from strongroom.engines.clickhouse.inspection import DDL_SETTINGS
     from strongroom.sandbox.clickhouse import ClickHouseServer
 
     server = demo.stack.enter_context(ClickHouseServer())
     client = ClickHouseHTTP(ClickHouseConnection(name="demo", http_port=server.http_port))
+    settings = capabilities(client).ddl_settings
     for statement in CLICKHOUSE_DEMO_SCHEMA.format(rows=CLICKHOUSE_ROWS).split("\n;"):
-        client.execute(statement, settings=DDL_SETTINGS)
+        client.execute(statement, settings=settings)
     demo.console.print(
         f"ClickHouse 18.16 on 127.0.0.1:{server.http_port}: {CLICKHOUSE_ROWS:,} events "
         "(partitioned MergeTree), a materialized view and its target, a view"

@@ -49,9 +49,6 @@ NO_DATA_NOTES = {
     "Join": "data not backed up: the Join engine cannot be read with SELECT on 18.16",
     "File": "data not backed up: File tables live in the server's file system",
 }
-# 18.16's LowCardinality switch, for callers without a client at hand; restore sends
-# ``capabilities(client).ddl_settings`` instead (26.x refuses this setting as unknown)
-DDL_SETTINGS = {"allow_experimental_low_cardinality_type": 1}
 NATIVE_SETTINGS = {"max_execution_time": 0}
 
 
