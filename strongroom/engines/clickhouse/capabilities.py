@@ -3,7 +3,8 @@
 18.16 and 26.x differ in ways the engine must respect: obsolete settings (26.x refuses
 ``allow_experimental_low_cardinality_type``), Atomic databases (a materialized view's
 inner table is ``.inner_id.<uuid>`` there, ``.inner.<name>`` on Ordinary ones, and
-renaming a table over it breaks the view), and which ``system.tables`` columns exist.
+renaming a table over it breaks the view), which ``system.tables`` columns exist, and
+whether ``EXCHANGE TABLES`` (an atomic swap of two tables) is understood.
 Code asks these facts instead of comparing version strings.
 """
 
@@ -13,7 +14,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
+from strongroom.engines.clickhouse.http_client import ClickHouseHTTP, ClickHouseQueryError
 
 LOW_CARDINALITY_SETTING = "allow_experimental_low_cardinality_type"
 # 20.12+: Replacing/Summing/... engines merge rows inside each INSERT block, so restored
@@ -22,6 +23,9 @@ OPTIMIZE_ON_INSERT = "optimize_on_insert"
 INNER_PREFIX = ".inner."
 INNER_ID_PREFIX = ".inner_id."
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
+SYNTAX_ERROR = 62
+# parsed only, never executed: touches no table (the names need not exist)
+EXCHANGE_PROBE = "EXPLAIN AST EXCHANGE TABLES system.__sr_probe_a AND system.__sr_probe_b"
 
 _CACHE: weakref.WeakKeyDictionary[ClickHouseHTTP, Capabilities] = weakref.WeakKeyDictionary()
 
@@ -45,6 +49,8 @@ class Capabilities:
     table_uuids: bool  # system.tables has ``uuid``
     target_table_column: bool  # system.tables has ``target_table`` (26.x)
     atomic_default: bool  # CREATE DATABASE without ENGINE makes an Atomic database
+    # the parser knows ``EXCHANGE TABLES`` (26.x); it works only in Atomic databases
+    exchange_tables: bool
 
     @property
     def ddl_settings(self) -> dict[str, Any]:
@@ -82,6 +88,7 @@ def read_capabilities(client: ClickHouseHTTP) -> Capabilities:
         )
     )
     return Capabilities(
+        exchange_tables=_parses_exchange(client),
         version_text=version,
         version=_version_tuple(version),
         has_low_cardinality_setting=LOW_CARDINALITY_SETTING in settings,
@@ -90,6 +97,20 @@ def read_capabilities(client: ClickHouseHTTP) -> Capabilities:
         target_table_column="target_table" in columns,
         atomic_default=atomic,
     )
+
+
+def _parses_exchange(client: ClickHouseHTTP) -> bool:
+    """Whether the server understands ``EXCHANGE TABLES``, asked by parsing it with
+    ``EXPLAIN AST`` (cheap and safe: nothing is executed). 18.16 knows neither and answers
+    with a syntax error; a server with EXCHANGE but older than EXPLAIN (20.x) is taken
+    for one without, which only means the two-rename swap. Other errors are raised."""
+    try:
+        client.execute(EXCHANGE_PROBE, what="asking whether EXCHANGE TABLES is supported")
+    except ClickHouseQueryError as exc:
+        if exc.code == SYNTAX_ERROR:
+            return False
+        raise
+    return True
 
 
 def capabilities(client: ClickHouseHTTP) -> Capabilities:

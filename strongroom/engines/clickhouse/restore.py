@@ -6,7 +6,8 @@ Nothing half-done: ClickHouse keeps the blocks of an INSERT that was cut off
 Every table's data is first loaded into a scratch table
 (``__sr_restore_<run>_<n>``) and its fingerprint (per partition) compared with
 the manifest. Only when every scratch table of the run matches are they
-swapped in (``RENAME TABLE`` for whole tables, ``ALTER TABLE ... REPLACE
+swapped in (whole tables by ``EXCHANGE TABLES`` in Atomic databases of 26.x, by two
+``RENAME TABLE`` on 18.16: see ``swap``; ``ALTER TABLE ... REPLACE
 PARTITION ... FROM`` for partitions and, in Atomic databases, for a materialized
 view's ``.inner_id.<uuid>`` table, which a rename would detach from its view),
 views created, and the fingerprints checked again on the final tables. Replaced
@@ -16,10 +17,8 @@ the swaps and the target is as it was.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +40,7 @@ from strongroom.engines.clickhouse.plan import (
     select,
 )
 from strongroom.engines.clickhouse.sql import qualified, quote_ident, quote_string, rewrite_create
+from strongroom.engines.clickhouse.swap import ASIDE_PREFIX, SwapState
 from strongroom.engines.clickhouse.table_engines import check_objects
 from strongroom.errors import (
     Conflict,
@@ -57,7 +57,6 @@ ProgressFactory = Callable[[str, int | None], Progress]
 log = logging.getLogger(__name__)
 
 SCRATCH_PREFIX = "__sr_restore_"
-ASIDE_PREFIX = "__sr_old_"
 
 __all__ = ["ChRestoreRequest", "restore_clickhouse"]
 
@@ -87,7 +86,7 @@ def _diff(expected: dict[str, dict[str, Any]], actual: dict[str, dict[str, Any]]
     return out
 
 
-class _Run:
+class _Run(SwapState):
     """One restore's staging, commit and undo."""
 
     def __init__(
@@ -101,7 +100,7 @@ class _Run:
         actions: list[dict[str, Any]],
         progress: ProgressFactory | None,
     ) -> None:
-        self.client = client
+        super().__init__(client)
         self.repo = repo
         self.enc = enc
         self.manifest = manifest
@@ -109,36 +108,11 @@ class _Run:
         self.docs = docs
         self.actions = actions
         self.progress = progress
-        self.token = secrets.token_hex(3)
         self.entries = {(e["database"], e["name"]): e for e in sel.objects}
-        self.scratch: dict[int, str] = {}  # action index -> scratch table (in target db)
-        self.undo: list[tuple[str, str]] = []  # (description, SQL), run in reverse
-        self.aside: list[tuple[str, str]] = []  # tables to drop once everything succeeded
-        self.stopped: set[tuple[str, str]] = set()  # merges stopped by us
         self.created_dbs: list[str] = []
         self.checks: list[dict[str, Any]] = []
-        self.leftovers: list[str] = []
-        self.seq = 0
 
     # -- helpers ---------------------------------------------------------------------------
-
-    def ddl(self, sql: str, what: str) -> None:
-        self.client.execute(sql, settings=capabilities(self.client).ddl_settings, what=what)
-
-    def name(self, prefix: str) -> str:
-        self.seq += 1
-        return f"{prefix}{self.token}_{self.seq:03d}"
-
-    def stop_merges(self, db: str, table: str) -> None:
-        with contextlib.suppress(StrongroomError):
-            self.ddl(f"SYSTEM STOP MERGES {qualified(db, table)}", f"stopping merges of {table}")
-            self.stopped.add((db, table))
-
-    def start_merges(self) -> None:
-        for db, table in sorted(self.stopped):
-            with contextlib.suppress(StrongroomError):
-                self.ddl(f"SYSTEM START MERGES {qualified(db, table)}", "starting merges")
-        self.stopped.clear()
 
     def create_statement(self, act: dict[str, Any], name: str, inner: bool = False) -> str:
         doc = self.docs[act["database"]]["objects"][act["table"]]
@@ -261,6 +235,7 @@ class _Run:
                     self._load_in(index, act)
                 elif act["action"] == "replace partitions":
                     self._swap_partitions(index, act, act["partitions"])
+                    act["swap"] = "replace partitions"
                 elif act["kind"] == "table":
                     self._put_table(index, act)
                 else:
@@ -272,58 +247,13 @@ class _Run:
                     final = entry_target(act, entry)
                     self.check(act, entry, act["target_database"], final, stage="final")
 
-    def _renamed(self, tdb: str, old: str, new: str) -> None:
-        if (tdb, old) in self.stopped:  # merges stay stopped across RENAME
-            self.stopped.discard((tdb, old))
-            self.stopped.add((tdb, new))
-
-    def _move_in(self, index: int, tdb: str, final: str, *, existed: bool) -> None:
-        """Put the checked scratch table in place of ``final``; an existing table is renamed
-        aside first and kept until the whole run succeeded. (Two statements, each undone on
-        failure: a multi-table RENAME is not atomic on 18.16 either.)"""
-        scratch = self.scratch.pop(index)
-        if existed:
-            self._aside(tdb, final)
-        self.undo.append(
-            (
-                f"dropping restored data of {tdb}.{final}",
-                f"DROP TABLE IF EXISTS {qualified(tdb, scratch)}",
-            )
-        )
-        self.ddl(
-            f"RENAME TABLE {qualified(tdb, scratch)} TO {qualified(tdb, final)}",
-            f"moving restored data into {tdb}.{final}",
-        )
-        self.undo.append(
-            (
-                f"taking restored data out of {tdb}.{final}",
-                f"RENAME TABLE {qualified(tdb, final)} TO {qualified(tdb, scratch)}",
-            )
-        )
-        self._renamed(tdb, scratch, final)
-
-    def _aside(self, tdb: str, table: str) -> None:
-        """Rename an existing object out of the way; undo renames it back."""
-        old = self.name(ASIDE_PREFIX)
-        self.ddl(
-            f"RENAME TABLE {qualified(tdb, table)} TO {qualified(tdb, old)}",
-            f"moving {tdb}.{table} aside",
-        )
-        self.undo.append(
-            (
-                f"putting {tdb}.{table} back",
-                f"RENAME TABLE {qualified(tdb, old)} TO {qualified(tdb, table)}",
-            )
-        )
-        self.aside.append((tdb, old))
-
     def _put_table(self, index: int, act: dict[str, Any]) -> None:
         tdb, name = act["target_database"], act["table"]
         if index in self.scratch:
-            self._move_in(index, tdb, name, existed=act["exists"])
+            act["swap"] = self.move_in(index, tdb, name, existed=act["exists"])
             return
         if act["exists"]:
-            self._aside(tdb, name)
+            self.put_aside(tdb, name)
         self.ddl(self.create_statement(act, name), f"creating {tdb}.{name}")
         self.undo.append((f"removing {tdb}.{name}", f"DROP TABLE IF EXISTS {qualified(tdb, name)}"))
 
@@ -335,7 +265,7 @@ class _Run:
         if final.startswith(INNER_ID_PREFIX):
             self._fill_inner(index, act, final)
         else:
-            self._move_in(index, tdb, final, existed=True)
+            act["swap"] = self.move_in(index, tdb, final, existed=True)
 
     def _pids(self, tdb: str, table: str) -> set[str]:
         return {p["partition_id"] for p in inspect.active_parts(self.client, tdb, table)}
@@ -348,6 +278,7 @@ class _Run:
         pids = sorted(self._pids(tdb, inner) | self._pids(tdb, self.scratch[index]))
         self._swap_partitions(index, act, pids, table=inner)
         act["data_target"] = inner
+        act["swap"] = "replace partitions"
 
     def _swap_partitions(
         self, index: int, act: dict[str, Any], pids: list[str], *, table: str | None = None
@@ -392,7 +323,7 @@ class _Run:
         tdb, name = act["target_database"], act["table"]
         if act["exists"]:
             if act["kind"] == "view":
-                self._aside(tdb, name)
+                self.put_aside(tdb, name)
             else:
                 # 18.16 cannot rename a materialized view ("Method rename is not supported
                 # by storage MaterializedView"): it is dropped and re-created, which cannot be
@@ -409,7 +340,7 @@ class _Run:
             else:
                 # Ordinary database (18.16): the view's new, empty inner table goes aside;
                 # the checked data takes its name
-                self._move_in(index, tdb, inner, existed=True)
+                act["swap"] = self.move_in(index, tdb, inner, existed=True)
                 act["data_target"] = inner
 
     # -- cleanup ---------------------------------------------------------------------------
@@ -562,6 +493,8 @@ def restore_clickhouse(
         "duration_s": round(time.monotonic() - started, 3),
         "restored_at": dt.datetime.now(dt.UTC).isoformat(),
         "checks": run.checks,
+        # how each table's data was put in place: exchange | rename | replace partitions
+        "swaps": {a["target"]: a["swap"] for a in actions if "swap" in a},
         "fingerprints_ok": all(c["ok"] for c in run.checks),
         "leftovers": run.leftovers,
     }
