@@ -28,6 +28,7 @@ from strongroom.engines.clickhouse.backup import backup_clickhouse
 from strongroom.engines.clickhouse.capabilities import capabilities
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
+from strongroom.engines.clickhouse.inspection import fingerprint, stored_columns
 from strongroom.engines.clickhouse.native import summarize
 from strongroom.engines.clickhouse.restore import ChRestoreRequest, restore_clickhouse
 from strongroom.errors import (
@@ -251,6 +252,7 @@ def test_capabilities_are_read_once_per_client_and_differ_by_version(ch: Server)
     assert caps.ddl_settings == ({} if modern else {"allow_experimental_low_cardinality_type": 1})
     assert caps.table_uuids is modern and caps.target_table_column is modern
     assert caps.insert_settings == ({"optimize_on_insert": 0} if modern else {})
+    assert caps.exchange_tables is modern  # EXPLAIN AST EXCHANGE TABLES: syntax error on 18.16
     # what ddl_settings sends is accepted by this server
     client.execute("SELECT 1", settings=caps.ddl_settings)
 
@@ -563,6 +565,89 @@ def test_a_failure_after_the_swaps_puts_everything_back(
     monkeypatch.setattr(run_module._Run, "check", check)
     with pytest.raises(IntegrityError, match="simulated"):
         restore(ch, local_repo, age_key, drop_existing=True)
+    assert ch.tables(source) == tables
+    assert {t: ch.dump(source, t) for t in names} == before
+    assert ch.leftovers() == []
+
+
+def test_a_replacing_restore_swaps_by_exchange_on_26_and_by_rename_on_18(
+    ch: Server, source: str, local_repo: Repo, age_key: EncryptionConfig
+) -> None:
+    """26.x (Atomic databases): one ``EXCHANGE TABLES`` per replaced table; 18.16: two
+    renames. The data and the fingerprints afterwards are the same either way."""
+    manifest = backup(ch, source, local_repo, age_key)
+    ch.q(f"INSERT INTO {source}.plain VALUES (7777, 'after the backup')")
+    ch.q(f"INSERT INTO {source}.events SELECT * FROM {source}.events LIMIT 5")
+    result = restore(ch, local_repo, age_key, drop_existing=True)
+    assert result["fingerprints_ok"]
+    method = "exchange" if ch.server.label == "ch26" else "rename"
+    swaps = result["swaps"]
+    for table in ("plain", "events", "rep", "agg", "tiny", "odd `name` ü"):  # mrg: no data
+        assert swaps[f"{source}.{table}"] == method, table
+    # 26.x: the inner table of mv_inner (Atomic database) is filled partition by partition
+    inner = "replace partitions" if ch.server.label == "ch26" else "rename"
+    assert swaps[f"{source}.mv_inner"] == inner
+    assert ch.count(source, "plain") == 500 and ch.leftovers() == []
+
+    # the same backup into a fresh database (plain renames of new tables) holds the same
+    into = ch.new_db("fresh")
+    fresh = restore(ch, local_repo, age_key, target_database=into)
+    assert fresh["fingerprints_ok"]
+    assert set(fresh["swaps"].values()) <= {"rename", "replace partitions"}
+    assert_same(ch, source, into)
+    entries = {t["name"]: t for t in manifest.details["databases"][0]["tables"]}
+    client = ClickHouseHTTP(conn_for(ch))
+    for table in ("plain", "events", "tiny"):
+        columns = stored_columns(entries[table]["columns"])
+        got = [fingerprint(client, db, table, columns, by_partition=False) for db in (source, into)]
+        assert got[0] == got[1] and got[0][""]["rows"] == ch.count(into, table) > 0, table
+    for table in ("plain", "tiny"):  # unpartitioned: the manifest has the whole-table print
+        fp = entries[table]["fingerprint"]
+        assert got_print(client, source, table, entries[table]) == {
+            "": {"rows": int(fp["rows"]), "hash": str(fp["hash"])}
+        }
+
+
+def got_print(client: ClickHouseHTTP, db: str, table: str, entry: dict[str, Any]) -> Any:
+    return fingerprint(client, db, table, stored_columns(entry["columns"]), by_partition=False)
+
+
+@pytest.mark.parametrize("fail_at", ["swap", "statement"])
+def test_a_failure_at_the_swap_leaves_the_old_tables(
+    ch: Server,
+    source: str,
+    local_repo: Repo,
+    age_key: EncryptionConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    fail_at: str,
+) -> None:
+    """The swap of ``tiny`` (the last table) fails: before its statement is sent
+    (``swap``), or with the statement failing on the server because its scratch table
+    vanished (``statement``). The tables exchanged or renamed before it are put back and
+    every table is as it was, on both versions."""
+    from strongroom.engines.clickhouse import swap as swap_module
+
+    backup(ch, source, local_repo, age_key)
+    ch.q(f"INSERT INTO {source}.plain VALUES (7777, 'after the backup')")
+    names = ["plain", "events", "odd `name` ü", "tiny", "v", "mrg"]
+    before = {t: ch.dump(source, t) for t in names}
+    tables = ch.tables(source)
+    original = swap_module.SwapState.move_in
+    used: list[str] = []
+
+    def move_in(self: Any, index: int, tdb: str, final: str, *, existed: bool) -> str:
+        if final == "tiny":
+            if fail_at == "swap":
+                raise ServiceUnavailable("simulated: connection lost before the swap")
+            ch.q(f"DROP TABLE {chsql.qualified(tdb, self.scratch[index])}")
+        used.append(original(self, index, tdb, final, existed=existed))
+        return used[-1]
+
+    monkeypatch.setattr(swap_module.SwapState, "move_in", move_in)
+    error = ServiceUnavailable if fail_at == "swap" else NotFound
+    with pytest.raises(error):
+        restore(ch, local_repo, age_key, drop_existing=True)
+    assert used and set(used) == {"exchange" if ch.server.label == "ch26" else "rename"}
     assert ch.tables(source) == tables
     assert {t: ch.dump(source, t) for t in names} == before
     assert ch.leftovers() == []
