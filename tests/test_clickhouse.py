@@ -653,6 +653,41 @@ def test_a_failure_at_the_swap_leaves_the_old_tables(
     assert ch.leftovers() == []
 
 
+def test_a_lost_answer_to_the_swap_statement_never_drops_the_old_table(
+    ch: Server,
+    source: str,
+    local_repo: Repo,
+    age_key: EncryptionConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The swap statement of ``plain`` runs on the server but its answer is lost. 26.x:
+    the UUID under ``plain`` shows the exchange ran, so it is exchanged back and all is as
+    before. 18.16 (two renames): the old table is kept under its ``__sr_old_`` name and
+    the error says what could not be cleaned up."""
+    from strongroom.engines.clickhouse import swap as swap_module
+
+    backup(ch, source, local_repo, age_key)
+    ch.q(f"INSERT INTO {source}.plain VALUES (7777, 'after the backup')")
+    before = ch.dump(source, "plain")
+    original = swap_module.SwapState.ddl
+
+    def ddl(self: Any, sql: str, what: str) -> None:
+        original(self, sql, what)
+        swap = sql.startswith(("EXCHANGE", "RENAME TABLE")) and "restored data" in what
+        if swap and what.endswith(f"{source}.plain"):  # the swap itself, not an undo
+            raise ServiceUnavailable("simulated: connection lost after the statement")
+
+    monkeypatch.setattr(swap_module.SwapState, "ddl", ddl)
+    with pytest.raises(ServiceUnavailable, match="simulated") as caught:
+        restore(ch, local_repo, age_key, tables=["plain"], drop_existing=True)
+    if ch.server.label == "ch26":
+        assert ch.dump(source, "plain") == before and ch.leftovers() == []
+    else:
+        assert "could not clean up" in str(caught.value)
+        kept = [t for t in ch.leftovers() if t.startswith(f"{source}.__sr_old_")]
+        assert [ch.count(source, t.split(".", 1)[1]) for t in kept] == [501]
+
+
 def test_a_fingerprint_mismatch_fails_and_names_the_table(
     ch: Server, source: str, local_repo: Repo, age_key: EncryptionConfig
 ) -> None:
