@@ -48,7 +48,6 @@ class Capabilities:
     has_optimize_on_insert: bool  # inserts merge rows of merge-sensitive engines (26.x)
     table_uuids: bool  # system.tables has ``uuid``
     target_table_column: bool  # system.tables has ``target_table`` (26.x)
-    atomic_default: bool  # CREATE DATABASE without ENGINE makes an Atomic database
     # the parser knows ``EXCHANGE TABLES`` (26.x); it works only in Atomic databases
     exchange_tables: bool
 
@@ -81,12 +80,6 @@ def read_capabilities(client: ClickHouseHTTP) -> Capabilities:
             what="reading system.tables columns",
         )
     }
-    atomic = bool(
-        client.tuples(
-            "SELECT 1 FROM system.databases WHERE engine = 'Atomic' LIMIT 1",
-            what="reading database engines",
-        )
-    )
     return Capabilities(
         exchange_tables=_parses_exchange(client),
         version_text=version,
@@ -95,7 +88,6 @@ def read_capabilities(client: ClickHouseHTTP) -> Capabilities:
         has_optimize_on_insert=OPTIMIZE_ON_INSERT in settings,
         table_uuids="uuid" in columns,
         target_table_column="target_table" in columns,
-        atomic_default=atomic,
     )
 
 

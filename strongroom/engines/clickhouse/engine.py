@@ -12,7 +12,7 @@ from typing import Any
 from strongroom.catalog import artifact_totals
 from strongroom.engines.clickhouse.backup import backup_clickhouse
 from strongroom.engines.clickhouse.restore import ChRestoreRequest, restore_clickhouse
-from strongroom.engines.interface import FunctionEngine, Summary
+from strongroom.engines.interface import Engine, Summary
 from strongroom.sizes import human_size
 
 
@@ -100,12 +100,12 @@ def restore_summary(report: Mapping[str, Any]) -> Summary:
     )
 
 
-ENGINE = FunctionEngine(
+ENGINE = Engine(
     "clickhouse",
     "ClickHouse",
     ChRestoreRequest,
-    backup=backup_clickhouse,
-    restore=restore_clickhouse,
+    backup_fn=backup_clickhouse,
+    restore_fn=restore_clickhouse,
     backup_summary=backup_summary,
     restore_summary=restore_summary,
 )

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from strongroom.catalog import artifact_totals
-from strongroom.engines.interface import FunctionEngine, Summary
+from strongroom.engines.interface import Engine, Summary
 from strongroom.engines.postgres.backup import backup_postgres
 from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
 from strongroom.sizes import human_size
@@ -68,12 +68,12 @@ def restore_summary(report: Mapping[str, Any]) -> Summary:
     )
 
 
-ENGINE = FunctionEngine(
+ENGINE = Engine(
     "postgresql",
     "PostgreSQL",
     PgRestoreRequest,
-    backup=backup_postgres,
-    restore=restore_postgres,
+    backup_fn=backup_postgres,
+    restore_fn=restore_postgres,
     backup_summary=backup_summary,
     restore_summary=restore_summary,
     one_stream=True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from strongroom.engines.interface import FunctionEngine, Summary
+from strongroom.engines.interface import Engine, Summary
 from strongroom.engines.redis.backup import backup_redis
 from strongroom.engines.redis.restore import RedisRestoreRequest, restore_redis
 from strongroom.sizes import human_size
@@ -87,12 +87,12 @@ def restore_summary(report: Mapping[str, Any]) -> Summary:
     )
 
 
-ENGINE = FunctionEngine(
+ENGINE = Engine(
     "redis",
     "Redis",
     RedisRestoreRequest,
-    backup=backup_redis,
-    restore=restore_redis,
+    backup_fn=backup_redis,
+    restore_fn=restore_redis,
     backup_summary=backup_summary,
     restore_summary=restore_summary,
     one_stream=True,
