@@ -1005,8 +1005,8 @@ def test_a_table_written_during_its_export_is_read_again(
     original = engine._TableExport._export
     writes = {"left": 1}
 
-    def export_and_write(self: Any, parts: list[dict[str, Any]]) -> Any:
-        stored = original(self, parts)
+    def export_and_write(self: Any, parts: list[dict[str, Any]], keys: list[str]) -> Any:
+        stored = original(self, parts, keys)
         if self.table == "plain" and writes["left"]:
             writes["left"] -= 1
             ch.q(f"INSERT INTO {source}.plain VALUES (123456, 'written meanwhile')")

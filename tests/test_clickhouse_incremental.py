@@ -38,7 +38,7 @@ CREATE TABLE {db}.facts (d Date, id UInt64, payload String, amount Decimal(18, 2
 """
 FACTS = """
 INSERT INTO {db}.facts SELECT addMonths(toDate('2025-01-01'), intDiv(number, {per})) + number % 28,
-  number + {offset}, concat(hex(cityHash64(number)), repeat('x', number % 50)), number / 3
+  number + {offset}, concat(hex(cityHash64(number)), toString(number * 7919)), number / 3
 FROM system.numbers LIMIT {rows}
 """
 REST = """
@@ -145,8 +145,9 @@ def test_merges_alters_full_and_full_every(
     assert "base_backup_id" not in forced.details
     second = take(ch, source, local_repo, age_key, full_every=3)
     third = take(ch, source, local_repo, age_key, full_every=3)
-    assert second.details["incremental"]["chain_length"] == 1
-    assert third.details["incremental"]["full_reason"] == "a full backup every 3 (chain of 2)"
+    fourth = take(ch, source, local_repo, age_key, full_every=3)  # full, +1, +2, full
+    assert [m.details["incremental"]["chain_length"] for m in (second, third, fourth)] == [1, 2, 0]
+    assert fourth.details["incremental"]["full_reason"] == "a full backup every 3 (chain of 3)"
     off = take(ch, source, local_repo, age_key, incremental=False)
     assert off.details["incremental"]["mode"] == "full"
 
@@ -222,3 +223,29 @@ def test_a_broken_chain_stops_restore_and_verify_before_anything_changes(
     pid = victim.meta["partition_id"]
     assert [a.meta["partition_id"] for a in own(again) if a.meta.get("table") == "facts"] == [pid]
     assert verify_backup(repo, again, age_key)["ok"]
+
+
+def test_a_failed_incremental_removes_only_what_it_stored(
+    ch: Server,  # noqa: F811
+    source: str,
+    local_repo: Repo,
+    age_key: EncryptionConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The clean-up of a backup that fails at the end deletes its own artifacts, never the
+    base's artifacts it referenced."""
+    from strongroom.engines.clickhouse import backup as engine
+
+    repo = local_repo[0]
+    base = take(ch, source, local_repo, age_key)
+    change_one_month(ch, source)
+
+    def refuse(*_args: Any, **_kw: Any) -> None:
+        raise RuntimeError("publishing refused (injected)")
+
+    monkeypatch.setattr(engine, "publish_backup", refuse)
+    with pytest.raises(RuntimeError, match="injected"):
+        take(ch, source, local_repo, age_key)
+    data = [o.key for o in repo.list("data/clickhouse/ch1/")]
+    assert data and all(key.startswith(f"data/clickhouse/ch1/{base.backup_id}/") for key in data)
+    assert verify_backup(repo, base, age_key)["ok"]
