@@ -31,7 +31,8 @@ def _mode_line(details: Mapping[str, Any]) -> str:
     if section.get("mode") == "incremental":
         return (
             f"- incremental on `{details['base_backup_id']}`: "
-            f"{section['stored_artifacts']} artifact(s) stored, {section['reused_artifacts']} "
+            f"{section['stored_artifacts']} artifact(s) stored "
+            f"({human_size(section.get('new_stored_bytes', 0))}), {section['reused_artifacts']} "
             f"unchanged referenced ({human_size(section['reused_raw_bytes'])} not read again)"
         )
     return f"- full backup ({section.get('full_reason') or 'every partition exported'})"

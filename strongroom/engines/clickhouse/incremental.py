@@ -180,6 +180,7 @@ def details(choice: Choice, artifacts: list[Artifact], backup_id: str) -> dict[s
         "reused_artifacts": len(reused),
         "reused_raw_bytes": sum(a.raw_size for a in reused),
         "stored_artifacts": len(artifacts) - len(reused),
+        "new_stored_bytes": sum(a.stored_size for a in artifacts if a not in reused),
     }
     if choice.base is None:
         section["full_reason"] = choice.reason
