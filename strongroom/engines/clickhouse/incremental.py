@@ -173,14 +173,15 @@ def details(choice: Choice, artifacts: list[Artifact], backup_id: str) -> dict[s
     """The manifest's ``incremental`` section and the dependency fields retention reads."""
     owners = sorted({owner_of(a) for a in artifacts} - {backup_id, ""})
     reused = [a for a in artifacts if owner_of(a) not in (backup_id, "")]
+    new = [a for a in artifacts if owner_of(a) in (backup_id, "")]
     section: dict[str, Any] = {
         "records": "partition_states",
         "mode": "incremental" if choice.base else "full",
         "chain_length": choice.base.chain_length + 1 if choice.base else 0,
         "reused_artifacts": len(reused),
         "reused_raw_bytes": sum(a.raw_size for a in reused),
-        "stored_artifacts": len(artifacts) - len(reused),
-        "new_stored_bytes": sum(a.stored_size for a in artifacts if a not in reused),
+        "stored_artifacts": len(new),
+        "new_stored_bytes": sum(a.stored_size for a in new),
     }
     if choice.base is None:
         section["full_reason"] = choice.reason
