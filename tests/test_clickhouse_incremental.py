@@ -249,3 +249,36 @@ def test_a_failed_incremental_removes_only_what_it_stored(
     data = [o.key for o in repo.list("data/clickhouse/ch1/")]
     assert data and all(key.startswith(f"data/clickhouse/ch1/{base.backup_id}/") for key in data)
     assert verify_backup(repo, base, age_key)["ok"]
+
+
+def test_referenced_artifacts_stay_locked_as_long_as_the_incremental(
+    ch: Server,  # noqa: F811
+    source: str,
+    s3_server: Any,
+    age_key: EncryptionConfig,
+) -> None:
+    """S3 object lock (COMPLIANCE, moto): the base's artifacts an incremental lists get the
+    incremental's retain-until, so they cannot be deleted while its manifest is locked."""
+    import time
+
+    from tests.fixtures.compliant_bucket import compliant_bucket
+
+    bucket = compliant_bucket(s3_server)
+    repo: Repo = (bucket.repo, bucket.config)
+    s3 = bucket.repo
+
+    def until(key: str) -> dt.datetime:
+        head = s3._client.head_object(Bucket=s3.bucket, Key=s3._full(key))
+        found: dt.datetime = head["ObjectLockRetainUntilDate"]
+        return found
+
+    base = take(ch, source, repo, age_key)
+    time.sleep(1.1)  # a later retain-until (second resolution)
+    change_one_month(ch, source)
+    inc = take(ch, source, repo, age_key)
+    referenced = [a for a in inc.artifacts if owner_of(a) == base.backup_id]
+    unreferenced = [a for a in own(base) if a.key not in {r.key for r in referenced}]
+    newest = until(own(inc)[0].key)
+    assert referenced and all(until(a.key) >= newest for a in referenced)
+    assert unreferenced and all(until(a.key) < newest for a in unreferenced)
+    assert verify_backup(s3, inc, age_key)["ok"]

@@ -548,6 +548,7 @@ def backup_clickhouse(
             },
             labels=dict(labels or {}),
         )
+        incremental.extend_locks(repo, artifacts, bid, settings)
         publish_backup(repo, manifest, settings)
     except BaseException:
         own = data_key(ENGINE, conn.name, bid, "")

@@ -32,7 +32,7 @@ from typing import Any
 from strongroom.catalog import Artifact, Catalog, Manifest
 from strongroom.config import EncryptionConfig
 from strongroom.errors import NotFound
-from strongroom.repository.base import Repository
+from strongroom.repository.base import Repository, StorageSettings
 
 ENGINE = "clickhouse"
 DEFAULT_FULL_EVERY = 7
@@ -192,3 +192,18 @@ def details(choice: Choice, artifacts: list[Artifact], backup_id: str) -> dict[s
         "base_backup_id": choice.base.backup_id,
         "depends_on": depends,
     }
+
+
+def extend_locks(
+    repo: Repository, artifacts: list[Artifact], backup_id: str, settings: StorageSettings
+) -> int:
+    """Lock every referenced artifact at least as long as this backup (S3 object lock;
+    a repository without locks has nothing to extend). Returns how many were extended."""
+    extend = getattr(repo, "extend_lock", None)
+    if extend is None or settings.retain_until is None:
+        return 0
+    return sum(
+        1
+        for a in artifacts
+        if owner_of(a) not in (backup_id, "") and extend(a.key, settings) is not None
+    )
