@@ -46,6 +46,14 @@ class ClickHouseTarget(Block):
     exclude_databases: list[str] = Field(
         default_factory=list, description="Databases to skip (names or glob patterns)."
     )
+    incremental: bool = Field(
+        default=True,
+        description="Back up only changed partitions; unchanged ones reference the latest "
+        "backup's stored exports.",
+    )
+    full_every: int = Field(
+        default=7, ge=1, description="A full backup at least every N backups (1: always full)."
+    )
     rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
     rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
 
@@ -63,4 +71,6 @@ class ClickHouseTarget(Block):
             wire_compression=self.wire_compression,
             databases=list(self.databases),
             exclude_databases=list(self.exclude_databases),
+            incremental=self.incremental,
+            full_every=self.full_every,
         )

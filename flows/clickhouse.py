@@ -22,10 +22,12 @@ def backup_clickhouse_flow(
     repository: str = "default",
     encryption_key: str = "default",
     labels: dict[str, str] | None = None,
+    full: bool = False,
 ) -> dict[str, Any]:
-    """Back up every configured database of ClickHouse ``target`` (schema and data)."""
+    """Back up every configured database of ClickHouse ``target`` (schema and data):
+    only changed partitions unless ``full`` (or the target block's ``full_every``)."""
     secure_logging()
-    return run_backup("clickhouse", target, repository, encryption_key, labels)
+    return run_backup("clickhouse", target, repository, encryption_key, labels, full=full)
 
 
 @flow(name="restore-clickhouse", **AUDITED)

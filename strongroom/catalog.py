@@ -314,10 +314,16 @@ class Catalog:
         ids = self.entries(engine, target)
         scope = "/".join(x for x in (engine, target) if x) or "the repository"
         if backup_id == "latest":
-            for found in reversed(ids):
+            # ids sort by their start second; backups started within the same second
+            # are told apart by when they finished
+            pending: builtins.list[Manifest] = []
+            for index, found in enumerate(reversed(ids)):
                 latest = self._lenient(found)
                 if latest is not None and (kind is None or latest.kind == kind):
-                    return latest
+                    pending.append(latest)
+                following = ids[-index - 2][2][:16] if index + 1 < len(ids) else ""
+                if pending and following != found[2][:16]:
+                    return max(pending, key=lambda m: (m.finished_at, m.started_at))
             raise NotFound(f"no backups in {scope}" + (f" of kind {kind}" if kind else ""))
         if not isinstance(backup_id, str) or not backup_id:
             raise InvalidInput("backup id is empty")

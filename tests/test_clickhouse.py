@@ -861,9 +861,10 @@ def test_both_transports_store_the_same_content(
     """The same tables through clickhouse-client and over HTTP: same rows, same
     fingerprints, the transport on record; the HTTP backup restores as well. In auto
     mode, exports this small go over HTTP (the tool's start-up would cost more)."""
-    native = backup(ch, source, local_repo, age_key, export_via="clickhouse-client")
-    http_ = backup(ch, source, local_repo, age_key, export_via="http")
-    auto = backup(ch, source, local_repo, age_key)
+    # full backups: each one exports every table (an incremental would reference the first)
+    native = backup(ch, source, local_repo, age_key, export_via="clickhouse-client", full_every=1)
+    http_ = backup(ch, source, local_repo, age_key, export_via="http", full_every=1)
+    auto = backup(ch, source, local_repo, age_key, full_every=1)
     assert {a.meta.get("transport") for a in auto.artifacts} == {None, "http"}  # schema: None
     assert (
         auto.tool_versions["transport"] == "http" and "clickhouse-client" not in auto.tool_versions
@@ -1004,8 +1005,8 @@ def test_a_table_written_during_its_export_is_read_again(
     original = engine._TableExport._export
     writes = {"left": 1}
 
-    def export_and_write(self: Any, parts: list[dict[str, Any]]) -> Any:
-        stored = original(self, parts)
+    def export_and_write(self: Any, parts: list[dict[str, Any]], keys: list[str]) -> Any:
+        stored = original(self, parts, keys)
         if self.table == "plain" and writes["left"]:
             writes["left"] -= 1
             ch.q(f"INSERT INTO {source}.plain VALUES (123456, 'written meanwhile')")

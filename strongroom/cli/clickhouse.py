@@ -18,15 +18,19 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
         target: str = typer.Argument(..., help="ClickHouseTarget block name."),
         repository: str = RepoOpt,
         key: str = KeyOpt,
+        full: bool = typer.Option(
+            False, "--full", help="Export every partition (default: only changed ones)."
+        ),
         as_json: bool = JsonOpt,
     ) -> None:
-        """Back up TARGET: schema per database, data per table and partition (Native, HTTP)."""
+        """Back up TARGET: schema per database, data per table and partition (Native, HTTP);
+        partitions unchanged since the latest backup are referenced, not exported again."""
         from flows.clickhouse import backup_clickhouse_flow
 
         run_flow(
             as_json,
             lambda: backup_clickhouse_flow(
-                target=target, repository=repository, encryption_key=key
+                target=target, repository=repository, encryption_key=key, full=full
             ),
             show_backup("clickhouse", repository),
         )

@@ -421,7 +421,11 @@ def prune(
     for key in sorted({(d.backup.engine, d.backup.target) for d in planned.decisions}):
         report.policies["/".join(key)] = lookup(*key).describe()
 
-    for d in planned.decisions:
+    # newest first: an incremental goes before the backups it references, so a prune
+    # killed half-way never leaves a manifest whose base is already gone
+    outcomes: dict[int, BackupOutcome] = {}
+    for index in _dependents_first(planned.decisions):
+        d = planned.decisions[index]
         entry = planned.listed[ident_of(d)]
         if d.keep:
             locked_rule = next((r for r in d.rules if r.startswith("object-lock")), None)
@@ -441,11 +445,23 @@ def prune(
             action, detail, locked_rows, freed = _delete_backup(repo, store, entry, moment)
             outcome = BackupOutcome(d, action, detail, locked=locked_rows, freed=freed)
             log.info("retention: %s %s: %s", action, d.backup_id, detail)
-        report.backups.append(outcome)
+        outcomes[index] = outcome
+    report.backups.extend(outcomes[i] for i in range(len(planned.decisions)))
 
     if clean_orphans:
+        deleted = {ident_of(o.decision) for o in report.backups if o.action == "deleted"}
+        referenced = _referenced_keys(planned, deleted)
         _orphan_pass(
-            repo, store, report, engine, target, orphan_grace, moment, dry_run, planned, findings
+            repo,
+            store,
+            report,
+            (engine, target),
+            orphan_grace,
+            moment,
+            dry_run,
+            planned,
+            findings,
+            referenced,
         )
 
     if prune_wal_archive and engine in (None, "postgresql"):
@@ -456,6 +472,15 @@ def prune(
     return report
 
 
+def _dependents_first(decisions: list[Decision]) -> list[int]:
+    """Indexes of ``decisions`` in the order to act on them: newest backup first."""
+    return sorted(
+        range(len(decisions)),
+        key=lambda i: (decisions[i].backup.started_at, decisions[i].backup_id),
+        reverse=True,
+    )
+
+
 def _unique(findings: list[Finding]) -> list[dict[str, Any]]:
     seen: dict[tuple[str, str], Finding] = {}
     for f in findings:
@@ -463,18 +488,32 @@ def _unique(findings: list[Finding]) -> list[dict[str, Any]]:
     return [f.to_dict() for f in sorted(seen.values(), key=lambda f: (f.key, f.reason))]
 
 
+def _referenced_keys(planned: RetentionPlan, deleted: set[Ident]) -> dict[str, str]:
+    """Data keys outside their own folder that a trusted manifest still listed after this
+    run lists (an incremental's references to its bases' artifacts): key -> backup id."""
+    refs: dict[str, str] = {}
+    for ident, entry in planned.listed.items():
+        if entry.suspect or ident in deleted:
+            continue
+        for artifact in entry.manifest.artifacts:
+            if not inside(artifact.key, entry.prefix):
+                refs.setdefault(artifact.key, entry.backup_id)
+    return refs
+
+
 def _orphan_pass(
     repo: Repository,
     store: ObjectStore,
     report: RetentionReport,
-    engine: str | None,
-    target: str | None,
+    scope: tuple[str | None, str | None],
     grace: dt.timedelta,
     now: dt.datetime,
     dry_run: bool,
     planned: RetentionPlan,
     findings: list[Finding],
+    referenced: dict[str, str],
 ) -> None:
+    engine, target = scope
     orphans, dangling = find_orphans(
         repo,
         engine=engine,
@@ -486,7 +525,13 @@ def _orphan_pass(
     )
     report.dangling = dangling
     for orphan in orphans:
-        if orphan["action"] == "recent":
+        users = sorted({referenced[k] for k in orphan["objects"] if k in referenced})
+        if users:
+            # its manifest is gone (a prune killed half-way, or deleted by hand), but a
+            # kept incremental still lists some of its artifacts: never deleted
+            orphan["action"] = "referenced"
+            orphan["detail"] = "artifacts listed by kept backup(s) " + ", ".join(users[:5])
+        elif orphan["action"] == "recent":
             orphan["action"] = "too recent (grace period)"
         else:
             active = _active_locks(store, orphan["objects"], now)

@@ -123,6 +123,34 @@ class S3Versions(S3Calls):
 
         self._call("DeleteObject", delete, key=key)
 
+    def extend_lock(self, key: str, settings: StorageSettings | None) -> dt.datetime | None:
+        """Lengthen an existing object's lock to this backup's retain-until, never shorten
+        it (an incremental references artifacts an older backup stored: they must stay
+        locked as long as the newest manifest listing them). Returns the new retain-until,
+        or None when nothing changed (no lock mode, or already locked long enough)."""
+        if not self.config.lock_mode:
+            return None
+        until = self._retain_until(settings)
+        full = self._full(key)
+        mode = self.config.lock_mode
+
+        def head(_attempt: int) -> dict[str, Any]:
+            return dict(self._client.head_object(Bucket=self.bucket, Key=full))
+
+        current = self._call("HeadObject", head, key=key).get("ObjectLockRetainUntilDate")
+        if isinstance(current, dt.datetime) and current >= until:
+            return None
+
+        def retain(_attempt: int) -> None:
+            self._client.put_object_retention(
+                Bucket=self.bucket,
+                Key=full,
+                Retention={"Mode": mode, "RetainUntilDate": until},
+            )
+
+        self._call("PutObjectRetention", retain, key=key)
+        return until
+
     def bucket_versioning(self) -> str | None:
         """The bucket's versioning status: "Enabled", "Suspended", or None (never enabled)."""
 

@@ -234,7 +234,8 @@ def test_kill_clickhouse_backup(
     clickhouse_server: ClickHouseServer, ch_db: str, local_repo: Repo, age_key: EncryptionConfig
 ) -> None:
     repo, config = local_repo
-    conn = _ch_conn(clickhouse_server, ch_db)
+    # full backups: an incremental of an unchanged table exports nothing to kill
+    conn = _ch_conn(clickhouse_server, ch_db).model_copy(update={"incremental": False})
     first = backup_clickhouse(conn, repo, config, age_key).backup_id
     _backup_killed_then_rerun(repo, config, age_key, "ch-backup", conn, first)
     assert _ch_tables(clickhouse_server, ch_db) == {"big"}

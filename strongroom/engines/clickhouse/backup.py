@@ -30,6 +30,7 @@ from strongroom.artifacts import (
 )
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
+from strongroom.engines.clickhouse import incremental
 from strongroom.engines.clickhouse import inspection as inspect
 from strongroom.engines.clickhouse import native_client as clickhouse_client
 from strongroom.engines.clickhouse.capabilities import inner_table_names
@@ -138,8 +139,10 @@ class _TableExport:
         settings: StorageSettings,
         progress: ProgressFactory | None,
         transport: str,
+        base: incremental.TableBase | None = None,
     ) -> None:
         self.client = client
+        self.base = base
         self.transport = transport
         self.repo = repo
         self.enc = enc
@@ -173,63 +176,135 @@ class _TableExport:
         for artifact in stored:
             self.repo.delete(artifact.key)
 
+    def _key(self, pid: str | None) -> str:
+        """The fingerprint key of a partition (``""``: an unpartitioned table)."""
+        return pid if self.partitioned and pid is not None else ""
+
+    def _name(self, key: str) -> str:
+        return f"{self.prefix}/{partition_file(key) if key else 'all'}.native"
+
     def run(self) -> list[Artifact]:
         """Fingerprint (in a thread) while exporting; keep the export only if the table did
-        not change meanwhile (same parts, or else the same fingerprint afterwards)."""
+        not change meanwhile (same parts, or else the same fingerprint afterwards). With a
+        base, unchanged partitions are referenced instead (``_run_incremental``)."""
         for _attempt in range(CHANGE_ATTEMPTS):
-            before, parts = self._state()
-            prints: dict[str, dict[str, Any]] = {}
-            errors: list[BaseException] = []
-
-            def compute(
-                out: dict[str, dict[str, Any]] = prints, failed: list[BaseException] = errors
-            ) -> None:
-                try:
-                    out.update(self._prints())
-                except BaseException as exc:
-                    failed.append(exc)
-
-            worker = threading.Thread(target=compute, daemon=True)
-            worker.start()
-            try:
-                stored = self._export(parts)
-            finally:
-                worker.join()
-            try:
-                if errors:
-                    raise errors[0]
-                if self._state()[0] == before or self._prints() == prints:
-                    self._record(prints, parts, stored)
-                    return stored
-            except BaseException:
-                self._delete(stored)
-                raise
-            self._delete(stored)
+            done = self._run_incremental() if self.base is not None else self._run_full()
+            if done is not None:
+                return done
         raise Conflict(
             f"table {self.database}.{self.obj['name']} kept changing while it was read "
             f"({CHANGE_ATTEMPTS} attempts); stop writes to it for the backup (docs/clickhouse.md)"
         )
 
-    def _export(self, parts: list[dict[str, Any]]) -> list[Artifact]:
+    def _run_full(self) -> list[Artifact] | None:
+        before, parts = self._state()
+        prints: dict[str, dict[str, Any]] = {}
+        errors: list[BaseException] = []
+
+        def compute(
+            out: dict[str, dict[str, Any]] = prints, failed: list[BaseException] = errors
+        ) -> None:
+            try:
+                out.update(self._prints())
+            except BaseException as exc:
+                failed.append(exc)
+
+        worker = threading.Thread(target=compute, daemon=True)
+        worker.start()
+        try:
+            stored = self._export(parts, self._keys(parts))
+        finally:
+            worker.join()
+        try:
+            if errors:
+                raise errors[0]
+            if self._state()[0] == before or self._prints() == prints:
+                self._record(prints, parts, stored)
+                return stored
+        except BaseException:
+            self._delete(stored)
+            raise
+        self._delete(stored)
+        return None
+
+    def _keys(self, parts: list[dict[str, Any]]) -> list[str]:
+        """The fingerprint keys an export of these parts stores (one per artifact)."""
+        if self.partitioned:
+            return sorted({p["partition_id"] for p in parts})
+        return [""] if not self.merge_tree or parts else []
+
+    def _run_incremental(self) -> list[Artifact] | None:
+        """Reference the base's export of every partition whose part state (or, failing
+        that, fingerprint) is unchanged; export the rest; keep the result only if the
+        table did not change meanwhile."""
+        base = self.base
+        assert base is not None
+        before, parts = self._state()
+        states = self._states(parts)
+        keys = self._keys(parts)
+        reused: dict[str, Artifact] = {}
+        prints: dict[str, dict[str, Any]] = {}
+        unsure: list[str] = []
+        for key in keys:
+            rec = base.partitions.get(key)
+            state, strong = states.get(key, ([], False))
+            if rec is not None and strong and rec.strong and rec.state == state:
+                prints[key] = {"rows": rec.rows, "hash": rec.hash}
+            else:
+                unsure.append(key)
+        if unsure:
+            found = inspect.fingerprint(
+                self.client,
+                self.database,
+                self.table,
+                self.columns,
+                by_partition=self.partitioned,
+                only=unsure if self.partitioned else None,
+            )
+            for key in unsure:
+                prints[key] = found.get(key, {"rows": 0, "hash": "0"})
+        for key in keys:
+            rec = base.partitions.get(key)
+            same = rec is not None and prints[key] == {"rows": rec.rows, "hash": rec.hash}
+            if rec is not None and same and self.repo.exists(rec.artifact.key):
+                reused[key] = incremental.reused_artifact(rec, self._name(key))
+        stored = self._export(parts, [k for k in keys if k not in reused])
+        try:
+            if self._state()[0] == before:
+                by_key = {self._key(a.meta.get("partition_id")): a for a in stored}
+                result = [by_key.get(k) or reused[k] for k in keys]
+                self._record(prints, parts, result)
+                return result
+        except BaseException:
+            self._delete(stored)
+            raise
+        self._delete(stored)
+        return None
+
+    def _states(self, parts: list[dict[str, Any]]) -> dict[str, tuple[list[list[Any]], bool]]:
+        """Part state per fingerprint key (all parts under ``""`` when unpartitioned)."""
+        if self.partitioned:
+            return incremental.part_state(parts)
+        whole = incremental.part_state([{**p, "partition_id": ""} for p in parts])
+        return whole or {"": ([], False)}
+
+    def _export(self, parts: list[dict[str, Any]], keys: list[str]) -> list[Artifact]:
         stored: list[Artifact] = []
         try:
-            if self.partitioned:
-                sizes: dict[str, int] = {}
-                for p in parts:
-                    sizes[p["partition_id"]] = sizes.get(p["partition_id"], 0) + p["bytes"]
-                for pid in sorted(sizes):
-                    where = f" WHERE _partition_id = {quote_string(pid)}"
-                    stored.append(self._one(partition_file(pid), where, pid, sizes[pid]))
-            elif not self.merge_tree or parts:
-                size = sum(p["bytes"] for p in parts) or None
-                stored.append(self._one("all", "", None, size))
+            sizes: dict[str, int] = {}
+            for p in parts:
+                key = self._key(p["partition_id"])
+                sizes[key] = sizes.get(key, 0) + p["bytes"]
+            for key in keys:
+                where = f" WHERE _partition_id = {quote_string(key)}" if key else ""
+                size = sizes.get(key) or None
+                stored.append(self._one(self._name(key), where, key or None, size))
         except BaseException:
             self._delete(stored)
             raise
         return stored
 
-    def _one(self, file: str, where: str, pid: str | None, size: int | None) -> Artifact:
-        name = f"{self.prefix}/{file}.native"
+    def _one(self, name: str, where: str, pid: str | None, size: int | None) -> Artifact:
         what = f"export of {self.database}.{self.table}" + (f" partition {pid}" if pid else "")
         sql = f"SELECT * FROM {qualified(self.database, self.table)}{where} FORMAT Native"
         via = clickhouse_client.for_export(self.client.conn, self.transport, size)
@@ -294,6 +369,20 @@ class _TableExport:
             pid = artifact.meta.get("partition_id")
             found = prints.get(pid if pid is not None else "", {"rows": 0, "hash": "0"})
             artifact.meta.update(rows=found["rows"], hash=found["hash"])
+        states = self._states(parts)
+        self.obj["partition_states"] = [
+            {
+                "id": key,
+                "rows": a.meta["rows"],
+                "hash": a.meta["hash"],
+                "state": states.get(key, ([], False))[0],
+                "strong": states.get(key, ([], False))[1],
+                "artifact": a.name,
+                "stored_by": a.meta.get("stored_by"),
+            }
+            for a in stored
+            for key in [self._key(a.meta.get("partition_id"))]
+        ]
         if self.partitioned:
             values: dict[str, str] = {}
             for p in parts:
@@ -354,14 +443,26 @@ def backup_clickhouse(
     backup_id: str | None = None,
     labels: dict[str, str] | None = None,
     progress: ProgressFactory | None = None,
+    full: bool = False,
 ) -> Manifest:
-    """Back up the target's databases (schema and data); returns the published manifest."""
+    """Back up the target's databases (schema and data); returns the published manifest.
+
+    Incremental by partition unless ``full`` (or the target's settings) say otherwise:
+    unchanged partitions reference the latest backup's artifacts (``incremental``)."""
     register(*conn.secrets(), *repo_config.secrets(), *enc.secrets())
     transport = clickhouse_client.transport(conn)  # a bad choice fails before anything
     started = dt.datetime.now(dt.UTC)
     bid = backup_id or new_backup_id(started)
     claim_backup_id(repo, ENGINE, conn.name, bid)
     settings = storage_settings(repo_config, started)
+    choice = incremental.choose_base(
+        repo,
+        conn.name,
+        enc,
+        full=full,
+        incremental=conn.incremental,
+        full_every=conn.full_every,
+    )
     client = ClickHouseHTTP(conn)
     server = inspect.server_facts(client)
     databases = inspect.select_databases(
@@ -408,6 +509,7 @@ def backup_clickhouse(
                     settings=settings,
                     progress=progress,
                     transport=transport,
+                    base=incremental.usable_table(choice.base, obj),
                 )
                 artifacts += export.run()
             db_details.append(
@@ -442,12 +544,16 @@ def backup_clickhouse(
                 "dictionaries": "not backed up: on 18.16 dictionaries are defined in server "
                 "XML configuration, not in SQL",
                 "databases": db_details,
+                **incremental.details(choice, artifacts, bid),
             },
             labels=dict(labels or {}),
         )
+        incremental.extend_locks(repo, artifacts, bid, settings)
         publish_backup(repo, manifest, settings)
     except BaseException:
+        own = data_key(ENGINE, conn.name, bid, "")
         for artifact in artifacts:
-            repo.delete(artifact.key)
+            if artifact.key.startswith(own):  # never a base backup's artifact it referenced
+                repo.delete(artifact.key)
         raise
     return manifest

@@ -4,7 +4,8 @@
 ``allow_experimental_low_cardinality_type``), Atomic databases (a materialized view's
 inner table is ``.inner_id.<uuid>`` there, ``.inner.<name>`` on Ordinary ones, and
 renaming a table over it breaks the view), which ``system.tables`` columns exist, and
-whether ``EXCHANGE TABLES`` (an atomic swap of two tables) is understood.
+whether ``EXCHANGE TABLES`` (an atomic swap of two tables) is understood, and whether
+``system.parts`` carries part checksums (incremental backups, ``incremental``).
 Code asks these facts instead of comparing version strings.
 """
 
@@ -50,6 +51,8 @@ class Capabilities:
     target_table_column: bool  # system.tables has ``target_table`` (26.x)
     # the parser knows ``EXCHANGE TABLES`` (26.x); it works only in Atomic databases
     exchange_tables: bool
+    # system.parts has ``hash_of_all_files`` (26.x; not 18.16): a part's checksum
+    part_checksums: bool = False
 
     @property
     def ddl_settings(self) -> dict[str, Any]:
@@ -80,8 +83,17 @@ def read_capabilities(client: ClickHouseHTTP) -> Capabilities:
             what="reading system.tables columns",
         )
     }
+    part_columns = {
+        str(r[0])
+        for r in client.tuples(
+            "SELECT name FROM system.columns WHERE database = 'system' AND table = 'parts' "
+            "AND name = 'hash_of_all_files'",
+            what="reading system.parts columns",
+        )
+    }
     return Capabilities(
         exchange_tables=_parses_exchange(client),
+        part_checksums="hash_of_all_files" in part_columns,
         version_text=version,
         version=_version_tuple(version),
         has_low_cardinality_setting=LOW_CARDINALITY_SETTING in settings,

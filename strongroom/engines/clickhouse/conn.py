@@ -46,6 +46,14 @@ class ClickHouseConnection(BaseModel):
         description="how table data is read: clickhouse-client (native protocol, faster) when "
         "installed and the connection is not TLS, else HTTP",
     )
+    incremental: bool = Field(
+        default=True,
+        description="back up only changed partitions, referencing the latest backup's "
+        "exports of the others (strongroom.engines.clickhouse.incremental)",
+    )
+    full_every: int = Field(
+        default=7, ge=1, description="a full backup at least every N backups (1: always full)"
+    )
     wire_compression: bool | None = Field(
         default=None,
         description="LZ4 on the native protocol; None: off for loopback hosts, on otherwise",

@@ -26,6 +26,18 @@ def _table_sizes(manifest: Mapping[str, Any]) -> dict[tuple[str, str], int]:
     return sizes
 
 
+def _mode_line(details: Mapping[str, Any]) -> str:
+    section = details.get("incremental") or {}
+    if section.get("mode") == "incremental":
+        return (
+            f"- incremental on `{details['base_backup_id']}`: "
+            f"{section['stored_artifacts']} artifact(s) stored "
+            f"({human_size(section.get('new_stored_bytes', 0))}), {section['reused_artifacts']} "
+            f"unchanged referenced ({human_size(section['reused_raw_bytes'])} not read again)"
+        )
+    return f"- full backup ({section.get('full_reason') or 'every partition exported'})"
+
+
 def backup_summary(manifest: Mapping[str, Any], repository: str) -> Summary:
     sizes = _table_sizes(manifest)
     rows = [
@@ -49,6 +61,7 @@ def backup_summary(manifest: Mapping[str, Any], repository: str) -> Summary:
             f"- databases: {len(manifest['details']['databases'])}, tables and views: "
             f"{len(rows)}, artifacts: {len(manifest['artifacts'])}",
             f"- data {human_size(raw)}, stored {human_size(stored)}",
+            _mode_line(manifest["details"]),
             "- consistency: per table (ClickHouse has no cross-table snapshot)",
             f"- finished: {manifest['finished_at']}",
         ],

@@ -199,8 +199,12 @@ def stored_columns(columns: list[dict[str, str]]) -> list[tuple[str, str]]:
 
 
 def active_parts(client: ClickHouseHTTP, database: str, table: str) -> list[dict[str, Any]]:
+    """The table's active parts; ``checksum`` (``hash_of_all_files``) where the server
+    has it (26.x), ``modified`` (modification time) always."""
+    checksum = "hash_of_all_files" if capabilities(client).part_checksums else "''"
     rows = client.rows(
-        "SELECT name, partition_id, partition, rows, data_uncompressed_bytes "
+        "SELECT name, partition_id, partition, rows, data_uncompressed_bytes, "
+        f"toString(modification_time) AS modified, {checksum} AS checksum "
         f"FROM system.parts WHERE database = {quote_string(database)} "
         f"AND table = {quote_string(table)} AND active ORDER BY name",
         what=f"reading parts of {database}.{table}",
@@ -212,6 +216,8 @@ def active_parts(client: ClickHouseHTTP, database: str, table: str) -> list[dict
             "partition": r["partition"],
             "rows": int(r["rows"]),
             "bytes": int(r["data_uncompressed_bytes"]),
+            "modified": str(r["modified"]),
+            "checksum": str(r["checksum"]),
         }
         for r in rows
     ]
@@ -225,13 +231,19 @@ def fingerprint(
     *,
     by_partition: bool,
     finalize_aggregates: bool = True,
+    only: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{partition_id: {"rows", "hash"}}`` (key ``""`` for the whole table): count() and
-    an order-independent sum of cityHash64 over every stored column, computed on the server."""
+    an order-independent sum of cityHash64 over every stored column, computed on the server.
+    ``only``: just these partition ids (with ``by_partition``)."""
     expr = fingerprint_expr(columns, finalize_aggregates=finalize_aggregates)
     source = qualified(database, table)
     if by_partition:
-        sql = f"SELECT _partition_id, count(), {expr} FROM {source} GROUP BY _partition_id"
+        where = ""
+        if only is not None:
+            ids = ", ".join(quote_string(p) for p in only) or "''"
+            where = f" WHERE _partition_id IN ({ids})"
+        sql = f"SELECT _partition_id, count(), {expr} FROM {source}{where} GROUP BY _partition_id"
     else:
         sql = f"SELECT '', count(), {expr} FROM {source}"
     rows = client.tuples(

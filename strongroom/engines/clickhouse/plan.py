@@ -415,3 +415,26 @@ def _data(
     )
     act["raw_size"] = sum(a.raw_size for a in artifacts)
     act["stored_size"] = sum(a.stored_size for a in artifacts)
+
+
+def missing_artifacts(repo: Repository, manifest: Manifest, actions: list[dict[str, Any]]) -> str:
+    """Why the selected data cannot be read (empty: every artifact is there), checked
+    before anything changes: an incremental lists artifacts its base backups stored, and a
+    base that is gone (deleted by hand, a bucket accident) must stop the restore up front."""
+    missing = [
+        artifact
+        for act in actions
+        for name in act.get("artifacts", [])
+        for artifact in [manifest.artifact(name)]
+        if not repo.exists(artifact.key)
+    ]
+    if not missing:
+        return ""
+    owners = sorted({str(a.meta.get("stored_by") or manifest.backup_id) for a in missing})
+    shown = ", ".join(a.name for a in missing[:3])
+    return (
+        f"{len(missing)} artifact(s) of backup {manifest.backup_id} are missing from the "
+        f"repository ({shown}{' ...' if len(missing) > 3 else ''}), stored by backup(s) "
+        f"{', '.join(owners)}: its incremental chain is broken; restore an older full "
+        "backup or one taken after it"
+    )

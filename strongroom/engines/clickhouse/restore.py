@@ -35,6 +35,7 @@ from strongroom.engines.clickhouse.plan import (
     ChRestoreRequest,
     Selection,
     load_schemas,
+    missing_artifacts,
     plan_actions,
     read_target,
     select,
@@ -46,6 +47,7 @@ from strongroom.errors import (
     Conflict,
     IntegrityError,
     InvalidInput,
+    NotFound,
     StrongroomError,
     TargetNotEmpty,
 )
@@ -464,12 +466,17 @@ def restore_clickhouse(
         ]
         log.warning("%s", plan["warnings"][0])
     blocked = [a["blocked"] for a in actions if a.get("blocked")]
+    gone = missing_artifacts(repo, manifest, actions)
+    if gone:
+        blocked.append(gone)
     if req.dry_run:
         plan["dry_run"] = True
         if blocked:
             plan["blocked"] = "; ".join(blocked)
         return plan
     _raise_if_blocked(actions)
+    if gone:
+        raise NotFound(gone)
 
     started = time.monotonic()
     run = _Run(client, repo, enc, manifest, sel, docs, actions, progress)
