@@ -133,6 +133,8 @@ class Manifest(BaseModel):
             "raw_size": self.raw_size,
             "stored_size": self.stored_size,
             "artifacts": len(self.artifacts),
+            # incremental chains: the backup this one builds on (None: self-contained)
+            "base_backup_id": self.details.get("base_backup_id"),
         }
 
 

@@ -93,6 +93,8 @@ def test_only_the_changed_partition_is_exported_and_the_restore_is_identical(
     assert section["mode"] == "incremental" and section["chain_length"] == 1
     assert inc.details["base_backup_id"] == base.backup_id
     assert inc.details["depends_on"] == [base.backup_id]
+    assert inc.summary()["base_backup_id"] == base.backup_id  # `strongroom list` shows it
+    assert base.summary()["base_backup_id"] is None
     exported = {a.meta.get("table") for a in own(inc)}
     # the changed month, and the Log table (no part state: its fingerprint is compared,
     # unchanged, so it is referenced too); the schema document is always written again

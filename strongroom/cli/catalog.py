@@ -55,7 +55,9 @@ def list_cmd(
         rows = [m.summary() for m in manifests]
 
         def human() -> None:
-            table = Table("backup id", "engine", "target", "finished", "dump", "stored", "secs")
+            table = Table(
+                "backup id", "engine", "target", "finished", "dump", "stored", "secs", "based on"
+            )
             for r in rows:
                 table.add_row(
                     r["backup_id"],
@@ -65,6 +67,7 @@ def list_cmd(
                     size(r["raw_size"]),
                     size(r["stored_size"]),
                     str(r["duration_s"]),
+                    r["base_backup_id"] or "",
                 )
             out.print(table)
 
