@@ -204,7 +204,8 @@ def rewrite_create(
     stmt: str, *, database: str, name: str, rename_databases: dict[str, str] | None = None
 ) -> str:
     """The statement with its object renamed to ``database.name`` and, in the rest of the
-    statement, every ``old_db.`` qualifier in ``rename_databases`` replaced."""
+    statement, every ``old_db.`` qualifier in ``rename_databases`` replaced (and a
+    dictionary's ``SOURCE(CLICKHOUSE(... DB 'old_db'))``)."""
     head = parse_create(stmt)
     new_head = quote_ident(name) if head.kind == "DATABASE" else qualified(database, name)
     parts = [stmt[: head.start], new_head]
@@ -213,6 +214,16 @@ def rewrite_create(
     toks = head.body_tokens
     for idx, tok in enumerate(toks):
         if (
+            head.kind == "DICTIONARY"
+            and tok.kind == "string"
+            and tok.value in renames
+            and idx
+            and _upper(toks[idx - 1]) == "DB"
+        ):  # SOURCE(CLICKHOUSE(... DB 'old_db')): the dictionary reads the renamed database
+            parts.append(stmt[pos : tok.start])
+            parts.append(quote_string(renames[tok.value]))
+            pos = tok.end
+        elif (
             renames
             and _is_name(tok)
             and tok.value in renames
