@@ -34,6 +34,7 @@ from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.plan import (
     ChRestoreRequest,
     Selection,
+    check_target_support,
     load_schemas,
     plan_actions,
     read_target,
@@ -440,6 +441,7 @@ def restore_clickhouse(
     client = ClickHouseHTTP(conn)
     docs = load_schemas(repo, manifest, enc, sel.databases)
     engines = check_objects(docs, sel.objects, req.allow_engines)  # before anything changes
+    check_target_support(client, sel, docs)
     state = read_target(client, sorted({sel.target_db(d["name"]) for d in sel.databases}))
     actions = plan_actions(client, manifest, req, sel, docs, state)
     mode = (
