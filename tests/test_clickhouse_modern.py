@@ -82,7 +82,7 @@ def _entries(g: Ch26Dataset) -> dict[str, dict[str, Any]]:
     }
 
 
-def _dict_get(g: Ch26Dataset, db: str = AUX_DB) -> list[tuple[Any, ...]]:
+def _dict_get(g: Ch26Dataset, db: str = AUX_DB) -> list[Any]:
     hashed, flat = quote_string(f"{db}.{DICT_HASHED}"), quote_string(f"{db}.{DICT_FLAT}")
     return g.client.tuples(
         f"SELECT dictGet({hashed}, 'name', toUInt64(7)), dictGet({hashed}, 'w', toUInt64(10)), "
@@ -123,7 +123,7 @@ def test_whole_round_trip_is_fingerprint_identical(
         f"{AUX_DB}.{DICT_HASHED}": "reloaded",
         f"{AUX_DB}.{DICT_FLAT}": "reloaded",
     }
-    assert _dict_get(g) == [("name 7 ü", "2.5", "name 14 ü", "?")]
+    assert _dict_get(g) == [["name 7 ü", 2.5, "name 14 ü", "?"]]
     create = g.client.execute(f"SHOW CREATE TABLE {qualified(MAIN_DB, FACT)} FORMAT TSVRaw")
     for clause in (b"PROJECTION p_by_e8", b"TTL ", b"TYPE bloom_filter", b"TYPE set(100)"):
         assert clause in create
@@ -150,7 +150,7 @@ def test_dictionaries_follow_a_renamed_database(g: Ch26Dataset, age_key: Encrypt
     report = _restore(g, age_key, databases=[AUX_DB], target_database=RENAMED)
     assert report["fingerprints_ok"], report
     assert set(report["dictionaries"].values()) == {"reloaded"}
-    assert _dict_get(g, RENAMED) == [("name 7 ü", "2.5", "name 14 ü", "?")]
+    assert _dict_get(g, RENAMED) == [["name 7 ü", 2.5, "name 14 ü", "?"]]
     source = g.client.tuples(
         "SELECT create_table_query FROM system.tables WHERE database = "
         f"{quote_string(RENAMED)} AND name = {quote_string(DICT_HASHED)}"
