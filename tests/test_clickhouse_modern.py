@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from strongroom.config import EncryptionConfig
+from strongroom.engines.clickhouse import native_client as chclient
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.plan import ChRestoreRequest
@@ -244,3 +245,16 @@ def test_restore_onto_18_16_is_refused_in_planning(
     )
     with pytest.raises(InvalidInput, match="SQL dictionaries"):
         restore_clickhouse(conn, g.repo, age_key, tables)
+
+
+def test_auto_export_avoids_a_client_older_than_the_server(
+    clickhouse_ch26: Ch26Dataset,
+) -> None:
+    """18.16's clickhouse-client cannot decode 26.x's types (it parses every block it
+    passes on): auto exports from a newer server go over HTTP."""
+    conn = clickhouse_ch26.conn
+    assert "18.16" in chclient.version()
+    assert chclient.transport(conn, "26.9.2.1") == chclient.HTTP
+    assert chclient.transport(conn, "18.16.1") == chclient.NATIVE
+    assert chclient.transport(conn) == chclient.NATIVE  # no server version: as before
+    assert clickhouse_ch26.manifest.tool_versions["transport"] == "http"
