@@ -26,7 +26,7 @@ from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.plan import ChRestoreRequest
 from strongroom.engines.clickhouse.restore import restore_clickhouse
 from strongroom.engines.clickhouse.sql import qualified, quote_string
-from strongroom.errors import InvalidInput, NotFound
+from strongroom.errors import InvalidInput, NotFound, TargetNotEmpty
 from strongroom.sandbox.clickhouse import HTTPQueries
 from strongroom.sandbox.gauntlet_ch26 import (
     AGG,
@@ -258,3 +258,26 @@ def test_auto_export_avoids_a_client_older_than_the_server(
     assert chclient.transport(conn, "18.16.1") == chclient.NATIVE
     assert chclient.transport(conn) == chclient.NATIVE  # no server version: as before
     assert clickhouse_ch26.manifest.tool_versions["transport"] == "http"
+
+
+def test_restore_over_itself_with_drop_existing(g: Ch26Dataset, age_key: EncryptionConfig) -> None:
+    """Everything restored again over a changed copy: tables are swapped, the schema-only
+    objects replaced or kept, and the dictionaries reloaded from the restored source."""
+    assert _restore(g, age_key)["fingerprints_ok"]
+    source = qualified(AUX_DB, "dict source")
+    g.client.execute(f"INSERT INTO {source} VALUES (5000, 'added', 1)")
+    g.client.execute(
+        f"ALTER TABLE {qualified(MAIN_DB, FACT)} DELETE WHERE id < 1000",
+        settings={"mutations_sync": 2},
+    )
+    g.client.execute(f"SYSTEM RELOAD DICTIONARY {qualified(AUX_DB, DICT_FLAT)}")
+    assert _dict_get(g)[0][3] == "added"
+    with pytest.raises(TargetNotEmpty):
+        _restore(g, age_key)
+    report = _restore(g, age_key, drop_existing=True)
+    assert report["fingerprints_ok"] and not report["leftovers"], report
+    assert fingerprint(g.client) == g.source_print
+    assert set(report["dictionaries"].values()) == {"reloaded"}
+    assert _dict_get(g) == [["name 7 ü", 2.5, "name 14 ü", "?"]]
+    leftovers = [t for db in (MAIN_DB, AUX_DB) for t in _tables(g, db) if t.startswith("__sr_")]
+    assert leftovers == []

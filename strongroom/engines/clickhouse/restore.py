@@ -353,7 +353,8 @@ class _Run(SwapState):
         report. A failure is reported, not raised: the restore itself is complete."""
         out: dict[str, str] = {}
         for act in self.actions:
-            if act["kind"] != "dictionary" or act["action"] in ("skip", "keep"):
+            # kept ones too: their source table may just have been replaced
+            if act["kind"] != "dictionary" or act["action"] == "skip":
                 continue
             tdb, name = act["target_database"], act["table"]
             try:
