@@ -23,10 +23,11 @@ from strongroom.config import EncryptionConfig
 from strongroom.engines.clickhouse import native_client as chclient
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
+from strongroom.engines.clickhouse.native import summarize
 from strongroom.engines.clickhouse.plan import ChRestoreRequest
 from strongroom.engines.clickhouse.restore import restore_clickhouse
 from strongroom.engines.clickhouse.sql import qualified, quote_string
-from strongroom.errors import InvalidInput, NotFound, TargetNotEmpty
+from strongroom.errors import IntegrityError, InvalidInput, NotFound, TargetNotEmpty
 from strongroom.sandbox.clickhouse import HTTPQueries
 from strongroom.sandbox.gauntlet_ch26 import (
     AGG,
@@ -281,3 +282,53 @@ def test_restore_over_itself_with_drop_existing(g: Ch26Dataset, age_key: Encrypt
     assert _dict_get(g) == [["name 7 ü", 2.5, "name 14 ü", "?"]]
     leftovers = [t for db in (MAIN_DB, AUX_DB) for t in _tables(g, db) if t.startswith("__sr_")]
     assert leftovers == []
+
+
+_V = "Variant(UInt64, String, Array(UInt64))"
+WALKED = {
+    "Map": "map('a', number, 'b', 2)",
+    "Map of arrays": "map('k', [toNullable('x'), NULL])",
+    "named Tuple": "(number, 'x')::Tuple(a UInt64, `b c` String)",
+    "LowCardinality(Nullable)": "toLowCardinality(if(number % 3 = 0, NULL, toString(number % 5)))",
+    "Array(LowCardinality)": "[toLowCardinality(toString(number % 3))]",
+    "Tuple of LowCardinality": "(toLowCardinality(toString(number % 3)), toLowCardinality('x'))",
+    "Variant": f"multiIf(number % 3 = 0, number::{_V}, number % 3 = 1, "
+    f"toString(number)::{_V}, NULL)",
+    "Array(Variant)": "[number::Variant(UInt64, String)]",
+    "Dynamic": "multiIf(number % 4 = 0, NULL, number % 4 = 1, number::Dynamic, "
+    "number % 4 = 2, toString(number)::Dynamic, [toFloat64(number)]::Dynamic)",
+    "JSON": "if(number % 2, '{\"a\": 1}', concat('{\"a\": ', toString(number), "
+    '\', "b": {"c": "x"}, "arr": [1, 2]}\'))::JSON',
+    "JSON with a setting": "'{\"a\": 1}'::JSON(max_dynamic_paths = 1)",
+    "fixed-size": "(toIPv4(number), toIPv6('::1'), generateUUIDv4(), now64(3), toBool(1), "
+    "toDecimal128(1, 10), CAST(1 AS Enum16('x' = 1)), toDate32('2024-01-01'))",
+    "SimpleAggregateFunction": "CAST(number AS SimpleAggregateFunction(max, UInt64))",
+}
+
+
+@pytest.mark.parametrize("rows", [5, 100_000])  # one block, then several
+@pytest.mark.parametrize("label", sorted(WALKED))
+def test_native_reader_walks_what_26x_writes(
+    clickhouse_servers: dict[str, HTTPQueries], label: str, rows: int
+) -> None:
+    """Every column is followed by a plain UInt64 one: a reader that lost its place in the
+    stream fails on the next column or block."""
+    server = started_server("ch26", clickhouse_servers)
+    data = server.query_bytes(
+        f"SELECT {WALKED[label]} AS c, number AS n FROM numbers({rows}) FORMAT Native"
+    )
+    summary = summarize(data)
+    assert summary == {"blocks": summary["blocks"], "rows": rows, "complete": True}
+    assert summary["blocks"] >= (2 if rows > 65_536 else 1)
+    with pytest.raises(IntegrityError):
+        summarize(data[:-3])  # cut short
+
+
+def test_native_reader_stops_at_aggregate_states(
+    clickhouse_servers: dict[str, HTTPQueries],
+) -> None:
+    server = started_server("ch26", clickhouse_servers)
+    data = server.query_bytes(
+        "SELECT number % 3 AS k, uniqState(number) AS u FROM numbers(1000) GROUP BY k FORMAT Native"
+    )
+    assert summarize(data) == {"blocks": 0, "rows": 0, "complete": False}

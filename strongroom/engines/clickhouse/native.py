@@ -130,6 +130,7 @@ _LC_ADDITIONAL_KEYS = 0x200
 _NAMED_ELEMENT = re.compile(r"(`(?:[^`\\]|\\.)*`|[A-Za-z_][A-Za-z0-9_]*)\s+(\S.*)", re.S)
 _BASIC_DISCRIMINATORS = 0
 _NULL_DISCRIMINATOR = 255
+_DISCRIMINATOR_SLICE = 1 << 20
 _SHARED_VARIANT = "SharedVariant"
 _DYNAMIC_VERSIONS = (1, 2)  # 1: with max_dynamic_types, 2: without
 _OBJECT_V1 = 0
@@ -222,15 +223,20 @@ def _variant(feed: _Feed, variants: list[TypeNode]) -> Skip:
     skips = [_reader(feed, v) for v in variants]
 
     def skip(rows: int) -> None:
-        discriminators = feed.take(rows)
-        counted = discriminators.count(_NULL_DISCRIMINATOR)
-        for index, one in enumerate(skips):
-            count = discriminators.count(index)
-            counted += count
+        counts = [0] * len(skips)
+        nulls = 0
+        left = rows
+        while left:  # in slices: memory stays bounded whatever the block claims
+            discriminators = feed.take(min(left, _DISCRIMINATOR_SLICE))
+            left -= len(discriminators)
+            nulls += discriminators.count(_NULL_DISCRIMINATOR)
+            for index in range(len(skips)):
+                counts[index] += discriminators.count(index)
+        if nulls + sum(counts) != rows:
+            raise IntegrityError("Native stream: Variant discriminator out of range")
+        for one, count in zip(skips, counts, strict=True):
             if count:
                 one(count)
-        if counted != rows:
-            raise IntegrityError("Native stream: Variant discriminator out of range")
 
     return skip
 
