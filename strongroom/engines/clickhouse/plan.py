@@ -433,7 +433,10 @@ def _families(node: TypeNode, out: set[str]) -> None:
     aggregate state's argument types too)."""
     out.add(node.name)
     aggregate = node.name in ("AggregateFunction", "SimpleAggregateFunction")
-    for arg in node.args[1:] if aggregate else node.args:
+    args = node.args
+    if aggregate:  # (function, types...) or, for a versioned state, (version, function, ...)
+        args = args[2:] if args and str(args[0]).strip().isdigit() else args[1:]
+    for arg in args:
         if isinstance(arg, TypeNode):
             _families(arg, out)
             continue
