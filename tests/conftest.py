@@ -10,6 +10,7 @@ from tests.fixtures.prefect import isolate_prefect_env
 isolate_prefect_env()
 
 from tests.fixtures.clickhouse import clickhouse_server, clickhouse_servers  # noqa: E402
+from tests.fixtures.clickhouse_ch26 import clickhouse_ch26  # noqa: E402
 from tests.fixtures.clickhouse_gauntlet import clickhouse_gauntlet  # noqa: E402
 from tests.fixtures.pg_gauntlet import (  # noqa: E402
     pg_gauntlet,
@@ -25,6 +26,7 @@ from tests.fixtures.strongroom_fixtures import age_key, local_repo, s3_repo  # n
 
 __all__ = [
     "age_key",
+    "clickhouse_ch26",
     "clickhouse_gauntlet",
     "clickhouse_server",
     "clickhouse_servers",

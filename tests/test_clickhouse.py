@@ -980,7 +980,10 @@ def test_a_connection_cut_mid_export_fails_the_backup_and_leaves_nothing(
     )
     proxy = _CuttingProxy(ch.server.tcp_port, limit=4 * 1024 * 1024)
     repo, config = local_repo
-    cut = conn_for(ch, db).model_copy(update={"port": proxy.port})
+    # forced: auto exports from 26.x over HTTP (the installed client is 18.16's)
+    cut = conn_for(ch, db).model_copy(
+        update={"port": proxy.port, "export_via": "clickhouse-client"}
+    )
     try:
         with pytest.raises(ServiceUnavailable, match="native port"):
             backup_clickhouse(cut, repo, config, age_key)

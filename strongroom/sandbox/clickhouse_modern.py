@@ -8,7 +8,8 @@ shared/FIELD-NOTES.md ("ClickHouse 26.x from PyPI"):
 
 - a child Python process imports chdb (which changes the working directory), goes
   to the folder holding ``config.xml`` (ports, ``listen_host``, a ``backups`` disk
-  for native BACKUP), then runs one blocking query that opens the listeners and
+  for native BACKUP, a one-shard cluster ``sr_local`` for Distributed tables), then runs
+  one blocking query that opens the listeners and
   sleeps; the ports stay open while it runs. It is stopped by its PID (SIGTERM,
   then SIGKILL).
 - chdb pulls numpy, pandas and pyarrow: they are only ever imported in that child,
@@ -46,6 +47,8 @@ CHDB_DIST = "chdb-core==26.9.0"
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0
 BACKUPS_DISK = "backups"
+# one shard, the server itself: what a ``Distributed`` table needs to be created
+CLUSTER = "sr_local"
 
 # Runs in the child: argv[1] is the config folder, argv[2] the data folder. The query
 # blocks for ~30 years; SIGTERM ends the process.
@@ -122,6 +125,11 @@ class ModernClickHouseServer(HTTPQueries):
             <{BACKUPS_DISK}><type>local</type><path>{backups}</path></{BACKUPS_DISK}>
         </disks>
     </storage_configuration>
+    <remote_servers>
+        <{CLUSTER}><shard><replica>
+            <host>{self.host}</host><port>{self.tcp_port}</port>
+        </replica></shard></{CLUSTER}>
+    </remote_servers>
     <backups>
         <allowed_disk>{BACKUPS_DISK}</allowed_disk>
         <allowed_path>{backups}</allowed_path>

@@ -84,7 +84,7 @@ def inspect_database(client: ClickHouseHTTP, database: dict[str, str]) -> list[d
         name, engine = row["name"], row["engine"]
         if name in inner_names:
             continue  # created by its materialized view; its data travels with the view
-        kind = inspect.kind_of(engine)
+        kind = inspect.kind_of(engine, row["create_table_query"])
         obj: dict[str, Any] = {
             "database": db,
             "name": name,
@@ -465,6 +465,7 @@ def backup_clickhouse(
     )
     client = ClickHouseHTTP(conn)
     server = inspect.server_facts(client)
+    transport = clickhouse_client.transport(conn, server["version"])
     databases = inspect.select_databases(
         inspect.list_databases(client), conn.databases, conn.exclude_databases
     )
@@ -541,8 +542,9 @@ def backup_clickhouse(
                 "consistency": "per-table: each table is read at its own moment; no "
                 "cross-table snapshot",
                 "fingerprint": "count() and sum(cityHash64(stored columns)) per partition",
-                "dictionaries": "not backed up: on 18.16 dictionaries are defined in server "
-                "XML configuration, not in SQL",
+                "dictionaries": "SQL dictionaries (CREATE DICTIONARY, 19.17+) as schema, "
+                "reloaded by a restore; dictionaries defined in the server's XML "
+                "configuration (all of 18.16's) are not backed up",
                 "databases": db_details,
                 **incremental.details(choice, artifacts, bid),
             },

@@ -68,7 +68,12 @@ def merge_sensitive(engine: str) -> bool:
     return engine.removeprefix("Replicated") in MERGE_SENSITIVE
 
 
-def kind_of(engine: str) -> str:
+def kind_of(engine: str, create: str = "") -> str:
+    """``table``, ``view``, ``materialized_view`` or ``dictionary`` (a ``CREATE DICTIONARY``,
+    19.17+: ``system.tables`` lists it with the engine ``Dictionary``, like a table
+    ``ENGINE = Dictionary(name)`` that reads one)."""
+    if engine == "Dictionary" and create.lstrip()[:17].upper() == "CREATE DICTIONARY":
+        return "dictionary"
     if engine == "View":
         return "view"
     if engine == "MaterializedView":

@@ -10,8 +10,9 @@ the length of its data cannot be known.
 from __future__ import annotations
 
 import queue
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,32 +127,32 @@ def _decimal_size(node: TypeNode) -> int:
 
 _LC_GLOBAL_DICTIONARY = 0x100
 _LC_ADDITIONAL_KEYS = 0x200
+_NAMED_ELEMENT = re.compile(r"(`(?:[^`\\]|\\.)*`|[A-Za-z_][A-Za-z0-9_]*)\s+(\S.*)", re.S)
+_BASIC_DISCRIMINATORS = 0
+_NULL_DISCRIMINATOR = 255
+_DISCRIMINATOR_SLICE = 1 << 20
+_SHARED_VARIANT = "SharedVariant"
+_DYNAMIC_VERSIONS = (1, 2)  # 1: with max_dynamic_types, 2: without
+_OBJECT_V1 = 0
+_STRING = TypeNode("String")
+_SHARED_DATA = TypeNode("Array", (TypeNode("Tuple", (_STRING, _STRING)),))
+
+# A column is read in two steps, as ClickHouse writes it: the prefix of every nested
+# serialization (LowCardinality's version, Variant's discriminator mode, Dynamic's and
+# JSON's structure) comes first, before any data; ``_reader`` reads those prefixes and
+# returns the function that skips the data of ``rows`` rows.
+Skip = Callable[[int], None]
 
 
 def _u64(feed: _Feed) -> int:
     return int.from_bytes(feed.take(8), "little")
 
 
-def _skip_low_cardinality(feed: _Feed, inner: TypeNode, rows: int) -> None:
-    """UInt64 version, then granules: UInt64 flags (index width in the low byte), optional
-    dictionary keys (UInt64 count + keys of the non-Nullable type), UInt64 rows, indexes."""
-    if inner.name == "Nullable" and inner.args and isinstance(inner.args[0], TypeNode):
-        inner = inner.args[0]
-    if _u64(feed) != 1:
-        raise Unsupported("LowCardinality (unknown serialization version)")
-    done = 0
-    while done < rows:
-        flags = _u64(feed)
-        width = flags & 0xFF
-        if flags & _LC_GLOBAL_DICTIONARY or width > 3:
-            raise Unsupported("LowCardinality (shared dictionary)")
-        if flags & _LC_ADDITIONAL_KEYS:
-            _skip_column(feed, inner, _u64(feed))
-        count = _u64(feed)
-        if count == 0 or done + count > rows:
-            raise IntegrityError("Native stream: malformed LowCardinality column")
-        feed.skip(count << width)
-        done += count
+def _read_string(feed: _Feed) -> str:
+    length = feed.varint()
+    if length > MAX_NAME:
+        raise IntegrityError("Native stream: implausible name length")
+    return feed.take(length).decode("utf-8", "surrogateescape")
 
 
 def _one_type(node: TypeNode) -> TypeNode | None:
@@ -172,36 +173,197 @@ def _fixed_string_size(node: TypeNode) -> int:
     return size
 
 
-def _skip_column(feed: _Feed, node: TypeNode, rows: int) -> None:
-    name = node.name
-    inner = _one_type(node)
-    if name in _FIXED:
-        feed.skip(_FIXED[name] * rows)
-    elif name == "Decimal":
-        feed.skip(_decimal_size(node) * rows)
-    elif name == "FixedString":
-        feed.skip(_fixed_string_size(node) * rows)
-    elif name == "String":
-        feed.strings(rows)
-    elif name == "Nothing":
-        feed.skip(rows)
-    elif name == "Nullable" and inner is not None:
-        feed.skip(rows)
-        _skip_column(feed, inner, rows)
-    elif name == "Array" and inner is not None:
+def _element(arg: TypeNode | str) -> TypeNode:
+    """A Tuple element's type: ``T`` or, in a named tuple, ``name T``."""
+    if isinstance(arg, TypeNode):
+        return arg
+    found = _NAMED_ELEMENT.fullmatch(arg.strip())
+    if found is None:
+        raise Unsupported(f"Tuple element {arg[:40]!r}")
+    try:
+        return parse_type(found.group(2))
+    except InvalidInput:
+        raise Unsupported(f"Tuple element {arg[:40]!r}") from None
+
+
+def _low_cardinality(feed: _Feed, inner: TypeNode) -> Skip:
+    """Prefix: UInt64 version. Data, in granules: UInt64 flags (index width in the low
+    byte), optional dictionary keys (UInt64 count + keys of the non-Nullable type),
+    UInt64 rows, indexes."""
+    if inner.name == "Nullable" and inner.args and isinstance(inner.args[0], TypeNode):
+        inner = inner.args[0]
+    if _u64(feed) != 1:
+        raise Unsupported("LowCardinality (unknown serialization version)")
+    keys = _reader(feed, inner)
+
+    def skip(rows: int) -> None:
+        done = 0
+        while done < rows:
+            flags = _u64(feed)
+            width = flags & 0xFF
+            if flags & _LC_GLOBAL_DICTIONARY or width > 3:
+                raise Unsupported("LowCardinality (shared dictionary)")
+            if flags & _LC_ADDITIONAL_KEYS:
+                keys(_u64(feed))
+            count = _u64(feed)
+            if count == 0 or done + count > rows:
+                raise IntegrityError("Native stream: malformed LowCardinality column")
+            feed.skip(count << width)
+            done += count
+
+    return skip
+
+
+def _variant(feed: _Feed, variants: list[TypeNode]) -> Skip:
+    """Prefix: UInt64 discriminator mode (0: one byte a row), then every variant's prefix.
+    Data: the discriminators (255: NULL), then every variant's column holding just its
+    rows, in type order."""
+    if _u64(feed) != _BASIC_DISCRIMINATORS:
+        raise Unsupported("Variant (compact discriminators)")
+    skips = [_reader(feed, v) for v in variants]
+
+    def skip(rows: int) -> None:
+        counts = [0] * len(skips)
+        nulls = 0
+        left = rows
+        while left:  # in slices: memory stays bounded whatever the block claims
+            discriminators = feed.take(min(left, _DISCRIMINATOR_SLICE))
+            left -= len(discriminators)
+            nulls += discriminators.count(_NULL_DISCRIMINATOR)
+            for index in range(len(skips)):
+                counts[index] += discriminators.count(index)
+        if nulls + sum(counts) != rows:
+            raise IntegrityError("Native stream: Variant discriminator out of range")
+        for one, count in zip(skips, counts, strict=True):
+            if count:
+                one(count)
+
+    return skip
+
+
+def _dynamic(feed: _Feed) -> Skip:
+    """Prefix: UInt64 version, [varint max types], varint count, type names, then the
+    prefix of a Variant of those types and SharedVariant (values of other types, as
+    strings), sorted by name."""
+    version = _u64(feed)
+    if version not in _DYNAMIC_VERSIONS:
+        raise Unsupported(f"Dynamic (serialization version {version})")
+    if version == 1:
+        feed.varint()
+    names = [_read_string(feed) for _ in range(feed.varint())]
+    variants: list[TypeNode] = []
+    for type_name in sorted([*names, _SHARED_VARIANT]):
+        try:
+            variants.append(_STRING if type_name == _SHARED_VARIANT else parse_type(type_name))
+        except InvalidInput:
+            raise IntegrityError(
+                f"Native stream: unreadable Dynamic type {type_name[:60]!r}"
+            ) from None
+    return _variant(feed, variants)
+
+
+def _typed_path(arg: TypeNode | str) -> bool:
+    """A JSON type argument other than a setting (``max_dynamic_paths=N``) or ``SKIP``."""
+    text = arg if isinstance(arg, str) else str(arg)
+    return "=" not in text and not text.strip().upper().startswith("SKIP")
+
+
+def _json(feed: _Feed, node: TypeNode) -> Skip:
+    """JSON without typed paths. Prefix: UInt64 version (0), varint max paths, varint
+    count, path names, every path's Dynamic prefix. Data: every path's Dynamic data, then
+    the shared data (the other paths), an Array(Tuple(String, String))."""
+    if any(_typed_path(a) for a in node.args):
+        raise Unsupported(f"{str(node)[:60]} (typed paths)")
+    version = _u64(feed)
+    if version != _OBJECT_V1:
+        raise Unsupported(f"JSON (serialization version {version})")
+    feed.varint()
+    paths = [_read_string(feed) for _ in range(feed.varint())]
+    skips = [_dynamic(feed) for _ in paths]
+    shared = _reader(feed, _SHARED_DATA)
+
+    def skip(rows: int) -> None:
+        for one in skips:
+            one(rows)
+        shared(rows)
+
+    return skip
+
+
+def _array(feed: _Feed, inner: TypeNode) -> Skip:
+    elements = _reader(feed, inner)
+
+    def skip(rows: int) -> None:
         last = 0
         if rows:
             feed.skip(8 * (rows - 1))
             last = int.from_bytes(feed.take(8), "little")
-        _skip_column(feed, inner, last)
-    elif name == "LowCardinality" and inner is not None:
-        _skip_low_cardinality(feed, inner, rows)
-    elif name == "Tuple" and node.args and all(isinstance(a, TypeNode) for a in node.args):
-        for arg in node.args:
-            assert isinstance(arg, TypeNode)
-            _skip_column(feed, arg, rows)
-    else:
-        raise Unsupported(str(node))
+        elements(last)
+
+    return skip
+
+
+def _tuple(feed: _Feed, elements: list[TypeNode]) -> Skip:
+    skips = [_reader(feed, e) for e in elements]
+
+    def skip(rows: int) -> None:
+        for one in skips:
+            one(rows)
+
+    return skip
+
+
+def _nullable(feed: _Feed, inner: TypeNode) -> Skip:
+    values = _reader(feed, inner)
+
+    def skip(rows: int) -> None:
+        feed.skip(rows)
+        values(rows)
+
+    return skip
+
+
+def _fixed(feed: _Feed, size: int) -> Skip:
+    return lambda rows: feed.skip(size * rows)
+
+
+def _reader(feed: _Feed, node: TypeNode) -> Skip:
+    """Read the prefixes of a column of type ``node``; returns its data skipper."""
+    name = node.name
+    inner = _one_type(node)
+    if name in _FIXED:
+        return _fixed(feed, _FIXED[name])
+    if name == "Decimal":
+        return _fixed(feed, _decimal_size(node))
+    if name == "FixedString":
+        return _fixed(feed, _fixed_string_size(node))
+    if name == "Nothing":
+        return _fixed(feed, 1)
+    if name == "String":
+        return feed.strings
+    if name == "Nullable" and inner is not None:
+        return _nullable(feed, inner)
+    if name == "Array" and inner is not None:
+        return _array(feed, inner)
+    if name == "LowCardinality" and inner is not None:
+        return _low_cardinality(feed, inner)
+    if name == "Tuple" and node.args:
+        return _tuple(feed, [_element(a) for a in node.args])
+    if name == "Map" and len(node.args) == 2:  # stored as Array(Tuple(K, V))
+        return _array(feed, TypeNode("Tuple", node.args))
+    if name == "SimpleAggregateFunction" and node.args and isinstance(node.args[-1], TypeNode):
+        return _reader(feed, node.args[-1])  # stored like its value type
+    if name == "Variant" and node.args and all(isinstance(a, TypeNode) for a in node.args):
+        return _variant(feed, [a for a in node.args if isinstance(a, TypeNode)])
+    if name == "Dynamic":
+        return _dynamic(feed)
+    if name == "JSON":
+        return _json(feed, node)
+    raise Unsupported(str(node))
+
+
+def _skip_column(feed: _Feed, node: TypeNode, rows: int) -> None:
+    _reader(feed, node)(rows)
 
 
 @dataclass

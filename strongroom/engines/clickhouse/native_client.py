@@ -17,6 +17,7 @@ the environment or a file on disk.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -57,18 +58,42 @@ def version() -> str:
     path = tool()
     if path is None:
         return "not installed"
+    return _tool_version(path)
+
+
+@functools.cache
+def _tool_version(path: str) -> str:
     out = subprocess.run(
         [path, "--version"], capture_output=True, text=True, check=False, timeout=30
     )
     return out.stdout.strip() or f"unknown (exit code {out.returncode})"
 
 
-def transport(conn: ClickHouseConnection) -> str:
+_VERSION = re.compile(r"(\d+)\.(\d+)")
+
+
+def _major_minor(text: str) -> tuple[int, int] | None:
+    found = _VERSION.search(text)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def older_than(server_version: str) -> bool:
+    """Whether the installed clickhouse-client is an older release than the server.
+
+    An older client cannot decode the newer types a server sends (18.16's client fails
+    on ``SimpleAggregateFunction``, ``Map``, ``JSON``, ``Variant``...: it parses each block
+    before writing it out), so ``auto`` exports over HTTP then."""
+    tool_mm, server_mm = _major_minor(version()), _major_minor(server_version)
+    return tool_mm is None or server_mm is None or tool_mm < server_mm
+
+
+def transport(conn: ClickHouseConnection, server_version: str | None = None) -> str:
     """``native`` (clickhouse-client) or ``http`` for data exports of this connection.
 
-    ``auto`` takes clickhouse-client when it is installed and the connection is plain;
-    TLS connections export over HTTPS (its certificate checks are the ones strongroom
-    configures and tests), and so does a machine without the tool."""
+    ``auto`` takes clickhouse-client when it is installed, the connection is plain and
+    (``server_version`` given) the tool is not older than the server; TLS connections
+    export over HTTPS (its certificate checks are the ones strongroom configures and
+    tests), and so does a machine without the tool."""
     if conn.export_via == HTTP:
         return HTTP
     if conn.export_via == TOOL:
@@ -80,7 +105,11 @@ def transport(conn: ClickHouseConnection) -> str:
         if tool() is None:
             raise InvalidInput("export_via=clickhouse-client, but clickhouse-client is not on PATH")
         return NATIVE
-    return NATIVE if tool() is not None and not conn.secure else HTTP
+    if tool() is None or conn.secure:
+        return HTTP
+    if server_version is not None and older_than(server_version):
+        return HTTP
+    return NATIVE
 
 
 def for_export(conn: ClickHouseConnection, preferred: str, size: int | None) -> str:

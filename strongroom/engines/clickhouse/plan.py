@@ -6,9 +6,11 @@ Nothing here changes the server; ``dry_run`` returns exactly this plan.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +23,13 @@ from strongroom.engines.clickhouse import inspection as inspect
 from strongroom.engines.clickhouse.capabilities import (
     INNER_ID_PREFIX,
     INNER_PREFIX,
+    capabilities,
     inner_table_names,
     is_inner_name,
 )
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
-from strongroom.engines.clickhouse.sql import normalized, rewrite_create
+from strongroom.engines.clickhouse.sql import TypeNode, normalized, parse_type, rewrite_create
+from strongroom.engines.clickhouse.table_engines import object_engines
 from strongroom.engines.clickhouse.verify import check_schema_document
 from strongroom.errors import IntegrityError, InvalidInput, NotFound
 from strongroom.repository.base import Repository
@@ -438,3 +442,83 @@ def missing_artifacts(repo: Repository, manifest: Manifest, actions: list[dict[s
         f"{', '.join(owners)}: its incremental chain is broken; restore an older full "
         "backup or one taken after it"
     )
+
+
+# object_engines' names that are no table engine of system.table_engines
+_NOT_ENGINES = {"<no engine named>", "Dictionary", "View", "MaterializedView"}
+
+
+_NAMED_ELEMENT = re.compile(r"(`(?:[^`\\]|\\.)*`|[A-Za-z_][A-Za-z0-9_]*)\s+(\S.*)", re.S)
+
+
+def _families(node: TypeNode, out: set[str]) -> None:
+    """Every type family a (parsed) column type uses (a named Tuple's ``name T`` and an
+    aggregate state's argument types too)."""
+    out.add(node.name)
+    aggregate = node.name in ("AggregateFunction", "SimpleAggregateFunction")
+    args = node.args
+    if aggregate:  # (function, types...) or, for a versioned state, (version, function, ...)
+        args = args[2:] if args and str(args[0]).strip().isdigit() else args[1:]
+    for arg in args:
+        if isinstance(arg, TypeNode):
+            _families(arg, out)
+            continue
+        text = arg.strip()
+        named = _NAMED_ELEMENT.fullmatch(text) if node.name == "Tuple" else None
+        if named is not None:
+            text = named.group(2)
+        elif not aggregate:
+            continue  # an argument, not a type (Enum values, numbers, time zones)
+        with contextlib.suppress(InvalidInput):
+            _families(parse_type(text), out)
+
+
+def check_target_support(
+    client: ClickHouseHTTP, sel: Selection, docs: dict[str, dict[str, Any]]
+) -> None:
+    """Refuse (InvalidInput, before anything changes) a restore whose objects use column
+    types, table engines or SQL dictionaries the target server does not have, such as a
+    backup of 26.x (Map, JSON, Variant...) restored onto 18.16, naming table and type."""
+    types: set[str] = set()
+    for name, insensitive, alias in client.tuples(
+        "SELECT name, case_insensitive, alias_to FROM system.data_type_families",
+        what="reading the target's data types",
+    ):
+        types |= {str(name), str(alias)} | ({str(name).lower()} if int(insensitive) else set())
+    engines = {str(r[0]) for r in client.tuples("SELECT name FROM system.table_engines")}
+    sql_dictionaries = bool(
+        client.tuples(
+            "SELECT name FROM system.columns WHERE database = 'system' "
+            "AND table = 'dictionaries' AND name = 'database'"
+        )
+    )
+    version = capabilities(client).version_text
+    problems: list[str] = []
+    for entry in sel.objects:
+        where = f"{entry['database']}.{entry['name']}"
+        for column in entry.get("columns", []):
+            used: set[str] = set()
+            try:
+                _families(parse_type(column["type"]), used)
+            except InvalidInput:
+                continue
+            unknown = sorted(f for f in used if f not in types and f.lower() not in types)
+            if unknown:
+                problems.append(
+                    f"{where}: column {column['name']!r} has type {column['type']} "
+                    f"({', '.join(unknown)} unknown)"
+                )
+        if entry["kind"] == "dictionary" and not sql_dictionaries:
+            problems.append(f"{where}: SQL dictionaries (CREATE DICTIONARY) are not supported")
+        doc = docs[entry["database"]]["objects"][entry["name"]]
+        for create in (doc.get("create"), doc.get("inner_create")):
+            for engine in object_engines(create) if create else []:
+                if engine not in _NOT_ENGINES | engines and not engine.endswith("()"):
+                    problems.append(f"{where}: table engine {engine} is unknown")
+    if problems:
+        raise InvalidInput(
+            f"the target server (ClickHouse {version}) lacks what the backup uses: "
+            f"{'; '.join(problems[:10])}"
+            + (f"; ... ({len(problems)} in all)" if len(problems) > 10 else "")
+            + ". Nothing was created: restore onto a server of the backup's version or newer"
+        )

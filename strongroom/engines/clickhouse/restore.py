@@ -34,6 +34,7 @@ from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.plan import (
     ChRestoreRequest,
     Selection,
+    check_target_support,
     load_schemas,
     missing_artifacts,
     plan_actions,
@@ -323,16 +324,19 @@ class _Run(SwapState):
 
     def _put_view(self, index: int, act: dict[str, Any]) -> None:
         tdb, name = act["target_database"], act["table"]
+        # a dictionary is dropped with DROP DICTIONARY (26.x refuses DROP TABLE on one)
+        drop = "DROP DICTIONARY" if act["kind"] == "dictionary" else "DROP TABLE"
         if act["exists"]:
             if act["kind"] == "view":
                 self.put_aside(tdb, name)
             else:
                 # 18.16 cannot rename a materialized view ("Method rename is not supported
                 # by storage MaterializedView"): it is dropped and re-created, which cannot be
-                # undone, so it happens after every table is swapped in and checked.
-                self.ddl(f"DROP TABLE {qualified(tdb, name)}", f"dropping {tdb}.{name}")
+                # undone, so it happens after every table is swapped in and checked. So is
+                # a dictionary (no data of its own: it is reloaded from its source).
+                self.ddl(f"{drop} {qualified(tdb, name)}", f"dropping {tdb}.{name}")
         self.ddl(self.create_statement(act, name), f"creating {tdb}.{name}")
-        self.undo.append((f"removing {tdb}.{name}", f"DROP TABLE IF EXISTS {qualified(tdb, name)}"))
+        self.undo.append((f"removing {tdb}.{name}", f"{drop} IF EXISTS {qualified(tdb, name)}"))
         if index in self.scratch:
             inner = inspect.inner_table(self.client, tdb, name)
             if inner is None:
@@ -344,6 +348,27 @@ class _Run(SwapState):
                 # the checked data takes its name
                 act["swap"] = self.move_in(index, tdb, inner, existed=True)
                 act["data_target"] = inner
+
+    def reload_dictionaries(self) -> dict[str, str]:
+        """Load every restored dictionary from its (restored) source now, so the first
+        ``dictGet`` does not pay for it and a source that cannot be read shows up in the
+        report. A failure is reported, not raised: the restore itself is complete."""
+        out: dict[str, str] = {}
+        for act in self.actions:
+            # kept ones too: their source table may just have been replaced
+            if act["kind"] != "dictionary" or act["action"] == "skip":
+                continue
+            tdb, name = act["target_database"], act["table"]
+            try:
+                self.ddl(
+                    f"SYSTEM RELOAD DICTIONARY {qualified(tdb, name)}",
+                    f"reloading dictionary {tdb}.{name}",
+                )
+                out[act["target"]] = "reloaded"
+            except StrongroomError as exc:
+                out[act["target"]] = f"reload failed: {scrub(str(exc))[:300]}"
+                log.warning("dictionary %s: %s", act["target"], out[act["target"]])
+        return out
 
     # -- cleanup ---------------------------------------------------------------------------
 
@@ -419,6 +444,7 @@ def restore_clickhouse(
     client = ClickHouseHTTP(conn)
     docs = load_schemas(repo, manifest, enc, sel.databases)
     engines = check_objects(docs, sel.objects, req.allow_engines)  # before anything changes
+    check_target_support(client, sel, docs)
     state = read_target(client, sorted({sel.target_db(d["name"]) for d in sel.databases}))
     actions = plan_actions(client, manifest, req, sel, docs, state)
     mode = (
@@ -494,6 +520,7 @@ def restore_clickhouse(
             ) from None
         raise
     run.finish()
+    dictionaries = run.reload_dictionaries()
     return {
         **plan,
         "dry_run": False,
@@ -504,4 +531,5 @@ def restore_clickhouse(
         "swaps": {a["target"]: a["swap"] for a in actions if "swap" in a},
         "fingerprints_ok": all(c["ok"] for c in run.checks),
         "leftovers": run.leftovers,
+        "dictionaries": dictionaries,  # target -> reloaded | reload failed: why
     }

@@ -204,15 +204,34 @@ def rewrite_create(
     stmt: str, *, database: str, name: str, rename_databases: dict[str, str] | None = None
 ) -> str:
     """The statement with its object renamed to ``database.name`` and, in the rest of the
-    statement, every ``old_db.`` qualifier in ``rename_databases`` replaced."""
+    statement, every ``old_db.`` qualifier in ``rename_databases`` replaced (and a
+    dictionary's ``SOURCE(CLICKHOUSE(... DB 'old_db'))``)."""
     head = parse_create(stmt)
     new_head = quote_ident(name) if head.kind == "DATABASE" else qualified(database, name)
     parts = [stmt[: head.start], new_head]
     pos = head.end
     renames = rename_databases or {}
     toks = head.body_tokens
+    engine_db = _engine_database_arg(toks) if renames else None
     for idx, tok in enumerate(toks):
-        if (
+        if idx == engine_db and tok.value in renames:
+            # Distributed(cluster, 'db', ...) / Buffer('db', ...): the table the engine
+            # reads or flushes to is in the renamed database
+            parts.append(stmt[pos : tok.start])
+            new = renames[tok.value]
+            parts.append(quote_string(new) if tok.kind == "string" else quote_ident(new))
+            pos = tok.end
+        elif (
+            head.kind == "DICTIONARY"
+            and tok.kind == "string"
+            and tok.value in renames
+            and idx
+            and _upper(toks[idx - 1]) == "DB"
+        ):  # SOURCE(CLICKHOUSE(... DB 'old_db')): the dictionary reads the renamed database
+            parts.append(stmt[pos : tok.start])
+            parts.append(quote_string(renames[tok.value]))
+            pos = tok.end
+        elif (
             renames
             and _is_name(tok)
             and tok.value in renames
@@ -225,6 +244,40 @@ def rewrite_create(
             pos = tok.end
     parts.append(stmt[pos:])
     return "".join(parts)
+
+
+# engines whose arguments name a database, and that argument's position
+_ENGINE_DATABASE_ARG = {"Distributed": 1, "Buffer": 0}
+
+
+def _engine_database_arg(toks: list[Token]) -> int | None:
+    """Index of the token naming the database in ``ENGINE = Distributed(...)`` or
+    ``Buffer(...)`` (top level of the statement), or None."""
+    depth = 0
+    for idx, tok in enumerate(toks[:-3]):
+        if tok.text in "([":
+            depth += 1
+        elif tok.text in ")]":
+            depth -= 1
+        elif depth == 0 and _upper(tok) == "ENGINE" and toks[idx + 1].text == "=":
+            engine, opening = toks[idx + 2], toks[idx + 3]
+            position = _ENGINE_DATABASE_ARG.get(engine.value)
+            if position is None or opening.text != "(":
+                return None
+            arg, inner = 0, 0
+            for j in range(idx + 4, len(toks)):
+                t = toks[j]
+                if t.text in "([":
+                    inner += 1
+                elif t.text in ")]":
+                    if inner == 0:
+                        return None
+                    inner -= 1
+                elif t.text == "," and inner == 0:
+                    arg += 1
+                elif inner == 0 and arg == position and t.kind in ("string", "ident", "qident"):
+                    return j
+    return None
 
 
 def references(stmt: str, default_database: str) -> set[tuple[str, str]]:

@@ -23,7 +23,12 @@ SCHEMA_CONTENT = "clickhouse-schema+json"
 NATIVE_CONTENT = "clickhouse-native"
 SCHEMA_FORMAT = "strongroom-clickhouse-schema"
 SCHEMA_MAX = 256 * 1024 * 1024
-_KINDS = {"table": "TABLE", "view": "VIEW", "materialized_view": "MATERIALIZED VIEW"}
+_KINDS = {
+    "table": "TABLE",
+    "view": "VIEW",
+    "materialized_view": "MATERIALIZED VIEW",
+    "dictionary": "DICTIONARY",
+}
 
 
 def _database_entry(manifest: Manifest, name: str) -> dict[str, Any]:
