@@ -46,6 +46,23 @@ class ClickHouseTarget(Block):
     exclude_databases: list[str] = Field(
         default_factory=list, description="Databases to skip (names or glob patterns)."
     )
+    method: Literal["logical", "native"] = Field(
+        default="logical",
+        description="logical: strongroom reads, compresses and age-encrypts every table; "
+        "native: the server's BACKUP ... TO S3 writes into the repository (S3 repositories, "
+        "servers with BACKUP, not 18.16; encrypted server-side only, no age).",
+    )
+    native_incremental: bool = Field(
+        default=False,
+        description="Native method: base each backup on the latest native one (base_backup).",
+    )
+    native_full_every: int = Field(
+        default=7, ge=1, description="Native incrementals: at most this many backups per chain."
+    )
+    native_s3_endpoint: str | None = Field(
+        default=None,
+        description="Native method: S3 endpoint URL as the ClickHouse server reaches it.",
+    )
     rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
     rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
 
@@ -63,4 +80,8 @@ class ClickHouseTarget(Block):
             wire_compression=self.wire_compression,
             databases=list(self.databases),
             exclude_databases=list(self.exclude_databases),
+            method=self.method,
+            native_incremental=self.native_incremental,
+            native_full_every=self.native_full_every,
+            native_s3_endpoint=self.native_s3_endpoint,
         )

@@ -356,6 +356,10 @@ def backup_clickhouse(
     progress: ProgressFactory | None = None,
 ) -> Manifest:
     """Back up the target's databases (schema and data); returns the published manifest."""
+    if conn.method == "native":  # the server's BACKUP ... TO S3: native_backup.py
+        from strongroom.engines.clickhouse.native_backup import backup_native
+
+        return backup_native(conn, repo, repo_config, enc, backup_id=backup_id, labels=labels)
     register(*conn.secrets(), *repo_config.secrets(), *enc.secrets())
     transport = clickhouse_client.transport(conn)  # a bad choice fails before anything
     started = dt.datetime.now(dt.UTC)

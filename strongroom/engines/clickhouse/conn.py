@@ -50,6 +50,28 @@ class ClickHouseConnection(BaseModel):
         default=None,
         description="LZ4 on the native protocol; None: off for loopback hosts, on otherwise",
     )
+    method: Literal["logical", "native"] = Field(
+        default="logical",
+        description="logical: strongroom reads every table (FORMAT Native), compresses and "
+        "age-encrypts it; native: the server's own BACKUP DATABASE ... TO S3 writes into the "
+        "repository (S3 only, servers with BACKUP, probed: not 18.16; encrypted "
+        "server-side only, no age: docs/clickhouse.md)",
+    )
+    native_incremental: bool = Field(
+        default=False,
+        description="native method: base each backup on the latest native backup of this "
+        "target (base_backup); a full one when there is none or the chain is full",
+    )
+    native_full_every: int = Field(
+        default=7,
+        ge=1,
+        description="native incrementals: at most this many backups per chain (full included)",
+    )
+    native_s3_endpoint: str | None = Field(
+        default=None,
+        description="native method: the S3 endpoint URL as the ClickHouse server reaches it "
+        "(default: the repository's endpoint_url, else AWS's regional endpoint)",
+    )
 
     @field_validator("name")
     @classmethod
