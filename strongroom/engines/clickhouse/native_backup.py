@@ -44,12 +44,13 @@ from strongroom.ids import new_backup_id
 from strongroom.redact import register
 from strongroom.repository.base import Repository
 from strongroom.repository.s3 import S3Repository
+from strongroom.verify import SERVER_WRITTEN
 
 log = logging.getLogger(__name__)
 
 NATIVE_KIND = "native"
 FILE_CONTENT = "clickhouse-backup-file"
-NO_CLIENT_ENCRYPTION = "none"  # artifact.encryption: the server wrote it, no age
+NO_CLIENT_ENCRYPTION = SERVER_WRITTEN  # artifact.encryption: the server wrote it, no age
 SERVER_WRITTEN = "none (written by the ClickHouse server; its own part compression)"
 FOLDER = "native"
 CHANGE_ATTEMPTS = 3
@@ -90,7 +91,7 @@ def require_backup_statement(client: ClickHouseHTTP) -> str:
     return version
 
 
-def _file_name(name: str) -> str:
+def file_name(name: str) -> str:
     return "".join(
         ch if _FILE_SAFE.fullmatch(ch) else "".join(f"%{b:02X}" for b in ch.encode()) for ch in name
     )
@@ -100,7 +101,7 @@ def check_names(objects: list[dict[str, Any]], databases: list[str]) -> None:
     """Names the server's file names (escaped, %XX) fit into repository keys."""
     names = [*databases, *(o["name"] for o in objects), *(o["data_table"] or "" for o in objects)]
     for name in names:
-        if len(_file_name(name)) > _KEY_PART_MAX:
+        if len(file_name(name)) > _KEY_PART_MAX:
             raise InvalidInput(
                 f"name {name[:60]!r} is too long for the native method's object keys "
                 f"(over {_KEY_PART_MAX} bytes escaped); use method 'logical'"
