@@ -265,6 +265,22 @@ def record_objects(repo: S3Repository, target: str, backup_id: str) -> list[Arti
     return artifacts
 
 
+def require_sse(repo_config: RepositoryConfig, artifacts: list[Artifact]) -> None:
+    """A repository configured with SSE promises it on every object; the server cannot
+    ask for it per object (ClickHouse sends no SSE headers), only the bucket's default
+    encryption provides it."""
+    if repo_config.sse == "none":
+        return
+    plain = [a.name for a in artifacts if a.meta["server_side_encryption"] == "none"]
+    if plain:
+        raise IntegrityError(
+            f"the repository requires server-side encryption ({repo_config.sse}) but "
+            f"{len(plain)} object(s) the ClickHouse server wrote have none (e.g. "
+            f"{plain[0]}): the server cannot request it per object, so give the bucket "
+            "a default encryption (PutBucketEncryption) for the native method"
+        )
+
+
 def delete_written(repo: S3Repository, prefix: str) -> int:
     """Remove what the server wrote (best effort per object; returns how many)."""
     removed = 0
@@ -379,6 +395,7 @@ def backup_native(
                 log.warning("native backup %s: tables changed during BACKUP, again", bid)
                 continue
             artifacts = record_objects(s3, conn.name, bid)
+            require_sse(repo_config, artifacts)
             locked = sum(s3.apply_lock(a.key, settings) for a in artifacts)
             manifest = _manifest(
                 conn, s3, bid, started, server, version, artifacts, databases, objects, prints, base
