@@ -54,6 +54,16 @@ class ClickHouseTarget(Block):
     full_every: int = Field(
         default=7, ge=1, description="A full backup at least every N backups (1: always full)."
     )
+    method: Literal["logical", "native"] = Field(
+        default="logical",
+        description="logical: strongroom reads, compresses and age-encrypts every table; "
+        "native: the server's BACKUP ... TO S3 writes into the repository (S3 repositories, "
+        "servers with BACKUP, not 18.16; encrypted server-side only, no age).",
+    )
+    native_s3_endpoint: str | None = Field(
+        default=None,
+        description="Native method: S3 endpoint URL as the ClickHouse server reaches it.",
+    )
     rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
     rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
 
@@ -73,4 +83,6 @@ class ClickHouseTarget(Block):
             exclude_databases=list(self.exclude_databases),
             incremental=self.incremental,
             full_every=self.full_every,
+            method=self.method,
+            native_s3_endpoint=self.native_s3_endpoint,
         )

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import datetime as dt
 
+from strongroom.catalog import Manifest
 from strongroom.compliance.check_common import finding, fmt_hours, note_sampling, target_finding
 from strongroom.compliance.evidence import Evidence
 from strongroom.compliance.model import Finding
 
 CLIENT_SIDE_ENCRYPTION = ("age-x25519", "age-scrypt", "age", "aes-256-gcm")
 STRONG_SSE = ("aws:kms", "aws:kms:dsse", "AES256")
+# manifests whose objects a database server wrote itself (ClickHouse BACKUP ... TO S3)
+SERVER_WRITTEN_KIND = "native"
 
 
 # ------------------------------------------------------------------ freshness
@@ -74,6 +77,9 @@ def check_client_encryption(ev: Evidence) -> list[Finding]:
     for (engine, target), items in sorted(ev.manifests.items()):
         bad = []
         for m in items:
+            if m.kind == SERVER_WRITTEN_KIND:
+                findings.append(_server_written(engine, target, m))
+                continue
             for a in m.artifacts:
                 if a.encryption not in CLIENT_SIDE_ENCRYPTION:
                     bad.append((m.backup_id, a.name, a.encryption))
@@ -92,13 +98,15 @@ def check_client_encryption(ev: Evidence) -> list[Finding]:
                         target=target,
                     )
                 )
-        else:
-            n = sum(len(m.artifacts) for m in items)
+        elif any(m.kind != SERVER_WRITTEN_KIND for m in items):
+            n = sum(len(m.artifacts) for m in items if m.kind != SERVER_WRITTEN_KIND)
             findings.append(
                 Finding(
                     status="pass",
                     subject=subject,
-                    message=f"{n} artifact(s) in {len(items)} backup(s) encrypted with age",
+                    message=f"{n} artifact(s) in "
+                    f"{sum(m.kind != SERVER_WRITTEN_KIND for m in items)} backup(s) "
+                    "encrypted with age",
                     engine=engine,
                     target=target,
                 )
@@ -106,6 +114,22 @@ def check_client_encryption(ev: Evidence) -> list[Finding]:
     if not findings:
         findings.append(finding("warn", "catalog", "no backups to check"))
     return findings
+
+
+def _server_written(engine: str, target: str, m: Manifest) -> Finding:
+    """A ClickHouse ``native`` backup: the server wrote it into the bucket, no age. Said
+    as it is (a failure of this control, never counted as encrypted client-side)."""
+    sse = sorted({str(a.meta.get("server_side_encryption", "unknown")) for a in m.artifacts})
+    return Finding(
+        status="fail",
+        subject=f"{engine}/{target} {m.backup_id}",
+        message=f"backup {m.backup_id} is a native (server-written) backup: its "
+        f"{len(m.artifacts)} object(s) are encrypted server-side only (SSE: {', '.join(sse)}), "
+        "not client-side with age; use method logical for client-side encryption",
+        engine=engine,
+        target=target,
+        data={"kind": m.kind, "encryption": "server-side only", "sse": sse},
+    )
 
 
 def check_encryption_at_rest(ev: Evidence) -> list[Finding]:

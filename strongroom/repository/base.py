@@ -18,7 +18,9 @@ from typing import BinaryIO
 from strongroom.errors import IntegrityError, InvalidInput
 from strongroom.signing import Trust
 
-_KEY_PART_RE = re.compile(r"^[A-Za-z0-9_.=+-]{1,200}$")
+# '%': ClickHouse's native BACKUP escapes table names as %XX in the files it writes
+# (e.g. a materialized view's ``.inner_id.<uuid>``); it is no path separator
+_KEY_PART_RE = re.compile(r"^[A-Za-z0-9_.=+%-]{1,200}$")
 
 
 def check_key(key: str) -> str:

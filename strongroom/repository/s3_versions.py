@@ -114,6 +114,28 @@ class S3Versions(S3Calls):
 
         self._call("PutObjectRetention", retain, key=key)
 
+    def apply_lock(self, key: str, settings: StorageSettings | None) -> bool:
+        """Put the repository's object lock (``lock_mode``, retain-until) on an object
+        written by someone else (a ClickHouse server's native BACKUP). False when the
+        repository has no lock mode (nothing to apply)."""
+        if not self.config.lock_mode:
+            return False
+        extra = self._object_args(settings)
+        full = self._full(key)
+
+        def retain(_attempt: int) -> None:
+            self._client.put_object_retention(
+                Bucket=self.bucket,
+                Key=full,
+                Retention={
+                    "Mode": extra["ObjectLockMode"],
+                    "RetainUntilDate": extra["ObjectLockRetainUntilDate"],
+                },
+            )
+
+        self._call("PutObjectRetention", retain, key=key)
+        return True
+
     def delete_version(self, key: str, version_id: str) -> None:
         """Delete one version (or delete marker) of ``key`` for good; locked ones are refused."""
         full = self._full(key)

@@ -449,6 +449,12 @@ def backup_clickhouse(
 
     Incremental by partition unless ``full`` (or the target's settings) say otherwise:
     unchanged partitions reference the latest backup's artifacts (``incremental``)."""
+    if conn.method == "native":  # the server's BACKUP ... TO S3: native_backup.py
+        from strongroom.engines.clickhouse.native_backup import backup_native
+
+        return backup_native(
+            conn, repo, repo_config, enc, backup_id=backup_id, labels=labels, full=full
+        )
     register(*conn.secrets(), *repo_config.secrets(), *enc.secrets())
     transport = clickhouse_client.transport(conn)  # a bad choice fails before anything
     started = dt.datetime.now(dt.UTC)

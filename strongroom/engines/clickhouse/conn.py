@@ -58,6 +58,18 @@ class ClickHouseConnection(BaseModel):
         default=None,
         description="LZ4 on the native protocol; None: off for loopback hosts, on otherwise",
     )
+    method: Literal["logical", "native"] = Field(
+        default="logical",
+        description="logical: strongroom reads every table (FORMAT Native), compresses and "
+        "age-encrypts it; native: the server's own BACKUP DATABASE ... TO S3 writes into the "
+        "repository (S3 only, servers with BACKUP, probed: not 18.16; encrypted "
+        "server-side only, no age: docs/clickhouse.md)",
+    )
+    native_s3_endpoint: str | None = Field(
+        default=None,
+        description="native method: the S3 endpoint URL as the ClickHouse server reaches it "
+        "(default: the repository's endpoint_url, else AWS's regional endpoint)",
+    )
 
     @field_validator("name")
     @classmethod

@@ -440,6 +440,10 @@ def restore_clickhouse(
     """Restore per ``req``; returns the plan (dry run) or the report with fingerprint checks."""
     register(*conn.secrets(), *enc.secrets())
     manifest = Catalog(repo).resolve(req.backup_id, ENGINE, req.source_target or conn.name)
+    if manifest.kind == "native":  # the server's BACKUP: RESTORE ... FROM S3 (native_restore)
+        from strongroom.engines.clickhouse.native_restore import restore_native
+
+        return restore_native(conn, repo, enc, manifest, req)
     sel = select(manifest, req)
     client = ClickHouseHTTP(conn)
     docs = load_schemas(repo, manifest, enc, sel.databases)
