@@ -31,10 +31,10 @@ from typing import Any
 
 from strongroom.catalog import Artifact, Catalog, Manifest
 from strongroom.config import EncryptionConfig
+from strongroom.engines.clickhouse.inventory import ENGINE
 from strongroom.errors import NotFound
 from strongroom.repository.base import Repository, StorageSettings
 
-ENGINE = "clickhouse"
 DEFAULT_FULL_EVERY = 7
 
 

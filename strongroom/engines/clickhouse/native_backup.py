@@ -35,9 +35,9 @@ from strongroom.artifacts import claim_backup_id, publish_backup, storage_settin
 from strongroom.catalog import Artifact, Catalog, Manifest, data_key
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.clickhouse import inspection as inspect
-from strongroom.engines.clickhouse.backup import ENGINE, inspect_database
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
+from strongroom.engines.clickhouse.inventory import ENGINE, inspect_database
 from strongroom.engines.clickhouse.sql import quote_ident, quote_string
 from strongroom.errors import Conflict, IntegrityError, InvalidInput, NotFound, StrongroomError
 from strongroom.ids import new_backup_id

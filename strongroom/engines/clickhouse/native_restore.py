@@ -27,9 +27,9 @@ from typing import Any
 from strongroom.catalog import Artifact, Catalog, Manifest
 from strongroom.config import EncryptionConfig
 from strongroom.engines.clickhouse import inspection as inspect
-from strongroom.engines.clickhouse.backup import ENGINE, inspect_database
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
+from strongroom.engines.clickhouse.inventory import ENGINE, inspect_database
 from strongroom.engines.clickhouse.native_backup import (
     FOLDER,
     NATIVE_KIND,
