@@ -191,8 +191,9 @@ def test_native_round_trip(rig: Rig, age_key: EncryptionConfig) -> None:
 @ONLY_CH26
 def test_incremental_and_retention(rig: Rig, age_key: EncryptionConfig) -> None:
     rig.make_data()
-    old = backup_native(rig.conn(), rig.repo, rig.config, age_key)
-    full = backup_native(rig.conn(), rig.repo, rig.config, age_key)
+    old = backup_native(rig.conn(), rig.repo, rig.config, age_key, full=True)
+    full = backup_native(rig.conn(), rig.repo, rig.config, age_key, full=True)
+    assert "base_backup_id" not in full.details
     rig.q(
         f"INSERT INTO {rig.db}.events SELECT number + 20000, toDate('2024-03-05'), 'new' "
         "FROM numbers(300)"
