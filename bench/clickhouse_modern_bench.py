@@ -45,7 +45,6 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LEVEL = 3
 CHANGED_ROWS = 20_000
-CHANGED_PARTITION = "202403"
 
 
 def log(message: str) -> None:
@@ -163,11 +162,17 @@ class Run:
         manifest = backup_clickhouse(self.conn(method="native"), repo, config, self.enc)
         return manifest, time.perf_counter() - started
 
-    def change_one_partition(self, fact: str) -> None:
+    def change_one_partition(self, fact: str) -> str:
+        """Add rows to the middle partition of the fact table; returns its id."""
+        ids = sorted(
+            self.server.query(f"SELECT DISTINCT _partition_id FROM {fact} FORMAT TSV").split()
+        )
+        pid = ids[len(ids) // 2]
         self.server.query(
             f"INSERT INTO {fact} SELECT * FROM {fact} "
-            f"WHERE _partition_id = '{CHANGED_PARTITION}' LIMIT {CHANGED_ROWS}"
+            f"WHERE _partition_id = '{pid}' LIMIT {CHANGED_ROWS}"
         )
+        return pid
 
 
 def _own(manifest: Any) -> list[Any]:
@@ -186,6 +191,7 @@ def run(quick: bool, rounds: int) -> dict[str, Any]:
 
     work = Path(tempfile.mkdtemp(prefix="strongroom-bench-ch26-"))
     server = ModernClickHouseServer(work / "server")
+    (work / "moto").mkdir()
     moto = MotoServer(work / "moto")
     samples: list[dict[str, Any]] = []
     try:
@@ -217,7 +223,7 @@ def run(quick: bool, rounds: int) -> dict[str, Any]:
                         "stored_size": full.stored_size,
                         "raw_size": full.raw_size,
                     }
-            bench.change_one_partition(fact)
+            sample["changed_partition"] = bench.change_one_partition(fact)
             inc, inc_s = bench.logical(full=False)
             own = _own(inc)
             fact_parts = [a.meta.get("partition_id") for a in own if a.meta.get("table")]
