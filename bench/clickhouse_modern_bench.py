@@ -18,8 +18,10 @@ alternating order where it matters:
   in the call; it also fingerprints every partition on the server and checks part sets;
 - ``native``: the same call with ``method="native"`` into the moto bucket (the server's
   ``BACKUP DATABASE ... TO S3``, objects read back, recorded and signed by strongroom);
-- ``incremental``: one fact partition gets 20,000 more rows (its materialized views
-  change too, as they would), then ``backup_clickhouse()`` builds on that round's full.
+- ``incremental``: every row of one fact partition changes (``ALTER UPDATE ... IN
+  PARTITION``), then ``backup_clickhouse()`` builds on that round's full;
+- ``incremental_insert``: 20,000 late rows go into that partition (its materialized
+  views change too, as they would), and the next incremental builds on the previous.
 
 Writes ``bench/results/clickhouse-modern.json`` (``--quick``: ``...-modern-quick.json``).
 Medians over rounds; ratios are of medians. moto is a test server (about 100 MB/s up on
@@ -162,17 +164,44 @@ class Run:
         manifest = backup_clickhouse(self.conn(method="native"), repo, config, self.enc)
         return manifest, time.perf_counter() - started
 
-    def change_one_partition(self, fact: str) -> str:
-        """Add rows to the middle partition of the fact table; returns its id."""
+    def middle_partition(self, fact: str) -> str:
         ids = sorted(
             self.server.query(f"SELECT DISTINCT _partition_id FROM {fact} FORMAT TSV").split()
         )
-        pid = ids[len(ids) // 2]
+        return ids[len(ids) // 2]
+
+    def update_one_partition(self, fact: str, pid: str) -> None:
+        """Every row of one partition changes (a mutation: materialized views, which only
+        see INSERTs, do not change)."""
+        self.server.query(
+            f"ALTER TABLE {fact} UPDATE flag = NOT flag IN PARTITION ID '{pid}' WHERE 1 "
+            "SETTINGS mutations_sync = 2"
+        )
+
+    def insert_into_one_partition(self, fact: str, pid: str) -> None:
+        """Late rows for one partition: its materialized views get rows too (the inner
+        table's partition, and the unpartitioned AggregatingMergeTree the TO view fills)."""
         self.server.query(
             f"INSERT INTO {fact} SELECT * FROM {fact} "
             f"WHERE _partition_id = '{pid}' LIMIT {CHANGED_ROWS}"
         )
-        return pid
+
+
+def _incremental_sample(inc: Any, seconds: float, fact_table: str) -> dict[str, Any]:
+    own = _own(inc)
+    data = [a for a in own if a.meta.get("table")]
+    return {
+        "wall_s": round(seconds, 3),
+        "stored_size": sum(a.stored_size for a in own),
+        "exported": sorted(
+            f"{a.meta['table']}:{a.meta.get('partition_id') or 'all'}" for a in data
+        ),
+        "referenced_artifacts": inc.details["incremental"]["reused_artifacts"],
+        "fact_partitions_exported": sorted(
+            str(a.meta.get("partition_id")) for a in data if a.meta.get("table") == fact_table
+        ),
+        "base_backup_id": inc.details.get("base_backup_id"),
+    }
 
 
 def _own(manifest: Any) -> list[Any]:
@@ -223,21 +252,14 @@ def run(quick: bool, rounds: int) -> dict[str, Any]:
                         "stored_size": full.stored_size,
                         "raw_size": full.raw_size,
                     }
-            sample["changed_partition"] = bench.change_one_partition(fact)
+            pid = bench.middle_partition(fact)
+            sample["changed_partition"] = pid
+            bench.update_one_partition(fact, pid)
             inc, inc_s = bench.logical(full=False)
-            own = _own(inc)
-            fact_parts = [a.meta.get("partition_id") for a in own if a.meta.get("table")]
-            sample["incremental"] = {
-                "wall_s": round(inc_s, 3),
-                "stored_size": sum(a.stored_size for a in own),
-                "exported_artifacts": len([a for a in own if a.meta.get("table")]),
-                "referenced_artifacts": inc.details["incremental"]["reused_artifacts"],
-                "fact_partitions_exported": sorted(
-                    str(a.meta.get("partition_id")) for a in own if a.meta.get("table") == data.FACT
-                ),
-                "all_partitions_exported": len(fact_parts),
-                "base_backup_id": inc.details.get("base_backup_id"),
-            }
+            sample["incremental"] = _incremental_sample(inc, inc_s, data.FACT)
+            bench.insert_into_one_partition(fact, pid)
+            inc, inc_s = bench.logical(full=False)
+            sample["incremental_insert"] = _incremental_sample(inc, inc_s, data.FACT)
             native, native_s = bench.native()
             sample["native"] = {"wall_s": round(native_s, 3), "stored_size": native.stored_size}
             samples.append(sample)
@@ -271,18 +293,27 @@ def run(quick: bool, rounds: int) -> dict[str, Any]:
             median("incremental", "stored_size") / median("full", "stored_size"), 4
         ),
         "incr_time_over_full": round(incr_s / full_s, 3),
+        "incr_insert_stored_over_full": round(
+            median("incremental_insert", "stored_size") / median("full", "stored_size"), 4
+        ),
+        "incr_insert_time_over_full": round(median("incremental_insert") / full_s, 3),
         "stored_bytes": {
             "raw": median("raw", "stored_size"),
             "full": median("full", "stored_size"),
             "incremental": median("incremental", "stored_size"),
+            "incremental_insert": median("incremental_insert", "stored_size"),
             "native": median("native", "stored_size"),
         },
         "samples": samples,
         "notes": [
             "full: strongroom logical backup (age + zstd 3 + sha256 + server fingerprints), "
             "timed in the call; raw: curl | zstd -T0 -3 per table over HTTP, no encryption",
-            "incremental: after 20,000 rows were added to one fact partition (its "
-            "materialized views change too); stored bytes are the artifacts it wrote",
+            "incremental (incr_*): after every row of one of the 12 fact partitions changed "
+            "(ALTER UPDATE ... IN PARTITION); stored bytes are the artifacts it wrote",
+            "incremental_insert (incr_insert_*): after 20,000 late rows went into that "
+            "partition; its materialized views change too, and the unpartitioned "
+            "AggregatingMergeTree their TO view fills is exported whole (partition-level "
+            "incrementals cannot split it; part-level ones could)",
             "native: BACKUP DATABASE ... TO S3 into a moto server (a test server, "
             "not a throughput target), plus read-back, recording and signing",
         ],

@@ -81,17 +81,36 @@ class S3Versions(S3Calls):
             log.debug("%s: no lock_mode configured, retain_until ignored", self.describe())
         return args
 
-    def _ensure_retention(self, key: str, version_id: str | None, extra: dict[str, Any]) -> None:
-        """Check that a multipart object carries its lock; set it if the server
-        dropped the CreateMultipartUpload lock headers (some S3-compatible servers,
-        and moto, do). On AWS this costs one HEAD."""
+    def _head(self, key: str, version_id: str | None = None) -> dict[str, Any]:
         full = self._full(key)
         version: dict[str, Any] = {"VersionId": version_id} if version_id else {}
 
         def head(_attempt: int) -> dict[str, Any]:
             return dict(self._client.head_object(Bucket=self.bucket, Key=full, **version))
 
-        found = self._call("HeadObject", head, key=key)
+        return self._call("HeadObject", head, key=key)
+
+    def _put_retention(
+        self, key: str, mode: Any, until: dt.datetime, version_id: str | None = None
+    ) -> None:
+        full = self._full(key)
+        version: dict[str, Any] = {"VersionId": version_id} if version_id else {}
+
+        def retain(_attempt: int) -> None:
+            self._client.put_object_retention(
+                Bucket=self.bucket,
+                Key=full,
+                Retention={"Mode": mode, "RetainUntilDate": until},
+                **version,
+            )
+
+        self._call("PutObjectRetention", retain, key=key)
+
+    def _ensure_retention(self, key: str, version_id: str | None, extra: dict[str, Any]) -> None:
+        """Check that a multipart object carries its lock; set it if the server
+        dropped the CreateMultipartUpload lock headers (some S3-compatible servers,
+        and moto, do). On AWS this costs one HEAD."""
+        found = self._head(key, version_id)
         if found.get("ObjectLockMode") and found.get("ObjectLockRetainUntilDate"):
             return
         log.warning(
@@ -100,19 +119,9 @@ class S3Versions(S3Calls):
             self.describe(),
             key,
         )
-
-        def retain(_attempt: int) -> None:
-            self._client.put_object_retention(
-                Bucket=self.bucket,
-                Key=full,
-                Retention={
-                    "Mode": extra["ObjectLockMode"],
-                    "RetainUntilDate": extra["ObjectLockRetainUntilDate"],
-                },
-                **version,
-            )
-
-        self._call("PutObjectRetention", retain, key=key)
+        self._put_retention(
+            key, extra["ObjectLockMode"], extra["ObjectLockRetainUntilDate"], version_id
+        )
 
     def apply_lock(self, key: str, settings: StorageSettings | None) -> bool:
         """Put the repository's object lock (``lock_mode``, retain-until) on an object
@@ -120,30 +129,8 @@ class S3Versions(S3Calls):
         repository has no lock mode (nothing to apply)."""
         if not self.config.lock_mode:
             return False
-        extra = self._object_args(settings)
-        full = self._full(key)
-
-        def retain(_attempt: int) -> None:
-            self._client.put_object_retention(
-                Bucket=self.bucket,
-                Key=full,
-                Retention={
-                    "Mode": extra["ObjectLockMode"],
-                    "RetainUntilDate": extra["ObjectLockRetainUntilDate"],
-                },
-            )
-
-        self._call("PutObjectRetention", retain, key=key)
+        self._put_retention(key, self.config.lock_mode, self._retain_until(settings))
         return True
-
-    def delete_version(self, key: str, version_id: str) -> None:
-        """Delete one version (or delete marker) of ``key`` for good; locked ones are refused."""
-        full = self._full(key)
-
-        def delete(_attempt: int) -> None:
-            self._client.delete_object(Bucket=self.bucket, Key=full, VersionId=version_id)
-
-        self._call("DeleteObject", delete, key=key)
 
     def extend_lock(self, key: str, settings: StorageSettings | None) -> dt.datetime | None:
         """Lengthen an existing object's lock to this backup's retain-until, never shorten
@@ -153,25 +140,20 @@ class S3Versions(S3Calls):
         if not self.config.lock_mode:
             return None
         until = self._retain_until(settings)
-        full = self._full(key)
-        mode = self.config.lock_mode
-
-        def head(_attempt: int) -> dict[str, Any]:
-            return dict(self._client.head_object(Bucket=self.bucket, Key=full))
-
-        current = self._call("HeadObject", head, key=key).get("ObjectLockRetainUntilDate")
+        current = self._head(key).get("ObjectLockRetainUntilDate")
         if isinstance(current, dt.datetime) and current >= until:
             return None
-
-        def retain(_attempt: int) -> None:
-            self._client.put_object_retention(
-                Bucket=self.bucket,
-                Key=full,
-                Retention={"Mode": mode, "RetainUntilDate": until},
-            )
-
-        self._call("PutObjectRetention", retain, key=key)
+        self._put_retention(key, self.config.lock_mode, until)
         return until
+
+    def delete_version(self, key: str, version_id: str) -> None:
+        """Delete one version (or delete marker) of ``key`` for good; locked ones are refused."""
+        full = self._full(key)
+
+        def delete(_attempt: int) -> None:
+            self._client.delete_object(Bucket=self.bucket, Key=full, VersionId=version_id)
+
+        self._call("DeleteObject", delete, key=key)
 
     def bucket_versioning(self) -> str | None:
         """The bucket's versioning status: "Enabled", "Suspended", or None (never enabled)."""
