@@ -64,6 +64,7 @@ def _new_cluster(name: str, key: x25519.Identity) -> tuple[Cluster, Path]:
         "INSERT INTO scratch SELECT generate_series(1, 500);"
         "CHECKPOINT"
     )
+    time.sleep(1.1)  # a cluster older than a second, as clusters are
     return c, root
 
 

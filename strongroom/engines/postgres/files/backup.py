@@ -272,6 +272,7 @@ def files_backup_postgres(
             "SELECT pg_backup_start(%s, fast => true)::text", (f"strongroom {bid}",)
         ).fetchone()
         assert row is not None
+        _past_second(copy_started_ns)
         tree: Tree = walk_data_directory(root)
         for entry in tree.files:
             failing()
@@ -364,6 +365,17 @@ def files_backup_postgres(
         watch.stop()
         session.close()  # ends a backup still in progress (non-exclusive)
     return manifest
+
+
+def _past_second(start_ns: int, margin_s: float = 0.05) -> None:
+    """Sleep until the second after ``start_ns`` (plus a margin for the kernel's coarse
+    file clock), as pgBackRest does: every file is then read in a later second than the
+    copy start, so a change made after a file was read always moves its mtime into a
+    second the next backup will not trust (``chain.unchanged``)."""
+    wake = (start_ns // 1_000_000_000 + 1) + margin_s
+    delay = wake - time.time()
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _next_xid(session: Any) -> int:
