@@ -248,11 +248,13 @@ def _writer(dsn: dict[str, Any], stop: threading.Event, counter: list[int]) -> N
         while not stop.is_set():
             i += 1
             conn.execute(
-                "INSERT INTO hot SELECT g, md5(g::text) FROM generate_series(%s, %s) g",
+                "INSERT INTO hot SELECT g, md5(g::text) FROM generate_series(%s::int, %s::int) g",
                 (i * 1000, i * 1000 + 999),
             )
-            conn.execute("UPDATE hot SET v = md5(id::text) WHERE id %% 7 = %s", (i % 7,))
-            conn.execute("DELETE FROM hot WHERE id %% 13 = %s AND id < %s", (i % 13, i * 500))
+            conn.execute("UPDATE hot SET v = md5(id::text) WHERE id %% 7 = %s::int", (i % 7,))
+            conn.execute(
+                "DELETE FROM hot WHERE id %% 13 = %s::int AND id < %s::int", (i % 13, i * 500)
+            )
             counter[0] = i
 
 
