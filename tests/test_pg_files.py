@@ -186,7 +186,8 @@ def test_full_incr_diff_chain_restores_each(cluster: Cluster, pg_tmp: Path) -> N
         loaded = Catalog(c.repo).load("postgresql", c.target, m.backup_id)
         report = verify_backup(c.repo, loaded, c.enc)
         assert report["ok"], [a for a in report["artifacts"] if not a["ok"]]
-        assert len(report["artifacts"]) == len(m.artifacts)
+        assert len(report["artifacts"]) == len(m.artifacts) + 1  # the chain check first
+        assert report["artifacts"][0]["artifact"] == "chain"
 
     # a later point, for PITR from the incremental
     c.sql("CREATE TABLE later (x int); INSERT INTO later VALUES (1), (2)")
@@ -355,6 +356,9 @@ def test_retention_killed_prune_and_broken_chains(small: Cluster, pg_tmp: Path) 
     orphan = next(o for o in report["orphans"] if o["backup_id"] == full.backup_id)
     assert orphan["action"] == "referenced"
     assert list(c.repo.list(f"data/postgresql/{c.target}/{full.backup_id}/"))
+    loaded = Catalog(c.repo).load("postgresql", c.target, incr.backup_id)
+    verdict = verify_backup(c.repo, loaded, c.enc)
+    assert not verdict["ok"] and "broken" in verdict["artifacts"][0]["error"]
     # ... but a restore refuses the chain, before anything is written
     target = pg_tmp / "refused" / "data"
     with pytest.raises(NotFound, match=f"broken.*{full.backup_id}"):

@@ -5,7 +5,8 @@ backups included, with both SHA-256 digests checked; these checks add what the b
 must also be: a data file exactly as long as recorded, a relation segment a whole number
 of 8 KiB pages (reported, not failed: a relation extended while it was copied may end
 in a partial page that WAL replay rewrites), a backup label PostgreSQL can read and
-identical to the one in the manifest.
+identical to the one in the manifest. Before the artifacts, the chain is checked whole
+(every backup it depends on listed and trusted).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from strongroom.catalog import Artifact, Manifest
 from strongroom.engines.postgres.files import chain
 from strongroom.engines.postgres.pitr.tar import parse_backup_label
 from strongroom.errors import IntegrityError
-from strongroom.verify import register_check
+from strongroom.repository.base import Repository
+from strongroom.verify import register_chain_check, register_check
 
 BLOCK = 8192
 _RELATION = re.compile(r"^(base/[0-9]+|global)/[0-9]+(_(fsm|vm|init))?(\.[0-9]+)?$")
@@ -68,5 +70,13 @@ class LabelCheck:
         return {"start_lsn": label["start_lsn"]}
 
 
+def check_whole_chain(repo: Repository, manifest: Manifest) -> dict[str, Any]:
+    """verify: every backup this one depends on is listed and trusted, every artifact is
+    where it should be (``chain.check_chain``); the artifacts are then read one by one."""
+    parents = chain.check_chain(repo, manifest)
+    return {"depends_on": [p.backup_id for p in parents]}
+
+
+register_chain_check(chain.KIND, check_whole_chain)
 register_check(chain.CONTENT_FILE, DataFileCheck)
 register_check(chain.CONTENT_LABEL, LabelCheck)
