@@ -447,3 +447,49 @@ def take_at(c: Cluster, data_directory: str) -> Any:
     return files_backup_postgres(
         c.conn, c.repo, c.repo_config, c.enc, data_directory=data_directory, wal_timeout_s=60
     )
+
+
+def test_flow_and_cli(prefect_api: str, small: Cluster) -> None:
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from blocks import BackupRepository, EncryptionKey, PostgresTarget, register_all
+    from flows.pitr import files_backup_postgresql
+    from strongroom.cli.pitr import register
+    from tests.fixtures.strongroom_fixtures import signing_block_fields
+
+    c = small
+    register_all()
+    identity = c.enc.identities[0].get_secret_value()
+    EncryptionKey(recipients=c.enc.recipients, identity=identity).save("pgfkey", overwrite=True)
+    BackupRepository(**signing_block_fields(), local_path=str(c.repo.root)).save(
+        "pgfrepo", overwrite=True
+    )
+    fields = {
+        "host": c.server.host,
+        "port": c.server.port,
+        "user": c.server.superuser,
+        "password": c.server.password,
+    }
+    PostgresTarget(**fields).save("nodir", overwrite=True)
+    PostgresTarget(**fields, data_directory=str(c.server.data_dir)).save(c.target, overwrite=True)
+    blocks = {"repository": "pgfrepo", "encryption_key": "pgfkey"}
+    with pytest.raises(InvalidInput, match="data_directory"):
+        files_backup_postgresql(target="nodir", backup_type="full", **blocks)
+    full = files_backup_postgresql(target=c.target, backup_type="incr", **blocks)
+    assert full["kind"] == "files" and full["details"]["backup_type"] == "full"  # no prior
+
+    app, backup_app, restore_app = typer.Typer(), typer.Typer(), typer.Typer()
+    app.add_typer(backup_app, name="backup")
+    app.add_typer(restore_app, name="restore")
+    register(app, backup_app, restore_app)
+    cmd = ["backup", "postgresql-files", c.target, "-r", "pgfrepo", "-k", "pgfkey"]
+    result = CliRunner().invoke(app, [*cmd, "--type", "incr", "--json"])
+    assert result.exit_code == 0, result.output
+    incr = json.loads(result.stdout)
+    assert incr["details"]["backup_type"] == "incr"
+    assert incr["details"]["base_backup_id"] == full["backup_id"]
+    result = CliRunner().invoke(app, [*cmd, "--type", "weekly", "--json"])
+    assert result.exit_code == 2
