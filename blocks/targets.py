@@ -49,6 +49,11 @@ class PostgresTarget(Block):
     wal_config_owner: str | None = Field(
         default="postgres", description="OS user the WAL configuration is chowned to (root)."
     )
+    data_directory: str | None = Field(
+        default=None,
+        description="The cluster's data directory as the worker sees it (file-level backups: "
+        "a worker on the database host or a sidecar mounting the volume read-only).",
+    )
     rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
     rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
 
@@ -68,4 +73,5 @@ class PostgresTarget(Block):
             spool_dir=self.spool_dir,
             wal_config_path=self.wal_config_path,
             wal_config_owner=self.wal_config_owner,
+            data_directory=self.data_directory,
         )

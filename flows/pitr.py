@@ -3,6 +3,9 @@
 - ``base-backup-postgresql``: pg_basebackup streamed into the repository; done
   only when the WAL it needs is archived. (Re)writes the WAL configuration file
   ``strongroom-wal`` reads where the target block's ``wal_config_path`` says.
+- ``files-backup-postgresql``: file-level copy of the data directory (full / diff /
+  incr, docs/physical.md), for a worker that can read it (the target block's
+  ``data_directory``); done only when the WAL it needs is archived.
 - ``wal-check-postgresql``: continuity of the WAL archive and the recoverable
   window, as JSON; fails (so automations alert) when there is a gap.
 - ``pitr-restore-postgresql``: restore to a time / LSN / xid / restore point /
@@ -32,13 +35,14 @@ from flows.engine_runs import load_target, open_backup
 from strongroom import progress
 from strongroom.catalog import artifact_totals
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
+from strongroom.engines.postgres.files.backup import files_backup_postgres
 from strongroom.engines.postgres.pitr.basebackup import base_backup_postgres, base_backups
 from strongroom.engines.postgres.pitr.plan import PitrRequest
 from strongroom.engines.postgres.pitr.points import create_restore_point
 from strongroom.engines.postgres.pitr.restore import pitr_restore
 from strongroom.engines.postgres.wal.check import wal_check
 from strongroom.engines.postgres.wal.config import write_wal_config
-from strongroom.errors import IntegrityError
+from strongroom.errors import IntegrityError, InvalidInput
 from strongroom.repository import Repository
 
 
@@ -95,6 +99,94 @@ def take_base_backup(
         wal_timeout_s=wal_timeout_s,
     )
     return manifest.model_dump(mode="json")
+
+
+@task(**TRANSIENT_TASK)
+def take_files_backup(
+    conn: PostgresConnection,
+    repo: Repository,
+    repo_config: RepositoryConfig,
+    enc: EncryptionConfig,
+    labels: dict[str, str],
+    backup_type: str,
+    checksum: bool,
+    wal_timeout_s: float,
+) -> dict[str, Any]:
+    if not conn.data_directory:
+        raise InvalidInput(
+            f"target {conn.name} has no data_directory: file-level backups need a worker "
+            "that can read the data directory (set it in the PostgresTarget block)"
+        )
+    reporter = progress.current()
+    manifest = files_backup_postgres(
+        conn,
+        repo,
+        repo_config,
+        enc,
+        data_directory=conn.data_directory,
+        backup_type=backup_type,
+        checksum=checksum,
+        labels=labels,
+        progress=reporter("data directory", None) if reporter else None,
+        wal_timeout_s=wal_timeout_s,
+    )
+    return manifest.model_dump(mode="json")
+
+
+@flow(name="files-backup-postgresql", **AUDITED)
+def files_backup_postgresql(
+    target: str,
+    backup_type: Literal["full", "diff", "incr"] = "incr",
+    checksum: bool = False,
+    repository: str = "default",
+    encryption_key: str = "default",
+    labels: dict[str, str] | None = None,
+    wal_timeout_s: float = 300.0,
+) -> dict[str, Any]:
+    """File-level physical backup of ``target`` (its block's ``data_directory``): a full
+    one, or only the files changed since the last full (``diff``) or the last backup
+    (``incr``); a diff/incr without a usable prior is a full and says why."""
+    secure_logging()
+    run = open_backup(
+        PostgresTarget, "postgresql", target, repository, encryption_key, kind="files"
+    )
+    log = get_run_logger()
+    log.info(
+        "%s files backup of PostgreSQL target %s into %s", backup_type, target, run.repo.describe()
+    )
+    with run.locked():
+        manifest = take_files_backup(
+            run.conn,
+            run.repo,
+            run.repo_config,
+            run.enc,
+            labels or {},
+            backup_type,
+            checksum,
+            wal_timeout_s,
+        )
+    d = manifest["details"]
+    own = [a for a in manifest["artifacts"] if f"/{manifest['backup_id']}/" in a["key"]]
+    stored = sum(a["stored_size"] for a in own)
+    publish(
+        f"PostgreSQL {d['backup_type']} files backup {manifest['backup_id']}",
+        f"files-backup-postgresql-{target}",
+        [
+            f"- target: `{target}`, system {d['system_identifier']}, timeline {d['timeline']}",
+            f"- type: {d['backup_type']}"
+            + (f" on {d['base_backup_id']}" if d.get("base_backup_id") else "")
+            + (f" ({d['full_reason']})" if d.get("full_reason") else ""),
+            f"- files: {d['files']} ({d['files_copied']} copied, {d['files_referenced']} "
+            f"referenced), stored {human_size(stored)}",
+            f"- WAL: {d['start_wal']} (start {d['start_lsn']}) to stop {d['stop_lsn']}",
+        ],
+        [
+            {"field": key, "value": str(d.get(key))}
+            for key in ("backup_type", "base_backup_id", "start_lsn", "stop_lsn", "timeline")
+        ],
+    )
+    log.info("files backup %s complete: %s stored", manifest["backup_id"], human_size(stored))
+    return manifest
 
 
 @flow(name="base-backup-postgresql", **AUDITED)

@@ -55,6 +55,9 @@ from strongroom.seal import check_name as check_stored_name
 from strongroom.signing import MAX_RECORD_SIZE, SIG_SUFFIX, put_signed, verify_stored
 
 FORMAT_VERSION = 1
+# PostgreSQL physical backups (the pg_basebackup tar, file-level copies): PITR starts from
+# any of them and WAL retention keeps the WAL each kept one needs
+PHYSICAL_KINDS = ("base", "files")
 
 
 class Artifact(BaseModel):

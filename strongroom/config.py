@@ -11,7 +11,14 @@ import datetime as dt
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from strongroom.errors import InvalidInput
 from strongroom.ids import check_name
@@ -58,17 +65,22 @@ class PostgresConnection(BaseModel):
     wal_config_owner: str | None = Field(
         default="postgres", description="OS user the WAL configuration is chowned to (root)"
     )
+    data_directory: str | None = Field(
+        default=None,
+        description="absolute path of the cluster's data directory as the runner sees it "
+        "(file-level backups read it); unset: file-level backups are refused",
+    )
 
     @field_validator("name")
     @classmethod
     def _name_ok(cls, value: str) -> str:
         return check_name(value, "target name")
 
-    @field_validator("wal_config_path")
+    @field_validator("wal_config_path", "data_directory")
     @classmethod
-    def _wal_config_path_ok(cls, value: str | None) -> str | None:
-        if value is not None and not os.path.isabs(value):
-            raise InvalidInput(f"wal_config_path {value!r} must be an absolute path")
+    def _absolute_path_ok(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and value and not os.path.isabs(value):
+            raise InvalidInput(f"{info.field_name} {value!r} must be an absolute path")
         return value or None
 
     @model_validator(mode="before")

@@ -51,6 +51,16 @@ def register_check(content: str, factory: CheckFactory) -> None:
     _CHECKS[content] = factory
 
 
+# per manifest kind: checks of the backup as a whole (e.g. an incremental's chain), run
+# before its artifacts are read; they raise StrongroomError or return findings
+ChainCheck = Callable[[Repository, Manifest], dict[str, Any]]
+_CHAIN_CHECKS: dict[str, ChainCheck] = {}
+
+
+def register_chain_check(kind: str, check: ChainCheck) -> None:
+    _CHAIN_CHECKS[kind] = check
+
+
 class Utf8Check:
     """Plain SQL text must decode as UTF-8."""
 
@@ -80,6 +90,7 @@ ENGINE_CHECK_MODULES = (
     "strongroom.engines.clickhouse.verify",
     "strongroom.engines.postgres.verify",
     "strongroom.engines.postgres.pitr.basebackup",
+    "strongroom.engines.postgres.files.check",
     "strongroom.engines.redis.backup",
 )
 
@@ -159,6 +170,14 @@ def verify_backup(
         results.append(
             {"artifact": "manifest", "key": sealed["key"], "ok": False, "error": sealed["error"]}
         )
+    chain_check = _CHAIN_CHECKS.get(manifest.kind)
+    if chain_check is not None:
+        item_chain: dict[str, Any] = {"artifact": "chain", "key": sealed["key"]}
+        try:
+            item_chain.update(chain_check(repo, manifest), ok=True)
+        except StrongroomError as exc:
+            item_chain.update(ok=False, error=str(exc))
+        results.append(item_chain)
     for artifact in manifest.artifacts:
         item: dict[str, Any] = {"artifact": artifact.name, "key": artifact.key}
         t0 = time.monotonic()

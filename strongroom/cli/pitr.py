@@ -1,6 +1,7 @@
 """PostgreSQL PITR commands, added to the ``strongroom`` CLI by ``register``:
 
     strongroom backup postgresql-base TARGET
+    strongroom backup postgresql-files TARGET --type full|diff|incr [--checksum]
     strongroom restore postgresql-pitr TARGET --data-dir DIR [--time T | --lsn L |
         --xid X | --name N | --immediate] [--start --port P] [--verify-query SQL]
     strongroom wal-check TARGET [--json]
@@ -17,7 +18,7 @@ without importing Prefect).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
 import typer
 
@@ -77,6 +78,52 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
                     f"[bold]{manifest['backup_id']}[/bold] base backup of {target}: "
                     f"timeline {d['timeline']}, WAL {d['start_lsn']} .. {d['stop_lsn']} "
                     f"({d['start_wal']}), {len(d['archived_wal'])} WAL file(s) archived"
+                ),
+            )
+
+    @backup_app.command("postgresql-files")
+    def backup_files_cmd(
+        target: str = typer.Argument(..., help="PostgresTarget block name (data_directory set)."),
+        backup_type: str = typer.Option("incr", "--type", help="full, diff or incr."),
+        checksum: bool = typer.Option(False, help="Compare unchanged-looking files by SHA-256."),
+        wal_timeout: float = typer.Option(
+            300.0, help="Seconds to wait for the backup's WAL to reach the archive."
+        ),
+        repository: str = repo_opt,
+        key: str = key_opt,
+        as_json: bool = JsonOpt,
+    ) -> None:
+        """File-level physical backup (full / differential / incremental) of the data
+        directory, for a runner that can read it."""
+        with _handled(as_json):
+            from flows.pitr import files_backup_postgresql
+
+            kinds: dict[str, Literal["full", "diff", "incr"]] = {
+                "full": "full",
+                "diff": "diff",
+                "incr": "incr",
+            }
+            if backup_type not in kinds:
+                from strongroom.errors import InvalidInput
+
+                raise InvalidInput("--type must be full, diff or incr")
+            with _progress(not as_json):
+                manifest = files_backup_postgresql(
+                    target=target,
+                    backup_type=kinds[backup_type],
+                    checksum=checksum,
+                    repository=repository,
+                    encryption_key=key,
+                    wal_timeout_s=wal_timeout,
+                )
+            d = manifest["details"]
+            _emit(
+                as_json,
+                manifest,
+                lambda: out.print(
+                    f"[bold]{manifest['backup_id']}[/bold] {d['backup_type']} files backup of "
+                    f"{target}: {d['files_copied']} file(s) copied, {d['files_referenced']} "
+                    f"referenced, WAL {d['start_lsn']} .. {d['stop_lsn']}"
                 ),
             )
 

@@ -47,7 +47,7 @@ FEATURE_MODULES: dict[str, tuple[str, ...]] = {
 }
 _SEGMENT_RE = re.compile(r"^([0-9A-Fa-f]{8})([0-9A-Fa-f]{8})([0-9A-Fa-f]{8})")
 _SEGMENTS_PER_LOG = 0x100000000 // (16 * 1024 * 1024)
-PITR_KINDS = ("base", "basebackup", "base-backup", "physical")
+PITR_KINDS = ("base", "files", "basebackup", "base-backup", "physical")
 
 
 def module_present(name: str) -> bool:

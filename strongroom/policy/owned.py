@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from strongroom.catalog import Catalog, Manifest
+from strongroom.catalog import PHYSICAL_KINDS, Catalog, Manifest
 from strongroom.errors import (
     AccessDenied,
     NotFound,
@@ -161,7 +161,7 @@ def ownership_problems(entry: Listed) -> list[Finding]:
             )
         )
     wal_target = m.details.get("wal_target")
-    if m.kind == "base" and wal_target is not None and wal_target != entry.target:
+    if m.kind in PHYSICAL_KINDS and wal_target is not None and wal_target != entry.target:
         problems.append(
             finding(
                 "wal-target",

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from strongroom.catalog import Catalog, Manifest
+from strongroom.catalog import PHYSICAL_KINDS, Catalog, Manifest
 from strongroom.errors import StrongroomError
 from strongroom.ids import (
     BACKUP_ID_RE,
@@ -599,7 +599,7 @@ def _wal_pass(
     untrusted: dict[str, list[Manifest]] = defaultdict(list)
     entries, _ = list_catalog(repo, "postgresql")
     for e in entries:
-        if e.manifest.kind != "base" or e.ident in gone:
+        if e.manifest.kind not in PHYSICAL_KINDS or e.ident in gone:
             continue
         (untrusted if e.suspect else trusted)[e.target].append(e.manifest)
     for tgt in targets:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import IO, Any, cast
 
 from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
-from strongroom.catalog import Artifact, Catalog, Manifest, data_key
+from strongroom.catalog import PHYSICAL_KINDS, Artifact, Catalog, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.postgres import inspection as pg_inspect
 from strongroom.engines.postgres.backup import ENGINE, pg_tool, tool_version
@@ -291,7 +291,8 @@ def base_backup_postgres(
 
 
 def base_backups(repo: Repository, target: str) -> list[Manifest]:
-    """Base backups of ``target``, oldest first (logical backups are skipped)."""
+    """Physical backups of ``target`` (base and file-level), oldest first (logical backups
+    are skipped)."""
     return base_backups_with_findings(repo, target)[0]
 
 
@@ -301,4 +302,4 @@ def base_backups_with_findings(
     """(trusted base backups of ``target`` oldest first, the target's catalog entries
     skipped as not trusted: ``strongroom.catalog.catalog_finding``)."""
     manifests, findings = Catalog(repo).list_with_findings(ENGINE, target)
-    return [m for m in manifests if m.kind == KIND], findings
+    return [m for m in manifests if m.kind in PHYSICAL_KINDS], findings

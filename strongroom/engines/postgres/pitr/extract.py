@@ -108,7 +108,7 @@ def check_member(info: tarfile.TarInfo) -> tuple[str, ...]:
     return parts
 
 
-class _Tree:
+class FolderTree:
     """Folders of the data directory opened so far, by components."""
 
     def __init__(self, root_fd: int, owner: Owner) -> None:
@@ -143,25 +143,25 @@ class _Tree:
         self._fds = {}
 
 
-def _file_mode(mode: int) -> int:
+def file_mode(mode: int) -> int:
     return 0o600 | (mode & 0o040)
 
 
-def _dir_mode(mode: int) -> int:
+def dir_mode(mode: int) -> int:
     return 0o700 | (mode & 0o050)
 
 
 def extract_stream(source: IO[bytes], root_fd: int, owner: Owner) -> dict[str, int]:
     """Extract the tar read from ``source`` below the folder ``root_fd``."""
-    tree = _Tree(root_fd, owner)
+    tree = FolderTree(root_fd, owner)
     counts = {"files": 0, "dirs": 0, "links": 0, "bytes": 0}
     try:
         with tarfile.open(fileobj=source, mode="r|", tarinfo=_BoundedInfo) as tar:
             for info in tar:
                 parts = check_member(info)
                 if info.isdir():
-                    fd = tree.folder(parts, _dir_mode(info.mode))
-                    os.fchmod(fd, _dir_mode(info.mode))
+                    fd = tree.folder(parts, dir_mode(info.mode))
+                    os.fchmod(fd, dir_mode(info.mode))
                     counts["dirs"] += 1
                     continue
                 parent = tree.folder(parts[:-1])
@@ -195,7 +195,7 @@ def _write_file(
     parts: tuple[str, ...],
     owner: Owner,
 ) -> int:
-    mode = _file_mode(info.mode)
+    mode = file_mode(info.mode)
     try:
         fd = os.open(parts[-1], NEW_FILE_FLAGS, mode, dir_fd=parent)
     except FileExistsError:

@@ -310,6 +310,7 @@ def plan_pitr(repo: Repository, req: PitrRequest) -> Plan:
     return Plan(
         backup={
             "backup_id": manifest.backup_id,
+            "kind": manifest.kind,
             "timeline": manifest.details["timeline"],
             "start_lsn": manifest.details["start_lsn"],
             "stop_lsn": manifest.details["stop_lsn"],

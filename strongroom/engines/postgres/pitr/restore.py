@@ -2,11 +2,14 @@
 
 1. ``plan_pitr`` picks the base backup and timeline and refuses a target outside
    the recoverable window.
-2. The base backup's tar streams from the repository (every check applied, last
-   bytes held back until they pass) into the hostile-input extractor
-   (``pg_pitr_extract``), inside a private ``mkdtemp`` folder; ``pg_verifybackup``
-   then checks the files against PostgreSQL's own backup manifest, and they are
-   moved into the data directory only when everything passed.
+2. A file-level backup's files are written by ``files.restore.write_files`` (its chain
+   checked whole before anything is written, every path checked, every file's digests
+   checked as it streams); otherwise the base backup's tar streams from the
+   repository (every check applied, last bytes held back until they pass)
+   into the hostile-input extractor (``pg_pitr_extract``), inside a private
+   ``mkdtemp`` folder; ``pg_verifybackup`` then checks the files against
+   PostgreSQL's own backup manifest. Files are moved into the data directory only
+   when everything passed.
 3. ``recovery.signal`` and the recovery settings go into ``postgresql.auto.conf``
    (read last, so they win): ``restore_command`` = ``strongroom-wal fetch``
    with a configuration file (and identity file, mode 0600) written next to the
@@ -39,6 +42,8 @@ from strongroom.catalog import Catalog
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.postgres import root_fs as fs
 from strongroom.engines.postgres.backup import ENGINE, pg_tool
+from strongroom.engines.postgres.files.chain import KIND as FILES_KIND
+from strongroom.engines.postgres.files.restore import load_checked, write_files
 from strongroom.engines.postgres.pitr.basebackup import ARTIFACT
 from strongroom.engines.postgres.pitr.extract import PipeExtractor, summary
 from strongroom.engines.postgres.pitr.hba import admit, withdraw
@@ -277,6 +282,8 @@ def pitr_restore(
     register(*repo_config.secrets(), *enc.secrets(), password)
     started = time.monotonic()
     plan = plan_pitr(repo, req)
+    if plan.backup.get("kind") == FILES_KIND:  # a chain not whole is refused here, up front
+        load_checked(repo, req.target, plan.backup["backup_id"])
     data_dir = Path(req.data_dir).absolute()
     _check_empty(data_dir)
     os_user = resolve_os_user(data_dir, req.os_user)
@@ -336,10 +343,15 @@ def _restore_files(
     stage_fd = fs.open_dir(stage_name, data_fd)
     moved = False
     try:
-        report["extract"] = extract_base(
-            repo, enc, plan.backup["backup_id"], req.target, stage_fd, progress
-        )
-        report["verify_files"] = verify_extracted(Path(staging))
+        if plan.backup.get("kind") == FILES_KIND:
+            manifest = load_checked(repo, req.target, plan.backup["backup_id"])
+            report["extract"] = write_files(repo, enc, manifest, stage_fd, None, progress)
+            report["verify_files"] = {"sha256": "every file checked as it was written"}
+        else:
+            report["extract"] = extract_base(
+                repo, enc, plan.backup["backup_id"], req.target, stage_fd, progress
+            )
+            report["verify_files"] = verify_extracted(Path(staging))
         report["files"] = write_recovery(req, plan, data_dir, repo_config, enc, os_user, stage_fd)
         if req.start and req.prefetch:
             _prepare_fetcher(plan, stage_fd)

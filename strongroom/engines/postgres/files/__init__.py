@@ -1,0 +1,2 @@
+"""File-level physical PostgreSQL backups (full / differential / incremental): see
+docs/physical.md."""

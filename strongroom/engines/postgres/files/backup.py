@@ -1,0 +1,414 @@
+"""File-level physical backups of PostgreSQL: full, differential and incremental.
+
+For a runner that can read the data directory (on the database host, or a sidecar
+container sharing its volume). One session runs ``pg_backup_start(label, fast => true)``
+(non-exclusive: the backup lives as long as that session) and stays open while the data
+directory is walked (``walk``) and every file that changed since the prior backup
+(``chain``) streams through ``store_artifact`` into its own artifact; unchanged files are
+listed with the prior's artifact. ``pg_backup_stop(wait_for_archive => true)`` then
+returns the backup label and tablespace map, stored as artifacts of their own.
+
+Files may change while they are read: that is what a base backup always faces, and
+why it is safe (docs/physical.md): every page written after the start checkpoint has its
+full image in the WAL from ``pg_backup_start``'s LSN on, and recovery replays that WAL
+up to the stop LSN at least before the cluster is consistent. So the backup is done only
+when the WAL from start to stop is in the repository (``basebackup.wait_for_wal``), and
+the manifest is written after that, last.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import stat
+import struct
+import time
+from typing import IO, Any, cast
+
+from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
+from strongroom.catalog import Artifact, Manifest, data_key
+from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
+from strongroom.engines.postgres.backup import ENGINE
+from strongroom.engines.postgres.connect import connect
+from strongroom.engines.postgres.files import chain
+from strongroom.engines.postgres.files.walk import FileStat, Tree, walk_data_directory
+from strongroom.engines.postgres.pitr.archiver_watch import ArchiverWatch
+from strongroom.engines.postgres.pitr.basebackup import (
+    cluster_facts,
+    required_wal,
+    wait_for_wal,
+)
+from strongroom.engines.postgres.pitr.tar import parse_backup_label
+from strongroom.engines.postgres.wal import names
+from strongroom.engines.postgres.wal.store import wal_prefix
+from strongroom.errors import InvalidInput, ServiceUnavailable
+from strongroom.ids import new_backup_id
+from strongroom.pipeline import Progress
+from strongroom.redact import register
+from strongroom.repository.base import Repository, StorageSettings
+
+CHUNK = 1024 * 1024
+
+
+class _Bounded:
+    """Reads an open file up to the size it had when opened (a file extended while it is
+    copied is replayed from WAL; a truncated one simply ends early)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self._left = size
+        self.read_bytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        want = CHUNK if n is None or n <= 0 else min(n, CHUNK)
+        want = min(want, self._left)
+        if want <= 0:
+            return b""
+        data = os.read(self._fd, want)
+        self._left -= len(data)
+        self.read_bytes += len(data)
+        if not data:
+            self._left = 0
+        return data
+
+
+def control_system_identifier(data_directory: str) -> int:
+    """The system identifier in ``global/pg_control`` (its first 8 bytes): proves the
+    folder the runner reads is the data directory of the server it talks to."""
+    try:
+        with open(os.path.join(data_directory, "global", "pg_control"), "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot read {data_directory}/global/pg_control ({exc.strerror}): the runner "
+            "needs read access to the data directory"
+        ) from None
+    if len(head) != 8:
+        raise InvalidInput(f"{data_directory}/global/pg_control is truncated")
+    return int(struct.unpack("<Q", head)[0])
+
+
+def _open(root: str, path: str) -> int | None:
+    try:
+        return os.open(os.path.join(root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # dropped since the walk: WAL replay drops it too
+
+
+def _sha256(fd: int, size: int) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    source = _Bounded(fd, size)
+    while data := source.read():
+        digest.update(data)
+    return digest.hexdigest(), source.read_bytes
+
+
+class _Copier:
+    """Copies (or references) the files of one backup; remembers what it stored."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        target: str,
+        backup_id: str,
+        enc: EncryptionConfig,
+        level: int,
+        settings: StorageSettings,
+        prior: chain.Prior | None,
+        checksum: bool,
+        progress: Progress | None,
+    ) -> None:
+        self.repo, self.target, self.backup_id = repo, target, backup_id
+        self.enc, self.level, self.settings = enc, level, settings
+        self.prior, self.checksum, self.progress = prior, checksum, progress
+        self.artifacts: list[Artifact] = []
+        self.stored: list[str] = []
+        self.empty: list[list[Any]] = []
+        self.copied_bytes = 0
+        self.referenced_bytes = 0
+
+    def store(self, name: str, source: IO[bytes], content: str, meta: dict[str, Any]) -> Artifact:
+        key = data_key(ENGINE, self.target, self.backup_id, f"files/{len(self.stored):06d}")
+        self.stored.append(key)
+        return store_artifact(
+            self.repo,
+            key,
+            source,
+            name=name,
+            content=content,
+            encryption=self.enc,
+            level=self.level,
+            settings=self.settings,
+            progress=self.progress,
+            meta=meta,
+        )
+
+    def file(self, root: str, entry: FileStat, now_ns: int) -> None:
+        fd = _open(root, entry.path)
+        if fd is None:
+            return
+        try:
+            info = os.fstat(fd)
+            size, mtime, mode = info.st_size, info.st_mtime_ns, stat.S_IMODE(info.st_mode)
+            if size == 0:
+                self.empty.append([entry.path, mode, mtime])
+                return
+            record = None
+            if self.prior is not None:
+                record = chain.unchanged(self.prior, entry.path, size, mtime, now_ns)
+            if self.checksum and self.prior is not None:
+                before = self.prior.records.get(entry.path)
+                record = None
+                if before is not None and before.raw_size == size:
+                    digest, read = _sha256(fd, size)
+                    record = before if digest == before.raw_sha256 and read == size else None
+                    os.lseek(fd, 0, os.SEEK_SET)
+            if record is not None:
+                self.artifacts.append(chain.referenced(record, entry.path, size, mtime, mode))
+                self.referenced_bytes += size
+                return
+            source = _Bounded(fd, size)
+            meta = {"path": entry.path, "mtime_ns": mtime, "mode": mode}
+            artifact = self.store(entry.path, cast(IO[bytes], source), chain.CONTENT_FILE, meta)
+            artifact.meta["size"] = artifact.raw_size
+            self.artifacts.append(artifact)
+            self.copied_bytes += artifact.raw_size
+        finally:
+            os.close(fd)
+
+    def text(self, name: str, text: str, content: str) -> Artifact:
+        import io
+
+        artifact = self.store(name, io.BytesIO(text.encode()), content, {"path": name})
+        self.artifacts.append(artifact)
+        return artifact
+
+    def clean_up(self) -> None:
+        """Remove what this backup stored (never a referenced artifact of another)."""
+        for key in self.stored:
+            if self.repo.exists(key):
+                self.repo.delete(key)
+
+
+def files_backup_postgres(
+    conn: PostgresConnection,
+    repo: Repository,
+    repo_config: RepositoryConfig,
+    enc: EncryptionConfig,
+    *,
+    data_directory: str,
+    backup_type: str = "full",
+    checksum: bool = False,
+    backup_id: str | None = None,
+    labels: dict[str, str] | None = None,
+    progress: Progress | None = None,
+    wal_timeout_s: float = 300.0,
+) -> Manifest:
+    """Take a file-level backup (``full``, ``diff`` or ``incr``) of ``conn``'s cluster,
+    reading its files from ``data_directory``; returns the published manifest."""
+    register(*conn.secrets(), *repo_config.secrets(), *enc.secrets())
+    if backup_type not in chain.BACKUP_TYPES:
+        raise InvalidInput(f"backup type must be one of {', '.join(chain.BACKUP_TYPES)}")
+    facts = cluster_facts(conn)
+    if facts["wal_level"] not in ("replica", "logical"):
+        raise InvalidInput(f"wal_level is {facts['wal_level']}: physical backups need replica")
+    if facts["archive_mode"] == "off":
+        raise InvalidInput(
+            "archive_mode is off on the server: a physical backup without archived WAL "
+            "cannot be restored; set archive_mode = on and archive_command = "
+            "'strongroom-wal push %p'"
+        )
+    if facts.get("in_recovery"):
+        raise InvalidInput("the server is a standby: backups from a standby are not supported yet")
+    if facts["extra_tablespaces"]:
+        raise InvalidInput(
+            f"the cluster has {facts['extra_tablespaces']} tablespace(s) besides pg_default "
+            "and pg_global; file-level backups support the default tablespaces only (for now)"
+        )
+    root = os.path.abspath(data_directory)
+    found = control_system_identifier(root)
+    if found != facts["system_identifier"]:
+        raise InvalidInput(
+            f"{root} belongs to database system {found}, the server is "
+            f"{facts['system_identifier']}: not its data directory"
+        )
+    choice = chain.choose_prior(
+        repo,
+        conn.name,
+        backup_type,
+        enc,
+        system_identifier=facts["system_identifier"],
+        timeline=facts["timeline"],
+    )
+    started = dt.datetime.now(dt.UTC)
+    bid = backup_id or new_backup_id(started)
+    claim_backup_id(repo, ENGINE, conn.name, bid)
+    settings = storage_settings(repo_config, started)
+    copier = _Copier(
+        repo,
+        conn.name,
+        bid,
+        enc,
+        repo_config.compression_level,
+        settings,
+        choice.prior,
+        checksum,
+        progress,
+    )
+    watch = ArchiverWatch(conn, facts["archive_command"], facts["wal_segment_size"])
+    session = connect(conn)
+    watch.start(session.cancel)
+
+    def failing() -> None:
+        if watch.error is not None:
+            raise watch.error
+
+    try:
+        # taken before the start checkpoint: files modified in or after this second are
+        # copied again by the next backup (chain.unchanged)
+        copy_started_ns = time.time_ns()
+        row = session.execute(
+            "SELECT pg_backup_start(%s, fast => true)::text", (f"strongroom {bid}",)
+        ).fetchone()
+        assert row is not None
+        _past_second(copy_started_ns)
+        tree: Tree = walk_data_directory(root)
+        for entry in tree.files:
+            failing()
+            copier.file(root, entry, time.time_ns())
+        try:
+            stop = session.execute(
+                "SELECT lsn::text, labelfile, spcmapfile"
+                " FROM pg_backup_stop(wait_for_archive => true)"
+            ).fetchone()
+        except Exception:
+            failing()
+            raise
+        assert stop is not None
+        stopped = dt.datetime.now(dt.UTC)
+        failing()
+        label_text, spcmap_text = str(stop[1]), str(stop[2] or "")
+        label = parse_backup_label(label_text)
+        copier.text(chain.LABEL, label_text, chain.CONTENT_LABEL)
+        copier.text(chain.SPCMAP, spcmap_text, chain.CONTENT_SPCMAP)
+        timeline = int(label.get("start_timeline", facts["timeline"]))
+        details: dict[str, Any] = {
+            "format": "files",
+            **chain.chain_details(choice, copier.artifacts, bid),
+            "system_identifier": facts["system_identifier"],
+            "timeline": timeline,
+            "stop_timeline": timeline,
+            "wal_segment_size": facts["wal_segment_size"],
+            "start_lsn": label["start_lsn"],
+            "stop_lsn": str(stop[0]),
+            "checkpoint_lsn": label.get("checkpoint_lsn"),
+            "start_wal": label["start_wal"],
+            "start_time": started.isoformat(),
+            "stop_time": stopped.isoformat(),
+            "copy_started_ns": copy_started_ns,
+            "label_start_time": label.get("start_time"),
+            "next_xid": _next_xid(session),
+            "backup_label": label_text,
+            "wal_target": conn.name,
+            "data_directory": root,
+            "checksum": checksum,
+            "directories": [list(d) for d in tree.directories],
+            "empty_files": copier.empty,
+            "skipped": tree.skipped[:100],
+            "files": len(copier.artifacts) - 2 + len(copier.empty),
+            "files_copied": len(copier.stored) - 2,
+            "files_referenced": len(copier.artifacts) - len(copier.stored),
+            "copied_bytes": copier.copied_bytes,
+            "referenced_bytes": copier.referenced_bytes,
+        }
+        details["stop_wal"] = names.segment_name(
+            timeline,
+            names.segno_of_lsn(names.parse_lsn(details["stop_lsn"]) - 1, facts["wal_segment_size"]),
+            facts["wal_segment_size"],
+        )
+        wanted = required_wal(details)
+        missing = wait_for_wal(repo, conn.name, wanted, timeout_s=wal_timeout_s, watch=failing)
+        if missing:
+            raise ServiceUnavailable(
+                f"backup {bid}: WAL needed to make it consistent is not archived in "
+                f"{repo.describe()}/{wal_prefix(conn.name)} after {wal_timeout_s:.0f} s "
+                f"(missing {', '.join(missing[:5])}); is archive_command "
+                "'strongroom-wal push %p' configured with this repository and target?"
+            )
+        details["archived_wal"] = wanted
+        if choice.prior is not None:
+            _extend_locks(repo, copier.artifacts, bid, settings)
+        manifest = Manifest(
+            backup_id=bid,
+            engine=ENGINE,
+            target=conn.name,
+            kind=chain.KIND,
+            started_at=started,
+            finished_at=dt.datetime.now(dt.UTC),
+            repository=repo.describe(),
+            tool_versions={"postgres": str(facts.get("version", ""))},
+            server={
+                "host": conn.host,
+                "port": conn.port,
+                **{k: v for k, v in facts.items() if k != "archive_command"},
+            },
+            artifacts=copier.artifacts,
+            details=details,
+            labels=dict(labels or {}),
+        )
+        publish_backup(repo, manifest, settings)
+    except BaseException:
+        copier.clean_up()
+        raise
+    finally:
+        watch.stop()
+        session.close()  # ends a backup still in progress (non-exclusive)
+    return manifest
+
+
+def _past_second(start_ns: int, margin_s: float = 0.05) -> None:
+    """Sleep until the second after ``start_ns`` (plus a margin for the kernel's coarse
+    file clock), as pgBackRest does: every file is then read in a later second than the
+    copy start, so a change made after a file was read always moves its mtime into a
+    second the next backup will not trust (``chain.unchanged``)."""
+    wake = (start_ns // 1_000_000_000 + 1) + margin_s
+    delay = wake - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _next_xid(session: Any) -> int:
+    row = session.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _extend_locks(
+    repo: Repository, artifacts: list[Artifact], backup_id: str, settings: StorageSettings
+) -> None:
+    """Referenced artifacts stay locked (S3 object lock) at least as long as this backup."""
+    extend = getattr(repo, "extend_lock", None)
+    if extend is None or settings.retain_until is None:
+        return
+    for artifact in artifacts:
+        if chain.owner_of(artifact) not in (backup_id, ""):
+            extend(artifact.key, settings)
+
+
+def summary(manifest: Manifest) -> dict[str, Any]:
+    """What a files backup did, for reports and benchmarks."""
+    d = manifest.details
+    own = [a for a in manifest.artifacts if chain.owner_of(a) == manifest.backup_id]
+    return {
+        "backup_id": manifest.backup_id,
+        "backup_type": d.get("backup_type"),
+        "base_backup_id": d.get("base_backup_id"),
+        "files": d.get("files"),
+        "files_copied": d.get("files_copied"),
+        "files_referenced": d.get("files_referenced"),
+        "copied_bytes": d.get("copied_bytes"),
+        "referenced_bytes": d.get("referenced_bytes"),
+        "stored_bytes": sum(a.stored_size for a in own),
+        "seconds": round(manifest.duration_s, 3),
+    }
