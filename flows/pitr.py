@@ -35,8 +35,8 @@ from flows.engine_runs import load_target, open_backup
 from strongroom import progress
 from strongroom.catalog import artifact_totals
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.engines.postgres.files.backup import files_backup_postgres
 from strongroom.engines.postgres.pitr.basebackup import base_backup_postgres, base_backups
+from strongroom.engines.postgres.pitr.files.backup import files_backup_postgres
 from strongroom.engines.postgres.pitr.plan import PitrRequest
 from strongroom.engines.postgres.pitr.points import create_restore_point
 from strongroom.engines.postgres.pitr.restore import pitr_restore

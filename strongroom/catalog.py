@@ -34,6 +34,7 @@ from strongroom.errors import (
     StrongroomError,
 )
 from strongroom.ids import (
+    BACKUP_ID_RE,
     check_backup_id,
     check_engine,
     check_name,
@@ -154,6 +155,29 @@ def manifest_key(engine: str, target: str, backup_id: str) -> str:
 
 def data_key(engine: str, target: str, backup_id: str, artifact: str) -> str:
     return f"data/{engine}/{target}/{backup_id}/{artifact}"
+
+
+def data_prefix(engine: str, target: str, backup_id: str) -> str:
+    return f"data/{engine}/{target}/{backup_id}/"
+
+
+def inside(key: str, prefix: str) -> bool:
+    """``key`` lies under ``prefix`` with no empty, ``.`` or ``..`` segment after it."""
+    if not key.startswith(prefix) or len(key) == len(prefix):
+        return False
+    return all(part not in ("", ".", "..") for part in key[len(prefix) :].split("/"))
+
+
+def parents_of(manifest: Manifest) -> tuple[str, ...]:
+    """Backups this one needs to be restored (incremental chains), by id."""
+    found: list[str] = []
+    for name in ("depends_on", "parent_backup_id", "parent", "base_backup_id", "based_on"):
+        value = manifest.details.get(name)
+        if isinstance(value, str) and BACKUP_ID_RE.fullmatch(value):
+            found.append(value)
+        elif isinstance(value, list):
+            found.extend(v for v in value if isinstance(v, str) and BACKUP_ID_RE.fullmatch(v))
+    return tuple(dict.fromkeys(found))
 
 
 def catalog_finding(key: str, status: str, error: str) -> dict[str, Any]:

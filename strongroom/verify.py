@@ -90,7 +90,7 @@ ENGINE_CHECK_MODULES = (
     "strongroom.engines.clickhouse.verify",
     "strongroom.engines.postgres.verify",
     "strongroom.engines.postgres.pitr.basebackup",
-    "strongroom.engines.postgres.files.check",
+    "strongroom.engines.postgres.pitr.files.check",
     "strongroom.engines.redis.backup",
 )
 

@@ -16,10 +16,10 @@ import pytest
 from pyrage import x25519
 
 from strongroom.catalog import Catalog, manifest_key
-from strongroom.engines.postgres.files import backup as files_backup
-from strongroom.engines.postgres.files.backup import files_backup_postgres, summary
-from strongroom.engines.postgres.files.chain import file_records, owner_of
-from strongroom.engines.postgres.files.restore import (
+from strongroom.engines.postgres.pitr.files import backup as files_backup
+from strongroom.engines.postgres.pitr.files.backup import files_backup_postgres, summary
+from strongroom.engines.postgres.pitr.files.chain import file_records, owner_of
+from strongroom.engines.postgres.pitr.files.restore import (
     check_path,
     plan_files,
     restore_files_backup,

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from strongroom.catalog import PHYSICAL_KINDS, Catalog, Manifest
+from strongroom.catalog import PHYSICAL_KINDS, Catalog, Manifest, data_prefix, inside, parents_of
 from strongroom.errors import (
     AccessDenied,
     NotFound,
@@ -47,10 +47,6 @@ Ident = tuple[str, str, str]  # (engine, target, backup id), from the listing pa
 _TRANSIENT = (ServiceUnavailable, AccessDenied, StorageFull)
 
 
-def data_prefix(engine: str, target: str, backup_id: str) -> str:
-    return f"data/{engine}/{target}/{backup_id}/"
-
-
 def valid_ident(engine: str, target: str, backup_id: str) -> bool:
     """True when the three names are ones strongroom writes (so a prefix built from them
     is exactly one backup's folder)."""
@@ -59,13 +55,6 @@ def valid_ident(engine: str, target: str, backup_id: str) -> bool:
         and NAME_RE.fullmatch(target) is not None
         and BACKUP_ID_RE.fullmatch(backup_id) is not None
     )
-
-
-def inside(key: str, prefix: str) -> bool:
-    """``key`` lies under ``prefix`` with no empty, ``.`` or ``..`` segment after it."""
-    if not key.startswith(prefix) or len(key) == len(prefix):
-        return False
-    return all(part not in ("", ".", "..") for part in key[len(prefix) :].split("/"))
 
 
 @dataclass(frozen=True)
@@ -114,18 +103,6 @@ class Listed:
     @property
     def suspect(self) -> bool:
         return bool(self.problems)
-
-
-def parents_of(manifest: Manifest) -> tuple[str, ...]:
-    """Backups this one needs to be restored (incremental chains), by id."""
-    found: list[str] = []
-    for name in ("depends_on", "parent_backup_id", "parent", "base_backup_id", "based_on"):
-        value = manifest.details.get(name)
-        if isinstance(value, str) and BACKUP_ID_RE.fullmatch(value):
-            found.append(value)
-        elif isinstance(value, list):
-            found.extend(v for v in value if isinstance(v, str) and BACKUP_ID_RE.fullmatch(v))
-    return tuple(dict.fromkeys(found))
 
 
 def ownership_problems(entry: Listed) -> list[Finding]:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from strongroom.catalog import PHYSICAL_KINDS, Catalog, Manifest
+from strongroom.catalog import PHYSICAL_KINDS, Catalog, Manifest, data_prefix, inside, parents_of
 from strongroom.errors import StrongroomError
 from strongroom.ids import (
     BACKUP_ID_RE,
@@ -44,11 +44,8 @@ from strongroom.policy.owned import (
     Finding,
     Ident,
     Listed,
-    data_prefix,
-    inside,
     list_catalog,
     owned_keys,
-    parents_of,
     valid_ident,
 )
 from strongroom.policy.pins import label_pinned, list_pins

@@ -42,10 +42,10 @@ from strongroom.catalog import Catalog
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.postgres import root_fs as fs
 from strongroom.engines.postgres.backup import ENGINE, pg_tool
-from strongroom.engines.postgres.files.chain import KIND as FILES_KIND
-from strongroom.engines.postgres.files.restore import load_checked, write_files
 from strongroom.engines.postgres.pitr.basebackup import ARTIFACT
 from strongroom.engines.postgres.pitr.extract import PipeExtractor, summary
+from strongroom.engines.postgres.pitr.files.chain import KIND as FILES_KIND
+from strongroom.engines.postgres.pitr.files.restore import load_checked, write_files
 from strongroom.engines.postgres.pitr.hba import admit, withdraw
 from strongroom.engines.postgres.pitr.plan import PitrRequest, Plan, plan_pitr
 from strongroom.engines.postgres.pitr.server import RestoredServer, as_user, resolve_os_user

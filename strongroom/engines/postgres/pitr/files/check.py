@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from strongroom.catalog import Artifact, Manifest
-from strongroom.engines.postgres.files import chain
+from strongroom.engines.postgres.pitr.files import chain
 from strongroom.engines.postgres.pitr.tar import parse_backup_label
 from strongroom.errors import IntegrityError
 from strongroom.repository.base import Repository

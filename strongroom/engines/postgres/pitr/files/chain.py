@@ -23,10 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from strongroom.catalog import Artifact, Catalog, Manifest
+from strongroom.catalog import Artifact, Catalog, Manifest, data_prefix, inside, parents_of
 from strongroom.config import EncryptionConfig
 from strongroom.errors import IntegrityError, NotFound
-from strongroom.policy.owned import data_prefix, inside, parents_of
 from strongroom.repository.base import Repository
 
 ENGINE = "postgresql"

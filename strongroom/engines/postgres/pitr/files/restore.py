@@ -31,8 +31,8 @@ from strongroom.artifacts import read_artifact
 from strongroom.catalog import Artifact, Catalog, Manifest
 from strongroom.config import EncryptionConfig
 from strongroom.engines.postgres import root_fs as fs
-from strongroom.engines.postgres.files import chain
 from strongroom.engines.postgres.pitr.extract import FolderTree, dir_mode, file_mode
+from strongroom.engines.postgres.pitr.files import chain
 from strongroom.errors import IntegrityError, InvalidInput, TargetNotEmpty
 from strongroom.pipeline import Progress
 from strongroom.repository.base import Repository

@@ -31,14 +31,14 @@ from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.postgres.backup import ENGINE
 from strongroom.engines.postgres.connect import connect
-from strongroom.engines.postgres.files import chain
-from strongroom.engines.postgres.files.walk import FileStat, Tree, walk_data_directory
 from strongroom.engines.postgres.pitr.archiver_watch import ArchiverWatch
 from strongroom.engines.postgres.pitr.basebackup import (
     cluster_facts,
     required_wal,
     wait_for_wal,
 )
+from strongroom.engines.postgres.pitr.files import chain
+from strongroom.engines.postgres.pitr.files.walk import FileStat, Tree, walk_data_directory
 from strongroom.engines.postgres.pitr.tar import parse_backup_label
 from strongroom.engines.postgres.wal import names
 from strongroom.engines.postgres.wal.store import wal_prefix
