@@ -4,8 +4,9 @@ exported again.
 
 Every logical backup records, for each partition of each table it exported (key ``""``
 for an unpartitioned table), the partition's fingerprint (rows and the server-side
-order-independent hash) and its *part state*: the active parts with their checksums
-(``hash_of_all_files``, 26.x) or their names, modification times and sizes (18.16,
+order-independent hash) and its *part state*: the checksums of its active parts
+(``hash_of_all_files``, 26.x; names are left out, as a mutation renames every part of a
+table, changed or not) or their names, modification times and sizes (18.16,
 whose ``system.parts`` has no checksums). The next backup of the target compares:
 
 - part state equal and *strong* (checksums on both sides): the partition is unchanged
@@ -88,7 +89,9 @@ def part_state(parts: list[dict[str, Any]]) -> dict[str, tuple[list[list[Any]], 
     for p in parts:
         pid = p["partition_id"]
         checksum = p.get("checksum") or ""
-        ident = [p["name"], checksum] if checksum else [p["name"], p.get("modified", ""), p["rows"]]
+        # a part's checksum alone: a mutation of another partition renames every part
+        # (new mutation version, hard-linked files) without changing its files
+        ident = [checksum] if checksum else [p["name"], p.get("modified", ""), p["rows"]]
         states.setdefault(pid, []).append(ident)
         strong[pid] = strong.get(pid, True) and bool(checksum)
     return {pid: (sorted(idents), strong[pid]) for pid, idents in states.items()}
