@@ -135,6 +135,29 @@ def wait_for_wal(
         time.sleep(poll_s)
 
 
+def require_archived_wal(
+    repo: Repository,
+    target: str,
+    details: dict[str, Any],
+    *,
+    timeout_s: float,
+    watch: Callable[[], None] | None,
+    what: str,
+) -> list[str]:
+    """The WAL segments a physical backup needs (start..stop), once all are archived in
+    the repository; ``ServiceUnavailable`` naming the missing ones after ``timeout_s``."""
+    wanted = required_wal(details)
+    missing = wait_for_wal(repo, target, wanted, timeout_s=timeout_s, watch=watch)
+    if missing:
+        raise ServiceUnavailable(
+            f"{what}: WAL needed to make it consistent is not archived in "
+            f"{repo.describe()}/{wal_prefix(target)} after {timeout_s:.0f} s "
+            f"(missing {', '.join(missing[:5])}); is archive_command "
+            "'strongroom-wal push %p' configured with this repository and target?"
+        )
+    return wanted
+
+
 def base_backup_postgres(
     conn: PostgresConnection,
     repo: Repository,
@@ -252,15 +275,14 @@ def base_backup_postgres(
             ),
             details["wal_segment_size"],
         )
-        wanted = required_wal(details)
-        missing = wait_for_wal(repo, conn.name, wanted, timeout_s=wal_timeout_s, watch=failing)
-        if missing:
-            raise ServiceUnavailable(
-                f"base backup {bid}: WAL needed to make it consistent is not archived in "
-                f"{repo.describe()}/{wal_prefix(conn.name)} after {wal_timeout_s:.0f} s "
-                f"(missing {', '.join(missing[:5])}); is archive_command "
-                "'strongroom-wal push %p' configured with this repository and target?"
-            )
+        wanted = require_archived_wal(
+            repo,
+            conn.name,
+            details,
+            timeout_s=wal_timeout_s,
+            watch=failing,
+            what=f"base backup {bid}",
+        )
         details["archived_wal"] = wanted
         manifest = Manifest(
             backup_id=bid,

@@ -34,15 +34,13 @@ from strongroom.engines.postgres.connect import connect
 from strongroom.engines.postgres.pitr.archiver_watch import ArchiverWatch
 from strongroom.engines.postgres.pitr.basebackup import (
     cluster_facts,
-    required_wal,
-    wait_for_wal,
+    require_archived_wal,
 )
 from strongroom.engines.postgres.pitr.files import chain
 from strongroom.engines.postgres.pitr.files.walk import FileStat, Tree, walk_data_directory
 from strongroom.engines.postgres.pitr.tar import parse_backup_label
 from strongroom.engines.postgres.wal import names
-from strongroom.engines.postgres.wal.store import wal_prefix
-from strongroom.errors import InvalidInput, ServiceUnavailable
+from strongroom.errors import InvalidInput
 from strongroom.ids import new_backup_id
 from strongroom.pipeline import Progress
 from strongroom.redact import register
@@ -327,15 +325,9 @@ def files_backup_postgres(
             names.segno_of_lsn(names.parse_lsn(details["stop_lsn"]) - 1, facts["wal_segment_size"]),
             facts["wal_segment_size"],
         )
-        wanted = required_wal(details)
-        missing = wait_for_wal(repo, conn.name, wanted, timeout_s=wal_timeout_s, watch=failing)
-        if missing:
-            raise ServiceUnavailable(
-                f"backup {bid}: WAL needed to make it consistent is not archived in "
-                f"{repo.describe()}/{wal_prefix(conn.name)} after {wal_timeout_s:.0f} s "
-                f"(missing {', '.join(missing[:5])}); is archive_command "
-                "'strongroom-wal push %p' configured with this repository and target?"
-            )
+        wanted = require_archived_wal(
+            repo, conn.name, details, timeout_s=wal_timeout_s, watch=failing, what=f"backup {bid}"
+        )
         details["archived_wal"] = wanted
         if choice.prior is not None:
             _extend_locks(repo, copier.artifacts, bid, settings)
