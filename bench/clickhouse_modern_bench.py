@@ -205,7 +205,7 @@ def _incremental_sample(inc: Any, seconds: float, fact_table: str) -> dict[str, 
 
 
 def _own(manifest: Any) -> list[Any]:
-    from strongroom.engines.clickhouse.incremental import owner_of
+    from strongroom.catalog import owner_of
 
     return [a for a in manifest.artifacts if owner_of(a) == manifest.backup_id]
 

@@ -33,10 +33,11 @@ from flows.common import (
 )
 from flows.engine_runs import load_target, open_backup
 from strongroom import progress
-from strongroom.catalog import artifact_totals
+from strongroom.catalog import Manifest, artifact_totals
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.postgres.pitr.basebackup import base_backup_postgres, base_backups
 from strongroom.engines.postgres.pitr.files.backup import files_backup_postgres
+from strongroom.engines.postgres.pitr.files.backup import summary as files_summary
 from strongroom.engines.postgres.pitr.plan import PitrRequest
 from strongroom.engines.postgres.pitr.points import create_restore_point
 from strongroom.engines.postgres.pitr.restore import pitr_restore
@@ -166,8 +167,7 @@ def files_backup_postgresql(
             wal_timeout_s,
         )
     d = manifest["details"]
-    own = [a for a in manifest["artifacts"] if f"/{manifest['backup_id']}/" in a["key"]]
-    stored = sum(a["stored_size"] for a in own)
+    stored = files_summary(Manifest.model_validate(manifest))["stored_bytes"]
     publish(
         f"PostgreSQL {d['backup_type']} files backup {manifest['backup_id']}",
         f"files-backup-postgresql-{target}",

@@ -12,7 +12,7 @@ import datetime as dt
 from collections.abc import Callable
 from typing import IO, cast
 
-from strongroom.catalog import Artifact, Catalog, Manifest, data_key, manifest_key
+from strongroom.catalog import Artifact, Catalog, Manifest, data_key, manifest_key, owner_of
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.errors import Conflict, IntegrityError, NotFound
 from strongroom.pipeline import (
@@ -141,6 +141,22 @@ def publish_backup(
     for artifact in manifest.artifacts:
         check_durable(repo, artifact)
     return Catalog(repo).write(manifest, settings)
+
+
+def extend_locks(
+    repo: Repository, artifacts: list[Artifact], backup_id: str, settings: StorageSettings
+) -> int:
+    """Lock every artifact a backup references from earlier backups (incremental chains)
+    at least as long as the backup itself (S3 object lock; a repository without locks
+    has nothing to extend). Returns how many were extended."""
+    extend = getattr(repo, "extend_lock", None)
+    if extend is None or settings.retain_until is None:
+        return 0
+    return sum(
+        1
+        for a in artifacts
+        if owner_of(a) not in (backup_id, "") and extend(a.key, settings) is not None
+    )
 
 
 def read_artifact(

@@ -180,6 +180,13 @@ def parents_of(manifest: Manifest) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
+def owner_of(artifact: Artifact) -> str:
+    """The backup id whose data folder holds an artifact (``data/<e>/<t>/<id>/...``): its
+    own, or for an incremental's referenced artifact the earlier backup that stored it."""
+    parts = artifact.key.split("/")
+    return parts[3] if len(parts) > 4 and parts[0] == "data" else ""
+
+
 def catalog_finding(key: str, status: str, error: str) -> dict[str, Any]:
     """One catalog entry that was skipped: ``{"key", "status", "error"}``; ``status`` is
     a ``strongroom.signing.Verdict`` status, ``misplaced`` or ``malformed``."""

@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 
-from strongroom.catalog import Catalog, Manifest, manifest_key
+from strongroom.catalog import Catalog, Manifest, manifest_key, owner_of
 from strongroom.config import EncryptionConfig
 from strongroom.engines.clickhouse import sql as chsql
 from strongroom.engines.clickhouse.backup import backup_clickhouse
-from strongroom.engines.clickhouse.incremental import owner_of
 from strongroom.errors import NotFound
 from strongroom.policy.prune import prune
 from strongroom.policy.retention import RetentionPolicy

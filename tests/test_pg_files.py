@@ -15,10 +15,10 @@ import psycopg
 import pytest
 from pyrage import x25519
 
-from strongroom.catalog import Catalog, manifest_key
+from strongroom.catalog import Catalog, manifest_key, owner_of
 from strongroom.engines.postgres.pitr.files import backup as files_backup
 from strongroom.engines.postgres.pitr.files.backup import files_backup_postgres, summary
-from strongroom.engines.postgres.pitr.files.chain import file_records, owner_of
+from strongroom.engines.postgres.pitr.files.chain import file_records
 from strongroom.engines.postgres.pitr.files.restore import (
     check_path,
     plan_files,

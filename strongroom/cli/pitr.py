@@ -18,7 +18,7 @@ without importing Prefect).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Any, cast
 
 import typer
 
@@ -97,20 +97,16 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
         directory, for a runner that can read it."""
         with _handled(as_json):
             from flows.pitr import files_backup_postgresql
+            from strongroom.engines.postgres.pitr.files.chain import BACKUP_TYPES, BackupType
 
-            kinds: dict[str, Literal["full", "diff", "incr"]] = {
-                "full": "full",
-                "diff": "diff",
-                "incr": "incr",
-            }
-            if backup_type not in kinds:
+            if backup_type not in BACKUP_TYPES:
                 from strongroom.errors import InvalidInput
 
                 raise InvalidInput("--type must be full, diff or incr")
             with _progress(not as_json):
                 manifest = files_backup_postgresql(
                     target=target,
-                    backup_type=kinds[backup_type],
+                    backup_type=cast(BackupType, backup_type),
                     checksum=checksum,
                     repository=repository,
                     encryption_key=key,

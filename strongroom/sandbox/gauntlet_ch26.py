@@ -25,6 +25,7 @@ from typing import Any
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
 from strongroom.engines.clickhouse.sql import quote_ident, quote_string
 from strongroom.sandbox.clickhouse_modern import CLUSTER
+from strongroom.sandbox.gauntlet_clickhouse import dataset_size
 from strongroom.sandbox.gauntlet_clickhouse import fingerprint as _fingerprint
 
 MAIN_DB = "sr26 main `m` ü"
@@ -151,15 +152,8 @@ def load_ch26(client: ClickHouseHTTP, rows: int = FACT_ROWS) -> dict[str, Any]:
     )
     for name in (DICT_HASHED, DICT_FLAT):
         client.execute(f"SYSTEM RELOAD DICTIONARY {_q(AUX_DB, name)}")
-    sizes = client.tuples(
-        "SELECT sum(rows), sum(bytes_on_disk), uniqExact(database, table, partition_id) "
-        f"FROM system.parts WHERE active AND database IN ({quote_string(MAIN_DB)}, "
-        f"{quote_string(AUX_DB)})"
-    )[0]
     return {
-        "rows": int(sizes[0]),
-        "bytes_on_disk": int(sizes[1]),
-        "partitions": int(sizes[2]),
+        **dataset_size(client, [MAIN_DB, AUX_DB]),
         "seconds": round(time.monotonic() - started, 2),
     }
 

@@ -106,6 +106,16 @@ def _facts_insert(rows: int, offset: int) -> str:
         FROM numbers({rows})"""
 
 
+def dataset_size(client: ClickHouseHTTP, databases: list[str]) -> dict[str, int]:
+    """Rows, bytes on disk and partitions of the active parts of ``databases``."""
+    listed = ", ".join(quote_string(d) for d in databases)
+    sizes = client.tuples(
+        "SELECT sum(rows), sum(bytes_on_disk), uniqExact(database, table, partition_id) "
+        f"FROM system.parts WHERE active AND database IN ({listed})"
+    )[0]
+    return {"rows": int(sizes[0]), "bytes_on_disk": int(sizes[1]), "partitions": int(sizes[2])}
+
+
 def load_gauntlet(client: ClickHouseHTTP) -> dict[str, Any]:
     """Drop and create the gauntlet databases; returns rows, bytes, features and seconds."""
     started = time.monotonic()
@@ -141,15 +151,8 @@ def load_gauntlet(client: ClickHouseHTTP) -> dict[str, Any]:
         f"INSERT INTO {_q(SECOND_DB, 'таблица')} SELECT toDate('2024-01-01') + number % 400, "
         "number, number / 3 FROM numbers(200000)"
     )
-    sizes = client.tuples(
-        "SELECT sum(rows), sum(bytes_on_disk), uniqExact(database, table, partition_id) "
-        f"FROM system.parts WHERE active AND database IN ({quote_string(MAIN_DB)}, "
-        f"{quote_string(SECOND_DB)})"
-    )[0]
     return {
-        "rows": int(sizes[0]),
-        "bytes_on_disk": int(sizes[1]),
-        "partitions": int(sizes[2]),
+        **dataset_size(client, [MAIN_DB, SECOND_DB]),
         "features": f,
         "seconds": round(time.monotonic() - started, 2),
     }

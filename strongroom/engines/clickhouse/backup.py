@@ -23,6 +23,7 @@ from typing import IO, Any, cast
 
 from strongroom.artifacts import (
     claim_backup_id,
+    extend_locks,
     publish_backup,
     storage_settings,
     store_artifact,
@@ -499,7 +500,7 @@ def backup_clickhouse(
             },
             labels=dict(labels or {}),
         )
-        incremental.extend_locks(repo, artifacts, bid, settings)
+        extend_locks(repo, artifacts, bid, settings)
         publish_backup(repo, manifest, settings)
     except BaseException:
         own = data_key(ENGINE, conn.name, bid, "")

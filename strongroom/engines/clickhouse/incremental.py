@@ -30,11 +30,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from strongroom.catalog import Artifact, Catalog, Manifest
+from strongroom.catalog import Artifact, Catalog, Manifest, owner_of
 from strongroom.config import EncryptionConfig
 from strongroom.engines.clickhouse.inventory import ENGINE
 from strongroom.errors import NotFound
-from strongroom.repository.base import Repository, StorageSettings
+from strongroom.repository.base import Repository
 
 DEFAULT_FULL_EVERY = 7
 
@@ -74,12 +74,6 @@ class Choice:
 
     base: Base | None
     reason: str
-
-
-def owner_of(artifact: Artifact) -> str:
-    """The backup id whose data folder holds an artifact (``data/<e>/<t>/<id>/...``)."""
-    parts = artifact.key.split("/")
-    return parts[3] if len(parts) > 4 and parts[0] == "data" else ""
 
 
 def part_state(parts: list[dict[str, Any]]) -> dict[str, tuple[list[list[Any]], bool]]:
@@ -195,18 +189,3 @@ def details(choice: Choice, artifacts: list[Artifact], backup_id: str) -> dict[s
         "base_backup_id": choice.base.backup_id,
         "depends_on": depends,
     }
-
-
-def extend_locks(
-    repo: Repository, artifacts: list[Artifact], backup_id: str, settings: StorageSettings
-) -> int:
-    """Lock every referenced artifact at least as long as this backup (S3 object lock;
-    a repository without locks has nothing to extend). Returns how many were extended."""
-    extend = getattr(repo, "extend_lock", None)
-    if extend is None or settings.retain_until is None:
-        return 0
-    return sum(
-        1
-        for a in artifacts
-        if owner_of(a) not in (backup_id, "") and extend(a.key, settings) is not None
-    )

@@ -26,8 +26,14 @@ import struct
 import time
 from typing import IO, Any, cast
 
-from strongroom.artifacts import claim_backup_id, publish_backup, storage_settings, store_artifact
-from strongroom.catalog import Artifact, Manifest, data_key
+from strongroom.artifacts import (
+    claim_backup_id,
+    extend_locks,
+    publish_backup,
+    storage_settings,
+    store_artifact,
+)
+from strongroom.catalog import Artifact, Manifest, data_key, owner_of
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.postgres.backup import ENGINE
 from strongroom.engines.postgres.connect import connect
@@ -330,7 +336,7 @@ def files_backup_postgres(
         )
         details["archived_wal"] = wanted
         if choice.prior is not None:
-            _extend_locks(repo, copier.artifacts, bid, settings)
+            extend_locks(repo, copier.artifacts, bid, settings)
         manifest = Manifest(
             backup_id=bid,
             engine=ENGINE,
@@ -376,22 +382,10 @@ def _next_xid(session: Any) -> int:
     return int(row[0])
 
 
-def _extend_locks(
-    repo: Repository, artifacts: list[Artifact], backup_id: str, settings: StorageSettings
-) -> None:
-    """Referenced artifacts stay locked (S3 object lock) at least as long as this backup."""
-    extend = getattr(repo, "extend_lock", None)
-    if extend is None or settings.retain_until is None:
-        return
-    for artifact in artifacts:
-        if chain.owner_of(artifact) not in (backup_id, ""):
-            extend(artifact.key, settings)
-
-
 def summary(manifest: Manifest) -> dict[str, Any]:
     """What a files backup did, for reports and benchmarks."""
     d = manifest.details
-    own = [a for a in manifest.artifacts if chain.owner_of(a) == manifest.backup_id]
+    own = [a for a in manifest.artifacts if owner_of(a) == manifest.backup_id]
     return {
         "backup_id": manifest.backup_id,
         "backup_type": d.get("backup_type"),

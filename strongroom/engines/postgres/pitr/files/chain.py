@@ -23,7 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from strongroom.catalog import Artifact, Catalog, Manifest, data_prefix, inside, parents_of
+from strongroom.catalog import (
+    Artifact,
+    Catalog,
+    Manifest,
+    data_prefix,
+    inside,
+    owner_of,
+    parents_of,
+)
 from strongroom.config import EncryptionConfig
 from strongroom.errors import IntegrityError, NotFound
 from strongroom.repository.base import Repository
@@ -59,12 +67,6 @@ class Choice:
     backup_type: str
     prior: Prior | None
     reason: str = ""
-
-
-def owner_of(artifact: Artifact) -> str:
-    """The backup id whose data folder holds an artifact (``data/<e>/<t>/<id>/...``)."""
-    parts = artifact.key.split("/")
-    return parts[3] if len(parts) > 4 and parts[0] == "data" else ""
 
 
 def file_records(manifest: Manifest) -> dict[str, Artifact]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from strongroom.artifacts import read_artifact
-from strongroom.catalog import Artifact, Catalog, Manifest
+from strongroom.catalog import Artifact, Catalog, Manifest, owner_of
 from strongroom.config import EncryptionConfig
 from strongroom.engines.postgres import root_fs as fs
 from strongroom.engines.postgres.pitr.extract import FolderTree, dir_mode, file_mode
@@ -187,9 +187,7 @@ def write_files(
         "files": len(plan["files"]) + len(plan["empty"]),
         "folders": len(plan["dirs"]),
         "bytes": written,
-        "referenced_from": sorted(
-            {chain.owner_of(a) for _, a in plan["files"]} - {manifest.backup_id}
-        ),
+        "referenced_from": sorted({owner_of(a) for _, a in plan["files"]} - {manifest.backup_id}),
         "seconds": round(time.monotonic() - started, 3),
     }
 
