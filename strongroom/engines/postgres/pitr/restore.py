@@ -142,7 +142,8 @@ def _check_empty(data_dir: Path) -> None:
         if entries:
             raise TargetNotEmpty(
                 f"data directory {data_dir} is not empty ({', '.join(entries[:5])}"
-                f"{', ...' if len(entries) > 5 else ''}); PITR restores only into an empty one"
+                f"{', ...' if len(entries) > 5 else ''}); PITR restores only into an empty one "
+                "(from a files backup, delta refreshes a stale copy of the same cluster)"
             )
 
 
