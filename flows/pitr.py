@@ -112,6 +112,7 @@ def take_files_backup(
     backup_type: str,
     checksum: bool,
     wal_timeout_s: float,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     if not conn.data_directory:
         raise InvalidInput(
@@ -130,6 +131,7 @@ def take_files_backup(
         labels=labels,
         progress=reporter("data directory", None) if reporter else None,
         wal_timeout_s=wal_timeout_s,
+        jobs=jobs,
     )
     return manifest.model_dump(mode="json")
 
@@ -143,6 +145,7 @@ def files_backup_postgresql(
     encryption_key: str = "default",
     labels: dict[str, str] | None = None,
     wal_timeout_s: float = 300.0,
+    jobs: int = 2,
 ) -> dict[str, Any]:
     """File-level physical backup of ``target`` (its block's ``data_directory``): a full
     one, or only the files changed since the last full (``diff``) or the last backup
@@ -165,6 +168,7 @@ def files_backup_postgresql(
             backup_type,
             checksum,
             wal_timeout_s,
+            jobs,
         )
     d = manifest["details"]
     stored = files_summary(Manifest.model_validate(manifest))["stored_bytes"]
@@ -321,8 +325,11 @@ def pitr_restore_postgresql(
     dry_run: bool = False,
     repository: str = "default",
     encryption_key: str = "default",
+    delta: bool = False,
+    jobs: int = 2,
 ) -> dict[str, Any]:
-    """Point-in-time recovery of ``target`` into the empty ``data_dir``.
+    """Point-in-time recovery of ``target`` into the empty ``data_dir`` (or, from a files
+    backup with ``delta``, onto a stale copy of the same cluster there).
 
     The base backup is chosen automatically for the target; a target outside the
     recoverable window is refused with the window in the error. The OS user is the
@@ -352,6 +359,8 @@ def pitr_restore_postgresql(
         archive_after=archive_after,
         prefetch=prefetch,
         dry_run=dry_run,
+        delta=delta,
+        jobs=jobs,
     )
     repo, repo_config = load_repository(repository)
     enc = load_key(encryption_key)

@@ -1,7 +1,7 @@
 """PostgreSQL PITR commands, added to the ``strongroom`` CLI by ``register``:
 
     strongroom backup postgresql-base TARGET
-    strongroom backup postgresql-files TARGET --type full|diff|incr [--checksum]
+    strongroom backup postgresql-files TARGET --type full|diff|incr [--checksum] [--jobs N]
     strongroom restore postgresql-pitr TARGET --data-dir DIR [--time T | --lsn L |
         --xid X | --name N | --immediate] [--start --port P] [--verify-query SQL]
     strongroom wal-check TARGET [--json]
@@ -86,6 +86,7 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
         target: str = typer.Argument(..., help="PostgresTarget block name (data_directory set)."),
         backup_type: str = typer.Option("incr", "--type", help="full, diff or incr."),
         checksum: bool = typer.Option(False, help="Compare unchanged-looking files by SHA-256."),
+        jobs: int = typer.Option(2, "--jobs", "-j", min=1, max=64, help="Files copied at once."),
         wal_timeout: float = typer.Option(
             300.0, help="Seconds to wait for the backup's WAL to reach the archive."
         ),
@@ -108,6 +109,7 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
                     target=target,
                     backup_type=cast(BackupType, backup_type),
                     checksum=checksum,
+                    jobs=jobs,
                     repository=repository,
                     encryption_key=key,
                     wal_timeout_s=wal_timeout,
@@ -145,11 +147,16 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
             None, "--archive-to", help="Archive the new timeline into this target."
         ),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan only."),
+        delta: bool = typer.Option(
+            False, "--delta", help="Files backups: refresh a stale copy of the cluster in -D."
+        ),
+        jobs: int = typer.Option(2, "--jobs", "-j", min=1, max=64, help="Files written at once."),
         repository: str = repo_opt,
         key: str = key_opt,
         as_json: bool = JsonOpt,
     ) -> None:
-        """Point-in-time recovery into an empty data directory."""
+        """Point-in-time recovery into an empty data directory (--delta: onto a stale copy
+        of the same cluster, fetching only what differs)."""
         with _handled(as_json):
             from flows.pitr import pitr_restore_postgresql
             from strongroom.engines.postgres.pitr.plan import MAX_XID
@@ -199,6 +206,8 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
                 "verify_expect": expect,
                 "archive_after": archive_after,
                 "dry_run": dry_run,
+                "delta": delta,
+                "jobs": jobs,
                 "repository": repository,
                 "encryption_key": key,
             }
