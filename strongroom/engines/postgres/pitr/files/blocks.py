@@ -42,7 +42,6 @@ MIN_MAPPED = 1024 * 1024  # smaller files are copied whole
 READ = 1024 * 1024
 DIGEST = 16
 ENTRY = struct.Struct("<16sII")  # digest, source index, position in that source
-OWN = 0xFFFFFFFF  # source index of blocks stored by the backup being taken
 CONTENT_MAP = "pg-block-map"
 CONTENT_BLOCKS = "pg-data-blocks"
 MAX_BLOCKS = (1 << 30) // BLOCK * 4  # a segment is 1 GiB unless built otherwise
@@ -126,6 +125,7 @@ class ChangedBlocks:
         self._entries = bytearray()
         self._pending = b""
         self._index = 0
+        self._own = len(prior.sources) if prior is not None else 0  # this backup's source
         self.stored = 0  # blocks handed on
         self.read_bytes = 0
 
@@ -142,6 +142,11 @@ class ChangedBlocks:
         return data
 
     def read(self, n: int = -1) -> bytes:
+        sha256, size, entry, own = hashlib.sha256, ENTRY.size, ENTRY.pack, self._own
+        prior = self._prior
+        known = prior.entries if prior is not None else bytearray()
+        # the prior's last block may be partial: only its whole blocks are compared here
+        whole_prior = min(len(known) // size, prior.size // BLOCK) if prior is not None else 0
         while True:
             chunk = self._pending + self._next_chunk()
             if not chunk:
@@ -150,53 +155,36 @@ class ChangedBlocks:
             self._pending = chunk[whole:]
             out = bytearray()
             view = memoryview(chunk)
+            entries = self._entries
+            index = self._index
             for start in range(0, whole, BLOCK):
                 block = view[start : start + BLOCK]
-                found = digest(block)
-                kept = self._reuse(found, len(block))
-                if kept is None:
-                    self._entries += ENTRY.pack(found, OWN, self.stored)
+                found = sha256(block).digest()[:DIGEST]
+                at = index * size
+                if index < whole_prior and len(block) == BLOCK and known[at : at + DIGEST] == found:
+                    entries += known[at : at + size]
+                else:
+                    entries += entry(found, own, self.stored)
                     self.stored += 1
                     out += block
-                else:
-                    self._entries += kept
-                self._index += 1
+                index += 1
+            self._index = index
             if out:
                 return bytes(out)
 
-    def _reuse(self, found: bytes, length: int) -> bytes | None:
-        prior = self._prior
-        if prior is None or self._index >= prior.blocks:
-            return None
-        if prior.entry(self._index)[0] != found:
-            return None
-        if length != min(BLOCK, prior.size - self._index * BLOCK):
-            return None
-        start = self._index * ENTRY.size
-        return bytes(prior.entries[start : start + ENTRY.size])
-
     def finish(self, own_key: str) -> BlockMap:
-        """The map of what was read: sources renumbered to those still used, this
-        backup's blocks artifact last."""
-        prior_sources = self._prior.sources if self._prior is not None else []
-        used: dict[int, int] = {}
+        """The map of what was read: this backup's blocks artifact is the source after
+        the prior's; sources no block uses any more are dropped (and renumbered)."""
+        sources = [*(self._prior.sources if self._prior is not None else []), own_key]
+        used = {source for _, source, _ in ENTRY.iter_unpack(self._entries)}
+        if len(used) == len(sources):
+            return BlockMap(self.read_bytes, self._entries, sources)
+        keep = sorted(used)
+        renumber = {old: new for new, old in enumerate(keep)}
         entries = bytearray(len(self._entries))
-        sources: list[str] = []
-        own_index = -1
-        for i in range(len(self._entries) // ENTRY.size):
-            digest_, source, position = ENTRY.unpack_from(self._entries, i * ENTRY.size)
-            if source == OWN:
-                if own_index < 0:
-                    own_index = len(sources)
-                    sources.append(own_key)
-                index = own_index
-            else:
-                if source not in used:
-                    used[source] = len(sources)
-                    sources.append(prior_sources[source])
-                index = used[source]
-            ENTRY.pack_into(entries, i * ENTRY.size, digest_, index, position)
-        return BlockMap(self.read_bytes, entries, sources)
+        for i, (digest_, source, position) in enumerate(ENTRY.iter_unpack(self._entries)):
+            ENTRY.pack_into(entries, i * ENTRY.size, digest_, renumber[source], position)
+        return BlockMap(self.read_bytes, entries, [sources[i] for i in keep])
 
 
 def existing_digests(fd: int, size: int) -> list[bytes]:
@@ -236,16 +224,30 @@ class _BlockSink:
         self.written = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        self._buffer += data
-        while len(self._buffer) >= BLOCK:
-            self._block(bytes(self._buffer[:BLOCK]))
-            del self._buffer[:BLOCK]
-        return len(data)
+        view = memoryview(data).cast("B")
+        start = 0
+        if self._buffer:
+            start = min(BLOCK - len(self._buffer), len(view))
+            self._buffer += view[:start]
+            if len(self._buffer) < BLOCK:
+                return len(view)
+            self._block(bytes(self._buffer))
+            self._buffer.clear()
+        end = start + (len(view) - start) // BLOCK * BLOCK
+        for at in range(start, end, BLOCK):
+            if self._position in self._wanted:
+                self._block(view[at : at + BLOCK])
+            else:
+                self._position += 1
+                if self._position > self._last:
+                    raise _Done
+        self._buffer += view[end:]
+        return len(view)
 
     def flush(self) -> None:
         pass
 
-    def _block(self, block: bytes) -> None:
+    def _block(self, block: bytes | memoryview) -> None:
         want = self._wanted.pop(self._position, None)
         self._position += 1
         if want is not None:
