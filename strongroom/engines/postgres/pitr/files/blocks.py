@@ -234,15 +234,44 @@ class _BlockSink:
             self._block(bytes(self._buffer))
             self._buffer.clear()
         end = start + (len(view) - start) // BLOCK * BLOCK
+        run_at, run_index, sha256 = -1, -1, hashlib.sha256
+        wanted = self._wanted
         for at in range(start, end, BLOCK):
-            if self._position in self._wanted:
-                self._block(view[at : at + BLOCK])
-            else:
-                self._position += 1
-                if self._position > self._last:
-                    raise _Done
+            want = wanted.pop(self._position, None)
+            self._position += 1
+            if want is not None:
+                index, expected, length = want
+                block = view[at : at + BLOCK]
+                if length != BLOCK or sha256(block).digest()[:DIGEST] != expected:
+                    self._refuse(index)
+                if run_at >= 0 and index == run_index + (at - run_at) // BLOCK:
+                    pass  # extends the run: written at once below
+                else:
+                    self._flush_run(view, run_at, at, run_index)
+                    run_at, run_index = at, index
+            elif run_at >= 0:
+                self._flush_run(view, run_at, at, run_index)
+                run_at = -1
+            if self._position > self._last:
+                self._flush_run(view, run_at, at + BLOCK, run_index)
+                raise _Done
+        self._flush_run(view, run_at, end, run_index)
         self._buffer += view[end:]
         return len(view)
+
+    def _flush_run(self, view: memoryview, run_at: int, end: int, index: int) -> None:
+        """Write the verified blocks ``view[run_at:end]`` (consecutive in the file from
+        block ``index``) with one call."""
+        if run_at < 0 or end <= run_at:
+            return
+        data = view[run_at:end]
+        while data:
+            done = os.pwrite(self._fd, data, index * BLOCK + (len(view[run_at:end]) - len(data)))
+            data = data[done:]
+        self.written += end - run_at
+
+    def _refuse(self, index: int) -> None:
+        raise IntegrityError(f"block {index}: the stored block differs from the map's digest")
 
     def flush(self) -> None:
         pass
@@ -253,9 +282,7 @@ class _BlockSink:
         if want is not None:
             index, expected, length = want
             if len(block) != length or digest(block) != expected:
-                raise IntegrityError(
-                    f"block {index}: the stored block differs from the map's digest"
-                )
+                self._refuse(index)
             os.pwrite(self._fd, block, index * BLOCK)
             self.written += len(block)
         if self._position > self._last:
