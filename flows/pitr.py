@@ -181,7 +181,9 @@ def files_backup_postgresql(
             + (f" on {d['base_backup_id']}" if d.get("base_backup_id") else "")
             + (f" ({d['full_reason']})" if d.get("full_reason") else ""),
             f"- files: {d['files']} ({d['files_copied']} copied, {d['files_referenced']} "
-            f"referenced), stored {human_size(stored)}",
+            f"referenced, {d.get('files_mapped', 0)} by changed blocks), "
+            f"{human_size(d.get('copied_bytes', 0))} copied, stored {human_size(stored)}, "
+            f"{d.get('jobs', 1)} job(s)",
             f"- WAL: {d['start_wal']} (start {d['start_lsn']}) to stop {d['stop_lsn']}",
         ],
         [

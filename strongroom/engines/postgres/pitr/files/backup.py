@@ -268,6 +268,8 @@ def summary(manifest: Manifest) -> dict[str, Any]:
         "files": d.get("files"),
         "files_copied": d.get("files_copied"),
         "files_referenced": d.get("files_referenced"),
+        "files_mapped": d.get("files_mapped"),
+        "jobs": d.get("jobs"),
         "copied_bytes": d.get("copied_bytes"),
         "referenced_bytes": d.get("referenced_bytes"),
         "stored_bytes": sum(a.stored_size for a in own),
