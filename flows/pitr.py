@@ -191,6 +191,10 @@ def files_backup_postgresql(
             for key in ("backup_type", "base_backup_id", "start_lsn", "stop_lsn", "timeline")
         ],
     )
+    if backup_type != "full" and d.get("full_reason"):
+        log.warning(
+            "a %s backup was asked for, a full one was taken: %s", backup_type, d["full_reason"]
+        )
     log.info("files backup %s complete: %s stored", manifest["backup_id"], human_size(stored))
     return manifest
 

@@ -122,6 +122,12 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
                     f"[bold]{manifest['backup_id']}[/bold] {d['backup_type']} files backup of "
                     f"{target}: {d['files_copied']} file(s) copied, {d['files_referenced']} "
                     f"referenced, WAL {d['start_lsn']} .. {d['stop_lsn']}"
+                    + (
+                        f"\n[yellow]a {backup_type} backup was asked for, this is a full one: "
+                        f"{d['full_reason']}[/yellow]"
+                        if backup_type != "full" and d.get("full_reason")
+                        else ""
+                    )
                 ),
             )
 
