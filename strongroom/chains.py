@@ -46,7 +46,7 @@ def _link(manifest: Manifest | None, backup_id: str, status: str, error: str) ->
     row: dict[str, Any] = {
         "backup_id": backup_id,
         "status": status,  # ok | missing | malformed | untrusted | misplaced | <verdict>
-        "present": manifest is not None and status != "missing",
+        "present": status != "missing",  # a manifest is stored under that id
         "trusted": status == "ok",
         "type": None,
         "kind": None,
@@ -98,32 +98,42 @@ def backup_chain(catalog: Catalog, manifest: Manifest) -> dict[str, Any]:
     """The chain of ``manifest`` (a trusted one, e.g. from ``Catalog.resolve``):
 
     ``{"backup_id", "whole", "missing", "problems", "links"}`` where ``links`` holds every
-    backup it depends on, directly or through another, oldest first (ids sort by start
-    time), and the backup itself last; each link has ``backup_id``, ``type``, ``kind``,
-    ``finished_at``, ``stored_bytes`` (its own artifacts), ``referenced_bytes``,
-    ``status``, ``present``, ``trusted``, ``base_backup_id``, ``depends_on`` and
-    ``error``. ``missing`` lists the ids not in the catalog; ``whole`` is False when any
-    link is not a trusted manifest or (``files`` backups) an artifact is missing."""
+    backup it depends on, directly or through another, oldest first (every backup after
+    the ones it depends on, then by id, i.e. start time), the backup itself last; each
+    link has ``backup_id``, ``type``, ``kind``, ``finished_at``, ``stored_bytes`` (its own
+    artifacts), ``referenced_bytes``, ``status``, ``present``, ``trusted``,
+    ``base_backup_id``, ``depends_on`` and ``error``. ``missing`` lists the ids not in the
+    catalog; ``whole`` is False when any link is not a trusted manifest, the dependencies
+    loop, or (``files`` backups) an artifact is missing."""
     engine, target = manifest.engine, manifest.target
-    links: dict[str, dict[str, Any]] = {
-        manifest.backup_id: _link(manifest, manifest.backup_id, "ok", "")
-    }
-    pending = list(parents_of(manifest))
-    while pending:
-        backup_id = pending.pop()
-        if backup_id in links:
+    root = manifest.backup_id
+    links: dict[str, dict[str, Any]] = {root: _link(manifest, root, "ok", "")}
+    cycles: list[str] = []
+    order: list[str] = []  # depth-first post-order: parents before what needs them
+    done: set[str] = set()
+    stack = [(root, iter(sorted(parents_of(manifest))))]
+    while stack:
+        backup_id, parents = stack[-1]
+        parent_id = next(parents, None)
+        if parent_id is None:
+            stack.pop()
+            done.add(backup_id)
+            order.append(backup_id)
+            continue
+        if parent_id in done:
+            continue
+        if parent_id in links:  # on the current path: a loop
+            cycles.append(f"backup {backup_id} depends on {parent_id}, which depends on it")
             continue
         if len(links) >= MAX_LINKS:
-            raise IntegrityError(
-                f"the chain of backup {manifest.backup_id} has over {MAX_LINKS} backups; refused"
-            )
-        parent, status, error = _load(catalog, engine, target, backup_id)
-        links[backup_id] = _link(parent, backup_id, status, error)
-        if parent is not None:  # an untrusted manifest's parents are not followed
-            pending.extend(parents_of(parent))
-    ordered = [*sorted(b for b in links if b != manifest.backup_id), manifest.backup_id]
-    rows = [links[b] for b in ordered]
+            raise IntegrityError(f"the chain of backup {root} has over {MAX_LINKS} backups")
+        parent, status, error = _load(catalog, engine, target, parent_id)
+        links[parent_id] = _link(parent, parent_id, status, error)
+        # an untrusted manifest's own dependencies are not followed
+        stack.append((parent_id, iter(sorted(parents_of(parent)) if parent else [])))
+    rows = [links[b] for b in order]
     problems = [f"{r['backup_id']}: {r['error']}" for r in rows if r["status"] != "ok"]
+    problems += cycles
     if not problems and manifest.kind == "files":
         from strongroom.engines.postgres.pitr.files.chain import check_chain
 
