@@ -99,8 +99,8 @@ def test_files_chain_intact_then_broken(prefect_api: str, cluster: Cluster) -> N
     result = _cli("list", "-r", "chainrepo", "--engine", ENGINE, "--json")
     assert result.exit_code == 0, result.output
     rows = {r["backup_id"]: r for r in json.loads(result.stdout)}
-    expect = {full: "full", incr: "incr", diff: "diff", incr2: "incr"}
-    for m, kind in expect.items():
+    expect = [(full, "full"), (incr, "incr"), (diff, "diff"), (incr2, "incr")]
+    for m, kind in expect:
         assert rows[m.backup_id]["backup_type"] == kind
         assert rows[m.backup_id]["kind"] == "files"
         assert rows[m.backup_id]["base_backup_id"] == m.details.get("base_backup_id")

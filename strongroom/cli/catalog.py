@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from strongroom.cli.common import (
     JsonOpt,
@@ -189,7 +189,8 @@ def print_chain(chain: dict[str, Any]) -> None:
     if len(links) == 1:
         out.print("  chain: self-contained (depends on no other backup)")
         return
-    table = Table("chain (oldest first)", "type", "finished", "stored (own)", "catalog")
+    first = Column("chain (oldest first)", no_wrap=True, min_width=23)
+    table = Table(first, "type", "finished", "stored (own)", "catalog")
     for link in links:
         status = link["status"]
         mark = "[green]trusted[/green]" if status == "ok" else f"[red]{status.upper()}[/red]"
