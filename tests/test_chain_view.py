@@ -71,8 +71,11 @@ def _show(backup_id: str, repo_block: str) -> dict[str, Any]:
     return dict(json.loads(result.stdout))
 
 
-def test_files_chain_intact_then_broken(prefect_api: str, cluster: Cluster) -> None:
+def test_files_chain_intact_then_broken(
+    prefect_api: str, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from blocks import BackupRepository, register_all
+    from strongroom.cli.common import out
     from tests.fixtures.strongroom_fixtures import signing_block_fields
 
     c = cluster
@@ -104,8 +107,13 @@ def test_files_chain_intact_then_broken(prefect_api: str, cluster: Cluster) -> N
         assert rows[m.backup_id]["backup_type"] == kind
         assert rows[m.backup_id]["kind"] == "files"
         assert rows[m.backup_id]["base_backup_id"] == m.details.get("base_backup_id")
+    monkeypatch.setattr(out, "width", 160)  # a terminal, not CliRunner's 80 columns
     human = _cli("list", "-r", "chainrepo", "--engine", ENGINE)
-    assert human.exit_code == 0 and "diff" in human.stdout and "incr" in human.stdout
+    assert human.exit_code == 0, human.output
+    body = [line for line in human.stdout.splitlines() if line.startswith("│")]
+    for line, (m, kind) in zip(body, expect, strict=True):  # one line each, oldest first
+        assert m.backup_id in line and f"files {kind}" in line, line
+        assert m.details.get("base_backup_id", "") in line
 
     # show: the whole chain, oldest first; the incr the diff does not build on is not in it
     shown = _show(incr2.backup_id, "chainrepo")

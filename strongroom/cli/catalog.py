@@ -56,24 +56,22 @@ def list_cmd(
 
         def human() -> None:
             table = Table(
-                "backup id",
+                Column("backup id", no_wrap=True, min_width=23),
                 "engine",
                 "target",
-                "kind",
-                "type",
+                Column("type", no_wrap=True),
                 "finished",
                 "dump",
                 "stored",
                 "secs",
-                "based on",
+                Column("based on", overflow="fold"),
             )
             for r in rows:
                 table.add_row(
                     r["backup_id"],
                     r["engine"],
                     r["target"],
-                    r["kind"],
-                    r["backup_type"],
+                    r["backup_type"] if r["kind"] != "files" else f"files {r['backup_type']}",
                     r["finished_at"][:19],
                     size(r["raw_size"]),
                     size(r["stored_size"]),
