@@ -1,8 +1,10 @@
 """PostgreSQL file-level incremental backups and (delta) restores, strongroom against
 pgBackRest (Debian's 2.45) in the same run: issue 18 item 8.
 
-    python -m bench.pg_incremental_bench              # 2048 MiB, 3 rounds -> ....json
-    python -m bench.pg_incremental_bench --quick      # 200 MiB, 1 round -> ...-quick.json
+    python -m bench.pg_incremental_bench            # 2048 MiB, 3 rounds
+    python -m bench.pg_incremental_bench --quick    # 200 MiB, 1 round (smoke test)
+
+writes bench/results/pg-incremental.json (--quick: pg-incremental-quick.json).
     python -m bench.pg_incremental_bench --size 1024 --rounds 5
 
 One archiving PostgreSQL 15 cluster holds a pgbench database of ``--size`` MiB; its
@@ -50,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import pgbackrest as pgbr_mod
-from bench.cpu import host_busy_fraction, wait_quiet
+from bench.cpu import CpuMeter, host_busy_fraction, wait_quiet
 from bench.pg_incremental_steps import (
     DATABASE,
     PGBENCH_TABLES,
@@ -83,14 +85,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quiet-timeout",
         type=float,
-        default=30.0,
-        help="before each timed step wait up to N s until other work uses < 15%% of the CPUs",
+        default=None,
+        help="before each timed step wait up to N s until the host's CPUs are < 15%% busy"
+        " (30; quick 5)",
     )
     args = parser.parse_args(argv)
     args.size = args.size if args.size is not None else (200 if args.quick else 2048)
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     if args.size < 20 or args.rounds < 1:
         parser.error("--size must be >= 20 MiB and --rounds >= 1")
+    if args.quiet_timeout is None:
+        args.quiet_timeout = 5.0 if args.quick else 30.0
     name = "pg-incremental-quick.json" if args.quick else "pg-incremental.json"
     args.output = args.output or RESULTS / name
     return args
@@ -110,9 +115,14 @@ def _tree_digest(root: Path) -> dict[str, str]:
         for name in files:
             path = Path(dirpath) / name
             digest = hashlib.sha256()
-            with path.open("rb") as f:
-                while chunk := f.read(MIB):
-                    digest.update(chunk)
+            if name == "postgresql.auto.conf":
+                # pgBackRest stamps its recovery settings with the restore's time
+                lines = path.read_bytes().splitlines(keepends=True)
+                digest.update(b"".join(x for x in lines if not x.startswith(b"#")))
+            else:
+                with path.open("rb") as f:
+                    while chunk := f.read(MIB):
+                        digest.update(chunk)
             mode = oct(path.stat().st_mode & 0o777)
             out[str(path.relative_to(root))] = f"{digest.hexdigest()} {mode}"
     return out
@@ -139,11 +149,23 @@ class Bench:
     def timed(self, what: str, fn: Any) -> dict[str, Any]:
         guard = self.sample_guard()
         load0 = os.getloadavg()[0]
+        host = CpuMeter(None)
+        before = host.snapshot()
         t0 = time.perf_counter()
         out = fn() or {}
+        wall = time.perf_counter() - t0
+        busy = host.delta(before, None)["host_busy_cpu_s"]
         # a step's own "seconds" (without its bookkeeping) wins over the wall time here
-        seconds = float(out.get("seconds", time.perf_counter() - t0))
-        record = {**out, "seconds": round(seconds, 3), **guard, "load_before": round(load0, 2)}
+        seconds = float(out.get("seconds", wall))
+        record = {
+            **out,
+            "seconds": round(seconds, 3),
+            **guard,
+            "load_before": round(load0, 2),
+            # every process on the host, this benchmark's and the servers' included: a
+            # share near 1.0 with little work of our own means a disturbed sample
+            "host_busy_share": round(busy / (wall * (os.cpu_count() or 1)), 3),
+        }
         _log(f"{what}: {seconds:.2f} s")
         return record
 
@@ -300,6 +322,12 @@ class Bench:
             "duration_s": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1),
             "command": "python -m bench.pg_incremental_bench " + " ".join(sys.argv[1:]),
             "quick": self.args.quick,
+            "config": {
+                "size_mib": self.args.size,
+                "rounds": self.args.rounds,
+                "quiet_threshold": 0.15,
+                "quiet_timeout_s": self.args.quiet_timeout,
+            },
             "rounds": len(rounds),
             "db_mib": round(db_bytes / MIB, 1),
             "cluster_mib": round(cluster_bytes / MIB, 1),
