@@ -3,9 +3,10 @@ pgBackRest (Debian's 2.45) in the same run: issue 18 item 8.
 
     python -m bench.pg_incremental_bench            # 2048 MiB, 3 rounds
     python -m bench.pg_incremental_bench --quick    # 200 MiB, 1 round (smoke test)
-
-writes bench/results/pg-incremental.json (--quick: pg-incremental-quick.json).
     python -m bench.pg_incremental_bench --size 1024 --rounds 5
+    python -m bench.run --incremental [--quick]     # the same, through bench.run
+
+Writes bench/results/pg-incremental.json (--quick: pg-incremental-quick.json).
 
 One archiving PostgreSQL 15 cluster holds a pgbench database of ``--size`` MiB; its
 ``archive_command`` pushes every WAL file to both contenders (``strongroom-wal push``
