@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import difflib
 import hashlib
 import importlib.metadata
 import inspect
@@ -130,9 +131,23 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def _tree_diff(a: Path, b: Path) -> list[str]:
+    """The files that differ (or exist on one side only); for a differing ``*.conf``
+    its changed lines too (what a tool wrote differently)."""
     da, db = _tree_digest(a), _tree_digest(b)
-    names = sorted(set(da) | set(db))
-    return [n for n in names if da.get(n) != db.get(n)]
+    out: list[str] = []
+    for name in sorted(set(da) | set(db)):
+        if da.get(name) == db.get(name):
+            continue
+        out.append(name)
+        if name.endswith(".conf") and name in da and name in db:
+            lines = difflib.unified_diff(
+                (a / name).read_text(errors="replace").splitlines(),
+                (b / name).read_text(errors="replace").splitlines(),
+                lineterm="",
+                n=0,
+            )
+            out.extend(f"  {line}" for line in list(lines)[2:12])
+    return out
 
 
 class Bench:
@@ -245,7 +260,7 @@ class Bench:
         )
         diff = _tree_diff(fresh, stale)
         out["identical_to_fresh"] = not diff
-        out["differences"] = diff[:20]
+        out["differences"] = diff[:40]
         shutil.rmtree(fresh, ignore_errors=True)
         shutil.rmtree(stale, ignore_errors=True)
         return out
@@ -266,7 +281,7 @@ class Bench:
         )
         diff = _tree_diff(fresh, stale)
         out["identical_to_fresh"] = not diff
-        out["differences"] = diff[:20]
+        out["differences"] = diff[:40]
         shutil.rmtree(fresh, ignore_errors=True)
         shutil.rmtree(stale, ignore_errors=True)
         return out
