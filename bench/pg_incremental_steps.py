@@ -8,6 +8,7 @@ step here returns its own ``seconds`` (what is timed, without the bookkeeping ar
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import shutil
 import subprocess
@@ -184,7 +185,17 @@ class Contenders:
             **extra,
         )
         seconds = time.perf_counter() - t0
-        return {"seconds": round(seconds, 3), "jobs": extra.get("jobs"), **summary(manifest)}
+        d = manifest.details
+        stopped = dt.datetime.fromisoformat(d["stop_time"])
+        return {
+            "seconds": round(seconds, 3),
+            "jobs": extra.get("jobs"),
+            **summary(manifest),
+            # pg_backup_start (fast checkpoint) .. pg_backup_stop returned: the copy
+            "start_to_stop_s": round((stopped - manifest.started_at).total_seconds(), 3),
+            # then until its WAL was in the repository and the manifest published
+            "stop_to_published_s": round((manifest.finished_at - stopped).total_seconds(), 3),
+        }
 
     def pgbr_backup(self, kind: str) -> dict[str, Any]:
         t0 = time.perf_counter()
