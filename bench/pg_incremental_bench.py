@@ -110,6 +110,18 @@ def _package(name: str) -> str | None:
         return None
 
 
+def _git_head() -> str | None:
+    import subprocess
+
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.strip() or None
+
+
 def _tree_digest(root: Path) -> dict[str, str]:
     """Every file below ``root``: relative path -> sha256 of its bytes and its mode."""
     out: dict[str, str] = {}
@@ -402,6 +414,7 @@ class Bench:
                 "versions": {
                     "python": sys.version.split()[0],
                     "strongroom": _package("strongroom"),
+                    "strongroom_commit": _git_head(),
                     "postgres": self.c.src.psql("SHOW server_version"),
                     "pgbackrest": pgbr_mod.version(),
                 },
