@@ -92,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " (30; quick 5)",
     )
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.size = args.size if args.size is not None else (200 if args.quick else 2048)
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     if args.size < 20 or args.rounds < 1:
@@ -350,7 +351,7 @@ class Bench:
             "benchmark": "pg-incremental",
             "date": started.isoformat(timespec="seconds"),
             "duration_s": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1),
-            "command": "python -m bench.pg_incremental_bench " + " ".join(sys.argv[1:]),
+            "command": "python -m bench.pg_incremental_bench " + " ".join(self.args.argv),
             "quick": self.args.quick,
             "config": {
                 "size_mib": self.args.size,
