@@ -43,7 +43,6 @@ import datetime as dt
 import difflib
 import hashlib
 import importlib.metadata
-import inspect
 import json
 import os
 import shutil
@@ -59,6 +58,7 @@ from bench.pg_incremental_steps import (
     DATABASE,
     PGBENCH_TABLES,
     Contenders,
+    accepts,
     fingerprint_sql,
     pgbench_scale,
 )
@@ -262,8 +262,7 @@ class Bench:
                 lambda: c.sr_files(incr_id, fresh),
             )
         }
-        params = inspect.signature(c.restore_files_backup).parameters
-        if "delta" not in params:
+        if not accepts(c.restore_files_backup, "delta"):
             out["delta"] = None
             out["reason"] = "restore_files_backup has no delta parameter in this strongroom"
             shutil.rmtree(fresh, ignore_errors=True)

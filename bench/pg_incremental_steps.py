@@ -47,7 +47,7 @@ def fingerprint_sql(tables: tuple[str, ...]) -> str:
     return "SELECT concat_ws(';', " + ", ".join(parts) + ")"
 
 
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
+def accepts(fn: Callable[..., Any], name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
@@ -171,7 +171,7 @@ class Contenders:
         from strongroom.engines.postgres.pitr.files.backup import files_backup_postgres, summary
 
         extra: dict[str, Any] = {}
-        if _accepts(files_backup_postgres, "jobs"):
+        if accepts(files_backup_postgres, "jobs"):
             extra["jobs"] = self.jobs
         t0 = time.perf_counter()
         manifest = files_backup_postgres(
@@ -321,7 +321,7 @@ class Contenders:
         """restore_files_backup of ``backup_id`` into ``data`` (empty, or with ``delta``
         a copy of an older backup of the cluster): files only."""
         extra: dict[str, Any] = {"delta": True} if delta else {}
-        if _accepts(self.restore_files_backup, "jobs"):
+        if accepts(self.restore_files_backup, "jobs"):
             extra["jobs"] = self.jobs
         t0 = time.perf_counter()
         report = self.restore_files_backup(
@@ -356,10 +356,10 @@ class Contenders:
 
         return {
             "jobs": jobs,
-            "strongroom_backup_jobs_supported": _accepts(files_backup_postgres, "jobs"),
-            "strongroom_restore_files_jobs_supported": _accepts(self.restore_files_backup, "jobs"),
+            "strongroom_backup_jobs_supported": accepts(files_backup_postgres, "jobs"),
+            "strongroom_restore_files_jobs_supported": accepts(self.restore_files_backup, "jobs"),
             "strongroom_pitr_jobs_supported": "jobs" in PitrRequest.model_fields,
-            "strongroom_delta_supported": _accepts(self.restore_files_backup, "delta"),
+            "strongroom_delta_supported": accepts(self.restore_files_backup, "delta"),
             "pgbackrest_process_max": self.pgbr.process_max,
             "compression": f"zstd level {self.level} (both)",
             "strongroom_encryption": "age (one X25519 recipient)",
