@@ -73,6 +73,16 @@ def _listing(path: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _contents(path: Path) -> dict[str, tuple[str, int]]:
+    import hashlib
+
+    out = {}
+    for name in _listing(path):
+        st = os.lstat(path / name)
+        out[name] = (hashlib.sha256((path / name).read_bytes()).hexdigest(), st.st_mode)
+    return out
+
+
 def test_block_incremental_parallel_and_delta_restore(
     wide: Cluster, pg_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -110,6 +120,15 @@ def test_block_incremental_parallel_and_delta_restore(
 
     # the incremental restores (blocks from two backups, two jobs) into an empty folder
     restore_and_check(c, pg_tmp / "fresh", incr.backup_id, tables, fp_incr, jobs=2)
+
+    # the files alone, onto a copy of the full's files: equal to a fresh restore's
+    from strongroom.engines.postgres.pitr.files.restore import restore_files_backup
+
+    copy, fresh = pg_tmp / "copy", pg_tmp / "fresh-files"
+    restore_files_backup(c.repo, c.enc, c.target, full.backup_id, str(copy), jobs=2)
+    done = restore_files_backup(c.repo, c.enc, c.target, incr.backup_id, str(copy), delta=True)
+    restore_files_backup(c.repo, c.enc, c.target, incr.backup_id, str(fresh))
+    assert _contents(copy) == _contents(fresh) and done["bytes"] < done["bytes_kept"]
 
     # refusals leave the stale copy as it was
     data = stale / "data"

@@ -38,7 +38,8 @@ from strongroom.catalog import Artifact, Catalog, Manifest, owner_of
 from strongroom.config import EncryptionConfig
 from strongroom.engines.postgres import root_fs as fs
 from strongroom.engines.postgres.pitr.extract import FolderTree, dir_mode, file_mode
-from strongroom.engines.postgres.pitr.files import blocks, chain, delta
+from strongroom.engines.postgres.pitr.files import blocks, chain
+from strongroom.engines.postgres.pitr.files import delta as stale_copy
 from strongroom.errors import IntegrityError, InvalidInput, TargetNotEmpty
 from strongroom.pipeline import Progress
 from strongroom.repository.base import Repository
@@ -381,11 +382,9 @@ def restore_files_backup(
     manifest = load_checked(repo, target, backup_id)
     path = Path(data_dir).absolute()
     if delta and path.is_dir() and any(path.iterdir()):
-        return {
-            "backup_id": manifest.backup_id,
-            "data_dir": str(path),
-            **delta_files(repo, enc, manifest, path, os_user, progress, jobs),
-        }
+        report = delta_files(repo, enc, manifest, path, os_user, progress, jobs)
+        stale_copy.finish(path)
+        return {"backup_id": manifest.backup_id, "data_dir": str(path), **report}
     _check_empty(path)
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -435,7 +434,7 @@ def delta_files(
     directory without ``global/pg_control`` (PostgreSQL will not start it) that a second
     run finishes."""
     plan = plan_files(manifest)
-    removed = delta.prepare(path, manifest, plan)
+    removed = stale_copy.prepare(path, manifest, plan)
     owner = fs.owner_of(os_user)
     data_fd = fs.open_dir(path)
     try:
