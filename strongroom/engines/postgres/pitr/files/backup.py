@@ -42,7 +42,7 @@ from strongroom.engines.postgres.pitr.basebackup import (
     cluster_facts,
     require_archived_wal,
 )
-from strongroom.engines.postgres.pitr.files import chain
+from strongroom.engines.postgres.pitr.files import chain, standby
 from strongroom.engines.postgres.pitr.files.walk import FileStat, Tree, walk_data_directory
 from strongroom.engines.postgres.pitr.tar import parse_backup_label
 from strongroom.engines.postgres.wal import names
@@ -208,23 +208,25 @@ def files_backup_postgres(
     labels: dict[str, str] | None = None,
     progress: Progress | None = None,
     wal_timeout_s: float = 300.0,
+    primary: PostgresConnection | None = None,
 ) -> Manifest:
     """Take a file-level backup (``full``, ``diff`` or ``incr``) of ``conn``'s cluster,
-    reading its files from ``data_directory``; returns the published manifest."""
+    reading its files from ``data_directory``; returns the published manifest. When
+    ``conn`` is a streaming standby, ``primary`` is its primary (``standby.py``)."""
     register(*conn.secrets(), *repo_config.secrets(), *enc.secrets())
     if backup_type not in chain.BACKUP_TYPES:
         raise InvalidInput(f"backup type must be one of {', '.join(chain.BACKUP_TYPES)}")
     facts = cluster_facts(conn)
-    if facts["wal_level"] not in ("replica", "logical"):
-        raise InvalidInput(f"wal_level is {facts['wal_level']}: physical backups need replica")
-    if facts["archive_mode"] == "off":
+    source = standby.check_source(conn, facts, primary)
+    archiving = source.primary_facts if source is not None else facts  # who archives WAL
+    if archiving["wal_level"] not in ("replica", "logical"):
+        raise InvalidInput(f"wal_level is {archiving['wal_level']}: physical backups need replica")
+    if archiving["archive_mode"] == "off":
         raise InvalidInput(
             "archive_mode is off on the server: a physical backup without archived WAL "
             "cannot be restored; set archive_mode = on and archive_command = "
             "'strongroom-wal push %p'"
         )
-    if facts.get("in_recovery"):
-        raise InvalidInput("the server is a standby: backups from a standby are not supported yet")
     if facts["extra_tablespaces"]:
         raise InvalidInput(
             f"the cluster has {facts['extra_tablespaces']} tablespace(s) besides pg_default "
@@ -260,7 +262,11 @@ def files_backup_postgres(
         checksum,
         progress,
     )
-    watch = ArchiverWatch(conn, facts["archive_command"], facts["wal_segment_size"])
+    watch = ArchiverWatch(
+        source.primary if source is not None else conn,
+        archiving["archive_command"],
+        facts["wal_segment_size"],
+    )
     session = connect(conn)
     watch.start(session.cancel)
 
@@ -278,13 +284,18 @@ def files_backup_postgres(
         assert row is not None
         _past_second(copy_started_ns)
         tree: Tree = walk_data_directory(root)
+        control = standby.take_control_file(tree)  # copied last, after the loop
         for entry in tree.files:
             failing()
             copier.file(root, entry, time.time_ns())
+        if control is not None:
+            copier.file(root, control, time.time_ns())
         try:
+            # on a standby it would wait only with archive_mode = always: waited for below
             stop = session.execute(
                 "SELECT lsn::text, labelfile, spcmapfile"
-                " FROM pg_backup_stop(wait_for_archive => true)"
+                " FROM pg_backup_stop(wait_for_archive => %s)",
+                (source is None,),
             ).fetchone()
         except Exception:
             failing()
@@ -294,6 +305,9 @@ def files_backup_postgres(
         failing()
         label_text, spcmap_text = str(stop[1]), str(stop[2] or "")
         label = parse_backup_label(label_text)
+        from_standby = (
+            source.finish(str(stop[0]), label, facts["wal_segment_size"]) if source else {}
+        )
         copier.text(chain.LABEL, label_text, chain.CONTENT_LABEL)
         copier.text(chain.SPCMAP, spcmap_text, chain.CONTENT_SPCMAP)
         timeline = int(label.get("start_timeline", facts["timeline"]))
@@ -320,6 +334,7 @@ def files_backup_postgres(
             "directories": [list(d) for d in tree.directories],
             "empty_files": copier.empty,
             "skipped": tree.skipped[:100],
+            **from_standby,
             "files": len(copier.artifacts) - 2 + len(copier.empty),
             "files_copied": len(copier.stored) - 2,
             "files_referenced": len(copier.artifacts) - len(copier.stored),
