@@ -130,6 +130,7 @@ def take_files_backup(
         labels=labels,
         progress=reporter("data directory", None) if reporter else None,
         wal_timeout_s=wal_timeout_s,
+        primary=conn.primary_connection(),  # a standby's primary (PostgresTarget primary_host)
     )
     return manifest.model_dump(mode="json")
 
