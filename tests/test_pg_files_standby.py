@@ -294,3 +294,47 @@ def test_bad_standby_input_is_refused_before_anything(
         s.point_at(c.server.port)
         s.wait_streaming()
     assert _keys(c) == before  # nothing claimed, nothing stored
+
+
+def test_flow_takes_the_primary_from_the_target_block(
+    prefect_api: str, primary: Cluster, standby: StandbyServer
+) -> None:
+    from blocks import BackupRepository, EncryptionKey, PostgresTarget, register_all
+    from flows.pitr import files_backup_postgresql
+    from strongroom.config import pg_default_sslmode
+    from tests.fixtures.strongroom_fixtures import signing_block_fields
+
+    c, s = primary, standby
+    register_all()
+    identity = c.enc.identities[0].get_secret_value()
+    EncryptionKey(recipients=c.enc.recipients, identity=identity).save("sbkey", overwrite=True)
+    BackupRepository(**signing_block_fields(), local_path=str(c.repo.root)).save(
+        "sbrepo", overwrite=True
+    )
+    fields = {
+        "host": s.host,
+        "port": s.port,
+        "user": s.superuser,
+        "password": s.password,
+        "data_directory": str(s.data_dir),
+    }
+    block = PostgresTarget(**fields, primary_host=c.server.host, primary_port=c.server.port)
+    to_primary = block.to_connection(c.target).primary_connection()
+    assert to_primary is not None and to_primary.primary_host is None
+    assert (to_primary.host, to_primary.port, to_primary.name) == (
+        c.conn.host,
+        c.conn.port,
+        c.target,
+    )
+    assert (to_primary.user, to_primary.password) == (c.conn.user, c.conn.password)
+    assert to_primary.sslmode == pg_default_sslmode(c.conn.host)
+    assert PostgresTarget(**fields).to_connection(c.target).primary_connection() is None
+    block.save(c.target, overwrite=True)
+    PostgresTarget(**fields).save("sbnoprimary", overwrite=True)
+    blocks = {"repository": "sbrepo", "encryption_key": "sbkey"}
+    with pytest.raises(InvalidInput, match="needs its primary"):
+        files_backup_postgresql(target="sbnoprimary", backup_type="full", **blocks)
+    got = files_backup_postgresql(target=c.target, backup_type="incr", **blocks)
+    assert got["details"]["backup_from"] == "standby"
+    assert got["details"]["primary"]["port"] == c.server.port
+    assert got["server"]["port"] == s.port
