@@ -5,6 +5,7 @@ with what the primary had committed around it."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Iterator
@@ -18,8 +19,10 @@ from pyrage import x25519
 
 from strongroom.catalog import owner_of
 from strongroom.config import PostgresConnection
+from strongroom.engines.postgres.pitr.basebackup import base_backups
 from strongroom.engines.postgres.pitr.files.backup import files_backup_postgres, summary
 from strongroom.engines.postgres.pitr.files.chain import file_records
+from strongroom.engines.postgres.wal.check import wal_check
 from strongroom.errors import InvalidInput
 from strongroom.sandbox._process import make_temp_dir, remove_dir
 from strongroom.sandbox.ports import free_port
@@ -204,12 +207,19 @@ def test_full_and_incr_from_the_standby_while_the_primary_writes(
     primary_s = time.monotonic() - t0
     assert "backup_from" not in from_primary.details
     print(
-        f"\nstandby full {full_s:.2f}s {s_full}\nstandby incr {incr_s:.2f}s {s_incr}"
-        f"\nprimary full {primary_s:.2f}s {summary(from_primary)}"
+        f"\nstandby full {full_s:.2f}s {_phases(full)} {s_full}"
+        f"\nstandby incr {incr_s:.2f}s {_phases(incr)} {s_incr}"
+        f"\nprimary full {primary_s:.2f}s {_phases(from_primary)} {summary(from_primary)}"
     )
 
     fp_all = c.sql(fingerprint_sql((*STATIC, "hot", "ticks")))
     c.switch_and_wait()
+    # the WAL continuity report counts the standby's backups as consistent
+    rows = {
+        r["backup_id"]: r
+        for r in wal_check(c.repo, c.target, base_backups(c.repo, c.target))["backups"]
+    }
+    assert rows[full.backup_id]["consistent"] and rows[incr.backup_id]["consistent"]
     query, expect = consistent_between(low_full, high_full, fp_static)
     _check(
         _restore(
@@ -246,6 +256,13 @@ def test_full_and_incr_from_the_standby_while_the_primary_writes(
         ),
         incr.backup_id,
     )
+
+
+def _phases(m: Any) -> str:
+    """Copy (start to pg_backup_stop) and WAL wait (to the manifest) seconds."""
+    start, stop = (dt.datetime.fromisoformat(m.details[k]) for k in ("start_time", "stop_time"))
+    copy, wal = (stop - start).total_seconds(), (m.finished_at - stop).total_seconds()
+    return f"(copy {copy:.2f}s, wal {wal:.2f}s)"
 
 
 def _check(report: dict[str, Any], backup_id: str) -> None:
