@@ -6,6 +6,7 @@ with what the primary had committed around it."""
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,11 +23,13 @@ from strongroom.config import PostgresConnection
 from strongroom.engines.postgres.pitr.basebackup import base_backups
 from strongroom.engines.postgres.pitr.files.backup import files_backup_postgres, summary
 from strongroom.engines.postgres.pitr.files.chain import file_records
+from strongroom.engines.postgres.pitr.files.restore import restore_files_backup
 from strongroom.engines.postgres.wal.check import wal_check
+from strongroom.engines.postgres.wal.names import parse_lsn
 from strongroom.errors import InvalidInput
 from strongroom.sandbox._process import make_temp_dir, remove_dir
 from strongroom.sandbox.ports import free_port
-from strongroom.sandbox.postgres import PostgresServer, chown_to_postgres
+from strongroom.sandbox.postgres import PG_BIN_DIR, PostgresServer, chown_to_postgres
 from strongroom.sandbox.postgres_standby import StandbyServer
 from strongroom.verify import verify_backup
 from tests.test_pg_files import _new_cluster, fingerprint_sql
@@ -179,6 +182,8 @@ def test_full_and_incr_from_the_standby_while_the_primary_writes(
         assert d["backup_from"] == "standby" and "BACKUP FROM: standby" in d["backup_label"]
         assert d["primary"]["port"] == c.server.port and m.server["port"] == s.port
         assert d["standby_receiver"]["status"] == "streaming"
+        # it started at (or after) the checkpoint it asked the primary for
+        assert parse_lsn(d["checkpoint_lsn"]) >= parse_lsn(d["primary_checkpoint"])
         assert not any(n.endswith(".backup") for n in d["archived_wal"])  # none on a standby
         assert d["data_directory"] == str(s.data_dir)
         assert verify_backup(c.repo, m, c.enc)["ok"]
@@ -211,6 +216,13 @@ def test_full_and_incr_from_the_standby_while_the_primary_writes(
         f"\nstandby incr {incr_s:.2f}s {_phases(incr)} {s_incr}"
         f"\nprimary full {primary_s:.2f}s {_phases(from_primary)} {summary(from_primary)}"
     )
+
+    # the copied pg_control is the standby's: in archive recovery, and its minimum recovery
+    # point (where the restore's recovery ends the backup) lies between start and stop
+    control = _controldata(c, full, pg_tmp / "files")
+    assert control["Database cluster state"] == "in archive recovery"
+    min_point = parse_lsn(control["Minimum recovery ending location"])
+    assert parse_lsn(full.details["start_lsn"]) <= min_point <= parse_lsn(full.details["stop_lsn"])
 
     fp_all = c.sql(fingerprint_sql((*STATIC, "hot", "ticks")))
     c.switch_and_wait()
@@ -256,6 +268,18 @@ def test_full_and_incr_from_the_standby_while_the_primary_writes(
         ),
         incr.backup_id,
     )
+
+
+def _controldata(c: Cluster, m: Any, folder: Path) -> dict[str, str]:
+    restore_files_backup(c.repo, c.enc, c.target, m.backup_id, str(folder / "data"))
+    out = subprocess.run(
+        [str(PG_BIN_DIR / "pg_controldata"), "-D", str(folder / "data")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"},
+    ).stdout
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
 
 
 def _phases(m: Any) -> str:

@@ -275,6 +275,8 @@ def files_backup_postgres(
             raise watch.error
 
     try:
+        if source is not None:
+            source.prepare()  # a checkpoint on the primary, replayed by the standby
         # taken before the start checkpoint: files modified in or after this second are
         # copied again by the next backup (chain.unchanged)
         copy_started_ns = time.time_ns()

@@ -59,10 +59,42 @@ class Standby:
     primary: PostgresConnection
     primary_facts: dict[str, Any]
     receiver: dict[str, Any]
+    catch_up_s: float = 30.0
+    primary_checkpoint: str | None = None  # the primary's CHECKPOINT replayed before the start
+    checkpoint_note: str = ""
 
     @property
     def archive_command(self) -> str:
         return str(self.primary_facts["archive_command"])
+
+    def prepare(self) -> None:
+        """Before ``pg_backup_start``: a ``CHECKPOINT`` on the primary, then wait until the
+        standby has replayed its record. The standby's restartpoint (the backup's start)
+        is then that checkpoint, and the restartpoint raises the standby's
+        ``minRecoveryPoint`` past it: a restore to the backup's consistency point holds
+        everything the primary committed before the backup. Without the right to
+        checkpoint (superuser or pg_checkpoint) the backup starts at the primary's last
+        checkpoint and a restore to ``immediate`` may end before the backup began
+        (recorded in ``details.primary_checkpoint_note``)."""
+        with connect(self.primary) as c:
+            try:
+                c.execute("CHECKPOINT")
+            except Exception as exc:
+                self.checkpoint_note = (
+                    f"CHECKPOINT on the primary failed ({exc}); started at its last"
+                )
+                return
+            row = c.execute("SELECT checkpoint_lsn::text FROM pg_control_checkpoint()").fetchone()
+        assert row is not None
+        self.primary_checkpoint = str(row[0])
+        _wait_lsn(
+            self.standby,
+            self.primary,
+            "pg_last_wal_replay_lsn() > %s::pg_lsn",
+            self.primary_checkpoint,
+            self.catch_up_s,
+            "replayed the primary's checkpoint",
+        )
 
     def finish(self, stop_lsn: str, label: dict[str, Any], segment_size: int) -> dict[str, Any]:
         """After ``pg_backup_stop`` on the standby: check the label and the primary's
@@ -111,6 +143,8 @@ class Standby:
             },
             "standby_receiver": self.receiver,
             "primary_switched_wal_at": switched,
+            "primary_checkpoint": self.primary_checkpoint,
+            **({"primary_checkpoint_note": self.checkpoint_note} if self.checkpoint_note else {}),
         }
 
 
@@ -170,8 +204,19 @@ def check_source(
             f"the standby receives timeline {receiver.get('received_tli')}, {where} is on "
             f"timeline {pfacts['timeline']}: not streaming from this primary"
         )
-    _wait_caught_up(conn, primary, catch_up_s)
-    return Standby(conn, primary, pfacts, receiver)
+    with connect(primary) as c:
+        row = c.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+    assert row is not None
+    # it then really follows this primary's WAL, not only a primary of the same system
+    _wait_lsn(
+        conn,
+        primary,
+        "pg_last_wal_receive_lsn() >= %s::pg_lsn",
+        str(row[0]),
+        catch_up_s,
+        "received what the primary had flushed",
+    )
+    return Standby(conn, primary, pfacts, receiver, catch_up_s)
 
 
 def _receiver(conn: PostgresConnection) -> dict[str, Any]:
@@ -196,28 +241,30 @@ def _receiver(conn: PostgresConnection) -> dict[str, Any]:
     }
 
 
-def _wait_caught_up(standby: PostgresConnection, primary: PostgresConnection, limit: float) -> None:
-    """Until the standby has received what the primary had flushed when asked: it then
-    really follows this primary's WAL, not only a primary of the same system."""
-    with connect(primary) as c:
-        row = c.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
-    assert row is not None
-    wanted = str(row[0])
+def _wait_lsn(
+    standby: PostgresConnection,
+    primary: PostgresConnection,
+    condition: str,
+    lsn: str,
+    limit: float,
+    what: str,
+) -> None:
+    """Until ``condition`` (on ``lsn``) holds on the standby, for ``limit`` seconds."""
     deadline = time.monotonic() + limit
     with connect(standby) as c:
         while True:
             got = c.execute(
-                "SELECT coalesce(pg_last_wal_receive_lsn() >= %s::pg_lsn, false),"
-                " pg_last_wal_receive_lsn()::text",
-                (wanted,),
+                f"SELECT coalesce({condition}, false), pg_last_wal_receive_lsn()::text,"
+                " pg_last_wal_replay_lsn()::text",
+                (lsn,),
             ).fetchone()
             assert got is not None
             if got[0]:
                 return
             if time.monotonic() >= deadline:
                 raise ServiceUnavailable(
-                    f"the standby {standby.host}:{standby.port} received WAL up to {got[1]} "
-                    f"but the primary {primary.host}:{primary.port} flushed {wanted}: it did "
-                    f"not catch up in {limit:.0f} s"
+                    f"the standby {standby.host}:{standby.port} has not {what} ({lsn} on "
+                    f"{primary.host}:{primary.port}) in {limit:.0f} s: it received up to "
+                    f"{got[1]}, replayed up to {got[2]}"
                 )
-            time.sleep(0.1)
+            time.sleep(0.05)
