@@ -147,7 +147,9 @@ def files_backup_postgresql(
 ) -> dict[str, Any]:
     """File-level physical backup of ``target`` (its block's ``data_directory``): a full
     one, or only the files changed since the last full (``diff``) or the last backup
-    (``incr``); a diff/incr without a usable prior is a full and says why."""
+    (``incr``); a diff/incr without a usable prior is a full and says why. A block with
+    ``primary_host`` is a streaming standby: its files are read, its primary archives and
+    switches the WAL (docs/physical.md, "Backup from a standby")."""
     secure_logging()
     run = open_backup(
         PostgresTarget, "postgresql", target, repository, encryption_key, kind="files"
