@@ -21,6 +21,7 @@ from pyrage import x25519
 from strongroom.catalog import owner_of
 from strongroom.config import PostgresConnection
 from strongroom.engines.postgres.pitr.basebackup import base_backups
+from strongroom.engines.postgres.pitr.files import standby as standby_module
 from strongroom.engines.postgres.pitr.files.backup import files_backup_postgres, summary
 from strongroom.engines.postgres.pitr.files.chain import file_records
 from strongroom.engines.postgres.pitr.files.restore import restore_files_backup
@@ -379,3 +380,25 @@ def test_flow_takes_the_primary_from_the_target_block(
     assert got["details"]["backup_from"] == "standby"
     assert got["details"]["primary"]["port"] == c.server.port
     assert got["server"]["port"] == s.port
+
+
+def test_a_standby_promoted_during_the_backup_stores_nothing(
+    primary: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = primary
+    s = StandbyServer(c.server, slot="strongroom_promoted").start()
+    try:
+        before = _keys(c)
+        original = standby_module.take_control_file
+
+        def promote_then(tree: Any) -> Any:  # after the walk, before the copy
+            s.psql("SELECT pg_promote(true, 30)")
+            return original(tree)
+
+        monkeypatch.setattr(standby_module, "take_control_file", promote_then)
+        with pytest.raises(psycopg.Error, match="promoted during online backup"):
+            take(c, s, "full")
+        assert s.psql("SELECT pg_is_in_recovery()") == "f"
+        assert _keys(c) == before  # what it had stored is removed, nothing published
+    finally:
+        s.cleanup()
