@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+
 from strongroom.config import PostgresConnection
 from strongroom.engines.postgres.connect import connect
 from strongroom.engines.postgres.pitr.basebackup import cluster_facts
@@ -63,10 +65,6 @@ class Standby:
     primary_checkpoint: str | None = None  # the primary's CHECKPOINT replayed before the start
     checkpoint_note: str = ""
 
-    @property
-    def archive_command(self) -> str:
-        return str(self.primary_facts["archive_command"])
-
     def prepare(self) -> None:
         """Before ``pg_backup_start``: a ``CHECKPOINT`` on the primary, then wait until the
         standby has replayed its record. The standby's restartpoint (the backup's start)
@@ -79,7 +77,7 @@ class Standby:
         with connect(self.primary) as c:
             try:
                 c.execute("CHECKPOINT")
-            except Exception as exc:
+            except psycopg.errors.InsufficientPrivilege as exc:
                 self.checkpoint_note = (
                     f"CHECKPOINT on the primary failed ({exc}); started at its last"
                 )
@@ -127,7 +125,7 @@ class Standby:
             if names.segno_of_lsn(insert, segment_size) == stop_segno:
                 try:
                     got = c.execute("SELECT pg_switch_wal()::text").fetchone()
-                except Exception as exc:
+                except psycopg.errors.InsufficientPrivilege as exc:
                     raise InvalidInput(
                         "the primary's WAL must be switched so the segment holding the "
                         f"standby's stop LSN is archived, and pg_switch_wal() failed ({exc}); "
