@@ -160,6 +160,19 @@ def test_full_and_incr_from_the_standby_while_the_primary_writes(
     c, s = primary, standby
     fp_static = c.sql(fingerprint_sql(STATIC))
     with Writer(c):
+        # for comparison, under the same writer: a full backup from the primary
+        t0 = time.monotonic()
+        from_primary = files_backup_postgres(
+            c.conn,
+            c.repo,
+            c.repo_config,
+            c.enc,
+            data_directory=str(c.server.data_dir),
+            backup_type="full",
+            wal_timeout_s=60,
+        )
+        primary_s = time.monotonic() - t0
+        assert "backup_from" not in from_primary.details
         low_full = committed_tick(c)
         s.catch_up()
         t0 = time.monotonic()
@@ -199,19 +212,6 @@ def test_full_and_incr_from_the_standby_while_the_primary_writes(
     assert owner_of(file_records(incr)[keep_path]) == full.backup_id  # unchanged: referenced
     assert owner_of(file_records(incr)[grow_path]) == incr.backup_id  # changed: copied
 
-    # for comparison: the same cluster's full backup from the primary
-    t0 = time.monotonic()
-    from_primary = files_backup_postgres(
-        c.conn,
-        c.repo,
-        c.repo_config,
-        c.enc,
-        data_directory=str(c.server.data_dir),
-        backup_type="full",
-        wal_timeout_s=60,
-    )
-    primary_s = time.monotonic() - t0
-    assert "backup_from" not in from_primary.details
     print(
         f"\nstandby full {full_s:.2f}s {_phases(full)} {s_full}"
         f"\nstandby incr {incr_s:.2f}s {_phases(incr)} {s_incr}"
