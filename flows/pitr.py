@@ -112,6 +112,7 @@ def take_files_backup(
     backup_type: str,
     checksum: bool,
     wal_timeout_s: float,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     if not conn.data_directory:
         raise InvalidInput(
@@ -130,6 +131,7 @@ def take_files_backup(
         labels=labels,
         progress=reporter("data directory", None) if reporter else None,
         wal_timeout_s=wal_timeout_s,
+        jobs=jobs,
         primary=conn.primary_connection(),  # a standby's primary (PostgresTarget primary_host)
     )
     return manifest.model_dump(mode="json")
@@ -144,6 +146,7 @@ def files_backup_postgresql(
     encryption_key: str = "default",
     labels: dict[str, str] | None = None,
     wal_timeout_s: float = 300.0,
+    jobs: int = 2,
 ) -> dict[str, Any]:
     """File-level physical backup of ``target`` (its block's ``data_directory``): a full
     one, or only the files changed since the last full (``diff``) or the last backup
@@ -168,6 +171,7 @@ def files_backup_postgresql(
             backup_type,
             checksum,
             wal_timeout_s,
+            jobs,
         )
     d = manifest["details"]
     stored = files_summary(Manifest.model_validate(manifest))["stored_bytes"]
@@ -180,7 +184,9 @@ def files_backup_postgresql(
             + (f" on {d['base_backup_id']}" if d.get("base_backup_id") else "")
             + (f" ({d['full_reason']})" if d.get("full_reason") else ""),
             f"- files: {d['files']} ({d['files_copied']} copied, {d['files_referenced']} "
-            f"referenced), stored {human_size(stored)}",
+            f"referenced, {d.get('files_mapped', 0)} by changed blocks), "
+            f"{human_size(d.get('copied_bytes', 0))} copied, stored {human_size(stored)}, "
+            f"{d.get('jobs', 1)} job(s)",
             f"- WAL: {d['start_wal']} (start {d['start_lsn']}) to stop {d['stop_lsn']}",
         ],
         [
@@ -188,6 +194,10 @@ def files_backup_postgresql(
             for key in ("backup_type", "base_backup_id", "start_lsn", "stop_lsn", "timeline")
         ],
     )
+    if backup_type != "full" and d.get("full_reason"):
+        log.warning(
+            "a %s backup was asked for, a full one was taken: %s", backup_type, d["full_reason"]
+        )
     log.info("files backup %s complete: %s stored", manifest["backup_id"], human_size(stored))
     return manifest
 
@@ -324,8 +334,11 @@ def pitr_restore_postgresql(
     dry_run: bool = False,
     repository: str = "default",
     encryption_key: str = "default",
+    delta: bool = False,
+    jobs: int = 2,
 ) -> dict[str, Any]:
-    """Point-in-time recovery of ``target`` into the empty ``data_dir``.
+    """Point-in-time recovery of ``target`` into the empty ``data_dir`` (or, from a files
+    backup with ``delta``, onto a stale copy of the same cluster there).
 
     The base backup is chosen automatically for the target; a target outside the
     recoverable window is refused with the window in the error. The OS user is the
@@ -355,6 +368,8 @@ def pitr_restore_postgresql(
         archive_after=archive_after,
         prefetch=prefetch,
         dry_run=dry_run,
+        delta=delta,
+        jobs=jobs,
     )
     repo, repo_config = load_repository(repository)
     enc = load_key(encryption_key)

@@ -16,7 +16,7 @@ import pytest
 from pyrage import x25519
 
 from strongroom.catalog import Catalog, manifest_key, owner_of
-from strongroom.engines.postgres.pitr.files import backup as files_backup
+from strongroom.engines.postgres.pitr.files import blocks, copier
 from strongroom.engines.postgres.pitr.files.backup import files_backup_postgres, summary
 from strongroom.engines.postgres.pitr.files.chain import file_records
 from strongroom.engines.postgres.pitr.files.restore import (
@@ -222,7 +222,8 @@ class _Hooks:
         self.c, self.actions, self.by_fd, self.done = c, actions, {}, []
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        original_open, original_read = files_backup._open, files_backup._Bounded.read
+        original_open = copier._open
+        original_read, original_blocks = copier.Bounded.read, blocks.ChangedBlocks.read
         hooks = self
 
         def open_(root: str, path: str) -> int | None:
@@ -231,16 +232,25 @@ class _Hooks:
                 hooks.by_fd[fd] = path
             return fd
 
-        def read(self: files_backup._Bounded, n: int = -1) -> bytes:
-            data = original_read(self, n)
-            path = hooks.by_fd.pop(getattr(self, "_fd", -1), None)
+        def after(fd: int) -> None:
+            path = hooks.by_fd.pop(fd, None)
             if path is not None:
                 hooks.c.sql(hooks.actions[path])
                 hooks.done.append(path)
+
+        def read(self: copier.Bounded, n: int = -1) -> bytes:
+            data = original_read(self, n)
+            after(getattr(self, "_fd", -1))
             return data
 
-        monkeypatch.setattr(files_backup, "_open", open_)
-        monkeypatch.setattr(files_backup._Bounded, "read", read)
+        def read_blocks(self: blocks.ChangedBlocks, n: int = -1) -> bytes:
+            data = original_blocks(self, n)
+            after(getattr(self, "_fd", -1))
+            return data
+
+        monkeypatch.setattr(copier, "_open", open_)
+        monkeypatch.setattr(copier.Bounded, "read", read)
+        monkeypatch.setattr(blocks.ChangedBlocks, "read", read_blocks)
 
 
 def _writer(dsn: dict[str, Any], stop: threading.Event, counter: list[int]) -> None:

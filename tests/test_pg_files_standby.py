@@ -21,6 +21,7 @@ from pyrage import x25519
 from strongroom.catalog import owner_of
 from strongroom.config import PostgresConnection
 from strongroom.engines.postgres.pitr.basebackup import base_backups
+from strongroom.engines.postgres.pitr.files import chain
 from strongroom.engines.postgres.pitr.files import standby as standby_module
 from strongroom.engines.postgres.pitr.files.backup import files_backup_postgres, summary
 from strongroom.engines.postgres.pitr.files.chain import file_records
@@ -201,9 +202,12 @@ def test_full_and_incr_from_the_standby_while_the_primary_writes(
         assert not any(n.endswith(".backup") for n in d["archived_wal"])  # none on a standby
         assert d["data_directory"] == str(s.data_dir)
         assert verify_backup(c.repo, m, c.enc)["ok"]
-        # pg_control comes after every other file (then the label and tablespace map),
-        # and is always copied: it changes with every restartpoint
-        assert [a.meta.get("path") for a in m.artifacts][-3] == "global/pg_control"
+        # pg_control was stored after every other file (keys are numbered in store
+        # order; the label and tablespace map come after the copy), and is always
+        # copied: it changes with every restartpoint
+        own = [a for a in m.artifacts if owner_of(a) == m.backup_id]
+        files = [a for a in own if a.meta.get("path") not in (chain.LABEL, chain.SPCMAP)]
+        assert max(files, key=lambda a: a.key).meta["path"] == "global/pg_control"
         assert owner_of(file_records(m)["global/pg_control"]) == m.backup_id
     assert incr.details["base_backup_id"] == full.backup_id
     s_full, s_incr = summary(full), summary(incr)

@@ -1,7 +1,7 @@
 """PostgreSQL PITR commands, added to the ``strongroom`` CLI by ``register``:
 
     strongroom backup postgresql-base TARGET
-    strongroom backup postgresql-files TARGET --type full|diff|incr [--checksum]
+    strongroom backup postgresql-files TARGET --type full|diff|incr [--checksum] [--jobs N]
     strongroom restore postgresql-pitr TARGET --data-dir DIR [--time T | --lsn L |
         --xid X | --name N | --immediate] [--start --port P] [--verify-query SQL]
     strongroom wal-check TARGET [--json]
@@ -90,6 +90,7 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
         ),
         backup_type: str = typer.Option("incr", "--type", help="full, diff or incr."),
         checksum: bool = typer.Option(False, help="Compare unchanged-looking files by SHA-256."),
+        jobs: int = typer.Option(2, "--jobs", "-j", min=1, max=64, help="Files copied at once."),
         wal_timeout: float = typer.Option(
             300.0, help="Seconds to wait for the backup's WAL to reach the archive."
         ),
@@ -112,6 +113,7 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
                     target=target,
                     backup_type=cast(BackupType, backup_type),
                     checksum=checksum,
+                    jobs=jobs,
                     repository=repository,
                     encryption_key=key,
                     wal_timeout_s=wal_timeout,
@@ -124,6 +126,12 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
                     f"[bold]{manifest['backup_id']}[/bold] {d['backup_type']} files backup of "
                     f"{target}: {d['files_copied']} file(s) copied, {d['files_referenced']} "
                     f"referenced, WAL {d['start_lsn']} .. {d['stop_lsn']}"
+                    + (
+                        f"\n[yellow]a {backup_type} backup was asked for, this is a full one: "
+                        f"{d['full_reason']}[/yellow]"
+                        if backup_type != "full" and d.get("full_reason")
+                        else ""
+                    )
                 ),
             )
 
@@ -149,11 +157,16 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
             None, "--archive-to", help="Archive the new timeline into this target."
         ),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan only."),
+        delta: bool = typer.Option(
+            False, "--delta", help="Files backups: refresh a stale copy of the cluster in -D."
+        ),
+        jobs: int = typer.Option(2, "--jobs", "-j", min=1, max=64, help="Files written at once."),
         repository: str = repo_opt,
         key: str = key_opt,
         as_json: bool = JsonOpt,
     ) -> None:
-        """Point-in-time recovery into an empty data directory."""
+        """Point-in-time recovery into an empty data directory (--delta: onto a stale copy
+        of the same cluster, fetching only what differs)."""
         with _handled(as_json):
             from flows.pitr import pitr_restore_postgresql
             from strongroom.engines.postgres.pitr.plan import MAX_XID
@@ -203,6 +216,8 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
                 "verify_expect": expect,
                 "archive_after": archive_after,
                 "dry_run": dry_run,
+                "delta": delta,
+                "jobs": jobs,
                 "repository": repository,
                 "encryption_key": key,
             }

@@ -45,6 +45,12 @@ class PitrRequest(BaseModel):
     target_timeline: str = Field(default="latest", description="'latest', 'current' or a number")
     action: Literal["promote", "pause", "shutdown"] = "promote"
     start: bool = Field(default=False, description="start the server and wait for the target")
+    delta: bool = Field(
+        default=False,
+        description="files backups: refresh a stale copy of the cluster in data_dir, "
+        "fetching only what differs (an empty or absent data_dir is restored as usual)",
+    )
+    jobs: int = Field(default=1, ge=1, le=64, description="files backups: files written at once")
     port: int | None = Field(default=None, ge=1, le=65535)
     socket_dir: str | None = Field(
         default=None,

@@ -44,8 +44,9 @@ from strongroom.engines.postgres import root_fs as fs
 from strongroom.engines.postgres.backup import ENGINE, pg_tool
 from strongroom.engines.postgres.pitr.basebackup import ARTIFACT
 from strongroom.engines.postgres.pitr.extract import PipeExtractor, summary
+from strongroom.engines.postgres.pitr.files import delta as files_delta
 from strongroom.engines.postgres.pitr.files.chain import KIND as FILES_KIND
-from strongroom.engines.postgres.pitr.files.restore import load_checked, write_files
+from strongroom.engines.postgres.pitr.files.restore import delta_files, load_checked, write_files
 from strongroom.engines.postgres.pitr.hba import admit, withdraw
 from strongroom.engines.postgres.pitr.plan import PitrRequest, Plan, plan_pitr
 from strongroom.engines.postgres.pitr.server import RestoredServer, as_user, resolve_os_user
@@ -141,7 +142,8 @@ def _check_empty(data_dir: Path) -> None:
         if entries:
             raise TargetNotEmpty(
                 f"data directory {data_dir} is not empty ({', '.join(entries[:5])}"
-                f"{', ...' if len(entries) > 5 else ''}); PITR restores only into an empty one"
+                f"{', ...' if len(entries) > 5 else ''}); PITR restores only into an empty one "
+                "(from a files backup, delta refreshes a stale copy of the same cluster)"
             )
 
 
@@ -282,10 +284,20 @@ def pitr_restore(
     register(*repo_config.secrets(), *enc.secrets(), password)
     started = time.monotonic()
     plan = plan_pitr(repo, req)
-    if plan.backup.get("kind") == FILES_KIND:  # a chain not whole is refused here, up front
-        load_checked(repo, req.target, plan.backup["backup_id"])
     data_dir = Path(req.data_dir).absolute()
-    _check_empty(data_dir)
+    is_files = plan.backup.get("kind") == FILES_KIND
+    if req.delta and not is_files:
+        raise InvalidInput(
+            f"backup {plan.backup['backup_id']} is a {plan.backup.get('kind')} backup: "
+            "delta restore needs a files backup (strongroom backup postgresql-files)"
+        )
+    delta_mode = req.delta and data_dir.is_dir() and any(data_dir.iterdir())
+    if is_files:  # a chain not whole is refused here, up front
+        manifest = load_checked(repo, req.target, plan.backup["backup_id"])
+        if delta_mode:
+            files_delta.check_target(data_dir, manifest)
+    if not delta_mode:
+        _check_empty(data_dir)
     os_user = resolve_os_user(data_dir, req.os_user)
     report: dict[str, Any] = {
         "target": req.target,
@@ -304,9 +316,24 @@ def pitr_restore(
     data_fd = fs.open_dir(data_dir)
     try:
         os.fchmod(data_fd, 0o700)
-        _restore_files(
-            req, plan, data_dir, data_fd, created, repo, repo_config, enc, os_user, progress, report
-        )
+        if delta_mode:
+            _delta_files(
+                req, plan, data_dir, data_fd, repo, repo_config, enc, os_user, progress, report
+            )
+        else:
+            _restore_files(
+                req,
+                plan,
+                data_dir,
+                data_fd,
+                created,
+                repo,
+                repo_config,
+                enc,
+                os_user,
+                progress,
+                report,
+            )
         report["os_user"] = os_user
         if req.start:
             if req.prefetch:
@@ -345,7 +372,9 @@ def _restore_files(
     try:
         if plan.backup.get("kind") == FILES_KIND:
             manifest = load_checked(repo, req.target, plan.backup["backup_id"])
-            report["extract"] = write_files(repo, enc, manifest, stage_fd, None, progress)
+            report["extract"] = write_files(
+                repo, enc, manifest, stage_fd, None, progress, jobs=req.jobs
+            )
             report["verify_files"] = {"sha256": "every file checked as it was written"}
         else:
             report["extract"] = extract_base(
@@ -376,6 +405,31 @@ def _restore_files(
     finally:
         if stage_fd >= 0:
             os.close(stage_fd)
+
+
+def _delta_files(
+    req: PitrRequest,
+    plan: Plan,
+    data_dir: Path,
+    data_fd: int,
+    repo: Repository,
+    repo_config: RepositoryConfig,
+    enc: EncryptionConfig,
+    os_user: str | None,
+    progress: Progress | None,
+    report: dict[str, Any],
+) -> None:
+    """Bring the stale copy in ``data_dir`` to the backup (``files.delta``), then write
+    the recovery settings into it. A failure leaves it without ``global/pg_control``
+    (PostgreSQL refuses to start it); the same restore run again finishes it."""
+    manifest = load_checked(repo, req.target, plan.backup["backup_id"])
+    report["extract"] = delta_files(repo, enc, manifest, data_dir, os_user, progress, req.jobs)
+    report["verify_files"] = {"sha256": "every fetched file and block checked as written"}
+    report["files"] = write_recovery(req, plan, data_dir, repo_config, enc, os_user, data_fd)
+    if req.start and req.prefetch:
+        _prepare_fetcher(plan, data_fd)
+    fs.chown_tree(data_fd, fs.owner_of(os_user))
+    files_delta.finish(data_dir)
 
 
 def _prepare_fetcher(plan: Plan, root_fd: int) -> None:

@@ -19,21 +19,18 @@ the manifest is written after that, last.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
-import stat
 import struct
 import time
-from typing import IO, Any, cast
+from typing import Any
 
 from strongroom.artifacts import (
     claim_backup_id,
     extend_locks,
     publish_backup,
     storage_settings,
-    store_artifact,
 )
-from strongroom.catalog import Artifact, Manifest, data_key, owner_of
+from strongroom.catalog import Manifest, owner_of
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.postgres.backup import ENGINE
 from strongroom.engines.postgres.connect import connect
@@ -43,38 +40,15 @@ from strongroom.engines.postgres.pitr.basebackup import (
     require_archived_wal,
 )
 from strongroom.engines.postgres.pitr.files import chain, standby
-from strongroom.engines.postgres.pitr.files.walk import FileStat, Tree, walk_data_directory
+from strongroom.engines.postgres.pitr.files.copier import Copier
+from strongroom.engines.postgres.pitr.files.walk import Tree, walk_data_directory
 from strongroom.engines.postgres.pitr.tar import parse_backup_label
 from strongroom.engines.postgres.wal import names
 from strongroom.errors import InvalidInput
 from strongroom.ids import new_backup_id
 from strongroom.pipeline import Progress
 from strongroom.redact import register
-from strongroom.repository.base import Repository, StorageSettings
-
-CHUNK = 1024 * 1024
-
-
-class _Bounded:
-    """Reads an open file up to the size it had when opened (a file extended while it is
-    copied is replayed from WAL; a truncated one simply ends early)."""
-
-    def __init__(self, fd: int, size: int) -> None:
-        self._fd = fd
-        self._left = size
-        self.read_bytes = 0
-
-    def read(self, n: int = -1) -> bytes:
-        want = CHUNK if n is None or n <= 0 else min(n, CHUNK)
-        want = min(want, self._left)
-        if want <= 0:
-            return b""
-        data = os.read(self._fd, want)
-        self._left -= len(data)
-        self.read_bytes += len(data)
-        if not data:
-            self._left = 0
-        return data
+from strongroom.repository.base import Repository
 
 
 def control_system_identifier(data_directory: str) -> int:
@@ -93,108 +67,6 @@ def control_system_identifier(data_directory: str) -> int:
     return int(struct.unpack("<Q", head)[0])
 
 
-def _open(root: str, path: str) -> int | None:
-    try:
-        return os.open(os.path.join(root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None  # dropped since the walk: WAL replay drops it too
-
-
-def _sha256(fd: int, size: int) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    source = _Bounded(fd, size)
-    while data := source.read():
-        digest.update(data)
-    return digest.hexdigest(), source.read_bytes
-
-
-class _Copier:
-    """Copies (or references) the files of one backup; remembers what it stored."""
-
-    def __init__(
-        self,
-        repo: Repository,
-        target: str,
-        backup_id: str,
-        enc: EncryptionConfig,
-        level: int,
-        settings: StorageSettings,
-        prior: chain.Prior | None,
-        checksum: bool,
-        progress: Progress | None,
-    ) -> None:
-        self.repo, self.target, self.backup_id = repo, target, backup_id
-        self.enc, self.level, self.settings = enc, level, settings
-        self.prior, self.checksum, self.progress = prior, checksum, progress
-        self.artifacts: list[Artifact] = []
-        self.stored: list[str] = []
-        self.empty: list[list[Any]] = []
-        self.copied_bytes = 0
-        self.referenced_bytes = 0
-
-    def store(self, name: str, source: IO[bytes], content: str, meta: dict[str, Any]) -> Artifact:
-        key = data_key(ENGINE, self.target, self.backup_id, f"files/{len(self.stored):06d}")
-        self.stored.append(key)
-        return store_artifact(
-            self.repo,
-            key,
-            source,
-            name=name,
-            content=content,
-            encryption=self.enc,
-            level=self.level,
-            settings=self.settings,
-            progress=self.progress,
-            meta=meta,
-        )
-
-    def file(self, root: str, entry: FileStat, now_ns: int) -> None:
-        fd = _open(root, entry.path)
-        if fd is None:
-            return
-        try:
-            info = os.fstat(fd)
-            size, mtime, mode = info.st_size, info.st_mtime_ns, stat.S_IMODE(info.st_mode)
-            if size == 0:
-                self.empty.append([entry.path, mode, mtime])
-                return
-            record = None
-            if self.prior is not None:
-                record = chain.unchanged(self.prior, entry.path, size, mtime, now_ns)
-            if self.checksum and self.prior is not None:
-                before = self.prior.records.get(entry.path)
-                record = None
-                if before is not None and before.raw_size == size:
-                    digest, read = _sha256(fd, size)
-                    record = before if digest == before.raw_sha256 and read == size else None
-                    os.lseek(fd, 0, os.SEEK_SET)
-            if record is not None:
-                self.artifacts.append(chain.referenced(record, entry.path, size, mtime, mode))
-                self.referenced_bytes += size
-                return
-            source = _Bounded(fd, size)
-            meta = {"path": entry.path, "mtime_ns": mtime, "mode": mode}
-            artifact = self.store(entry.path, cast(IO[bytes], source), chain.CONTENT_FILE, meta)
-            artifact.meta["size"] = artifact.raw_size
-            self.artifacts.append(artifact)
-            self.copied_bytes += artifact.raw_size
-        finally:
-            os.close(fd)
-
-    def text(self, name: str, text: str, content: str) -> Artifact:
-        import io
-
-        artifact = self.store(name, io.BytesIO(text.encode()), content, {"path": name})
-        self.artifacts.append(artifact)
-        return artifact
-
-    def clean_up(self) -> None:
-        """Remove what this backup stored (never a referenced artifact of another)."""
-        for key in self.stored:
-            if self.repo.exists(key):
-                self.repo.delete(key)
-
-
 def files_backup_postgres(
     conn: PostgresConnection,
     repo: Repository,
@@ -208,12 +80,15 @@ def files_backup_postgres(
     labels: dict[str, str] | None = None,
     progress: Progress | None = None,
     wal_timeout_s: float = 300.0,
+    jobs: int = 1,
     primary: PostgresConnection | None = None,
 ) -> Manifest:
     """Take a file-level backup (``full``, ``diff`` or ``incr``) of ``conn``'s cluster,
     reading its files from ``data_directory``; returns the published manifest. When
     ``conn`` is a streaming standby, ``primary`` is its primary (``standby.py``)."""
     register(*conn.secrets(), *repo_config.secrets(), *enc.secrets())
+    if not 1 <= jobs <= 64:
+        raise InvalidInput("jobs must be between 1 and 64")
     if backup_type not in chain.BACKUP_TYPES:
         raise InvalidInput(f"backup type must be one of {', '.join(chain.BACKUP_TYPES)}")
     facts = cluster_facts(conn)
@@ -251,7 +126,7 @@ def files_backup_postgres(
     bid = backup_id or new_backup_id(started)
     claim_backup_id(repo, ENGINE, conn.name, bid)
     settings = storage_settings(repo_config, started)
-    copier = _Copier(
+    copier = Copier(
         repo,
         conn.name,
         bid,
@@ -286,12 +161,10 @@ def files_backup_postgres(
         assert row is not None
         _past_second(copy_started_ns)
         tree: Tree = walk_data_directory(root)
-        control = standby.take_control_file(tree)  # copied last, after the loop
-        for entry in tree.files:
-            failing()
-            copier.file(root, entry, time.time_ns())
+        control = standby.take_control_file(tree)  # copied after every other file
+        copier.copy_all(root, tree.files, jobs, failing)
         if control is not None:
-            copier.file(root, control, time.time_ns())
+            copier.copy_all(root, [control], 1, failing)
         try:
             # on a standby it would wait only with archive_mode = always: waited for below
             stop = session.execute(
@@ -337,9 +210,11 @@ def files_backup_postgres(
             "empty_files": copier.empty,
             "skipped": tree.skipped[:100],
             **from_standby,
-            "files": len(copier.artifacts) - 2 + len(copier.empty),
-            "files_copied": len(copier.stored) - 2,
-            "files_referenced": len(copier.artifacts) - len(copier.stored),
+            "files": copier.files + len(copier.empty),
+            "files_copied": copier.files_copied,
+            "files_referenced": copier.files_referenced,
+            "files_mapped": copier.files_mapped,
+            "jobs": jobs,
             "copied_bytes": copier.copied_bytes,
             "referenced_bytes": copier.referenced_bytes,
         }
@@ -410,6 +285,8 @@ def summary(manifest: Manifest) -> dict[str, Any]:
         "files": d.get("files"),
         "files_copied": d.get("files_copied"),
         "files_referenced": d.get("files_referenced"),
+        "files_mapped": d.get("files_mapped"),
+        "jobs": d.get("jobs"),
         "copied_bytes": d.get("copied_bytes"),
         "referenced_bytes": d.get("referenced_bytes"),
         "stored_bytes": sum(a.stored_size for a in own),

@@ -33,6 +33,7 @@ from strongroom.catalog import (
     parents_of,
 )
 from strongroom.config import EncryptionConfig
+from strongroom.engines.postgres.pitr.files.blocks import CONTENT_BLOCKS, CONTENT_MAP
 from strongroom.errors import IntegrityError, NotFound
 from strongroom.repository.base import Repository
 
@@ -52,7 +53,8 @@ class Prior:
     """The backup a differential or incremental one is compared with."""
 
     manifest: Manifest
-    records: dict[str, Artifact]  # path -> the artifact holding it
+    records: dict[str, Artifact]  # path -> the artifact holding it (or its block map)
+    sources: dict[str, Artifact]  # key -> a blocks artifact a block map names
     copy_started_ns: int  # the prior's copy start: the timestamp-granularity rule
 
     @property
@@ -70,12 +72,18 @@ class Choice:
 
 
 def file_records(manifest: Manifest) -> dict[str, Artifact]:
-    """The data files a files backup lists, by path."""
+    """The data files a files backup lists, by path: the file's artifact, or for a large
+    relation file its block map (``blocks``)."""
     return {
         str(a.meta["path"]): a
         for a in manifest.artifacts
-        if a.content == CONTENT_FILE and isinstance(a.meta.get("path"), str)
+        if a.content in (CONTENT_FILE, CONTENT_MAP) and isinstance(a.meta.get("path"), str)
     }
+
+
+def block_sources(manifest: Manifest) -> dict[str, Artifact]:
+    """The blocks artifacts a files backup lists, by key (block maps name them)."""
+    return {a.key: a for a in manifest.artifacts if a.content == CONTENT_BLOCKS}
 
 
 def files_backups(repo: Repository, target: str) -> list[Manifest]:
@@ -128,7 +136,9 @@ def choose_prior(
             why = f"the chain of backup {latest.backup_id} is not whole ({exc})"
     if why:
         return Choice("full", None, why)
-    prior = Prior(latest, file_records(latest), int(details["copy_started_ns"]))
+    prior = Prior(
+        latest, file_records(latest), block_sources(latest), int(details["copy_started_ns"])
+    )
     return Choice(backup_type, prior)
 
 
@@ -160,6 +170,14 @@ def referenced(record: Artifact, path: str, size: int, mtime_ns: int, mode: int)
         "mode": mode,
         "stored_by": owner_of(record),
     }
+    return Artifact.model_validate(doc)
+
+
+def referenced_source(source: Artifact, path: str) -> Artifact:
+    """An earlier backup's blocks artifact as this backup lists it (a block map of
+    ``path`` names it)."""
+    doc = source.model_dump()
+    doc["meta"] = {**doc["meta"], "path": path, "stored_by": owner_of(source)}
     return Artifact.model_validate(doc)
 
 

@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from strongroom.catalog import Artifact, Manifest
-from strongroom.engines.postgres.pitr.files import chain
+from strongroom.engines.postgres.pitr.files import blocks, chain
 from strongroom.engines.postgres.pitr.tar import parse_backup_label
 from strongroom.errors import IntegrityError
 from strongroom.repository.base import Repository
@@ -70,6 +70,46 @@ class LabelCheck:
         return {"start_lsn": label["start_lsn"]}
 
 
+class BlockMapCheck:
+    """A block map parses, names only blocks artifacts of its file that the backup
+    lists, and points at positions those artifacts hold (the blocks' digests are
+    checked when a restore writes them)."""
+
+    def __init__(self, manifest: Manifest, artifact: Artifact) -> None:
+        self._record = artifact
+        path = artifact.meta.get("path")
+        self._blocks = {
+            a.key: -(-a.raw_size // blocks.BLOCK)
+            for a in manifest.artifacts
+            if a.content == blocks.CONTENT_BLOCKS and a.meta.get("path") == path
+        }
+        self._data = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if len(self._data) + len(data) > blocks.MAX_BLOCKS * blocks.ENTRY.size:
+            raise IntegrityError("a block map is larger than any file can need")
+        self._data += data
+        return len(data)
+
+    def finish(self) -> dict[str, Any]:
+        sources = self._record.meta.get("sources")
+        bmap = blocks.BlockMap.parse(
+            bytes(self._data),
+            self._record.meta.get("size", -1),
+            sources if isinstance(sources, list) else [],
+        )
+        held = []
+        for key in bmap.sources:
+            if key not in self._blocks:
+                raise IntegrityError(f"block map names {key[-60:]!r}, not listed for its file")
+            held.append(self._blocks[key])
+        for index in range(bmap.blocks):
+            _, source, position = bmap.entry(index)
+            if position >= held[source]:
+                raise IntegrityError(f"block {index} points past the end of its source")
+        return {"bytes": bmap.size, "blocks": bmap.blocks, "sources": len(bmap.sources)}
+
+
 def check_whole_chain(repo: Repository, manifest: Manifest) -> dict[str, Any]:
     """verify: every backup this one depends on is listed and trusted, every artifact is
     where it should be (``chain.check_chain``); the artifacts are then read one by one."""
@@ -80,3 +120,4 @@ def check_whole_chain(repo: Repository, manifest: Manifest) -> dict[str, Any]:
 register_chain_check(chain.KIND, check_whole_chain)
 register_check(chain.CONTENT_FILE, DataFileCheck)
 register_check(chain.CONTENT_LABEL, LabelCheck)
+register_check(blocks.CONTENT_MAP, BlockMapCheck)

@@ -20,10 +20,16 @@ failed restore leaves the directory as empty as it was.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import shutil
+import stat
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +38,7 @@ from strongroom.catalog import Artifact, Catalog, Manifest, owner_of
 from strongroom.config import EncryptionConfig
 from strongroom.engines.postgres import root_fs as fs
 from strongroom.engines.postgres.pitr.extract import FolderTree, dir_mode, file_mode
-from strongroom.engines.postgres.pitr.files import chain
+from strongroom.engines.postgres.pitr.files import blocks, chain, delta
 from strongroom.errors import IntegrityError, InvalidInput, TargetNotEmpty
 from strongroom.pipeline import Progress
 from strongroom.repository.base import Repository
@@ -89,9 +95,20 @@ def _int(value: object, what: str) -> int:
     return value
 
 
+def _record(artifact: Artifact, seen: set[tuple[str, ...]]) -> tuple[str, ...]:
+    parts = check_path(artifact.meta.get("path"))
+    _int(artifact.meta.get("mode"), "file mode")
+    _int(artifact.meta.get("mtime_ns"), "modification time")
+    if parts in seen:
+        raise IntegrityError(f"backup lists {'/'.join(parts)!r} twice")
+    seen.add(parts)
+    return parts
+
+
 def plan_files(manifest: Manifest) -> dict[str, Any]:
     """Every path of the backup checked (nothing is written): folders, files with their
-    artifacts, empty files, label and map. Raises IntegrityError on the first bad one."""
+    artifacts (a block map with the blocks artifacts it names), empty files, label and
+    map. Raises IntegrityError on the first bad one."""
     if manifest.kind != chain.KIND:
         raise InvalidInput(f"backup {manifest.backup_id} is a {manifest.kind} backup, not files")
     seen: set[tuple[str, ...]] = set()
@@ -101,16 +118,17 @@ def plan_files(manifest: Manifest) -> dict[str, Any]:
             raise IntegrityError("backup lists a malformed folder entry")
         dirs.append((check_path(entry[0], what="folder"), _int(entry[1], "folder mode")))
     files: list[tuple[tuple[str, ...], Artifact]] = []
+    maps: list[tuple[tuple[str, ...], Artifact]] = []
+    sources: dict[tuple[str, ...], dict[str, Artifact]] = {}
     special: dict[str, Artifact] = {}
     for artifact in manifest.artifacts:
         if artifact.content == chain.CONTENT_FILE:
-            parts = check_path(artifact.meta.get("path"))
-            _int(artifact.meta.get("mode"), "file mode")
-            _int(artifact.meta.get("mtime_ns"), "modification time")
-            if parts in seen:
-                raise IntegrityError(f"backup lists {'/'.join(parts)!r} twice")
-            seen.add(parts)
-            files.append((parts, artifact))
+            files.append((_record(artifact, seen), artifact))
+        elif artifact.content == blocks.CONTENT_MAP:
+            maps.append((_record(artifact, seen), artifact))
+            _int(artifact.meta.get("size"), "file size")
+        elif artifact.content == blocks.CONTENT_BLOCKS:
+            sources.setdefault(check_path(artifact.meta.get("path")), {})[artifact.key] = artifact
         elif artifact.content in (chain.CONTENT_LABEL, chain.CONTENT_SPCMAP):
             if artifact.name in special or artifact.name not in _OWN_ARTIFACTS:
                 raise IntegrityError(f"backup lists a second or odd {artifact.name[:40]!r}")
@@ -119,6 +137,17 @@ def plan_files(manifest: Manifest) -> dict[str, Any]:
             raise IntegrityError(f"backup lists an artifact of content {artifact.content[:40]!r}")
     if chain.LABEL not in special:
         raise IntegrityError(f"backup {manifest.backup_id} has no backup_label")
+    mapped: list[tuple[tuple[str, ...], Artifact, dict[str, Artifact]]] = []
+    for parts, record in maps:
+        named = record.meta.get("sources")
+        mine = sources.pop(parts, {})
+        if not isinstance(named, list) or any(k not in mine for k in named):
+            raise IntegrityError(
+                f"the block map of {'/'.join(parts)!r} names a source the backup does not list"
+            )
+        mapped.append((parts, record, {k: mine[k] for k in named}))
+    if sources:
+        raise IntegrityError(f"backup lists blocks of {'/'.join(next(iter(sources)))!r}, no map")
     empty: list[tuple[tuple[str, ...], int, int]] = []
     for entry in manifest.details.get("empty_files") or []:
         if not isinstance(entry, list) or len(entry) != 3:
@@ -128,15 +157,130 @@ def plan_files(manifest: Manifest) -> dict[str, Any]:
             raise IntegrityError(f"backup lists {'/'.join(parts)!r} twice")
         seen.add(parts)
         empty.append((parts, _int(entry[1], "file mode"), _int(entry[2], "modification time")))
-    return {"dirs": dirs, "files": files, "empty": empty, "special": special}
+    return {"dirs": dirs, "files": files, "mapped": mapped, "empty": empty, "special": special}
 
 
-def _new_file(tree: FolderTree, parts: tuple[str, ...], mode: int, owner: fs.Owner) -> int:
-    parent = tree.folder(parts[:-1])
-    try:
-        return fs.new_file(parent, parts[-1], mode=file_mode(mode), owner=owner)
-    except FileExistsError:
-        raise IntegrityError(f"{'/'.join(parts)!r} is listed twice") from None
+class _Writer:
+    """Writes the files of one plan below a folder, from up to ``jobs`` threads; with
+    ``delta`` onto files already there (only what differs is fetched)."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        enc: EncryptionConfig,
+        root_fd: int,
+        owner: fs.Owner,
+        progress: Progress | None,
+        delta: bool,
+    ) -> None:
+        self.repo, self.enc, self.owner, self.progress, self.delta = (
+            repo,
+            enc,
+            owner,
+            progress,
+            delta,
+        )
+        self.tree = FolderTree(root_fd, owner)
+        self._lock = threading.Lock()
+        self.written = 0
+        self.kept = 0  # delta: bytes already right on disk
+
+    def _open(self, parts: tuple[str, ...], mode: int) -> tuple[int, int]:
+        """The file to write and the size it already has (0 for a new one)."""
+        with self._lock:
+            parent = self.tree.folder(parts[:-1])
+        if self.delta:
+            try:
+                fd = os.open(parts[-1], os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            except FileNotFoundError:
+                pass
+            else:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    os.close(fd)
+                    raise IntegrityError(f"{'/'.join(parts)!r} exists and is not a plain file")
+                os.fchmod(fd, file_mode(mode))
+                if self.owner is not None:
+                    os.fchown(fd, *self.owner)
+                return fd, info.st_size
+        try:
+            return fs.new_file(parent, parts[-1], mode=file_mode(mode), owner=self.owner), 0
+        except FileExistsError:
+            raise IntegrityError(f"{'/'.join(parts)!r} is listed twice") from None
+
+    def whole(self, parts: tuple[str, ...], artifact: Artifact) -> None:
+        fd, size = self._open(parts, int(artifact.meta["mode"]))
+        try:
+            if size == artifact.raw_size and _sha256_of(fd) == artifact.raw_sha256:
+                self._count(0, size)
+            else:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                sink = _FdSink(fd)
+                read_artifact(
+                    self.repo, artifact, sink, encryption=self.enc, progress=self.progress
+                )
+                self._count(sink.written, 0)
+            mtime = int(artifact.meta["mtime_ns"])
+            os.utime(fd, ns=(mtime, mtime))
+        finally:
+            os.close(fd)
+
+    def mapped(
+        self, parts: tuple[str, ...], record: Artifact, sources: dict[str, Artifact]
+    ) -> None:
+        bmap = blocks.load_map(self.repo, record, self.enc)
+        fd, size = self._open(parts, int(record.meta["mode"]))
+
+        def read(key: str, sink: Any) -> None:
+            read_artifact(
+                self.repo, sources[key], sink, encryption=self.enc, progress=self.progress
+            )
+
+        try:
+            written = blocks.write_mapped(fd, bmap, read, existing_size=size)
+            self._count(written, bmap.size - written)
+            mtime = int(record.meta["mtime_ns"])
+            os.utime(fd, ns=(mtime, mtime))
+        finally:
+            os.close(fd)
+
+    def empty(self, parts: tuple[str, ...], mode: int, mtime: int) -> None:
+        fd, _ = self._open(parts, mode)
+        try:
+            os.ftruncate(fd, 0)
+            os.utime(fd, ns=(mtime, mtime))
+        finally:
+            os.close(fd)
+
+    def _count(self, written: int, kept: int) -> None:
+        with self._lock:
+            self.written += written
+            self.kept += kept
+
+
+def _sha256_of(fd: int) -> str:
+    digest = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while data := os.read(fd, 1024 * 1024):
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _run_all(tasks: list[Callable[[], None]], jobs: int) -> None:
+    if jobs <= 1:
+        for task in tasks:
+            task()
+        return
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sr-restore") as pool:
+        futures = [pool.submit(task) for task in tasks]
+        try:
+            for future in as_completed(futures):
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def write_files(
@@ -146,48 +290,53 @@ def write_files(
     root_fd: int,
     owner: fs.Owner = None,
     progress: Progress | None = None,
+    *,
+    jobs: int = 1,
+    delta: bool = False,
 ) -> dict[str, Any]:
-    """Write every file of ``manifest`` below the (empty, strongroom-made) folder
-    ``root_fd``: folders, data files from whichever backup stored them, empty files,
-    ``backup_label`` and a non-empty ``tablespace_map``. Checks every path first."""
+    """Write every file of ``manifest`` below the folder ``root_fd`` (empty and
+    strongroom-made; with ``delta`` a data directory whose extra files are already
+    removed): folders, data files from whichever backup stored them, empty files,
+    ``backup_label`` and a non-empty ``tablespace_map``; ``global/pg_control`` last.
+    Checks every path first."""
     plan = plan_files(manifest)
     started = time.monotonic()
-    tree = FolderTree(root_fd, owner)
-    written = 0
+    writer = _Writer(repo, enc, root_fd, owner, progress, delta)
+    control = ("global", "pg_control")
     try:
         for parts, mode in plan["dirs"]:
-            os.fchmod(tree.folder(parts, dir_mode(mode)), dir_mode(mode))
+            os.fchmod(writer.tree.folder(parts, dir_mode(mode)), dir_mode(mode))
+        tasks: list[Callable[[], None]] = []
+        last: list[Callable[[], None]] = []
         for parts, artifact in plan["files"]:
-            fd = _new_file(tree, parts, int(artifact.meta["mode"]), owner)
-            try:
-                sink = _FdSink(fd)
-                read_artifact(repo, artifact, sink, encryption=enc, progress=progress)
-                mtime = int(artifact.meta["mtime_ns"])
-                os.utime(fd, ns=(mtime, mtime))
-                written += sink.written
-            finally:
-                os.close(fd)
+            task = functools.partial(writer.whole, parts, artifact)
+            (last if parts == control else tasks).append(task)
+        for parts, record, sources in plan["mapped"]:
+            tasks.append(functools.partial(writer.mapped, parts, record, sources))
         for parts, mode, mtime in plan["empty"]:
-            fd = _new_file(tree, parts, mode, owner)
-            try:
-                os.utime(fd, ns=(mtime, mtime))
-            finally:
-                os.close(fd)
+            tasks.append(functools.partial(writer.empty, parts, mode, mtime))
+        _run_all(tasks, jobs)
+        _run_all(last, 1)
         for name, artifact in plan["special"].items():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=root_fd)
             if name == chain.SPCMAP and artifact.raw_size == 0:
                 continue  # no tablespaces: PostgreSQL writes no tablespace_map either
-            fd = _new_file(tree, (name,), 0o600, owner)
+            fd = fs.new_file(root_fd, name, mode=0o600, owner=owner)
             try:
                 read_artifact(repo, artifact, _FdSink(fd), encryption=enc)
             finally:
                 os.close(fd)
     finally:
-        tree.close()
+        writer.tree.close()
+    listed = [a for _, a in plan["files"]] + [m for _, m, _ in plan["mapped"]]
     return {
-        "files": len(plan["files"]) + len(plan["empty"]),
+        "files": len(plan["files"]) + len(plan["mapped"]) + len(plan["empty"]),
         "folders": len(plan["dirs"]),
-        "bytes": written,
-        "referenced_from": sorted({owner_of(a) for _, a in plan["files"]} - {manifest.backup_id}),
+        "bytes": writer.written,
+        "bytes_kept": writer.kept,
+        "jobs": jobs,
+        "referenced_from": sorted({owner_of(a) for a in listed} - {manifest.backup_id}),
         "seconds": round(time.monotonic() - started, 3),
     }
 
@@ -222,11 +371,21 @@ def restore_files_backup(
     *,
     os_user: str | None = None,
     progress: Progress | None = None,
+    jobs: int = 1,
+    delta: bool = False,
 ) -> dict[str, Any]:
-    """Restore the files of one backup (any of a chain) into the empty ``data_dir``,
-    without recovery settings (``pitr_restore`` adds those and starts the server)."""
+    """Restore the files of one backup (any of a chain) into the empty ``data_dir``, or
+    with ``delta`` onto a stale copy of the same cluster there (only what differs is
+    fetched, what the backup lacks removed), without recovery settings (``pitr_restore``
+    adds those and starts the server)."""
     manifest = load_checked(repo, target, backup_id)
     path = Path(data_dir).absolute()
+    if delta and path.is_dir() and any(path.iterdir()):
+        return {
+            "backup_id": manifest.backup_id,
+            "data_dir": str(path),
+            **delta_files(repo, enc, manifest, path, os_user, progress, jobs),
+        }
     _check_empty(path)
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -237,7 +396,7 @@ def restore_files_backup(
     moved = False
     try:
         os.fchmod(data_fd, 0o700)
-        report = write_files(repo, enc, manifest, stage_fd, owner, progress)
+        report = write_files(repo, enc, manifest, stage_fd, owner, progress, jobs=jobs)
         if owner is not None:
             os.fchown(data_fd, *owner)
         moved = True
@@ -260,3 +419,28 @@ def restore_files_backup(
         os.close(stage_fd)
         os.close(data_fd)
     return {"backup_id": manifest.backup_id, "data_dir": str(path), **report}
+
+
+def delta_files(
+    repo: Repository,
+    enc: EncryptionConfig,
+    manifest: Manifest,
+    path: Path,
+    os_user: str | None,
+    progress: Progress | None,
+    jobs: int,
+) -> dict[str, Any]:
+    """Bring the existing data directory ``path`` to ``manifest`` (``delta``): checked
+    and cleaned first, then only differing files and blocks fetched. A failure leaves a
+    directory without ``global/pg_control`` (PostgreSQL will not start it) that a second
+    run finishes."""
+    plan = plan_files(manifest)
+    removed = delta.prepare(path, manifest, plan)
+    owner = fs.owner_of(os_user)
+    data_fd = fs.open_dir(path)
+    try:
+        os.fchmod(data_fd, 0o700)
+        report = write_files(repo, enc, manifest, data_fd, owner, progress, jobs=jobs, delta=True)
+    finally:
+        os.close(data_fd)
+    return {**report, "delta": removed}

@@ -1,0 +1,242 @@
+"""Copying the files of one file-level backup: whole, by changed blocks, or referenced
+from the prior backup, from up to ``jobs`` threads.
+
+Each file is opened ``O_NOFOLLOW`` and read at most up to the size it had when opened
+(a relation extended while it is copied gets its new pages from WAL replay; a truncated
+one simply ends early). Unchanged files (``chain.unchanged``) are listed with the prior's
+record; large relation files go through ``blocks``; the rest stream whole through
+``store_artifact``. Everything stored is remembered so a failed backup removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import IO, Any, cast
+
+from strongroom.artifacts import store_artifact
+from strongroom.catalog import Artifact, data_key
+from strongroom.config import EncryptionConfig
+from strongroom.engines.postgres.pitr.files import blocks, chain
+from strongroom.engines.postgres.pitr.files.walk import FileStat
+from strongroom.errors import IntegrityError
+from strongroom.pipeline import Progress
+from strongroom.repository.base import Repository, StorageSettings
+
+ENGINE = chain.ENGINE
+
+CHUNK = 1024 * 1024
+
+
+class Bounded:
+    """Reads an open file up to the size it had when opened (a file extended while it is
+    copied is replayed from WAL; a truncated one simply ends early)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self._left = size
+        self.read_bytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        want = CHUNK if n is None or n <= 0 else min(n, CHUNK)
+        want = min(want, self._left)
+        if want <= 0:
+            return b""
+        data = os.read(self._fd, want)
+        self._left -= len(data)
+        self.read_bytes += len(data)
+        if not data:
+            self._left = 0
+        return data
+
+
+def _open(root: str, path: str) -> int | None:
+    try:
+        return os.open(os.path.join(root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # dropped since the walk: WAL replay drops it too
+
+
+def _sha256(fd: int, size: int) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    source = Bounded(fd, size)
+    while data := source.read():
+        digest.update(data)
+    return digest.hexdigest(), source.read_bytes
+
+
+class Copier:
+    """Copies (or references) the files of one backup, from up to ``jobs`` threads;
+    remembers what it stored so a failed backup can remove it."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        target: str,
+        backup_id: str,
+        enc: EncryptionConfig,
+        level: int,
+        settings: StorageSettings,
+        prior: chain.Prior | None,
+        checksum: bool,
+        progress: Progress | None,
+    ) -> None:
+        self.repo, self.target, self.backup_id = repo, target, backup_id
+        self.enc, self.level, self.settings = enc, level, settings
+        self.prior, self.checksum, self.progress = prior, checksum, progress
+        self.artifacts: list[Artifact] = []
+        self.stored: list[str] = []
+        self.empty: list[list[Any]] = []
+        self.files = self.files_copied = self.files_referenced = self.files_mapped = 0
+        self.copied_bytes = 0
+        self.referenced_bytes = 0
+        self._lock = threading.Lock()
+
+    def _new_key(self) -> str:
+        with self._lock:
+            key = data_key(ENGINE, self.target, self.backup_id, f"files/{len(self.stored):06d}")
+            self.stored.append(key)
+        return key
+
+    def store(self, name: str, source: IO[bytes], content: str, meta: dict[str, Any]) -> Artifact:
+        return store_artifact(
+            self.repo,
+            self._new_key(),
+            source,
+            name=name,
+            content=content,
+            encryption=self.enc,
+            level=self.level,
+            settings=self.settings,
+            progress=self.progress,
+            meta=meta,
+        )
+
+    def _add(self, listed: list[Artifact], *, copied: int, referenced: int) -> None:
+        with self._lock:
+            self.artifacts.extend(listed)
+            self.files += 1
+            self.copied_bytes += copied
+            self.referenced_bytes += referenced
+            if copied:
+                self.files_copied += 1
+            else:
+                self.files_referenced += 1
+
+    def file(self, root: str, entry: FileStat, now_ns: int) -> None:
+        fd = _open(root, entry.path)
+        if fd is None:
+            return
+        try:
+            info = os.fstat(fd)
+            size, mtime, mode = info.st_size, info.st_mtime_ns, stat.S_IMODE(info.st_mode)
+            if size == 0:
+                with self._lock:
+                    self.empty.append([entry.path, mode, mtime])
+                return
+            record = None
+            if self.prior is not None:
+                record = chain.unchanged(self.prior, entry.path, size, mtime, now_ns)
+            if self.checksum and self.prior is not None and not blocks.mappable(entry.path, size):
+                before = self.prior.records.get(entry.path)
+                record = None
+                whole = before is not None and before.content == chain.CONTENT_FILE
+                if whole and before is not None and before.raw_size == size:
+                    digest, read = _sha256(fd, size)
+                    record = before if digest == before.raw_sha256 and read == size else None
+                    os.lseek(fd, 0, os.SEEK_SET)
+            if record is not None:
+                self._reference(record, entry.path, size, mtime, mode)
+            elif blocks.mappable(entry.path, size):
+                self._mapped(fd, entry.path, size, mtime, mode)
+            else:
+                source = Bounded(fd, size)
+                meta = {"path": entry.path, "mtime_ns": mtime, "mode": mode}
+                artifact = self.store(entry.path, cast(IO[bytes], source), chain.CONTENT_FILE, meta)
+                artifact.meta["size"] = artifact.raw_size
+                self._add([artifact], copied=artifact.raw_size, referenced=0)
+        finally:
+            os.close(fd)
+
+    def _reference(self, record: Artifact, path: str, size: int, mtime: int, mode: int) -> None:
+        """List the prior's record of an unchanged file again (a block map with every
+        blocks artifact it names)."""
+        assert self.prior is not None
+        listed = [chain.referenced(record, path, size, mtime, mode)]
+        if record.content == blocks.CONTENT_MAP:
+            for key in record.meta.get("sources") or []:
+                source = self.prior.sources.get(str(key))
+                if source is None:
+                    raise IntegrityError(f"backup {self.prior.backup_id}: {path} names no source")
+                listed.append(chain.referenced_source(source, path))
+        self._add(listed, copied=0, referenced=size)
+
+    def _mapped(self, fd: int, path: str, size: int, mtime: int, mode: int) -> None:
+        """Store the blocks of a large relation file that differ from the prior's map of
+        it, then the file's new map (``blocks``)."""
+        prior_map = None
+        before = self.prior.records.get(path) if self.prior is not None else None
+        if before is not None and before.content == blocks.CONTENT_MAP:
+            prior_map = blocks.load_map(self.repo, before, self.enc)
+        source = blocks.ChangedBlocks(fd, size, prior_map)
+        meta: dict[str, Any] = {"path": path}
+        own = self.store(path, cast(IO[bytes], source), blocks.CONTENT_BLOCKS, meta)
+        bmap = source.finish(own.key)
+        map_meta = {
+            "path": path,
+            "size": bmap.size,
+            "mtime_ns": mtime,
+            "mode": mode,
+            "block_size": blocks.BLOCK,
+            "blocks_stored": source.stored,
+            "sources": bmap.sources,
+        }
+        listed = [
+            self.store(path, io.BytesIO(bytes(bmap.entries)), blocks.CONTENT_MAP, map_meta),
+            own,
+        ]
+        if prior_map is not None and self.prior is not None:
+            for key in bmap.sources:
+                if key != own.key:
+                    listed.append(chain.referenced_source(self.prior.sources[key], path))
+        with self._lock:
+            self.files_mapped += 1
+        self._add(listed, copied=own.raw_size, referenced=bmap.size - own.raw_size)
+
+    def text(self, name: str, text: str, content: str) -> Artifact:
+        artifact = self.store(name, io.BytesIO(text.encode()), content, {"path": name})
+        self.artifacts.append(artifact)
+        return artifact
+
+    def copy_all(self, root: str, files: list[FileStat], jobs: int, failing: Any) -> None:
+        """Copy every file, ``jobs`` at a time; the first failure stops the rest."""
+
+        def one(entry: FileStat) -> None:
+            failing()
+            self.file(root, entry, time.time_ns())
+
+        if jobs <= 1:
+            for entry in files:
+                one(entry)
+        else:
+            with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sr-files") as pool:
+                futures = [pool.submit(one, entry) for entry in files]
+                try:
+                    for future in as_completed(futures):
+                        future.result()
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+        self.artifacts.sort(key=lambda a: (str(a.meta.get("path")), a.content, a.key))
+
+    def clean_up(self) -> None:
+        """Remove what this backup stored (never a referenced artifact of another)."""
+        for key in self.stored:
+            if self.repo.exists(key):
+                self.repo.delete(key)

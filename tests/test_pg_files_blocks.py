@@ -1,0 +1,226 @@
+"""Block-level incrementals, parallel copies and delta restore of file-level PostgreSQL
+backups, against a real archiving cluster: every restore starts PostgreSQL and compares
+table fingerprints with the source."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyrage import x25519
+
+from strongroom.catalog import Catalog, owner_of
+from strongroom.engines.postgres.pitr.files import blocks
+from strongroom.engines.postgres.pitr.files.backup import summary
+from strongroom.engines.postgres.pitr.files.chain import file_records
+from strongroom.errors import IntegrityError, InvalidInput, TargetNotEmpty
+from strongroom.sandbox._process import make_temp_dir, remove_dir
+from strongroom.verify import verify_backup
+from tests.test_pg_files import (
+    _new_cluster,
+    fingerprint_sql,
+    restore_and_check,
+    take,
+)
+from tests.test_pitr import Cluster, _restore
+
+ROWS = 200_000
+
+
+@pytest.fixture(scope="module")
+def age_identity() -> x25519.Identity:
+    return x25519.Identity.generate()
+
+
+@pytest.fixture(scope="module")
+def wide(age_identity: x25519.Identity) -> Iterator[Cluster]:
+    c, root = _new_cluster("pgb", age_identity)
+    c.sql(
+        "CREATE TABLE wide (id int PRIMARY KEY, n int, v text);"
+        f"INSERT INTO wide SELECT g, 0, md5(g::text) || md5((g * 7)::text)"
+        f" FROM generate_series(1, {ROWS}) g;"
+    )
+    # settled, as a table is some time after its load: hint bits set (they are written
+    # without WAL, so the first read after a load changes every page once)
+    c.sql("VACUUM (FREEZE, ANALYZE) wide")
+    c.sql("SELECT count(*) FROM wide WHERE v <> ''; CHECKPOINT")
+    try:
+        yield c
+    finally:
+        c.server.stop()
+        remove_dir(root)
+
+
+@pytest.fixture
+def pg_tmp() -> Iterator[Path]:
+    from strongroom.sandbox.postgres import chown_to_postgres
+
+    path = make_temp_dir("pgblocks-test")
+    chown_to_postgres(path, 0o755)
+    yield path
+    remove_dir(path)
+
+
+def _listing(path: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for top, _dirs, names in os.walk(path):
+        for name in names:
+            st = os.lstat(os.path.join(top, name))
+            out[os.path.relpath(os.path.join(top, name), path)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_block_incremental_parallel_and_delta_restore(
+    wide: Cluster, pg_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = wide
+    tables = ("wide",)
+    path = c.sql("SELECT pg_relation_filepath('wide')")
+    full = take(c, "full", jobs=2)
+    fp_full = c.sql(fingerprint_sql(tables))
+    rec = file_records(full)[path]
+    assert rec.content == blocks.CONTENT_MAP and full.details["jobs"] == 2
+    assert rec.meta["blocks_stored"] == rec.meta["size"] // blocks.BLOCK  # a full stores all
+
+    # a stale copy: the full restored and started (recovered, promoted: a new timeline)
+    stale = pg_tmp / "stale"
+    restore_and_check(c, stale, full.backup_id, tables, fp_full, jobs=2)
+
+    # 3% of the rows, one contiguous range, change; the incremental stores few blocks
+    c.sql(f"UPDATE wide SET n = n + 1 WHERE id <= {ROWS * 3 // 100}; CHECKPOINT")
+    c.sql("SELECT pg_sleep(1.1)")
+    incr = take(c, "incr", jobs=2)
+    fp_incr = c.sql(fingerprint_sql(tables))
+    m = file_records(incr)[path]
+    assert m.content == blocks.CONTENT_MAP and owner_of(m) == incr.backup_id
+    total = m.meta["size"] // blocks.BLOCK
+    assert 0 < m.meta["blocks_stored"] < 0.2 * total, (m.meta["blocks_stored"], total)
+    assert full.backup_id in incr.details["depends_on"]
+    s_full, s_incr = summary(full), summary(incr)
+    assert s_incr["stored_bytes"] < 0.25 * s_full["stored_bytes"], (s_incr, s_full)
+    assert s_incr["copied_bytes"] < 0.25 * s_full["copied_bytes"]
+    loaded = Catalog(c.repo).load("postgresql", c.target, incr.backup_id)
+    report = verify_backup(c.repo, loaded, c.enc)
+    assert report["ok"], [a for a in report["artifacts"] if not a["ok"]]
+    checked = [a for a in report["artifacts"] if (a.get("structure") or {}).get("blocks")]
+    assert checked, report["artifacts"][:3]
+
+    # the incremental restores (blocks from two backups, two jobs) into an empty folder
+    restore_and_check(c, pg_tmp / "fresh", incr.backup_id, tables, fp_incr, jobs=2)
+
+    # refusals leave the stale copy as it was
+    data = stale / "data"
+    before = _listing(data)
+    (data / "postmaster.pid").write_text("12345\n")
+    with pytest.raises(InvalidInput, match=r"postmaster\.pid"):
+        _restore(c, stale, backup_id=incr.backup_id, delta=True, recovery_target="immediate")
+    (data / "postmaster.pid").unlink()
+    assert _listing(data) == before
+
+    # a delta restore that fails half way leaves no pg_control; run again, it finishes
+    (data / "base" / "stray").write_bytes(b"x" * 10)
+    (data / "stray_dir" / "deeper").mkdir(parents=True)
+    assert list((data / "pg_wal").glob("0000000*"))  # the stale copy's own WAL
+    original = blocks.write_mapped
+
+    def failing(*args: Any, **kw: Any) -> int:
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(blocks, "write_mapped", failing)
+    with pytest.raises(OSError, match="disk on fire"):
+        _restore(c, stale, backup_id=incr.backup_id, delta=True, recovery_target="immediate")
+    monkeypatch.setattr(blocks, "write_mapped", original)
+    assert not (data / "global" / "pg_control").exists()
+    assert (data / ".strongroom-delta").exists()
+    assert not (data / "base" / "stray").exists() and not (data / "stray_dir").exists()
+
+    report = restore_and_check(c, stale, incr.backup_id, tables, fp_incr, delta=True, jobs=2)
+    extract = report["extract"]
+    assert not (data / "base" / "stray").exists() and not (data / "stray_dir").exists()
+    assert extract["bytes"] < 0.3 * (extract["bytes"] + extract["bytes_kept"]), extract
+    assert not (data / ".strongroom-delta").exists()
+
+
+def test_delta_restore_refuses_another_cluster(
+    wide: Cluster, age_identity: x25519.Identity, pg_tmp: Path
+) -> None:
+    other, root = _new_cluster("pgo", age_identity)
+    try:
+        theirs = take(other, "full")
+        restore_and_check(
+            other,
+            pg_tmp / "theirs",
+            theirs.backup_id,
+            ("keep",),
+            other.sql(fingerprint_sql(("keep",))),
+        )
+    finally:
+        other.server.stop()
+        remove_dir(root)
+    mine = take(wide, "incr")
+    data = pg_tmp / "theirs" / "data"
+    before = _listing(data)
+    with pytest.raises(InvalidInput, match="database system"):
+        _restore(wide, pg_tmp / "theirs", backup_id=mine.backup_id, delta=True)
+    assert _listing(data) == before
+    with pytest.raises(TargetNotEmpty, match="delta"):
+        _restore(wide, pg_tmp / "theirs", backup_id=mine.backup_id)  # no delta: refused
+
+
+def test_block_maps_refuse_forged_blocks(tmp_path: Path) -> None:
+    """A source holding other bytes than its map says, or a map pointing past its
+    source, is refused while the file is written."""
+    data = os.urandom(blocks.BLOCK * 4)
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        changed = blocks.ChangedBlocks(fd, len(data), None)
+        stored = b"".join(iter(changed.read, b""))
+    finally:
+        os.close(fd)
+    assert stored == data and changed.stored == 4
+    bmap = changed.finish("own")
+    assert bmap.sources == ["own"] and bmap.blocks == 4
+
+    def reader(payload: bytes) -> blocks.Reader:
+        def read(key: str, sink: Any) -> None:
+            sink.write(payload)
+
+        return read
+
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert blocks.write_mapped(fd, bmap, reader(data)) == len(data)
+        assert out.read_bytes() == data
+        # a delta onto the same bytes fetches nothing
+        assert blocks.write_mapped(fd, bmap, reader(b""), existing_size=len(data)) == 0
+        tampered = bytearray(data)
+        tampered[blocks.BLOCK + 5] ^= 1
+        os.ftruncate(fd, 0)
+        with pytest.raises(IntegrityError, match="block 1"):
+            blocks.write_mapped(fd, bmap, reader(bytes(tampered)))
+        with pytest.raises(IntegrityError, match="ends before"):
+            blocks.write_mapped(fd, bmap, reader(data[: blocks.BLOCK * 2]))
+    finally:
+        os.close(fd)
+    # an unchanged second read reuses every block, one changed block is stored alone
+    changed_data = data[: blocks.BLOCK * 2] + os.urandom(blocks.BLOCK) + data[blocks.BLOCK * 3 :]
+    src.write_bytes(changed_data)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        again = blocks.ChangedBlocks(fd, len(changed_data), bmap)
+        assert b"".join(iter(again.read, b"")) == changed_data[blocks.BLOCK * 2 : blocks.BLOCK * 3]
+    finally:
+        os.close(fd)
+    second = again.finish("second")
+    assert second.sources == ["own", "second"] and again.stored == 1
+    assert second.entry(2)[1:] == (1, 0) and second.entry(3)[1:] == (0, 3)
+    with pytest.raises(IntegrityError):
+        blocks.BlockMap.parse(bytes(second.entries), len(changed_data), ["own"])  # source 1?
+    with pytest.raises(IntegrityError):
+        blocks.BlockMap.parse(bytes(second.entries)[:-1], len(changed_data), ["a", "b"])
