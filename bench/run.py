@@ -3,6 +3,9 @@
     python -m bench.run                      # sizes 200,1000 MB, 3 repeats
     python -m bench.run --sizes 200,1000 --repeats 3
     python -m bench.run --quick              # 50 MB, 1 repeat: smoke test
+    python -m bench.run --incremental [--quick]   # file-level incremental backups and
+                                                  # delta restores vs pgBackRest (issue 18):
+                                                  # bench.pg_incremental_bench, its options
 
 For each size: a throwaway PostgreSQL 15 cluster (archiving to pgBackRest), sample data
 loaded once, one untimed warm-up run of every tool, then ``--repeats`` rounds in which
@@ -70,6 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="smoke test: sizes 50, repeats 1, output postgres-backup-quick.json",
+    )
+    parser.add_argument(
+        "--incremental",
+        action="store_true",
+        help="run bench.pg_incremental_bench instead (file-level full/incremental backups,"
+        " restores and delta restores vs pgBackRest); the other options go to it"
+        " (--quick, --size MiB, --rounds, --output)",
     )
     parser.add_argument("--level", type=int, default=3, help="zstd level for all tools")
     parser.add_argument("--no-pgbackrest", action="store_true", help="skip the pgBackRest peer")
@@ -353,6 +363,11 @@ def bench_size(
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if "--incremental" in given:
+        from bench import pg_incremental_bench
+
+        return pg_incremental_bench.main([a for a in given if a != "--incremental"])
     args = parse_args(argv)
     from pyrage import x25519
 

@@ -139,6 +139,8 @@ class Manifest(BaseModel):
             "artifacts": len(self.artifacts),
             # incremental chains: the backup this one builds on (None: self-contained)
             "base_backup_id": self.details.get("base_backup_id"),
+            # full / diff / incr (files backups name it; an engine's incremental is incr)
+            "backup_type": backup_type_of(self),
         }
 
 
@@ -178,6 +180,16 @@ def parents_of(manifest: Manifest) -> tuple[str, ...]:
         elif isinstance(value, list):
             found.extend(v for v in value if isinstance(v, str) and BACKUP_ID_RE.fullmatch(v))
     return tuple(dict.fromkeys(found))
+
+
+def backup_type_of(manifest: Manifest) -> str:
+    """``full``, ``diff`` or ``incr``: what ``details.backup_type`` says (file-level
+    PostgreSQL backups), else ``incr`` for a backup that needs others (an engine's
+    incremental, e.g. ClickHouse) and ``full`` for a self-contained one."""
+    named = manifest.details.get("backup_type")
+    if named in ("full", "diff", "incr"):
+        return str(named)
+    return "incr" if parents_of(manifest) else "full"
 
 
 def owner_of(artifact: Artifact) -> str:

@@ -21,6 +21,7 @@ from strongroom.deploy.bootstrap import (
     load_config,
     render_prefect_yaml,
 )
+from strongroom.deploy.bootstrap_config import PG_FILES_POOL
 from strongroom.deploy.k8s import (
     load_base_job_template,
     load_k8s_manifests,
@@ -46,6 +47,7 @@ KINDS = {
     "drill",
     "health",
     "deep-verify",
+    "files-backup",
 }
 
 
@@ -62,6 +64,14 @@ OPERATIONS = {
 def later_deployments() -> list[dict[str, Any]]:
     """The operations deployments (retention, audit, drills, health, deep verify)."""
     return [d for d in DEPLOYMENTS if d["entrypoint"] in OPERATIONS]
+
+
+def _pg_files(dep: dict[str, Any]) -> bool:
+    """A file-level backup deployment: runs on the process worker next to PostgreSQL."""
+    return bool(dep["work_pool"]["name"] == PG_FILES_POOL)
+
+
+KUBERNETES = [d for d in DEPLOYMENTS if not _pg_files(d)]
 
 
 def _label(dep: dict[str, Any]) -> str:
@@ -92,6 +102,7 @@ def test_prefect_yaml_declares_every_flow_with_tags_and_no_build() -> None:
         "flows.pitr:base_backup_postgresql",
         "flows.pitr:pitr_restore_postgresql",
         "flows.pitr:wal_check_postgresql",
+        "flows.pitr:files_backup_postgresql",
     ):
         assert entry in entrypoints, entry
     for dep in DEPLOYMENTS:  # module paths: a script path would let flows/redis.py
@@ -103,6 +114,11 @@ def test_prefect_yaml_declares_every_flow_with_tags_and_no_build() -> None:
         assert "strongroom" in tags, dep["name"]
         assert tags & KINDS, f"{_label(dep)} has no kind tag"
         pool = dep["work_pool"]
+        if _pg_files(dep):  # reads the data directory: never a Job pod
+            assert dep["entrypoint"] == "flows.pitr:files_backup_postgresql", _label(dep)
+            assert pool["job_variables"] == {}
+            continue
+        assert dep["entrypoint"] != "flows.pitr:files_backup_postgresql", _label(dep)
         assert pool["name"] == "strongroom-k8s"
         assert pool["job_variables"]["image"], "the image is a job variable"
         engine_free = (
@@ -123,11 +139,52 @@ def test_schedules_are_utc_and_restores_have_none() -> None:
     assert crons["backup-fleet/redis-daily"] == ("0 3 * * *", "UTC")
     assert "backup-fleet/postgresql-base-weekly" in crons
     assert "backup-fleet/postgresql-wal-check-hourly" in crons
+    # file-level backups: a weekly full, an incremental on every other day, same time
+    full, incr = (
+        crons["files-backup-postgresql/full-weekly"],
+        crons["files-backup-postgresql/incr-daily"],
+    )
+    assert full == ("0 1 * * 0", "UTC") and incr == ("0 1 * * 1-6", "UTC")
     for dep in DEPLOYMENTS:
         tags = set(dep["tags"])
         if tags & {"restore", "verify"} or dep["name"] == "on-demand":
             assert not dep.get("schedules"), f"{_label(dep)} must not be scheduled"
             assert dep.get("description"), f"{_label(dep)}: document the parameters"
+
+
+def test_files_backup_schedules_cover_the_week_with_valid_parameters() -> None:
+    """Every day has exactly one files backup (full on Sunday), the parameters are ones
+    the flow accepts, and the schedules ship inactive (they need a target block with a
+    data_directory and a worker next to PostgreSQL)."""
+    from flows.pitr import files_backup_postgresql
+
+    scheduled = [d for d in DEPLOYMENTS if _pg_files(d) and d.get("schedules")]
+    days: dict[int, str] = {}
+    for dep in scheduled:
+        params = dep["parameters"]
+        files_backup_postgresql.validate_parameters(params)  # a typo'd name fails here
+        (schedule,) = dep["schedules"]
+        assert schedule["active"] is False, _label(dep)
+        minute, hour, dom, month, dow = schedule["cron"].split()
+        assert (minute, hour, dom, month) == ("0", "1", "*", "*"), _label(dep)
+        first, _, last = dow.partition("-")
+        for day in range(int(first), int(last or first) + 1):
+            assert day not in days, f"two files backups on day {day}"
+            days[day] = params["backup_type"]
+    assert days == {0: "full", **dict.fromkeys(range(1, 7), "incr")}
+    on_demand = next(d for d in DEPLOYMENTS if _label(d) == "files-backup-postgresql/on-demand")
+    assert not on_demand.get("schedules") and on_demand["description"]
+
+
+def test_render_for_kubernetes_keeps_files_backups_on_their_pool() -> None:
+    cfg = BootstrapConfig.model_validate({"deployments": {"work_pool": "strongroom-k8s"}})
+    assert PG_FILES_POOL in {p.name for p in cfg.work_pools}  # bootstrap creates the pool
+    doc, _names, _ = render_prefect_yaml(cfg.deployments, "kubernetes", ROOT / "prefect.yaml")
+    pools = {f"{d['entrypoint']}/{d['name']}": d["work_pool"]["name"] for d in doc["deployments"]}
+    assert pools["flows.pitr:files_backup_postgresql/incr-daily"] == PG_FILES_POOL
+    assert pools["flows.pitr:base_backup_postgresql/on-demand"] == "strongroom-k8s"
+    files = [d for d in doc["deployments"] if d["work_pool"]["name"] == PG_FILES_POOL]
+    assert len(files) == 3 and all(d["work_pool"]["job_variables"] == {} for d in files)
 
 
 def test_render_for_a_process_pool_skips_missing_code_and_rewrites_pool() -> None:
@@ -170,7 +227,7 @@ def rendered_jobs() -> dict[str, dict[str, Any]]:
             tags=dep["tags"],
             parameters={**(dep.get("parameters") or {}), "target": "prod-db"},
         )
-        for dep in DEPLOYMENTS
+        for dep in KUBERNETES
     }
 
 
@@ -178,7 +235,7 @@ def rendered_jobs() -> dict[str, dict[str, Any]]:
 def test_every_deployments_job_validates_strictly(
     rendered_jobs: dict[str, dict[str, Any]], version: str
 ) -> None:
-    assert len(rendered_jobs) == len(DEPLOYMENTS)
+    assert len(rendered_jobs) == len(KUBERNETES)
     for label, job in rendered_jobs.items():
         try:
             validate_manifest(job, version)

@@ -141,6 +141,7 @@ def stack(
                             "*clickhouse/*",
                             "*redis/*",
                             "base-backup-postgresql/*",
+                            "files-backup-postgresql/*",
                             "pitr-restore-postgresql/*",
                             "wal-check-postgresql/*",
                         ],

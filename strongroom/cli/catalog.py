@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from strongroom.cli.common import (
     JsonOpt,
@@ -56,13 +56,22 @@ def list_cmd(
 
         def human() -> None:
             table = Table(
-                "backup id", "engine", "target", "finished", "dump", "stored", "secs", "based on"
+                Column("backup id", no_wrap=True, min_width=23),
+                "engine",
+                "target",
+                Column("type", no_wrap=True),
+                "finished",
+                "dump",
+                "stored",
+                "secs",
+                Column("based on", overflow="fold"),
             )
             for r in rows:
                 table.add_row(
                     r["backup_id"],
                     r["engine"],
                     r["target"],
+                    r["backup_type"] if r["kind"] != "files" else f"files {r['backup_type']}",
                     r["finished_at"][:19],
                     size(r["raw_size"]),
                     size(r["stored_size"]),
@@ -81,13 +90,26 @@ def show_cmd(
     repository: str = RepoOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Show one backup's manifest."""
+    """Show one backup's manifest and its chain: every backup it depends on, oldest first
+    (with --json: the manifest plus ``chain``, that list, and ``chain_whole``)."""
     with _handled(as_json):
         from strongroom.catalog import Catalog
+        from strongroom.chains import backup_chain
 
-        manifest = Catalog(_open_repo(repository)).resolve(backup_id, engine, target)
+        catalog = Catalog(_open_repo(repository))
+        manifest = catalog.resolve(backup_id, engine, target)
+        chain = backup_chain(catalog, manifest)
         data = manifest.model_dump(mode="json")
-        _emit(as_json, data, lambda: print_manifest(data))
+        data["chain"] = chain["links"]
+        data["chain_whole"] = chain["whole"]
+        data["chain_missing"] = chain["missing"]
+        data["chain_problems"] = chain["problems"]
+
+        def human() -> None:
+            print_manifest(data)
+            print_chain(chain)
+
+        _emit(as_json, data, human)
 
 
 def verify_cmd(
@@ -157,3 +179,33 @@ def print_manifest(m: dict[str, Any]) -> None:
             a["stored_sha256"][:16],
         )
     out.print(table)
+
+
+def print_chain(chain: dict[str, Any]) -> None:
+    """The chain table of ``strongroom.chains.backup_chain``, and whether it is whole."""
+    links = chain["links"]
+    if len(links) == 1:
+        out.print("  chain: self-contained (depends on no other backup)")
+        return
+    first = Column("chain (oldest first)", no_wrap=True, min_width=23)
+    table = Table(first, "type", "finished", "stored (own)", "catalog")
+    for link in links:
+        status = link["status"]
+        mark = "[green]trusted[/green]" if status == "ok" else f"[red]{status.upper()}[/red]"
+        table.add_row(
+            link["backup_id"],
+            link["type"] or "?",
+            (link["finished_at"] or "")[:19],
+            size(link["stored_bytes"]) if link["stored_bytes"] is not None else "",
+            mark,
+        )
+    out.print(table)
+    if chain["whole"]:
+        out.print(f"  chain whole: {len(links)} backups")
+        return
+    if chain["missing"]:
+        out.print(f"[red]chain BROKEN[/red]: missing {', '.join(chain['missing'])}")
+    else:
+        out.print("[red]chain BROKEN[/red]")
+    for problem in chain["problems"]:
+        out.print(f"  - {problem}", markup=False, highlight=False)

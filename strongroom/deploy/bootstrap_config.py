@@ -30,6 +30,9 @@ from strongroom.errors import InvalidInput
 ROOT = Path(__file__).resolve().parents[2]  # the project: strongroom/deploy/<this>
 CONFIG_ENV = "STRONGROOM_BOOTSTRAP_CONFIG"
 K8S_WORKDIR = "/opt/strongroom"
+# file-level PostgreSQL backups read the data directory: their deployments stay on the
+# process pool of the worker next to PostgreSQL when the rest goes to Kubernetes
+PG_FILES_POOL = "strongroom-pg-files"
 
 
 class _Model(BaseModel):
@@ -91,6 +94,7 @@ def _default_pools() -> list[WorkPoolSpec]:
     return [
         WorkPoolSpec(name="strongroom-k8s", type="kubernetes"),
         WorkPoolSpec(name="strongroom-local", type="process"),
+        WorkPoolSpec(name=PG_FILES_POOL, type="process"),
     ]
 
 
@@ -254,13 +258,17 @@ def render_prefect_yaml(
             skipped.append(f"{label}: excluded by the config")
             continue
         pool = dict(dep.get("work_pool") or {})
-        job_variables = dict(pool.get("job_variables") or {}) if pool_type == "kubernetes" else {}
-        job_variables.update(spec.job_variables)
-        dep["work_pool"] = {
-            "name": spec.work_pool,
-            "work_queue_name": pool.get("work_queue_name") or "default",
-            "job_variables": job_variables,
-        }
+        if pool_type == "kubernetes" and pool.get("name") == PG_FILES_POOL:
+            dep["work_pool"] = {**pool, "job_variables": {}}  # no Job: the sidecar's worker
+        else:
+            kube = pool_type == "kubernetes"
+            job_variables = dict(pool.get("job_variables") or {}) if kube else {}
+            job_variables.update(spec.job_variables)
+            dep["work_pool"] = {
+                "name": spec.work_pool,
+                "work_queue_name": pool.get("work_queue_name") or "default",
+                "job_variables": job_variables,
+            }
         if spec.paused:
             for schedule in dep.get("schedules") or []:
                 schedule["active"] = False

@@ -50,6 +50,8 @@ from strongroom.pipeline import Progress
 from strongroom.redact import register
 from strongroom.repository.base import Repository
 
+FILE_CLOCK_LAG_NS = 50_000_000  # file mtimes come from a clock a tick (<= 10 ms) behind
+
 
 def control_system_identifier(data_directory: str) -> int:
     """The system identifier in ``global/pg_control`` (its first 8 bytes): proves the
@@ -152,14 +154,14 @@ def files_backup_postgres(
     try:
         if source is not None:
             source.prepare()  # a checkpoint on the primary, replayed by the standby
-        # taken before the start checkpoint: files modified in or after this second are
-        # copied again by the next backup (chain.unchanged)
-        copy_started_ns = time.time_ns()
+        # before the start checkpoint, less the lag of the kernel's coarse file clock:
+        # every write after a file is read gets an mtime no earlier than this, and the
+        # next backup trusts only mtimes in an earlier second (chain.unchanged)
+        copy_started_ns = time.time_ns() - FILE_CLOCK_LAG_NS
         row = session.execute(
             "SELECT pg_backup_start(%s, fast => true)::text", (f"strongroom {bid}",)
         ).fetchone()
         assert row is not None
-        _past_second(copy_started_ns)
         tree: Tree = walk_data_directory(root)
         control = standby.take_control_file(tree)  # copied after every other file
         copier.copy_all(root, tree.files, jobs, failing)
@@ -255,17 +257,6 @@ def files_backup_postgres(
         watch.stop()
         session.close()  # ends a backup still in progress (non-exclusive)
     return manifest
-
-
-def _past_second(start_ns: int, margin_s: float = 0.05) -> None:
-    """Sleep until the second after ``start_ns`` (plus a margin for the kernel's coarse
-    file clock), as pgBackRest does: every file is then read in a later second than the
-    copy start, so a change made after a file was read always moves its mtime into a
-    second the next backup will not trust (``chain.unchanged``)."""
-    wake = (start_ns // 1_000_000_000 + 1) + margin_s
-    delay = wake - time.time()
-    if delay > 0:
-        time.sleep(delay)
 
 
 def _next_xid(session: Any) -> int:
