@@ -54,6 +54,13 @@ class PostgresTarget(Block):
         description="The cluster's data directory as the worker sees it (file-level backups: "
         "a worker on the database host or a sidecar mounting the volume read-only).",
     )
+    primary_host: str | None = Field(
+        default=None,
+        description="When this server is a streaming standby: its primary's host (same user "
+        "and password). File-level backups then read the standby and coordinate with the "
+        "primary, which archives the WAL.",
+    )
+    primary_port: int = Field(default=5432, description="The primary's port (standby only).")
     rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
     rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
 
@@ -74,4 +81,7 @@ class PostgresTarget(Block):
             wal_config_path=self.wal_config_path,
             wal_config_owner=self.wal_config_owner,
             data_directory=self.data_directory,
+            primary_host=self.primary_host or None,
+            primary_port=self.primary_port,
+            primary_sslmode=self.sslmode or pg_default_sslmode(self.primary_host or self.host),
         )

@@ -132,6 +132,7 @@ def take_files_backup(
         progress=reporter("data directory", None) if reporter else None,
         wal_timeout_s=wal_timeout_s,
         jobs=jobs,
+        primary=conn.primary_connection(),  # a standby's primary (PostgresTarget primary_host)
     )
     return manifest.model_dump(mode="json")
 
@@ -149,7 +150,9 @@ def files_backup_postgresql(
 ) -> dict[str, Any]:
     """File-level physical backup of ``target`` (its block's ``data_directory``): a full
     one, or only the files changed since the last full (``diff``) or the last backup
-    (``incr``); a diff/incr without a usable prior is a full and says why."""
+    (``incr``); a diff/incr without a usable prior is a full and says why. A block with
+    ``primary_host`` is a streaming standby: its files are read, its primary archives and
+    switches the WAL (docs/physical.md, "Backup from a standby")."""
     secure_logging()
     run = open_backup(
         PostgresTarget, "postgresql", target, repository, encryption_key, kind="files"

@@ -70,6 +70,15 @@ class PostgresConnection(BaseModel):
         description="absolute path of the cluster's data directory as the runner sees it "
         "(file-level backups read it); unset: file-level backups are refused",
     )
+    primary_host: str | None = Field(
+        default=None,
+        description="when this server is a streaming standby: its primary's host (same "
+        "user and password), for file-level backups taken from the standby",
+    )
+    primary_port: int = 5432
+    primary_sslmode: str | None = Field(
+        default=None, description="libpq sslmode towards the primary (unset: as for the host)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -129,6 +138,14 @@ class PostgresConnection(BaseModel):
 
     def secrets(self) -> list[str]:
         return [self.password.get_secret_value()] if self.password else []
+
+    def primary_connection(self) -> PostgresConnection | None:
+        """The primary of this standby (``primary_host``), same credentials; or None."""
+        if not self.primary_host:
+            return None
+        fields = self.model_dump(exclude={"primary_host", "primary_port", "primary_sslmode"})
+        fields.update(host=self.primary_host, port=self.primary_port, sslmode=self.primary_sslmode)
+        return PostgresConnection.model_validate(fields)
 
 
 class RepositoryConfig(BaseModel):

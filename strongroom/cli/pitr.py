@@ -83,7 +83,11 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
 
     @backup_app.command("postgresql-files")
     def backup_files_cmd(
-        target: str = typer.Argument(..., help="PostgresTarget block name (data_directory set)."),
+        target: str = typer.Argument(
+            ...,
+            help="PostgresTarget block name (data_directory set; for a standby also "
+            "primary_host/primary_port).",
+        ),
         backup_type: str = typer.Option("incr", "--type", help="full, diff or incr."),
         checksum: bool = typer.Option(False, help="Compare unchanged-looking files by SHA-256."),
         jobs: int = typer.Option(2, "--jobs", "-j", min=1, max=64, help="Files copied at once."),

@@ -98,12 +98,14 @@ def _next_xid(conn: PostgresConnection) -> int:
 
 def required_wal(details: dict[str, Any]) -> list[str]:
     """The WAL files a base backup needs to become consistent: start to stop segment on
-    its timeline, plus its backup history file."""
+    its timeline, plus its backup history file (a primary's backups only)."""
     size = int(details["wal_segment_size"])
     tli = int(details["timeline"])
     first = names.segno_of_lsn(names.parse_lsn(details["start_lsn"]), size)
     last = names.segno_of_lsn(names.parse_lsn(details["stop_lsn"]) - 1, size)
     found = [names.segment_name(tli, n, size) for n in range(first, max(first, last) + 1)]
+    if details.get("backup_from") == "standby":
+        return found  # a standby writes no backup history file
     offset = names.parse_lsn(details["start_lsn"]) % size
     found.append(f"{details['start_wal']}.{offset:08X}.backup")
     return found

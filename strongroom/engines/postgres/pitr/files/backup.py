@@ -39,7 +39,7 @@ from strongroom.engines.postgres.pitr.basebackup import (
     cluster_facts,
     require_archived_wal,
 )
-from strongroom.engines.postgres.pitr.files import chain
+from strongroom.engines.postgres.pitr.files import chain, standby
 from strongroom.engines.postgres.pitr.files.copier import Copier
 from strongroom.engines.postgres.pitr.files.walk import Tree, walk_data_directory
 from strongroom.engines.postgres.pitr.tar import parse_backup_label
@@ -83,25 +83,27 @@ def files_backup_postgres(
     progress: Progress | None = None,
     wal_timeout_s: float = 300.0,
     jobs: int = 1,
+    primary: PostgresConnection | None = None,
 ) -> Manifest:
     """Take a file-level backup (``full``, ``diff`` or ``incr``) of ``conn``'s cluster,
-    reading its files from ``data_directory``; returns the published manifest."""
+    reading its files from ``data_directory``; returns the published manifest. When
+    ``conn`` is a streaming standby, ``primary`` is its primary (``standby.py``)."""
     register(*conn.secrets(), *repo_config.secrets(), *enc.secrets())
     if not 1 <= jobs <= 64:
         raise InvalidInput("jobs must be between 1 and 64")
     if backup_type not in chain.BACKUP_TYPES:
         raise InvalidInput(f"backup type must be one of {', '.join(chain.BACKUP_TYPES)}")
     facts = cluster_facts(conn)
-    if facts["wal_level"] not in ("replica", "logical"):
-        raise InvalidInput(f"wal_level is {facts['wal_level']}: physical backups need replica")
-    if facts["archive_mode"] == "off":
+    source = standby.check_source(conn, facts, primary)
+    archiving = source.primary_facts if source is not None else facts  # who archives WAL
+    if archiving["wal_level"] not in ("replica", "logical"):
+        raise InvalidInput(f"wal_level is {archiving['wal_level']}: physical backups need replica")
+    if archiving["archive_mode"] == "off":
         raise InvalidInput(
             "archive_mode is off on the server: a physical backup without archived WAL "
             "cannot be restored; set archive_mode = on and archive_command = "
             "'strongroom-wal push %p'"
         )
-    if facts.get("in_recovery"):
-        raise InvalidInput("the server is a standby: backups from a standby are not supported yet")
     if facts["extra_tablespaces"]:
         raise InvalidInput(
             f"the cluster has {facts['extra_tablespaces']} tablespace(s) besides pg_default "
@@ -137,7 +139,11 @@ def files_backup_postgres(
         checksum,
         progress,
     )
-    watch = ArchiverWatch(conn, facts["archive_command"], facts["wal_segment_size"])
+    watch = ArchiverWatch(
+        source.primary if source is not None else conn,
+        archiving["archive_command"],
+        facts["wal_segment_size"],
+    )
     session = connect(conn)
     watch.start(session.cancel)
 
@@ -146,6 +152,8 @@ def files_backup_postgres(
             raise watch.error
 
     try:
+        if source is not None:
+            source.prepare()  # a checkpoint on the primary, replayed by the standby
         # before the start checkpoint, less the lag of the kernel's coarse file clock:
         # every write after a file is read gets an mtime no earlier than this, and the
         # next backup trusts only mtimes in an earlier second (chain.unchanged)
@@ -155,11 +163,16 @@ def files_backup_postgres(
         ).fetchone()
         assert row is not None
         tree: Tree = walk_data_directory(root)
+        control = standby.take_control_file(tree)  # copied after every other file
         copier.copy_all(root, tree.files, jobs, failing)
+        if control is not None:
+            copier.copy_all(root, [control], 1, failing)
         try:
+            # on a standby it would wait only with archive_mode = always: waited for below
             stop = session.execute(
                 "SELECT lsn::text, labelfile, spcmapfile"
-                " FROM pg_backup_stop(wait_for_archive => true)"
+                " FROM pg_backup_stop(wait_for_archive => %s)",
+                (source is None,),
             ).fetchone()
         except Exception:
             failing()
@@ -169,6 +182,9 @@ def files_backup_postgres(
         failing()
         label_text, spcmap_text = str(stop[1]), str(stop[2] or "")
         label = parse_backup_label(label_text)
+        from_standby = (
+            source.finish(str(stop[0]), label, facts["wal_segment_size"]) if source else {}
+        )
         copier.text(chain.LABEL, label_text, chain.CONTENT_LABEL)
         copier.text(chain.SPCMAP, spcmap_text, chain.CONTENT_SPCMAP)
         timeline = int(label.get("start_timeline", facts["timeline"]))
@@ -195,6 +211,7 @@ def files_backup_postgres(
             "directories": [list(d) for d in tree.directories],
             "empty_files": copier.empty,
             "skipped": tree.skipped[:100],
+            **from_standby,
             "files": copier.files + len(copier.empty),
             "files_copied": copier.files_copied,
             "files_referenced": copier.files_referenced,
