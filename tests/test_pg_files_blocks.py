@@ -189,15 +189,16 @@ def test_delta_restore_refuses_another_cluster(
         _restore(wide, pg_tmp / "theirs", backup_id=mine.backup_id)  # no delta: refused
 
 
-def test_block_maps_refuse_forged_blocks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bs", [blocks.BLOCK, blocks.LARGE_BLOCK])
+def test_block_maps_refuse_forged_blocks(tmp_path: Path, bs: int) -> None:
     """A source holding other bytes than its map says, or a map pointing past its
     source, is refused while the file is written."""
-    data = os.urandom(blocks.BLOCK * 4)
+    data = os.urandom(bs * 4)
     src = tmp_path / "src"
     src.write_bytes(data)
     fd = os.open(src, os.O_RDONLY)
     try:
-        changed = blocks.ChangedBlocks(fd, len(data), None)
+        changed = blocks.ChangedBlocks(fd, len(data), None, bs)
         stored = b"".join(iter(changed.read, b""))
     finally:
         os.close(fd)
@@ -219,27 +220,38 @@ def test_block_maps_refuse_forged_blocks(tmp_path: Path) -> None:
         # a delta onto the same bytes fetches nothing
         assert blocks.write_mapped(fd, bmap, reader(b""), existing_size=len(data)) == 0
         tampered = bytearray(data)
-        tampered[blocks.BLOCK + 5] ^= 1
+        tampered[bs + 5] ^= 1
         os.ftruncate(fd, 0)
         with pytest.raises(IntegrityError, match="block 1"):
             blocks.write_mapped(fd, bmap, reader(bytes(tampered)))
         with pytest.raises(IntegrityError, match="ends before"):
-            blocks.write_mapped(fd, bmap, reader(data[: blocks.BLOCK * 2]))
+            blocks.write_mapped(fd, bmap, reader(data[: bs * 2]))
     finally:
         os.close(fd)
     # an unchanged second read reuses every block, one changed block is stored alone
-    changed_data = data[: blocks.BLOCK * 2] + os.urandom(blocks.BLOCK) + data[blocks.BLOCK * 3 :]
+    changed_data = data[: bs * 2] + os.urandom(bs) + data[bs * 3 :]
     src.write_bytes(changed_data)
     fd = os.open(src, os.O_RDONLY)
     try:
-        again = blocks.ChangedBlocks(fd, len(changed_data), bmap)
-        assert b"".join(iter(again.read, b"")) == changed_data[blocks.BLOCK * 2 : blocks.BLOCK * 3]
+        again = blocks.ChangedBlocks(fd, len(changed_data), bmap, bs)
+        assert b"".join(iter(again.read, b"")) == changed_data[bs * 2 : bs * 3]
     finally:
         os.close(fd)
     second = again.finish("second")
     assert second.sources == ["own", "second"] and again.stored == 1
     assert second.entry(2)[1:] == (1, 0) and second.entry(3)[1:] == (0, 3)
     with pytest.raises(IntegrityError):
-        blocks.BlockMap.parse(bytes(second.entries), len(changed_data), ["own"])  # source 1?
+        blocks.BlockMap.parse(bytes(second.entries), len(changed_data), ["own"], bs)  # source 1?
     with pytest.raises(IntegrityError):
-        blocks.BlockMap.parse(bytes(second.entries)[:-1], len(changed_data), ["a", "b"])
+        blocks.BlockMap.parse(bytes(second.entries)[:-1], len(changed_data), ["a", "b"], bs)
+    assert blocks.BlockMap.parse(bytes(second.entries), len(changed_data), ["a", "b"], bs)
+    with pytest.raises(IntegrityError, match="block size"):
+        blocks.BlockMap.parse(bytes(second.entries), len(changed_data), ["a", "b"], 4096)
+    # a prior of another block size is not compared with (the file is stored whole)
+    other = bs * 4 if bs == blocks.BLOCK else blocks.BLOCK
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        whole = blocks.ChangedBlocks(fd, len(changed_data), bmap, other)
+        assert b"".join(iter(whole.read, b"")) == changed_data
+    finally:
+        os.close(fd)

@@ -37,14 +37,17 @@ from strongroom.config import EncryptionConfig
 from strongroom.errors import IntegrityError
 from strongroom.repository.base import Repository
 
-BLOCK = 8192
+PAGE = 8192
+BLOCK = PAGE  # the block of files below LARGE
+LARGE = 256 * 1024 * 1024
+LARGE_BLOCK = 4 * PAGE  # 32 KiB: a quarter of the map for the largest files
 MIN_MAPPED = 1024 * 1024  # smaller files are copied whole
 READ = 1024 * 1024
 DIGEST = 16
 ENTRY = struct.Struct("<16sII")  # digest, source index, position in that source
 CONTENT_MAP = "pg-block-map"
 CONTENT_BLOCKS = "pg-data-blocks"
-MAX_BLOCKS = (1 << 30) // BLOCK * 4  # a segment is 1 GiB unless built otherwise
+MAX_BLOCKS = (1 << 30) // PAGE * 4  # a segment is 1 GiB unless built otherwise
 
 
 def digest(block: bytes | memoryview) -> bytes:
@@ -53,7 +56,15 @@ def digest(block: bytes | memoryview) -> bytes:
 
 def mappable(path: str, size: int) -> bool:
     """Large relation files get block maps; everything else is copied whole."""
-    return path.startswith(("base/", "global/")) and size >= MIN_MAPPED and size % BLOCK == 0
+    return path.startswith(("base/", "global/")) and size >= MIN_MAPPED and size % PAGE == 0
+
+
+def block_size_for(size: int) -> int:
+    """8 KiB blocks (PostgreSQL's pages), 32 KiB for files of 256 MiB and more: the map
+    is 24 bytes per block, mostly an incompressible digest, and for a 1 GiB segment of
+    well-compressible rows 8 KiB maps would cost a few percent of what the data itself
+    stores. A file crossing the threshold is stored whole once."""
+    return LARGE_BLOCK if size >= LARGE else BLOCK
 
 
 @dataclass
@@ -63,6 +74,7 @@ class BlockMap:
     size: int
     entries: bytearray
     sources: list[str]
+    block: int = BLOCK
 
     @property
     def blocks(self) -> int:
@@ -73,17 +85,19 @@ class BlockMap:
         return bytes(digest_), int(source), int(position)
 
     @classmethod
-    def parse(cls, data: bytes, size: int, sources: list[str]) -> BlockMap:
+    def parse(cls, data: bytes, size: int, sources: list[str], block: int = BLOCK) -> BlockMap:
         """A map as stored, checked: one entry per block of ``size``, known sources."""
         if not isinstance(size, int) or size < 0 or not all(isinstance(s, str) for s in sources):
             raise IntegrityError("block map: malformed size or sources")
-        blocks = -(-size // BLOCK)
+        if block not in (BLOCK, LARGE_BLOCK):
+            raise IntegrityError(f"block map: block size {str(block)[:20]!r}")
+        blocks = -(-size // block)
         if blocks > MAX_BLOCKS or len(data) != blocks * ENTRY.size:
             raise IntegrityError(
                 f"block map has {len(data)} bytes, {blocks} blocks of {size} bytes need "
                 f"{blocks * ENTRY.size}"
             )
-        found = cls(size, bytearray(data), list(sources))
+        found = cls(size, bytearray(data), list(sources), block)
         for i in range(blocks):
             if found.entry(i)[1] >= len(sources):
                 raise IntegrityError(f"block map: block {i} names source {found.entry(i)[1]}")
@@ -112,7 +126,8 @@ def load_map(repo: Repository, record: Artifact, enc: EncryptionConfig) -> Block
     read_artifact(repo, record, sink, encryption=enc)
     sources = record.meta.get("sources")
     size = record.meta.get("size", -1)
-    return BlockMap.parse(bytes(sink.data), size, sources if isinstance(sources, list) else [])
+    listed = sources if isinstance(sources, list) else []
+    return BlockMap.parse(bytes(sink.data), size, listed, record.meta.get("block_size", BLOCK))
 
 
 class ChangedBlocks:
@@ -120,8 +135,10 @@ class ChangedBlocks:
     the size it had when opened), hashes every block and hands on only the blocks whose
     digest differs from ``prior``'s; ``finish`` gives the new map."""
 
-    def __init__(self, fd: int, size: int, prior: BlockMap | None) -> None:
-        self._fd, self._left, self._prior = fd, size, prior
+    def __init__(self, fd: int, size: int, prior: BlockMap | None, block: int = BLOCK) -> None:
+        if prior is not None and prior.block != block:
+            prior = None  # the file crossed the size threshold: stored whole once
+        self._fd, self._left, self._prior, self.block = fd, size, prior, block
         self._entries = bytearray()
         self._pending = b""
         self._index = 0
@@ -143,25 +160,30 @@ class ChangedBlocks:
 
     def read(self, n: int = -1) -> bytes:
         sha256, size, entry, own = hashlib.sha256, ENTRY.size, ENTRY.pack, self._own
+        block_size = self.block
         prior = self._prior
         known = prior.entries if prior is not None else bytearray()
         # the prior's last block may be partial: only its whole blocks are compared here
-        whole_prior = min(len(known) // size, prior.size // BLOCK) if prior is not None else 0
+        whole_prior = min(len(known) // size, prior.size // block_size) if prior is not None else 0
         while True:
             chunk = self._pending + self._next_chunk()
             if not chunk:
                 return b""
-            whole = len(chunk) - len(chunk) % BLOCK if self._left > 0 else len(chunk)
+            whole = len(chunk) - len(chunk) % block_size if self._left > 0 else len(chunk)
             self._pending = chunk[whole:]
             out = bytearray()
             view = memoryview(chunk)
             entries = self._entries
             index = self._index
-            for start in range(0, whole, BLOCK):
-                block = view[start : start + BLOCK]
+            for start in range(0, whole, block_size):
+                block = view[start : start + block_size]
                 found = sha256(block).digest()[:DIGEST]
                 at = index * size
-                if index < whole_prior and len(block) == BLOCK and known[at : at + DIGEST] == found:
+                if (
+                    index < whole_prior
+                    and len(block) == block_size
+                    and known[at : at + DIGEST] == found
+                ):
                     entries += known[at : at + size]
                 else:
                     entries += entry(found, own, self.stored)
@@ -178,16 +200,16 @@ class ChangedBlocks:
         sources = [*(self._prior.sources if self._prior is not None else []), own_key]
         used = {source for _, source, _ in ENTRY.iter_unpack(self._entries)}
         if len(used) == len(sources):
-            return BlockMap(self.read_bytes, self._entries, sources)
+            return BlockMap(self.read_bytes, self._entries, sources, self.block)
         keep = sorted(used)
         renumber = {old: new for new, old in enumerate(keep)}
         entries = bytearray(len(self._entries))
         for i, (digest_, source, position) in enumerate(ENTRY.iter_unpack(self._entries)):
             ENTRY.pack_into(entries, i * ENTRY.size, digest_, renumber[source], position)
-        return BlockMap(self.read_bytes, entries, [sources[i] for i in keep])
+        return BlockMap(self.read_bytes, entries, [sources[i] for i in keep], self.block)
 
 
-def existing_digests(fd: int, size: int) -> list[bytes]:
+def existing_digests(fd: int, size: int, block: int = BLOCK) -> list[bytes]:
     """Digests of the blocks already in an open file (a delta restore keeps those that
     match), reading at most ``size`` bytes."""
     found: list[bytes] = []
@@ -199,9 +221,9 @@ def existing_digests(fd: int, size: int) -> list[bytes]:
             break
         left -= len(data)
         chunk = pending + data
-        whole = len(chunk) - len(chunk) % BLOCK
+        whole = len(chunk) - len(chunk) % block
         view = memoryview(chunk)
-        found.extend(digest(view[i : i + BLOCK]) for i in range(0, whole, BLOCK))
+        found.extend(digest(view[i : i + block]) for i in range(0, whole, block))
         pending = chunk[whole:]
     if pending:
         found.append(digest(pending))
@@ -216,8 +238,9 @@ class _BlockSink:
     """``read_artifact``'s sink for one source: writes the wanted positions at their
     block offsets in ``fd``, each checked against the map's digest."""
 
-    def __init__(self, fd: int, wanted: dict[int, tuple[int, bytes, int]]) -> None:
+    def __init__(self, fd: int, wanted: dict[int, tuple[int, bytes, int]], block: int) -> None:
         self._fd, self._wanted = fd, wanted  # position -> (block index, digest, length)
+        self.block = block
         self._buffer = bytearray()
         self._position = 0
         self._last = max(wanted) if wanted else -1
@@ -225,26 +248,27 @@ class _BlockSink:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
+        bs = self.block
         start = 0
         if self._buffer:
-            start = min(BLOCK - len(self._buffer), len(view))
+            start = min(bs - len(self._buffer), len(view))
             self._buffer += view[:start]
-            if len(self._buffer) < BLOCK:
+            if len(self._buffer) < bs:
                 return len(view)
             self._block(bytes(self._buffer))
             self._buffer.clear()
-        end = start + (len(view) - start) // BLOCK * BLOCK
+        end = start + (len(view) - start) // bs * bs
         run_at, run_index, sha256 = -1, -1, hashlib.sha256
         wanted = self._wanted
-        for at in range(start, end, BLOCK):
+        for at in range(start, end, bs):
             want = wanted.pop(self._position, None)
             self._position += 1
             if want is not None:
                 index, expected, length = want
-                block = view[at : at + BLOCK]
-                if length != BLOCK or sha256(block).digest()[:DIGEST] != expected:
+                block = view[at : at + bs]
+                if length != bs or sha256(block).digest()[:DIGEST] != expected:
                     self._refuse(index)
-                if run_at >= 0 and index == run_index + (at - run_at) // BLOCK:
+                if run_at >= 0 and index == run_index + (at - run_at) // bs:
                     pass  # extends the run: written at once below
                 else:
                     self._flush_run(view, run_at, at, run_index)
@@ -253,7 +277,7 @@ class _BlockSink:
                 self._flush_run(view, run_at, at, run_index)
                 run_at = -1
             if self._position > self._last:
-                self._flush_run(view, run_at, at + BLOCK, run_index)
+                self._flush_run(view, run_at, at + bs, run_index)
                 raise _Done
         self._flush_run(view, run_at, end, run_index)
         self._buffer += view[end:]
@@ -262,11 +286,12 @@ class _BlockSink:
     def _flush_run(self, view: memoryview, run_at: int, end: int, index: int) -> None:
         """Write the verified blocks ``view[run_at:end]`` (consecutive in the file from
         block ``index``) with one call."""
+        bs = self.block
         if run_at < 0 or end <= run_at:
             return
         data = view[run_at:end]
         while data:
-            done = os.pwrite(self._fd, data, index * BLOCK + (len(view[run_at:end]) - len(data)))
+            done = os.pwrite(self._fd, data, index * bs + (len(view[run_at:end]) - len(data)))
             data = data[done:]
         self.written += end - run_at
 
@@ -281,9 +306,10 @@ class _BlockSink:
         self._position += 1
         if want is not None:
             index, expected, length = want
+            bs = self.block
             if len(block) != length or digest(block) != expected:
                 self._refuse(index)
-            os.pwrite(self._fd, block, index * BLOCK)
+            os.pwrite(self._fd, block, index * bs)
             self.written += len(block)
         if self._position > self._last:
             raise _Done
@@ -301,13 +327,14 @@ def write_mapped(fd: int, bmap: BlockMap, read: Reader, *, existing_size: int = 
     """Make the open file ``fd`` hold the file version ``bmap`` describes; with
     ``existing_size`` > 0 the blocks already there are hashed first and only those that
     differ are fetched. Returns the bytes written."""
-    have = existing_digests(fd, min(existing_size, bmap.size)) if existing_size else []
+    block = bmap.block
+    have = existing_digests(fd, min(existing_size, bmap.size), block) if existing_size else []
     wanted: dict[int, dict[int, tuple[int, bytes, int]]] = {}
     for index in range(bmap.blocks):
         found, source, position = bmap.entry(index)
         if index < len(have) and have[index] == found:
             continue
-        length = min(BLOCK, bmap.size - index * BLOCK)
+        length = min(block, bmap.size - index * block)
         slots = wanted.setdefault(source, {})
         if position in slots:
             raise IntegrityError(f"block map: position {position} of a source used twice")
@@ -315,7 +342,7 @@ def write_mapped(fd: int, bmap: BlockMap, read: Reader, *, existing_size: int = 
     os.ftruncate(fd, bmap.size)
     written = 0
     for source, slots in sorted(wanted.items()):
-        sink = _BlockSink(fd, slots)
+        sink = _BlockSink(fd, slots, block)
         try:
             read(bmap.sources[source], sink)
             sink.finish()

@@ -78,8 +78,10 @@ class BlockMapCheck:
     def __init__(self, manifest: Manifest, artifact: Artifact) -> None:
         self._record = artifact
         path = artifact.meta.get("path")
+        block = artifact.meta.get("block_size", blocks.BLOCK)
+        block = block if isinstance(block, int) and block > 0 else blocks.BLOCK
         self._blocks = {
-            a.key: -(-a.raw_size // blocks.BLOCK)
+            a.key: -(-a.raw_size // block)
             for a in manifest.artifacts
             if a.content == blocks.CONTENT_BLOCKS and a.meta.get("path") == path
         }
@@ -97,6 +99,7 @@ class BlockMapCheck:
             bytes(self._data),
             self._record.meta.get("size", -1),
             sources if isinstance(sources, list) else [],
+            self._record.meta.get("block_size", blocks.BLOCK),
         )
         held = []
         for key in bmap.sources:

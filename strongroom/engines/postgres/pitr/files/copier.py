@@ -183,7 +183,7 @@ class Copier:
         before = self.prior.records.get(path) if self.prior is not None else None
         if before is not None and before.content == blocks.CONTENT_MAP:
             prior_map = blocks.load_map(self.repo, before, self.enc)
-        source = blocks.ChangedBlocks(fd, size, prior_map)
+        source = blocks.ChangedBlocks(fd, size, prior_map, blocks.block_size_for(size))
         meta: dict[str, Any] = {"path": path}
         own = self.store(path, cast(IO[bytes], source), blocks.CONTENT_BLOCKS, meta)
         bmap = source.finish(own.key)
@@ -192,7 +192,7 @@ class Copier:
             "size": bmap.size,
             "mtime_ns": mtime,
             "mode": mode,
-            "block_size": blocks.BLOCK,
+            "block_size": bmap.block,
             "blocks_stored": source.stored,
             "sources": bmap.sources,
         }
