@@ -89,11 +89,13 @@ def test_block_incremental_parallel_and_delta_restore(
     c = wide
     tables = ("wide",)
     path = c.sql("SELECT pg_relation_filepath('wide')")
+    monkeypatch.setattr(blocks, "PART", 4 * 1024 * 1024)  # several parts, read in parallel
     full = take(c, "full", jobs=2)
     fp_full = c.sql(fingerprint_sql(tables))
     rec = file_records(full)[path]
     assert rec.content == blocks.CONTENT_MAP and full.details["jobs"] == 2
     assert rec.meta["blocks_stored"] == rec.meta["size"] // blocks.BLOCK  # a full stores all
+    assert rec.meta["parts"] > 3 and len(rec.meta["sources"]) == rec.meta["parts"]
 
     # a stale copy: the full restored and started (recovered, promoted: a new timeline)
     stale = pg_tmp / "stale"
@@ -255,3 +257,24 @@ def test_block_maps_refuse_forged_blocks(tmp_path: Path, bs: int) -> None:
         assert b"".join(iter(whole.read, b"")) == changed_data
     finally:
         os.close(fd)
+
+
+def test_parts_assemble_and_a_truncated_part_ends_the_file() -> None:
+    bs = blocks.BLOCK
+    one = bytearray(blocks.ENTRY.pack(b"a" * 16, 0, 0) + blocks.ENTRY.pack(b"b" * 16, 0, 1))
+    two = bytearray(blocks.ENTRY.pack(b"c" * 16, 1, 0))
+    three = bytearray(blocks.ENTRY.pack(b"d" * 16, 2, 0))
+    whole = blocks.assemble(
+        [(one, 2 * bs, 2 * bs), (two, bs, bs), (three, bs, bs)], ["p", "q", "r"], bs
+    )
+    assert whole.size == 4 * bs and whole.sources == ["p", "q", "r"] and whole.blocks == 4
+    # the second part read short: the file ends there, the third part's source goes
+    cut = blocks.assemble(
+        [(one, 2 * bs, 2 * bs), (two, bs, 2 * bs), (three, bs, bs)], ["p", "q", "r"], bs
+    )
+    assert cut.size == 3 * bs and cut.sources == ["p", "q"] and cut.blocks == 3
+    assert blocks.parts_of(blocks.PART * 2 + 5) == [
+        (0, blocks.PART),
+        (blocks.PART, blocks.PART),
+        (2 * blocks.PART, 5),
+    ]

@@ -135,14 +135,28 @@ class ChangedBlocks:
     the size it had when opened), hashes every block and hands on only the blocks whose
     digest differs from ``prior``'s; ``finish`` gives the new map."""
 
-    def __init__(self, fd: int, size: int, prior: BlockMap | None, block: int = BLOCK) -> None:
+    def __init__(
+        self,
+        fd: int,
+        size: int,
+        prior: BlockMap | None,
+        block: int = BLOCK,
+        *,
+        start: int = 0,
+        own: int | None = None,
+    ) -> None:
         if prior is not None and prior.block != block:
             prior = None  # the file crossed the size threshold: stored whole once
+        if start % block:
+            raise ValueError("a part starts on a block boundary")
         self._fd, self._left, self._prior, self.block = fd, size, prior, block
+        self._offset = start
         self._entries = bytearray()
         self._pending = b""
-        self._index = 0
-        self._own = len(prior.sources) if prior is not None else 0  # this backup's source
+        self._index = start // block
+        if own is None:
+            own = len(prior.sources) if prior is not None else 0
+        self._own = own  # the source index of this backup's blocks artifact
         self.stored = 0  # blocks handed on
         self.read_bytes = 0
 
@@ -150,10 +164,11 @@ class ChangedBlocks:
         want = min(READ, self._left)
         if want <= 0:
             return b""
-        data = os.read(self._fd, want)
+        data = os.pread(self._fd, want, self._offset)
         if not data:
             self._left = 0  # truncated while read: the file ends here
             return b""
+        self._offset += len(data)
         self._left -= len(data)
         self.read_bytes += len(data)
         return data
@@ -194,19 +209,52 @@ class ChangedBlocks:
             if out:
                 return bytes(out)
 
+    @property
+    def entries(self) -> bytearray:
+        return self._entries
+
     def finish(self, own_key: str) -> BlockMap:
-        """The map of what was read: this backup's blocks artifact is the source after
-        the prior's; sources no block uses any more are dropped (and renumbered)."""
+        """The map of what was read (a whole file): this backup's blocks artifact is the
+        source after the prior's."""
         sources = [*(self._prior.sources if self._prior is not None else []), own_key]
-        used = {source for _, source, _ in ENTRY.iter_unpack(self._entries)}
-        if len(used) == len(sources):
-            return BlockMap(self.read_bytes, self._entries, sources, self.block)
-        keep = sorted(used)
-        renumber = {old: new for new, old in enumerate(keep)}
-        entries = bytearray(len(self._entries))
-        for i, (digest_, source, position) in enumerate(ENTRY.iter_unpack(self._entries)):
-            ENTRY.pack_into(entries, i * ENTRY.size, digest_, renumber[source], position)
-        return BlockMap(self.read_bytes, entries, [sources[i] for i in keep], self.block)
+        return compact(self._entries, sources, self.read_bytes, self.block)
+
+
+PART = 256 * 1024 * 1024  # a large file is read as parts of this size, in parallel
+
+
+def parts_of(size: int) -> list[tuple[int, int]]:
+    """(start, length) of the parts a file of ``size`` bytes is read in."""
+    return [(start, min(PART, size - start)) for start in range(0, size, PART)] or [(0, 0)]
+
+
+def compact(entries: bytearray, sources: list[str], size: int, block: int) -> BlockMap:
+    """A map from entries whose source indices point into ``sources``; sources no block
+    uses are dropped (and the rest renumbered)."""
+    used = {source for _, source, _ in ENTRY.iter_unpack(entries)}
+    if len(used) == len(sources):
+        return BlockMap(size, entries, sources, block)
+    keep = sorted(used)
+    renumber = {old: new for new, old in enumerate(keep)}
+    out = bytearray(len(entries))
+    for i, (digest_, source, position) in enumerate(ENTRY.iter_unpack(entries)):
+        ENTRY.pack_into(out, i * ENTRY.size, digest_, renumber[source], position)
+    return BlockMap(size, out, [sources[i] for i in keep], block)
+
+
+def assemble(pieces: list[tuple[bytearray, int, int]], sources: list[str], block: int) -> BlockMap:
+    """The map of a file read in parts (``(entries, bytes read, part length)`` each, in
+    order; a part's source index is ``len(prior sources) + its number``): a part that
+    read less than its length (the file was truncated while read) ends the file there,
+    as a truncated whole read would."""
+    entries = bytearray()
+    size = 0
+    for part_entries, read, length in pieces:
+        entries += part_entries
+        size += read
+        if read < length:
+            break
+    return compact(entries, sources, size, block)
 
 
 def existing_digests(fd: int, size: int, block: int = BLOCK) -> list[bytes]:

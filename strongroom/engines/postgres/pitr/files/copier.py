@@ -10,13 +10,16 @@ record; large relation files go through ``blocks``; the rest stream whole throug
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
 from strongroom.artifacts import store_artifact
@@ -68,6 +71,25 @@ def _sha256(fd: int, size: int) -> tuple[str, int]:
     while data := source.read():
         digest.update(data)
     return digest.hexdigest(), source.read_bytes
+
+
+@dataclass
+class _Mapped:
+    """A large relation file being copied in parts."""
+
+    path: str
+    size: int
+    mtime: int
+    mode: int
+    block: int
+    prior: blocks.BlockMap | None = None
+    prior_loaded: bool = False
+    done: dict[int, tuple[bytearray, int, int, int, Artifact | None]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def parts(self) -> list[tuple[int, int]]:
+        return blocks.parts_of(self.size)
 
 
 class Copier:
@@ -142,7 +164,7 @@ class Copier:
             record = None
             if self.prior is not None:
                 record = chain.unchanged(self.prior, entry.path, size, mtime, now_ns)
-            if self.checksum and self.prior is not None and not blocks.mappable(entry.path, size):
+            if self.checksum and self.prior is not None:
                 before = self.prior.records.get(entry.path)
                 record = None
                 whole = before is not None and before.content == chain.CONTENT_FILE
@@ -152,8 +174,6 @@ class Copier:
                     os.lseek(fd, 0, os.SEEK_SET)
             if record is not None:
                 self._reference(record, entry.path, size, mtime, mode)
-            elif blocks.mappable(entry.path, size):
-                self._mapped(fd, entry.path, size, mtime, mode)
             else:
                 source = Bounded(fd, size)
                 meta = {"path": entry.path, "mtime_ns": mtime, "mode": mode}
@@ -176,56 +196,123 @@ class Copier:
                 listed.append(chain.referenced_source(source, path))
         self._add(listed, copied=0, referenced=size)
 
-    def _mapped(self, fd: int, path: str, size: int, mtime: int, mode: int) -> None:
-        """Store the blocks of a large relation file that differ from the prior's map of
-        it, then the file's new map (``blocks``)."""
-        prior_map = None
-        before = self.prior.records.get(path) if self.prior is not None else None
-        if before is not None and before.content == blocks.CONTENT_MAP:
-            prior_map = blocks.load_map(self.repo, before, self.enc)
-        source = blocks.ChangedBlocks(fd, size, prior_map, blocks.block_size_for(size))
-        meta: dict[str, Any] = {"path": path}
-        own = self.store(path, cast(IO[bytes], source), blocks.CONTENT_BLOCKS, meta)
-        bmap = source.finish(own.key)
+    def _split(self, root: str, entry: FileStat, failing: Any) -> list[Callable[[], None]]:
+        """The tasks for a large relation file: referenced when unchanged, else its
+        parts (``blocks.parts_of``) read in parallel, the map stored by the last one."""
+        fd = _open(root, entry.path)
+        if fd is None:
+            return []
+        try:
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+        size, mtime, mode = info.st_size, info.st_mtime_ns, stat.S_IMODE(info.st_mode)
+        if not blocks.mappable(entry.path, size):
+            return [functools.partial(self._one, root, entry, failing)]
+        if self.prior is not None and not self.checksum:
+            record = chain.unchanged(self.prior, entry.path, size, mtime, time.time_ns())
+            if record is not None:
+                self._reference(record, entry.path, size, mtime, mode)
+                return []
+        mapped = _Mapped(entry.path, size, mtime, mode, blocks.block_size_for(size))
+        return [
+            functools.partial(self._part, root, mapped, number, start, length, failing)
+            for number, (start, length) in enumerate(mapped.parts)
+        ]
+
+    def _prior_map(self, mapped: _Mapped) -> blocks.BlockMap | None:
+        with mapped.lock:
+            if not mapped.prior_loaded:
+                before = self.prior.records.get(mapped.path) if self.prior is not None else None
+                if before is not None and before.content == blocks.CONTENT_MAP:
+                    prior = blocks.load_map(self.repo, before, self.enc)
+                    mapped.prior = prior if prior.block == mapped.block else None
+                mapped.prior_loaded = True
+            return mapped.prior
+
+    def _part(
+        self, root: str, mapped: _Mapped, number: int, start: int, length: int, failing: Any
+    ) -> None:
+        """Store the blocks of one part that differ from the prior's map of the file."""
+        failing()
+        prior = self._prior_map(mapped)
+        own = (len(prior.sources) if prior is not None else 0) + number
+        fd = _open(root, mapped.path)
+        artifact = None
+        if fd is not None:
+            try:
+                source = blocks.ChangedBlocks(fd, length, prior, mapped.block, start=start, own=own)
+                meta: dict[str, Any] = {"path": mapped.path, "part": number}
+                artifact = self.store(
+                    mapped.path, cast(IO[bytes], source), blocks.CONTENT_BLOCKS, meta
+                )
+            finally:
+                os.close(fd)
+        with mapped.lock:
+            mapped.done[number] = (
+                (source.entries, source.read_bytes, length, source.stored, artifact)
+                if artifact is not None
+                else (bytearray(), 0, length, 0, None)
+            )
+            last = len(mapped.done) == len(mapped.parts)
+        if last:
+            self._finish_mapped(mapped, prior)
+
+    def _finish_mapped(self, mapped: _Mapped, prior: blocks.BlockMap | None) -> None:
+        """All parts are in: store the file's map and list it with its sources."""
+        done = [mapped.done[n] for n in range(len(mapped.parts))]
+        if all(d[4] is None for d in done):
+            return  # dropped since the walk: WAL replay drops it too
+        own = {a.key: a for *_, a in done if a is not None}
+        keys = [a.key if a is not None else "" for *_, a in done]
+        sources = [*(prior.sources if prior is not None else []), *keys]
+        bmap = blocks.assemble([(e, r, n) for e, r, n, _, _ in done], sources, mapped.block)
         map_meta = {
-            "path": path,
+            "path": mapped.path,
             "size": bmap.size,
-            "mtime_ns": mtime,
-            "mode": mode,
+            "mtime_ns": mapped.mtime,
+            "mode": mapped.mode,
             "block_size": bmap.block,
-            "blocks_stored": source.stored,
+            "blocks_stored": sum(d[3] for d in done),
+            "parts": len(done),
             "sources": bmap.sources,
         }
-        listed = [
-            self.store(path, io.BytesIO(bytes(bmap.entries)), blocks.CONTENT_MAP, map_meta),
-            own,
-        ]
-        if prior_map is not None and self.prior is not None:
-            for key in bmap.sources:
-                if key != own.key:
-                    listed.append(chain.referenced_source(self.prior.sources[key], path))
+        record = self.store(
+            mapped.path, io.BytesIO(bytes(bmap.entries)), blocks.CONTENT_MAP, map_meta
+        )
+        listed = [record, *own.values()]
+        for key in bmap.sources:
+            if key not in own and self.prior is not None:
+                listed.append(chain.referenced_source(self.prior.sources[key], mapped.path))
+        copied = sum(a.raw_size for a in own.values())
         with self._lock:
             self.files_mapped += 1
-        self._add(listed, copied=own.raw_size, referenced=bmap.size - own.raw_size)
+        self._add(listed, copied=copied, referenced=max(bmap.size - copied, 0))
 
     def text(self, name: str, text: str, content: str) -> Artifact:
         artifact = self.store(name, io.BytesIO(text.encode()), content, {"path": name})
         self.artifacts.append(artifact)
         return artifact
 
+    def _one(self, root: str, entry: FileStat, failing: Any) -> None:
+        failing()
+        self.file(root, entry, time.time_ns())
+
     def copy_all(self, root: str, files: list[FileStat], jobs: int, failing: Any) -> None:
-        """Copy every file, ``jobs`` at a time; the first failure stops the rest."""
-
-        def one(entry: FileStat) -> None:
-            failing()
-            self.file(root, entry, time.time_ns())
-
+        """Copy every file, ``jobs`` at a time, the largest first (large relation files
+        in parts); the first failure stops the rest."""
+        tasks: list[Callable[[], None]] = []
+        for entry in sorted(files, key=lambda e: -e.size):
+            if blocks.mappable(entry.path, entry.size):
+                tasks.extend(self._split(root, entry, failing))
+            else:
+                tasks.append(functools.partial(self._one, root, entry, failing))
         if jobs <= 1:
-            for entry in files:
-                one(entry)
+            for task in tasks:
+                task()
         else:
             with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sr-files") as pool:
-                futures = [pool.submit(one, entry) for entry in files]
+                futures = [pool.submit(task) for task in tasks]
                 try:
                     for future in as_completed(futures):
                         future.result()
