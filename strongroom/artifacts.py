@@ -42,11 +42,17 @@ def store_artifact(
     settings: StorageSettings | None = None,
     progress: Progress | None = None,
     meta: dict[str, object] | None = None,
+    threads: int = -1,
 ) -> Artifact:
     """Stream ``source`` into ``key``; the object is committed only if the stream ends cleanly."""
     with repo.open_write(key, settings) as writer:
         stats = store_stream(
-            source, writer, recipients=encryption.recipients, level=level, progress=progress
+            source,
+            writer,
+            recipients=encryption.recipients,
+            level=level,
+            progress=progress,
+            threads=threads,
         )
         stored = writer.commit()
     if stored != stats.stored_size:

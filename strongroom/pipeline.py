@@ -169,15 +169,18 @@ def store_stream(
     recipients: list[str],
     level: int = 3,
     progress: Progress | None = None,
+    threads: int = -1,
 ) -> StreamStats:
     """Compress and encrypt ``source`` into ``sink``; returns sizes and checksums.
 
-    ``source`` needs ``read(n)``; ``sink`` needs ``write(bytes)``.
+    ``source`` needs ``read(n)``; ``sink`` needs ``write(bytes)``. ``threads``: zstd's
+    worker threads (-1: one per core; 0 when the caller runs streams in parallel
+    itself, which also spares small streams the cost of starting them).
     """
     keys = parse_recipients(recipients)
     raw = _HashingReader(source, progress)
     stored = _HashingWriter(sink)
-    compressor = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
+    compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     with compressor.stream_reader(
         cast(IO[bytes], raw), read_size=CHUNK, closefd=False
     ) as compressed:

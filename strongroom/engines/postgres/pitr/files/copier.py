@@ -118,6 +118,7 @@ class Copier:
         self.copied_bytes = 0
         self.referenced_bytes = 0
         self._lock = threading.Lock()
+        self.zstd_threads = -1  # 0 once files are copied in parallel (copy_all)
 
     def _new_key(self) -> str:
         with self._lock:
@@ -137,6 +138,7 @@ class Copier:
             settings=self.settings,
             progress=self.progress,
             meta=meta,
+            threads=self.zstd_threads,
         )
 
     def _add(self, listed: list[Artifact], *, copied: int, referenced: int) -> None:
@@ -301,6 +303,7 @@ class Copier:
     def copy_all(self, root: str, files: list[FileStat], jobs: int, failing: Any) -> None:
         """Copy every file, ``jobs`` at a time, the largest first (large relation files
         in parts); the first failure stops the rest."""
+        self.zstd_threads = 0 if jobs > 1 else -1
         tasks: list[Callable[[], None]] = []
         for entry in sorted(files, key=lambda e: -e.size):
             if blocks.mappable(entry.path, entry.size):
