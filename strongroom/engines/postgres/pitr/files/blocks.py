@@ -371,13 +371,16 @@ class _BlockSink:
 Reader = Callable[[str, _BlockSink], None]  # streams source ``key``'s plaintext into a sink
 
 
-def write_mapped(fd: int, bmap: BlockMap, read: Reader, *, existing_size: int = 0) -> int:
-    """Make the open file ``fd`` hold the file version ``bmap`` describes; with
-    ``existing_size`` > 0 the blocks already there are hashed first and only those that
-    differ are fetched. Returns the bytes written."""
+Slots = dict[int, tuple[int, bytes, int]]  # position -> (block index, digest, length)
+
+
+def plan_mapped(fd: int, bmap: BlockMap, *, existing_size: int = 0) -> dict[int, Slots]:
+    """The blocks to fetch into the open file ``fd``, by source: all of them, or with
+    ``existing_size`` > 0 those whose digest differs from the block already there. The
+    file is cut or extended to its final size."""
     block = bmap.block
     have = existing_digests(fd, min(existing_size, bmap.size), block) if existing_size else []
-    wanted: dict[int, dict[int, tuple[int, bytes, int]]] = {}
+    wanted: dict[int, Slots] = {}
     for index in range(bmap.blocks):
         found, source, position = bmap.entry(index)
         if index < len(have) and have[index] == found:
@@ -388,18 +391,28 @@ def write_mapped(fd: int, bmap: BlockMap, read: Reader, *, existing_size: int = 
             raise IntegrityError(f"block map: position {position} of a source used twice")
         slots[position] = (index, found, length)
     os.ftruncate(fd, bmap.size)
-    written = 0
-    for source, slots in sorted(wanted.items()):
-        sink = _BlockSink(fd, slots, block)
-        try:
-            read(bmap.sources[source], sink)
-            sink.finish()
-        except _Done:
-            pass
-        if sink._wanted:
-            raise IntegrityError(
-                f"source {bmap.sources[source][-60:]!r} ends before block position "
-                f"{min(sink._wanted)}"
-            )
-        written += sink.written
-    return written
+    return wanted
+
+
+def write_source(fd: int, bmap: BlockMap, source: int, slots: Slots, read: Reader) -> int:
+    """Fetch the ``slots`` of one source into ``fd`` (sources of one file may be written
+    at once: each block has its own offset). Returns the bytes written."""
+    sink = _BlockSink(fd, dict(slots), bmap.block)
+    try:
+        read(bmap.sources[source], sink)
+        sink.finish()
+    except _Done:
+        pass
+    if sink._wanted:
+        raise IntegrityError(
+            f"source {bmap.sources[source][-60:]!r} ends before block position {min(sink._wanted)}"
+        )
+    return sink.written
+
+
+def write_mapped(fd: int, bmap: BlockMap, read: Reader, *, existing_size: int = 0) -> int:
+    """Make the open file ``fd`` hold the file version ``bmap`` describes; with
+    ``existing_size`` > 0 the blocks already there are hashed first and only those that
+    differ are fetched. Returns the bytes written."""
+    wanted = plan_mapped(fd, bmap, existing_size=existing_size)
+    return sum(write_source(fd, bmap, s, slots, read) for s, slots in sorted(wanted.items()))

@@ -185,6 +185,7 @@ class _Writer:
         self._lock = threading.Lock()
         self.written = 0
         self.kept = 0  # delta: bytes already right on disk
+        self.open_fds: set[int] = set()  # mapped files still being written
 
     def _open(self, parts: tuple[str, ...], mode: int) -> tuple[int, int]:
         """The file to write and the size it already has (0 for a new one)."""
@@ -218,9 +219,7 @@ class _Writer:
                 os.ftruncate(fd, 0)
                 os.lseek(fd, 0, os.SEEK_SET)
                 sink = _FdSink(fd)
-                read_artifact(
-                    self.repo, artifact, sink, encryption=self.enc, progress=self.progress
-                )
+                self._read(artifact, sink)
                 self._count(sink.written, 0)
             mtime = int(artifact.meta["mtime_ns"])
             os.utime(fd, ns=(mtime, mtime))
@@ -234,9 +233,7 @@ class _Writer:
         fd, size = self._open(parts, int(record.meta["mode"]))
 
         def read(key: str, sink: Any) -> None:
-            read_artifact(
-                self.repo, sources[key], sink, encryption=self.enc, progress=self.progress
-            )
+            self._read(sources[key], sink)
 
         try:
             written = blocks.write_mapped(fd, bmap, read, existing_size=size)
@@ -245,6 +242,59 @@ class _Writer:
             os.utime(fd, ns=(mtime, mtime))
         finally:
             os.close(fd)
+
+    def _read(self, artifact: Artifact, sink: Any) -> None:
+        read_artifact(self.repo, artifact, sink, encryption=self.enc, progress=self.progress)
+
+    def mapped_tasks(
+        self, parts: tuple[str, ...], record: Artifact, sources: dict[str, Artifact]
+    ) -> list[Callable[[], None]]:
+        """A new mapped file written by one task per source, at once (each block has its
+        own offset); the last task to finish sets its mtime and closes it."""
+        bmap = blocks.load_map(self.repo, record, self.enc)
+        fd, _ = self._open(parts, int(record.meta["mode"]))
+        try:
+            wanted = blocks.plan_mapped(fd, bmap)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not wanted:
+            os.close(fd)
+            return []
+        left = [len(wanted)]
+        mtime = int(record.meta["mtime_ns"])
+        self.open_fds.add(fd)
+
+        def read(key: str, sink: Any) -> None:
+            self._read(sources[key], sink)
+
+        def one(source: int, slots: blocks.Slots) -> None:
+            try:
+                self._count(blocks.write_source(fd, bmap, source, slots, read), 0)
+            finally:
+                with self._lock:
+                    left[0] -= 1
+                    last = left[0] == 0
+                if last:
+                    try:
+                        os.utime(fd, ns=(mtime, mtime))
+                    finally:
+                        self._close(fd)
+
+        return [functools.partial(one, s, slots) for s, slots in sorted(wanted.items())]
+
+    def _close(self, fd: int) -> None:
+        with self._lock:
+            if fd not in self.open_fds:
+                return
+            self.open_fds.discard(fd)
+        os.close(fd)
+
+    def close(self) -> None:
+        """Close files a failed restore left open (tasks cancelled), then the folders."""
+        for fd in list(self.open_fds):
+            self._close(fd)
+        self.tree.close()
 
     def empty(self, parts: tuple[str, ...], mode: int, mtime: int) -> None:
         fd, _ = self._open(parts, mode)
@@ -313,7 +363,10 @@ def write_files(
             task = functools.partial(writer.whole, parts, artifact)
             (last if parts == control else tasks).append(task)
         for parts, record, sources in plan["mapped"]:
-            tasks.append(functools.partial(writer.mapped, parts, record, sources))
+            if delta:
+                tasks.append(functools.partial(writer.mapped, parts, record, sources))
+            else:
+                tasks[:0] = writer.mapped_tasks(parts, record, sources)  # the largest first
         for parts, mode, mtime in plan["empty"]:
             tasks.append(functools.partial(writer.empty, parts, mode, mtime))
         _run_all(tasks, jobs)
@@ -329,7 +382,7 @@ def write_files(
             finally:
                 os.close(fd)
     finally:
-        writer.tree.close()
+        writer.close()
     listed = [a for _, a in plan["files"]] + [m for _, m, _ in plan["mapped"]]
     return {
         "files": len(plan["files"]) + len(plan["mapped"]) + len(plan["empty"]),
