@@ -122,8 +122,10 @@ def wait_for_wal(
 ) -> list[str]:
     """Wait until every file in ``wanted`` is archived under ``wal/<target>/``; returns
     the ones still missing after ``timeout_s`` (empty: all there). ``watch`` is called
-    on every round and may raise (the archiver is failing)."""
+    on every round and may raise (the archiver is failing). Polls every 50 ms at first,
+    backing off to ``poll_s``: the last segment usually lands within a few tenths."""
     deadline = time.monotonic() + timeout_s
+    delay = min(0.05, poll_s)
     while True:
         folders = {f"{wal_prefix(target)}{name[:8]}/" for name in wanted}
         present: set[str] = set()
@@ -134,7 +136,8 @@ def wait_for_wal(
             return missing
         if watch is not None:
             watch()
-        time.sleep(poll_s)
+        time.sleep(delay)
+        delay = min(delay * 1.5, poll_s)
 
 
 def require_archived_wal(
