@@ -278,3 +278,34 @@ def test_parts_assemble_and_a_truncated_part_ends_the_file() -> None:
         (blocks.PART, blocks.PART),
         (2 * blocks.PART, 5),
     ]
+
+
+def test_maps_of_either_digest_restore(tmp_path: Path) -> None:
+    """A map records its digest: older SHA-256 maps restore, an unknown one is refused."""
+    bs = blocks.BLOCK
+    data = os.urandom(bs * 3)
+    entries = bytearray()
+    for i in range(3):
+        entries += blocks.ENTRY.pack(
+            blocks.DIGESTS["sha256-128"](data[i * bs : (i + 1) * bs]), 0, i
+        )
+    old = blocks.BlockMap.parse(bytes(entries), len(data), ["k"], bs, "sha256-128")
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert blocks.write_mapped(fd, old, lambda key, sink: sink.write(data)) == len(data)
+    finally:
+        os.close(fd)
+    assert out.read_bytes() == data
+    with pytest.raises(IntegrityError, match="digest"):
+        blocks.BlockMap.parse(bytes(entries), len(data), ["k"], bs, "md5")
+    # a new read does not compare with a map of the other digest: every block is stored
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        changed = blocks.ChangedBlocks(fd, len(data), old, bs)
+        assert b"".join(iter(changed.read, b"")) == data
+    finally:
+        os.close(fd)
+    assert changed.finish("new").algorithm == blocks.ALGORITHM == "blake3-128"

@@ -100,6 +100,7 @@ class BlockMapCheck:
             self._record.meta.get("size", -1),
             sources if isinstance(sources, list) else [],
             self._record.meta.get("block_size", blocks.BLOCK),
+            self._record.meta.get("digest", "sha256-128"),
         )
         held = []
         for key in bmap.sources:

@@ -275,6 +275,7 @@ class Copier:
             "mtime_ns": mapped.mtime,
             "mode": mapped.mode,
             "block_size": bmap.block,
+            "digest": bmap.algorithm,
             "blocks_stored": sum(d[3] for d in done),
             "parts": len(done),
             "sources": bmap.sources,
