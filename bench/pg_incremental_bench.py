@@ -45,6 +45,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -405,6 +406,10 @@ class Bench:
         result.update(
             {
                 "settings": self.c.settings(JOBS),
+                # strongroom runs in this process (PostgreSQL, pgBackRest, pgbench are
+                # children): its peak resident memory over every backup and restore,
+                # to compare across database sizes (bounded memory)
+                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "host": {
                     "cpu_count": os.cpu_count(),
                     "cpu_affinity": len(os.sched_getaffinity(0)),
