@@ -1,15 +1,15 @@
-"""Block maps: incremental copies of large relation files by 8 KiB block, and the
-restore that puts such a file back together.
+"""Block maps: incremental copies of large relation files by block (8 or 32 KiB), and
+the restore that puts such a file back together.
 
 A relation segment is up to 1 GiB; one changed row must not recopy all of it. Like
 pgBackRest's block incremental, a large relation file that changed (by size and mtime,
 ``chain.unchanged``) is read whole and every block hashed (BLAKE3, 16 bytes: a
 collision-resistant hash 2.3 times as fast as SHA-256 with SHA-NI here; maps written
-with SHA-256 are still read); only blocks whose digest differs from the prior backup's map of that file are
-stored, in this backup's *blocks* artifact, in block order. The *map* artifact lists, per
-block of the file, its digest and where its bytes are: a source (an artifact key, this
-backup's blocks artifact or an earlier backup's) and the block's position in that
-source's plaintext.
+with SHA-256 are still read); only blocks whose digest differs from the prior backup's
+map of that file are stored, in this backup's *blocks* artifacts (one per 256 MiB part),
+in block order. The *map* artifact lists, per block of the file, its digest and where
+its bytes are: a source (an artifact key, a blocks artifact of this backup or of an
+earlier one) and the block's position in that source's plaintext.
 
 Why content digests and not page LSNs: a block is reused only when its bytes are the
 bytes just read, so the restored file is byte for byte the copy a full backup would

@@ -18,7 +18,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
@@ -26,6 +25,7 @@ from strongroom.artifacts import store_artifact
 from strongroom.catalog import Artifact, data_key
 from strongroom.config import EncryptionConfig
 from strongroom.engines.postgres.pitr.files import blocks, chain
+from strongroom.engines.postgres.pitr.files.parallel import run_all
 from strongroom.engines.postgres.pitr.files.walk import FileStat
 from strongroom.errors import IntegrityError
 from strongroom.pipeline import Progress
@@ -311,19 +311,7 @@ class Copier:
                 tasks.extend(self._split(root, entry, failing))
             else:
                 tasks.append(functools.partial(self._one, root, entry, failing))
-        if jobs <= 1:
-            for task in tasks:
-                task()
-        else:
-            with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sr-files") as pool:
-                futures = [pool.submit(task) for task in tasks]
-                try:
-                    for future in as_completed(futures):
-                        future.result()
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+        run_all(tasks, jobs, "sr-files")
         self.artifacts.sort(key=lambda a: (str(a.meta.get("path")), a.content, a.key))
 
     def clean_up(self) -> None:

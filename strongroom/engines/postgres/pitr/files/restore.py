@@ -29,7 +29,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from strongroom.engines.postgres import root_fs as fs
 from strongroom.engines.postgres.pitr.extract import FolderTree, dir_mode, file_mode
 from strongroom.engines.postgres.pitr.files import blocks, chain
 from strongroom.engines.postgres.pitr.files import delta as stale_copy
+from strongroom.engines.postgres.pitr.files.parallel import run_all
 from strongroom.errors import IntegrityError, InvalidInput, TargetNotEmpty
 from strongroom.pipeline import Progress
 from strongroom.repository.base import Repository
@@ -318,22 +318,6 @@ def _sha256_of(fd: int) -> str:
     return digest.hexdigest()
 
 
-def _run_all(tasks: list[Callable[[], None]], jobs: int) -> None:
-    if jobs <= 1:
-        for task in tasks:
-            task()
-        return
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sr-restore") as pool:
-        futures = [pool.submit(task) for task in tasks]
-        try:
-            for future in as_completed(futures):
-                future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-
-
 def write_files(
     repo: Repository,
     enc: EncryptionConfig,
@@ -369,8 +353,8 @@ def write_files(
                 tasks[:0] = writer.mapped_tasks(parts, record, sources)  # the largest first
         for parts, mode, mtime in plan["empty"]:
             tasks.append(functools.partial(writer.empty, parts, mode, mtime))
-        _run_all(tasks, jobs)
-        _run_all(last, 1)
+        run_all(tasks, jobs, "sr-restore")
+        run_all(last, 1, "sr-restore")
         for name, artifact in plan["special"].items():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=root_fd)
