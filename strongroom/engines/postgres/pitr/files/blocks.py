@@ -122,15 +122,15 @@ class BlockMap:
                 f"block map has {len(data)} bytes, {blocks} blocks of {size} bytes need "
                 f"{blocks * ENTRY.size}"
             )
-        found = cls(size, bytearray(data), list(sources), block, algorithm)
-        for i in range(blocks):
-            if found.entry(i)[1] >= len(sources):
-                raise IntegrityError(f"block map: block {i} names source {found.entry(i)[1]}")
-        return found
+        for i, (_, source, _) in enumerate(ENTRY.iter_unpack(data)):
+            if source >= len(sources):
+                raise IntegrityError(f"block map: block {i} names source {source}")
+        return cls(size, bytearray(data), list(sources), block, algorithm)
 
 
-class _MapSink:
-    """An in-memory sink with a limit: a map holds 24 bytes per 8 KiB block."""
+class MapSink:
+    """An in-memory sink for a stored map, with a limit: 24 bytes per block of at most
+    ``MAX_BLOCKS`` (restore and verify read maps through it)."""
 
     def __init__(self) -> None:
         self.data = bytearray()
@@ -145,16 +145,25 @@ class _MapSink:
         pass
 
 
+def parse_record(data: bytes, record: Artifact) -> BlockMap:
+    """The map ``data`` read from ``record``, checked against what its meta records
+    (size, sources, block size, digest; maps without ``digest`` are SHA-256 ones)."""
+    sources = record.meta.get("sources")
+    listed = sources if isinstance(sources, list) else []
+    return BlockMap.parse(
+        data,
+        record.meta.get("size", -1),
+        listed,
+        record.meta.get("block_size", BLOCK),
+        record.meta.get("digest", "sha256-128"),
+    )
+
+
 def load_map(repo: Repository, record: Artifact, enc: EncryptionConfig) -> BlockMap:
     """A stored block map, read (digests checked) and parsed against its record."""
-    sink = _MapSink()
+    sink = MapSink()
     read_artifact(repo, record, sink, encryption=enc)
-    sources = record.meta.get("sources")
-    size = record.meta.get("size", -1)
-    listed = sources if isinstance(sources, list) else []
-    block = record.meta.get("block_size", BLOCK)
-    algorithm = record.meta.get("digest", "sha256-128")
-    return BlockMap.parse(bytes(sink.data), size, listed, block, algorithm)
+    return parse_record(bytes(sink.data), record)
 
 
 class ChangedBlocks:
@@ -367,13 +376,12 @@ class _BlockSink:
     def _flush_run(self, view: memoryview, run_at: int, end: int, index: int) -> None:
         """Write the verified blocks ``view[run_at:end]`` (consecutive in the file from
         block ``index``) with one call."""
-        bs = self.block
         if run_at < 0 or end <= run_at:
             return
-        data = view[run_at:end]
+        data, offset = view[run_at:end], index * self.block
         while data:
-            done = os.pwrite(self._fd, data, index * bs + (len(view[run_at:end]) - len(data)))
-            data = data[done:]
+            done = os.pwrite(self._fd, data, offset)
+            data, offset = data[done:], offset + done
         self.written += end - run_at
 
     def _refuse(self, index: int) -> None:

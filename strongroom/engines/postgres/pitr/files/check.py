@@ -78,35 +78,23 @@ class BlockMapCheck:
     def __init__(self, manifest: Manifest, artifact: Artifact) -> None:
         self._record = artifact
         path = artifact.meta.get("path")
-        block = artifact.meta.get("block_size", blocks.BLOCK)
-        block = block if isinstance(block, int) and block > 0 else blocks.BLOCK
-        self._blocks = {
-            a.key: -(-a.raw_size // block)
+        self._sizes = {
+            a.key: a.raw_size
             for a in manifest.artifacts
             if a.content == blocks.CONTENT_BLOCKS and a.meta.get("path") == path
         }
-        self._data = bytearray()
+        self._sink = blocks.MapSink()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        if len(self._data) + len(data) > blocks.MAX_BLOCKS * blocks.ENTRY.size:
-            raise IntegrityError("a block map is larger than any file can need")
-        self._data += data
-        return len(data)
+        return self._sink.write(data)
 
     def finish(self) -> dict[str, Any]:
-        sources = self._record.meta.get("sources")
-        bmap = blocks.BlockMap.parse(
-            bytes(self._data),
-            self._record.meta.get("size", -1),
-            sources if isinstance(sources, list) else [],
-            self._record.meta.get("block_size", blocks.BLOCK),
-            self._record.meta.get("digest", "sha256-128"),
-        )
+        bmap = blocks.parse_record(bytes(self._sink.data), self._record)
         held = []
         for key in bmap.sources:
-            if key not in self._blocks:
+            if key not in self._sizes:
                 raise IntegrityError(f"block map names {key[-60:]!r}, not listed for its file")
-            held.append(self._blocks[key])
+            held.append(-(-self._sizes[key] // bmap.block))
         for index in range(bmap.blocks):
             _, source, position = bmap.entry(index)
             if position >= held[source]:
