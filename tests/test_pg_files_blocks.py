@@ -73,6 +73,12 @@ def _listing(path: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _write_mapped(fd: int, bmap: blocks.BlockMap, read: Any, *, existing_size: int = 0) -> int:
+    """A mapped file written the way a restore does it, one source after another."""
+    wanted = blocks.plan_mapped(fd, bmap, existing_size=existing_size)
+    return sum(blocks.write_source(fd, bmap, s, slots, read) for s, slots in sorted(wanted.items()))
+
+
 def _contents(path: Path) -> dict[str, tuple[str, int]]:
     import hashlib
 
@@ -145,15 +151,15 @@ def test_block_incremental_parallel_and_delta_restore(
     (data / "base" / "stray").write_bytes(b"x" * 10)
     (data / "stray_dir" / "deeper").mkdir(parents=True)
     assert list((data / "pg_wal").glob("0000000*"))  # the stale copy's own WAL
-    original = blocks.write_mapped
+    original = blocks.write_source
 
     def failing(*args: Any, **kw: Any) -> int:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(blocks, "write_mapped", failing)
+    monkeypatch.setattr(blocks, "write_source", failing)
     with pytest.raises(OSError, match="disk on fire"):
         _restore(c, stale, backup_id=incr.backup_id, delta=True, recovery_target="immediate")
-    monkeypatch.setattr(blocks, "write_mapped", original)
+    monkeypatch.setattr(blocks, "write_source", original)
     assert not (data / "global" / "pg_control").exists()
     assert (data / ".strongroom-delta").exists()
     assert not (data / "base" / "stray").exists() and not (data / "stray_dir").exists()
@@ -217,17 +223,17 @@ def test_block_maps_refuse_forged_blocks(tmp_path: Path, bs: int) -> None:
     out = tmp_path / "out"
     fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        assert blocks.write_mapped(fd, bmap, reader(data)) == len(data)
+        assert _write_mapped(fd, bmap, reader(data)) == len(data)
         assert out.read_bytes() == data
         # a delta onto the same bytes fetches nothing
-        assert blocks.write_mapped(fd, bmap, reader(b""), existing_size=len(data)) == 0
+        assert _write_mapped(fd, bmap, reader(b""), existing_size=len(data)) == 0
         tampered = bytearray(data)
         tampered[bs + 5] ^= 1
         os.ftruncate(fd, 0)
         with pytest.raises(IntegrityError, match="block 1"):
-            blocks.write_mapped(fd, bmap, reader(bytes(tampered)))
+            _write_mapped(fd, bmap, reader(bytes(tampered)))
         with pytest.raises(IntegrityError, match="ends before"):
-            blocks.write_mapped(fd, bmap, reader(data[: bs * 2]))
+            _write_mapped(fd, bmap, reader(data[: bs * 2]))
     finally:
         os.close(fd)
     # an unchanged second read reuses every block, one changed block is stored alone
@@ -293,7 +299,7 @@ def test_maps_of_either_digest_restore(tmp_path: Path) -> None:
     out = tmp_path / "out"
     fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        assert blocks.write_mapped(fd, old, lambda key, sink: sink.write(data)) == len(data)
+        assert _write_mapped(fd, old, lambda key, sink: sink.write(data)) == len(data)
     finally:
         os.close(fd)
     assert out.read_bytes() == data

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import struct
 import time
 from typing import Any
 
@@ -41,7 +40,11 @@ from strongroom.engines.postgres.pitr.basebackup import (
 )
 from strongroom.engines.postgres.pitr.files import chain, standby
 from strongroom.engines.postgres.pitr.files.copier import Copier
-from strongroom.engines.postgres.pitr.files.walk import Tree, walk_data_directory
+from strongroom.engines.postgres.pitr.files.walk import (
+    Tree,
+    system_identifier_of,
+    walk_data_directory,
+)
 from strongroom.engines.postgres.pitr.tar import parse_backup_label
 from strongroom.engines.postgres.wal import names
 from strongroom.errors import InvalidInput
@@ -54,19 +57,18 @@ FILE_CLOCK_LAG_NS = 50_000_000  # file mtimes come from a clock a tick (<= 10 ms
 
 
 def control_system_identifier(data_directory: str) -> int:
-    """The system identifier in ``global/pg_control`` (its first 8 bytes): proves the
+    """The system identifier in the data directory's ``global/pg_control``: proves the
     folder the runner reads is the data directory of the server it talks to."""
     try:
-        with open(os.path.join(data_directory, "global", "pg_control"), "rb") as f:
-            head = f.read(8)
-    except OSError as exc:
+        found = system_identifier_of(data_directory)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{exc}: the runner needs read access to the data directory") from None
+    if found is None:
         raise InvalidInput(
-            f"cannot read {data_directory}/global/pg_control ({exc.strerror}): the runner "
-            "needs read access to the data directory"
-        ) from None
-    if len(head) != 8:
-        raise InvalidInput(f"{data_directory}/global/pg_control is truncated")
-    return int(struct.unpack("<Q", head)[0])
+            f"cannot read {data_directory}/global/pg_control (missing or truncated): the "
+            "runner needs read access to the data directory"
+        )
+    return found
 
 
 def files_backup_postgres(

@@ -450,11 +450,3 @@ def write_source(fd: int, bmap: BlockMap, source: int, slots: Slots, read: Reade
             f"source {bmap.sources[source][-60:]!r} ends before block position {min(sink._wanted)}"
         )
     return sink.written
-
-
-def write_mapped(fd: int, bmap: BlockMap, read: Reader, *, existing_size: int = 0) -> int:
-    """Make the open file ``fd`` hold the file version ``bmap`` describes; with
-    ``existing_size`` > 0 the blocks already there are hashed first and only those that
-    differ are fetched. Returns the bytes written."""
-    wanted = plan_mapped(fd, bmap, existing_size=existing_size)
-    return sum(write_source(fd, bmap, s, slots, read) for s, slots in sorted(wanted.items()))

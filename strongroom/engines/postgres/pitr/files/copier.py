@@ -65,12 +65,25 @@ def _open(root: str, path: str) -> int | None:
         return None  # dropped since the walk: WAL replay drops it too
 
 
-def _sha256(fd: int, size: int) -> tuple[str, int]:
+def sha256_of(fd: int, size: int) -> tuple[str, int]:
+    """SHA-256 of an open file's first ``size`` bytes (and how many there were)."""
     digest = hashlib.sha256()
     source = Bounded(fd, size)
     while data := source.read():
         digest.update(data)
     return digest.hexdigest(), source.read_bytes
+
+
+@dataclass(frozen=True)
+class _Part:
+    """What one part of a large file gave: its map entries, bytes read of ``length``,
+    blocks stored, and its blocks artifact (None: the file was gone)."""
+
+    entries: bytearray
+    read: int
+    length: int
+    stored: int
+    artifact: Artifact | None
 
 
 @dataclass
@@ -84,7 +97,7 @@ class _Mapped:
     block: int
     prior: blocks.BlockMap | None = None
     prior_loaded: bool = False
-    done: dict[int, tuple[bytearray, int, int, int, Artifact | None]] = field(default_factory=dict)
+    done: dict[int, _Part] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -169,9 +182,12 @@ class Copier:
             if self.checksum and self.prior is not None:
                 before = self.prior.records.get(entry.path)
                 record = None
-                whole = before is not None and before.content == chain.CONTENT_FILE
-                if whole and before is not None and before.raw_size == size:
-                    digest, read = _sha256(fd, size)
+                if (
+                    before is not None
+                    and before.content == chain.CONTENT_FILE
+                    and before.raw_size == size
+                ):
+                    digest, read = sha256_of(fd, size)
                     record = before if digest == before.raw_sha256 and read == size else None
                     os.lseek(fd, 0, os.SEEK_SET)
             if record is not None:
@@ -191,12 +207,17 @@ class Copier:
         assert self.prior is not None
         listed = [chain.referenced(record, path, size, mtime, mode)]
         if record.content == blocks.CONTENT_MAP:
-            for key in record.meta.get("sources") or []:
-                source = self.prior.sources.get(str(key))
-                if source is None:
-                    raise IntegrityError(f"backup {self.prior.backup_id}: {path} names no source")
-                listed.append(chain.referenced_source(source, path))
+            listed += [self._prior_source(str(k), path) for k in record.meta.get("sources") or []]
         self._add(listed, copied=0, referenced=size)
+
+    def _prior_source(self, key: str, path: str) -> Artifact:
+        """The prior's blocks artifact ``key`` (its map of ``path`` names it), as this
+        backup lists it."""
+        assert self.prior is not None
+        source = self.prior.sources.get(key)
+        if source is None:
+            raise IntegrityError(f"backup {self.prior.backup_id}: {path} names no source")
+        return chain.referenced_source(source, path)
 
     def _split(self, root: str, entry: FileStat, failing: Any) -> list[Callable[[], None]]:
         """The tasks for a large relation file: referenced when unchanged, else its
@@ -227,8 +248,8 @@ class Copier:
             if not mapped.prior_loaded:
                 before = self.prior.records.get(mapped.path) if self.prior is not None else None
                 if before is not None and before.content == blocks.CONTENT_MAP:
-                    prior = blocks.load_map(self.repo, before, self.enc)
-                    mapped.prior = prior if prior.block == mapped.block else None
+                    # one of another block size or digest is not compared with (ChangedBlocks)
+                    mapped.prior = blocks.load_map(self.repo, before, self.enc)
                 mapped.prior_loaded = True
             return mapped.prior
 
@@ -250,12 +271,13 @@ class Copier:
                 )
             finally:
                 os.close(fd)
+        result = (
+            _Part(source.entries, source.read_bytes, length, source.stored, artifact)
+            if artifact is not None
+            else _Part(bytearray(), 0, length, 0, None)
+        )
         with mapped.lock:
-            mapped.done[number] = (
-                (source.entries, source.read_bytes, length, source.stored, artifact)
-                if artifact is not None
-                else (bytearray(), 0, length, 0, None)
-            )
+            mapped.done[number] = result
             last = len(mapped.done) == len(mapped.parts)
         if last:
             self._finish_mapped(mapped, prior)
@@ -263,12 +285,13 @@ class Copier:
     def _finish_mapped(self, mapped: _Mapped, prior: blocks.BlockMap | None) -> None:
         """All parts are in: store the file's map and list it with its sources."""
         done = [mapped.done[n] for n in range(len(mapped.parts))]
-        if all(d[4] is None for d in done):
+        own = {p.artifact.key: p.artifact for p in done if p.artifact is not None}
+        if not own:
             return  # dropped since the walk: WAL replay drops it too
-        own = {a.key: a for *_, a in done if a is not None}
-        keys = [a.key if a is not None else "" for *_, a in done]
+        keys = [p.artifact.key if p.artifact is not None else "" for p in done]
         sources = [*(prior.sources if prior is not None else []), *keys]
-        bmap = blocks.assemble([(e, r, n) for e, r, n, _, _ in done], sources, mapped.block)
+        pieces = [(p.entries, p.read, p.length) for p in done]
+        bmap = blocks.assemble(pieces, sources, mapped.block)
         map_meta = {
             "path": mapped.path,
             "size": bmap.size,
@@ -276,7 +299,7 @@ class Copier:
             "mode": mapped.mode,
             "block_size": bmap.block,
             "digest": bmap.algorithm,
-            "blocks_stored": sum(d[3] for d in done),
+            "blocks_stored": sum(p.stored for p in done),
             "parts": len(done),
             "sources": bmap.sources,
         }
@@ -284,9 +307,7 @@ class Copier:
             mapped.path, io.BytesIO(bytes(bmap.entries)), blocks.CONTENT_MAP, map_meta
         )
         listed = [record, *own.values()]
-        for key in bmap.sources:
-            if key not in own and self.prior is not None:
-                listed.append(chain.referenced_source(self.prior.sources[key], mapped.path))
+        listed += [self._prior_source(k, mapped.path) for k in bmap.sources if k not in own]
         copied = sum(a.raw_size for a in own.values())
         with self._lock:
             self.files_mapped += 1

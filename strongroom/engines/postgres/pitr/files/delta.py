@@ -17,27 +17,16 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 from pathlib import Path
 from typing import Any
 
 from strongroom.catalog import Manifest
+from strongroom.engines.postgres.pitr.files.walk import system_identifier_of
 from strongroom.errors import InvalidInput
 from strongroom.sizes import human_size
 
 CONTROL = "global/pg_control"
 MARKER = ".strongroom-delta"  # a delta restore is under way (pg_control removed)
-
-
-def _system_identifier(path: Path) -> int | None:
-    try:
-        with open(path / CONTROL, "rb") as f:
-            head = f.read(8)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path / CONTROL} ({exc.strerror})") from None
-    return int(struct.unpack("<Q", head)[0]) if len(head) == 8 else None
 
 
 def check_target(path: Path, manifest: Manifest) -> None:
@@ -50,7 +39,7 @@ def check_target(path: Path, manifest: Manifest) -> None:
             f"{path} has a postmaster.pid: a PostgreSQL server owns it (stop it first; if "
             "it crashed, start and stop it cleanly or remove the file yourself)"
         )
-    found = _system_identifier(path)
+    found = system_identifier_of(path)
     wanted = int(manifest.details.get("system_identifier", 0))
     if found is None:
         if (path / MARKER).exists():

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import shutil
 import stat
@@ -39,6 +38,7 @@ from strongroom.engines.postgres import root_fs as fs
 from strongroom.engines.postgres.pitr.extract import FolderTree, dir_mode, file_mode
 from strongroom.engines.postgres.pitr.files import blocks, chain
 from strongroom.engines.postgres.pitr.files import delta as stale_copy
+from strongroom.engines.postgres.pitr.files.copier import sha256_of
 from strongroom.engines.postgres.pitr.files.parallel import run_all
 from strongroom.errors import IntegrityError, InvalidInput, TargetNotEmpty
 from strongroom.pipeline import Progress
@@ -213,7 +213,7 @@ class _Writer:
     def whole(self, parts: tuple[str, ...], artifact: Artifact) -> None:
         fd, size = self._open(parts, int(artifact.meta["mode"]))
         try:
-            if size == artifact.raw_size and _sha256_of(fd) == artifact.raw_sha256:
+            if size == artifact.raw_size and sha256_of(fd, size)[0] == artifact.raw_sha256:
                 self._count(0, size)
             else:
                 os.ftruncate(fd, 0)
@@ -229,19 +229,10 @@ class _Writer:
     def mapped(
         self, parts: tuple[str, ...], record: Artifact, sources: dict[str, Artifact]
     ) -> None:
-        bmap = blocks.load_map(self.repo, record, self.enc)
-        fd, size = self._open(parts, int(record.meta["mode"]))
-
-        def read(key: str, sink: Any) -> None:
-            self._read(sources[key], sink)
-
-        try:
-            written = blocks.write_mapped(fd, bmap, read, existing_size=size)
-            self._count(written, bmap.size - written)
-            mtime = int(record.meta["mtime_ns"])
-            os.utime(fd, ns=(mtime, mtime))
-        finally:
-            os.close(fd)
+        """A mapped file written by this task alone (delta: hashing the blocks already
+        on disk is the larger part of the work, kept off the thread that plans)."""
+        for task in self.mapped_tasks(parts, record, sources):
+            task()
 
     def _read(self, artifact: Artifact, sink: Any) -> None:
         read_artifact(self.repo, artifact, sink, encryption=self.enc, progress=self.progress)
@@ -249,38 +240,46 @@ class _Writer:
     def mapped_tasks(
         self, parts: tuple[str, ...], record: Artifact, sources: dict[str, Artifact]
     ) -> list[Callable[[], None]]:
-        """A new mapped file written by one task per source, at once (each block has its
-        own offset); the last task to finish sets its mtime and closes it."""
+        """A mapped file written by one task per source that holds blocks it needs, at
+        once (each block has its own offset; with ``delta`` only blocks that differ
+        from the file on disk); the last task to finish sets its mtime and closes it."""
         bmap = blocks.load_map(self.repo, record, self.enc)
-        fd, _ = self._open(parts, int(record.meta["mode"]))
-        try:
-            wanted = blocks.plan_mapped(fd, bmap)
-        except BaseException:
-            os.close(fd)
-            raise
-        if not wanted:
-            os.close(fd)
-            return []
-        left = [len(wanted)]
-        mtime = int(record.meta["mtime_ns"])
+        fd, size = self._open(parts, int(record.meta["mode"]))
         self.open_fds.add(fd)
+        try:
+            wanted = blocks.plan_mapped(fd, bmap, existing_size=size)
+        except BaseException:
+            self._close(fd)
+            raise
+        left, written = [len(wanted)], [0]
+        mtime = int(record.meta["mtime_ns"])
+
+        def done() -> None:
+            self._count(0, bmap.size - written[0])
+            try:
+                os.utime(fd, ns=(mtime, mtime))
+            finally:
+                self._close(fd)
 
         def read(key: str, sink: Any) -> None:
             self._read(sources[key], sink)
 
         def one(source: int, slots: blocks.Slots) -> None:
             try:
-                self._count(blocks.write_source(fd, bmap, source, slots, read), 0)
+                count = blocks.write_source(fd, bmap, source, slots, read)
+                self._count(count, 0)
+                with self._lock:
+                    written[0] += count
             finally:
                 with self._lock:
                     left[0] -= 1
                     last = left[0] == 0
                 if last:
-                    try:
-                        os.utime(fd, ns=(mtime, mtime))
-                    finally:
-                        self._close(fd)
+                    done()
 
+        if not wanted:
+            done()
+            return []
         return [functools.partial(one, s, slots) for s, slots in sorted(wanted.items())]
 
     def _close(self, fd: int) -> None:
@@ -308,14 +307,6 @@ class _Writer:
         with self._lock:
             self.written += written
             self.kept += kept
-
-
-def _sha256_of(fd: int) -> str:
-    digest = hashlib.sha256()
-    os.lseek(fd, 0, os.SEEK_SET)
-    while data := os.read(fd, 1024 * 1024):
-        digest.update(data)
-    return digest.hexdigest()
 
 
 def write_files(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import struct
 from dataclasses import dataclass, field
 
 from strongroom.errors import InvalidInput
@@ -184,3 +185,19 @@ def _tablespaces(folder: str) -> None:
             f"the cluster has tablespace(s) {', '.join(sorted(entries)[:5])} in pg_tblspc; "
             "file-level backups support the default tablespaces only (for now)"
         )
+
+
+def system_identifier_of(data_directory: str | os.PathLike[str]) -> int | None:
+    """The system identifier in ``global/pg_control`` (its first 8 bytes), None when
+    that file is missing or shorter; an unreadable one is an ``InvalidInput``. A backup
+    proves with it that the folder it reads belongs to the server it talks to, a delta
+    restore that the copy it refreshes is of the backup's cluster."""
+    path = os.path.join(data_directory, "global", "pg_control")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path} ({exc.strerror})") from None
+    return int(struct.unpack("<Q", head)[0]) if len(head) == 8 else None
