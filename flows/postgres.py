@@ -42,7 +42,7 @@ def restore_postgresql(
     drop_existing: bool = False,
     dry_run: bool = False,
     no_owner: bool = False,
-    jobs: int = 1,
+    jobs: int | None = None,
     repository: str = "default",
     encryption_key: str = "default",
 ) -> dict[str, Any]:
@@ -60,6 +60,6 @@ def restore_postgresql(
         drop_existing=drop_existing,
         dry_run=dry_run,
         no_owner=no_owner,
-        jobs=jobs,
+        **({"jobs": jobs} if jobs is not None else {}),
     )
     return run_restore("postgresql", target, repository, encryption_key, req)

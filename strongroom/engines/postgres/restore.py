@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import secrets
 import subprocess
 import tempfile
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from psycopg import sql
 from pydantic import BaseModel, Field
 
@@ -30,12 +30,13 @@ from strongroom.catalog import Catalog, Manifest
 from strongroom.config import EncryptionConfig, PostgresConnection
 from strongroom.engines.postgres import inspection as pg_inspect
 from strongroom.engines.postgres import relations as pg_relations
+from strongroom.engines.postgres import restore_phased
+from strongroom.engines.postgres import swap as pg_swap
 from strongroom.engines.postgres import toc as pg_toc
 from strongroom.engines.postgres.backup import ENGINE, pg_tool
 from strongroom.engines.postgres.connect import connect
 from strongroom.engines.postgres.relations import check_identifier as _check_identifier
 from strongroom.errors import (
-    Conflict,
     IntegrityError,
     InvalidInput,
     NotFound,
@@ -46,6 +47,11 @@ from strongroom.pipeline import Progress
 from strongroom.process import Tool
 from strongroom.redact import register
 from strongroom.repository.base import Repository
+
+
+def default_jobs() -> int:
+    """One job per core, at most 8 (the server does the work; more only queue)."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 class PgRestoreRequest(BaseModel):
@@ -66,7 +72,18 @@ class PgRestoreRequest(BaseModel):
     drop_existing: bool = False
     dry_run: bool = False
     no_owner: bool = False
-    jobs: int = Field(default=1, ge=1, le=64, description="pg_restore -j for directory dumps")
+    jobs: int = Field(
+        default_factory=default_jobs,
+        ge=1,
+        le=64,
+        description="parallel pg_restore jobs of a whole-database restore (default: the cores)",
+    )
+    maintenance_work_mem_mb: int = Field(
+        default=256,
+        ge=1,
+        le=65536,
+        description="maintenance_work_mem of each restore session (index builds), MB",
+    )
 
 
 def _pick_database(manifest: Manifest, wanted: str | None) -> dict[str, Any]:
@@ -265,20 +282,23 @@ def _compare_rows(
     tables = [k for k in selected if k in expected]
     with connect(conn, database) as c:
         actual = pg_inspect.count_rows(c, tables, only=pg_relations.counts_only(entry))
+    return _row_checks(entry, tables, actual)
+
+
+def _row_checks(
+    entry: dict[str, Any], tables: list[tuple[str, str]], actual: dict[tuple[str, str], int]
+) -> list[dict[str, Any]]:
+    expected = pg_relations.expected_rows(entry)
     return [
         {
             "table": f"{s}.{t}",
             "expected": expected.get((s, t)),
-            "actual": actual[(s, t)],
-            "ok": expected.get((s, t)) == actual[(s, t)],
+            "actual": actual.get((s, t)),
+            "ok": expected.get((s, t)) == actual.get((s, t)),
         }
         for s, t in tables
+        if (s, t) in expected
     ]
-
-
-def _drop_database(conn: PostgresConnection, name: str) -> None:
-    with connect(conn) as c:
-        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @dataclass
@@ -352,6 +372,7 @@ def _plan(
         "would_replace": (whole and exists) or bool(conflicts),
         "conflicts": conflicts,
         "drop_existing": req.drop_existing,
+        "method": _method(req, whole, entry.get("format", "custom")),
     }
     if ((whole and non_empty) or conflicts) and not req.drop_existing:
         what = (
@@ -364,6 +385,18 @@ def _plan(
         plan["blocked"] = f"{what}; needs drop_existing"
     job = _Job(req, manifest, entry, target_db, selected, whole, exists, conflicts)
     return plan, job
+
+
+def _method(req: PgRestoreRequest, whole: bool, dump_format: str) -> str:
+    """How the restore will run, as the plan shows it."""
+    if not whole:
+        return "one transaction in the target database, one stream (selective restores are atomic)"
+    if dump_format == "directory":
+        return f"spooled and verified, pg_restore -j{req.jobs} into a scratch database, swapped in"
+    return (
+        f"pg_restore into a scratch database, {req.jobs} parallel table load(s) while the "
+        f"artifact streams, then indexes with -j{req.jobs}; swapped in after the checks"
+    )
 
 
 def _load(
@@ -444,16 +477,30 @@ def _restore_whole(
             )
         )
     try:
-        args = _restore_args(job.req, job.selected, clean=False)
-        _load(job, conn, repo, enc, scratch, args, "", progress, parallel=True)
-        checks = [] if job.req.schema_only else _compare_rows(conn, scratch, entry, job.selected)
+        if entry.get("format", "custom") == "custom":
+            options = restore_phased.LoadOptions(
+                jobs=job.req.jobs,
+                memory_mb=job.req.maintenance_work_mem_mb,
+                schema_only=job.req.schema_only,
+                no_owner=job.req.no_owner,
+            )
+            counts = restore_phased.load_whole(
+                repo, job.manifest, entry, conn, enc, scratch, options, progress
+            )
+            checks = [] if job.req.schema_only else _row_checks(entry, job.selected, counts)
+        else:
+            args = _restore_args(job.req, job.selected, clean=False)
+            _load(job, conn, repo, enc, scratch, args, "", progress, parallel=True)
+            checks = (
+                [] if job.req.schema_only else _compare_rows(conn, scratch, entry, job.selected)
+            )
         bad = [c for c in checks if not c["ok"]]
         if bad:
             raise IntegrityError(f"row counts differ from the manifest: {bad[:5]}")
-        _swap_in(conn, scratch, job.target_db, job.exists)
+        pg_swap.swap_in(conn, scratch, job.target_db, job.exists)
     except BaseException:
         with contextlib.suppress(Exception):
-            _drop_database(conn, scratch)
+            pg_swap.drop_database(conn, scratch)
         raise
     return checks
 
@@ -491,7 +538,7 @@ def _restore_selective(
     except BaseException:
         if created:
             with contextlib.suppress(Exception):
-                _drop_database(conn, job.target_db)
+                pg_swap.drop_database(conn, job.target_db)
         raise
     if req.schema_only:
         return []
@@ -526,50 +573,3 @@ def restore_postgres(
         bad = [c for c in checks if not c["ok"]]
         raise IntegrityError(f"restored row counts differ from the manifest: {bad[:5]}")
     return report
-
-
-def _swap_in(conn: PostgresConnection, scratch: str, target: str, exists: bool) -> None:
-    """Replace ``target`` with ``scratch``; the old database is dropped only after the swap.
-
-    Both renames run in one transaction, so a failure (or a kill) leaves the target
-    exactly as it was, never missing.
-    """
-
-    def rename(c: psycopg.Connection, old: str, new: str) -> None:
-        c.execute(
-            sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                sql.Identifier(old), sql.Identifier(new)
-            )
-        )
-
-    def kick(c: psycopg.Connection, database: str) -> None:
-        c.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = %s AND pid <> pg_backend_pid()",
-            (database,),
-        )
-
-    with connect(conn) as c:
-        kick(c, scratch)  # nobody else has business in our scratch database
-        if not exists:
-            try:
-                rename(c, scratch, target)
-            except psycopg.Error as exc:
-                raise Conflict(
-                    f"could not rename the restored copy {scratch!r} to {target!r}: "
-                    f"{exc.diag.message_primary or type(exc).__name__}"
-                ) from None
-            return
-        old = f"sr_old_{secrets.token_hex(4)}"
-        try:
-            kick(c, target)
-            kick(c, scratch)
-            with c.transaction():  # both renames commit together, or neither does
-                rename(c, target, old)
-                rename(c, scratch, target)
-        except psycopg.Error as exc:
-            raise Conflict(
-                f"could not put the restored copy in place of {target!r}: "
-                f"{exc.diag.message_primary or type(exc).__name__}; {target!r} is unchanged"
-            ) from None
-        c.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(old)))
