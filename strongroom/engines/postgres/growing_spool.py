@@ -87,11 +87,7 @@ class GrowingSpool:
                             return
                         size = self._size
                     while position < size:
-                        chunk = source.read(min(CHUNK, size - position))
-                        if not chunk:
-                            raise OSError(f"spool {self.path.name} shrank while being read")
-                        _write_all(pipe, chunk)
-                        position += len(chunk)
+                        position += _copy(source, pipe, position, min(CHUNK, size - position))
         except BrokenPipeError:
             return  # the reader has what it needs
         finally:
@@ -99,8 +95,23 @@ class GrowingSpool:
                 pipe.close()
 
 
-def _write_all(pipe: IO[bytes], data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = pipe.write(view)
-        view = view[n or len(view) :]
+def _copy(source: IO[bytes], pipe: IO[bytes], position: int, count: int) -> int:
+    """``count`` bytes of ``source`` at ``position`` into ``pipe``: in the kernel
+    (``sendfile``, no copy through Python) when the pipe has a descriptor."""
+    try:
+        out = pipe.fileno()
+    except (AttributeError, OSError, ValueError):
+        out = -1
+    if out >= 0:
+        sent = os.sendfile(out, source.fileno(), position, count)
+    else:
+        source.seek(position)
+        data = source.read(count)
+        view = memoryview(data)
+        while view:
+            written = pipe.write(view)
+            view = view[written if written is not None else len(view) :]
+        sent = len(data)
+    if sent <= 0:
+        raise OSError(f"spool {Path(source.name).name} shrank while being read")
+    return sent
