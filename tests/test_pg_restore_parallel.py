@@ -213,7 +213,7 @@ def test_data_groups_balance_by_size_and_keep_archive_order() -> None:
     assert len(restore_phased.data_groups(listing, {"tables": tables}, 8)) == 4
 
 
-def test_growing_spool_followers_read_from_the_start_while_it_grows(tmp_path: Path) -> None:
+def test_growing_spool_followers_read_what_is_published_from_the_start(tmp_path: Path) -> None:
     spool = GrowingSpool(tmp_path / "s")
     outputs: list[bytearray] = [bytearray(), bytearray()]
 
@@ -237,7 +237,16 @@ def test_growing_spool_followers_read_from_the_start_while_it_grows(tmp_path: Pa
     for reader in readers:
         reader.start()
     expected = b"".join(bytes([i]) * 1000 for i in range(20))
-    for i in range(20):
+    for i in range(10):
+        spool.write(bytes([i]) * 1000)
+    time.sleep(0.05)
+    assert outputs == [bytearray(), bytearray()]  # nothing published: nothing read
+    spool.publish()
+    deadline = time.monotonic() + 10
+    while len(outputs[0]) < 10000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert bytes(outputs[0]) == expected[:10000]
+    for i in range(10, 20):
         spool.write(bytes([i]) * 1000)
         time.sleep(0.002)
     spool.finish()
@@ -256,3 +265,33 @@ def test_growing_spool_followers_read_from_the_start_while_it_grows(tmp_path: Pa
     assert not reader.is_alive()
     with pytest.raises(SpoolAborted):
         aborted.write(b"y")
+
+
+def test_forged_artifact_never_reaches_pg_restore(
+    backed_up: PgDatabase,
+    local_repo: tuple[Repository, RepositoryConfig],
+    age_key: EncryptionConfig,
+) -> None:
+    """A bucket writer re-encrypts an altered dump to the public recipient (well formed,
+    age authenticates it): its first stored chunk differs from the signed manifest's,
+    so the restore stops before a single byte is published to a pg_restore."""
+    import io
+
+    from strongroom.artifacts import read_artifact
+    from strongroom.pipeline import store_stream
+
+    manifest = Catalog(local_repo[0]).resolve("latest", "postgresql", "pg1")
+    artifact = manifest.artifact(manifest.details["databases"][0]["artifact"])
+    assert artifact.stored_chunks is not None and artifact.stored_chunks.sha256
+    plain = io.BytesIO()
+    read_artifact(local_repo[0], artifact, plain, encryption=age_key, holdback=0)
+    altered = plain.getvalue().replace(b"public", b"pwned!", 1)
+    forged = io.BytesIO()
+    store_stream(io.BytesIO(altered), forged, recipients=age_key.recipients)
+    path = local_repo[0].root / artifact.key  # type: ignore[attr-defined]
+    path.write_bytes(forged.getvalue())
+    before = backed_up.psql(FINGERPRINT)
+    with pytest.raises(IntegrityError, match="stored chunk 0 does not match"):
+        _restore(backed_up, local_repo, age_key, jobs=2, drop_existing=True)
+    assert backed_up.psql(FINGERPRINT) == before
+    assert _scratch_left(backed_up) == "0"

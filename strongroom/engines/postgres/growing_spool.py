@@ -8,6 +8,11 @@ writer and a slow one never holds the others back (the file, in the page cache, 
 the buffer), so tables load in parallel from a single read of the repository. Once
 complete and verified, the file itself is an ordinary seekable archive for
 ``pg_restore -j``.
+
+Followers see only what was published: the writer publishes what it has written
+each time the stored chunks it came from matched the signed manifest
+(``read_artifact``'s ``on_verified``) and everything at ``finish``, so no byte a
+backup did not write ever reaches a ``pg_restore``.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ class SpoolAborted(Exception):
 
 
 class GrowingSpool:
-    """Written through ``write`` (a pipeline sink), followed through ``follow``."""
+    """Written through ``write`` (a pipeline sink), published through ``publish`` and
+    ``finish``, followed through ``follow``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._size = 0
+        self._visible = 0
         self._done = False
         self._aborted = False
         self._cond = threading.Condition()
@@ -39,6 +46,12 @@ class GrowingSpool:
     @property
     def size(self) -> int:
         return self._size
+
+    def publish(self) -> None:
+        """Everything written so far is verified: followers may read it."""
+        with self._cond:
+            self._visible = self._size
+            self._cond.notify_all()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._aborted:
@@ -49,13 +62,13 @@ class GrowingSpool:
             written += os.write(self._fd, view[written:])
         with self._cond:
             self._size += written
-            self._cond.notify_all()
         return written
 
     def finish(self) -> None:
         """Every byte is written (and the caller has checked them): followers may end."""
         self._close()
         with self._cond:
+            self._visible = self._size
             self._done = True
             self._cond.notify_all()
 
@@ -81,11 +94,11 @@ class GrowingSpool:
                 position = 0
                 while True:
                     with self._cond:
-                        while self._size == position and not (self._done or self._aborted):
+                        while self._visible == position and not (self._done or self._aborted):
                             self._cond.wait()
-                        if self._aborted or (self._done and self._size == position):
+                        if self._aborted or (self._done and self._visible == position):
                             return
-                        size = self._size
+                        size = self._visible
                     while position < size:
                         position += _copy(source, pipe, position, min(CHUNK, size - position))
         except BrokenPipeError:

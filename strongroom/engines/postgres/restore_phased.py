@@ -6,7 +6,11 @@ directly: no ``psql`` in between and no single transaction around the whole load
 
 One pass over the artifact (signature, hash, decrypt, decompress, checksums) writes its
 plaintext into a ``GrowingSpool`` on local disk, and the restore runs in pg_restore's
-three sections while that pass is still reading:
+three sections while that pass is still reading. pg_restore only ever reads plaintext
+from stored chunks that already matched the signed manifest (``VERIFY_CHUNK`` of
+``strongroom.pipeline``): nothing a bucket writer forged runs, not even in the scratch
+database. An artifact stored without chunk digests (older backups) is published
+whole, once it is verified, and then restored the same way, without the overlap.
 
 1. ``pre-data`` (types, tables, functions) and a listing of the data entries, both
    read from the spool's start (the archive's table of contents comes first);
@@ -232,7 +236,15 @@ def restore_phased(
     base_args = [*base_args, "-d", database]
     spool = GrowingSpool(folder / "archive.pgdump")
     producer = _Producer(
-        lambda: read_artifact(repo, artifact, spool, encryption=enc, holdback=0, progress=progress),
+        lambda: read_artifact(
+            repo,
+            artifact,
+            spool,
+            encryption=enc,
+            holdback=0,
+            progress=progress,
+            on_verified=spool.publish,
+        ),
         spool,
     )
     counter = RowCounter(conn, database, entry, jobs)
