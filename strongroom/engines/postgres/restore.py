@@ -461,10 +461,12 @@ def _restore_whole(
     repo: Repository,
     enc: EncryptionConfig,
     progress: Progress | None,
+    phases: dict[str, float],
 ) -> list[dict[str, Any]]:
     """Into a scratch database, check row counts, then swap it in place of the target."""
     entry = job.entry
     scratch = f"sr_restore_{secrets.token_hex(4)}"
+    started = time.monotonic()
     with connect(conn) as c:
         c.execute(
             sql.SQL(
@@ -476,6 +478,7 @@ def _restore_whole(
                 sql.Literal(entry["ctype"]),
             )
         )
+    phases["create_scratch_s"] = round(time.monotonic() - started, 3)
     try:
         if entry.get("format", "custom") == "custom":
             options = restore_phased.LoadOptions(
@@ -485,7 +488,7 @@ def _restore_whole(
                 no_owner=job.req.no_owner,
             )
             counts = restore_phased.load_whole(
-                repo, job.manifest, entry, conn, enc, scratch, options, progress
+                repo, job.manifest, entry, conn, enc, scratch, options, progress, phases
             )
             checks = [] if job.req.schema_only else _row_checks(entry, job.selected, counts)
         else:
@@ -497,7 +500,9 @@ def _restore_whole(
         bad = [c for c in checks if not c["ok"]]
         if bad:
             raise IntegrityError(f"row counts differ from the manifest: {bad[:5]}")
+        started = time.monotonic()
         pg_swap.swap_in(conn, scratch, job.target_db, job.exists)
+        phases["swap_s"] = round(time.monotonic() - started, 3)
     except BaseException:
         with contextlib.suppress(Exception):
             pg_swap.drop_database(conn, scratch)
@@ -511,6 +516,7 @@ def _restore_selective(
     repo: Repository,
     enc: EncryptionConfig,
     progress: Progress | None,
+    phases: dict[str, float],
 ) -> list[dict[str, Any]]:
     """Tables, schemas or data-only: one transaction in the target database."""
     req, selected = job.req, job.selected
@@ -533,8 +539,10 @@ def _restore_selective(
             .as_string(None)
         )
     try:
+        started = time.monotonic()
         args = _restore_args(req, selected, clean=bool(job.conflicts) and not req.data_only)
         _load(job, conn, repo, enc, job.target_db, args, preamble, progress)
+        phases["one_transaction_s"] = round(time.monotonic() - started, 3)
     except BaseException:
         if created:
             with contextlib.suppress(Exception):
@@ -542,7 +550,10 @@ def _restore_selective(
         raise
     if req.schema_only:
         return []
-    return _compare_rows(conn, job.target_db, job.entry, selected)
+    started = time.monotonic()
+    checks = _compare_rows(conn, job.target_db, job.entry, selected)
+    phases["row_counts_s"] = round(time.monotonic() - started, 3)
+    return checks
 
 
 def restore_postgres(
@@ -560,11 +571,13 @@ def restore_postgres(
         return {**plan, "dry_run": True}
     started = time.monotonic()
     restore = _restore_whole if job.whole else _restore_selective
-    checks = restore(job, conn, repo, enc, progress)
+    phases: dict[str, float] = {}
+    checks = restore(job, conn, repo, enc, progress, phases)
     report = {
         **plan,
         "dry_run": False,
         "duration_s": round(time.monotonic() - started, 3),
+        "phases_s": phases,
         "restored_at": dt.datetime.now(dt.UTC).isoformat(),
         "row_checks": checks,
         "rows_ok": all(c["ok"] for c in checks),

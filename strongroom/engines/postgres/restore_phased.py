@@ -151,6 +151,7 @@ class _Producer(threading.Thread):
         super().__init__(daemon=True, name="restore-read")
         self._run, self.spool = run, spool
         self.error: BaseException | None = None
+        self.finished = 0.0
 
     def run(self) -> None:
         try:
@@ -159,6 +160,8 @@ class _Producer(threading.Thread):
         except BaseException as exc:
             self.error = exc
             self.spool.abort()
+        finally:
+            self.finished = time.monotonic()
 
 
 def _follow(argv: list[str], env: dict[str, str], spool: GrowingSpool, stdout: Any) -> Tool:
@@ -177,6 +180,7 @@ def load_whole(
     scratch: str,
     options: LoadOptions,
     progress: Progress | None,
+    phases: dict[str, float],
 ) -> dict[Key, int]:
     """A custom-format dump into the empty scratch database by pg_restore itself (no
     psql, no transaction around it: the swap is the commit); returns the row counts.
@@ -188,7 +192,17 @@ def load_whole(
     with tempfile.TemporaryDirectory(prefix="strongroom-restore-") as folder:
         if spool_fits(Path(folder), artifact.raw_size):
             return restore_phased(
-                repo, manifest, entry, conn, enc, scratch, base, options, Path(folder), progress
+                repo,
+                manifest,
+                entry,
+                conn,
+                enc,
+                scratch,
+                base,
+                options,
+                Path(folder),
+                progress,
+                phases,
             )
     env = session_env(conn, scratch, options.memory_mb)
     schema = ["--schema-only"] if options.schema_only else []
@@ -198,15 +212,20 @@ def load_whole(
     try:
         assert tool.proc.stdin is not None
         sink = pg_toc.DrainingSink(tool.proc.stdin)
+        started = time.monotonic()
         read_artifact(repo, artifact, sink, encryption=enc, progress=progress)
         sink.close()
         tool.check(f"pg_restore into {scratch!r}")
+        phases["one_stream_s"] = round(time.monotonic() - started, 3)
     finally:
         tool.kill()
     if options.schema_only:
         return {}
+    started = time.monotonic()
     counter = RowCounter(conn, scratch, entry, options.jobs)
-    return counter.finish(sorted(pg_relations.expected_rows(entry)))
+    counts = counter.finish(sorted(pg_relations.expected_rows(entry)))
+    phases["row_counts_s"] = round(time.monotonic() - started, 3)
+    return counts
 
 
 def spool_fits(folder: Path, raw_size: int) -> bool:
@@ -227,9 +246,17 @@ def restore_phased(
     options: LoadOptions,
     folder: Path,
     progress: Progress | None,
+    phases: dict[str, float],
 ) -> dict[Key, int]:
     """Restore ``entry`` into the empty ``database`` in the three phases; returns the
-    restored row counts."""
+    restored row counts and records each phase's seconds in ``phases``."""
+    started = time.monotonic()
+
+    def mark(name: str, since: float) -> float:
+        now = time.monotonic()
+        phases[name] = round(now - since, 3)
+        return now
+
     jobs, schema_only = options.jobs, options.schema_only
     artifact = manifest.artifact(entry["artifact"])
     env = session_env(conn, database, options.memory_mb)
@@ -260,11 +287,14 @@ def restore_phased(
             tools += [listing, pre]
             _check(listing, "pg_restore -l of the archive", producer)
             _check(pre, f"pg_restore of the definitions into {database!r}", producer)
+            at = mark("definitions_s", started)
             listing_out.seek(0)
             text = listing_out.read().decode("utf-8", "replace")
         groups = [] if schema_only else data_groups(text, entry, jobs)
         _load_groups(groups, base_args, env, spool, folder, producer, counter, tools, database)
+        at = mark("table_data_s", at)
         producer.join()
+        phases["read_and_verify_s"] = round(producer.finished - started, 3)
         if producer.error is not None:
             raise producer.error
         post = Tool(
@@ -274,7 +304,9 @@ def restore_phased(
         )
         tools.append(post)
         post.check(f"pg_restore -j{jobs} of indexes and constraints into {database!r}")
+        at = mark("indexes_and_constraints_s", at)
         counts = {} if schema_only else counter.finish(sorted(pg_relations.expected_rows(entry)))
+        mark("row_counts_wait_s", at)
         done = True
         return counts
     finally:
