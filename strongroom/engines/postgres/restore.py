@@ -262,10 +262,11 @@ def _member_path(folder: Path, meta: dict[str, Any]) -> Path:
 
 
 def _parallel_restore(
-    conn: PostgresConnection, database: str, folder: Path, jobs: int, args: list[str]
+    conn: PostgresConnection, database: str, folder: Path, req: PgRestoreRequest, args: list[str]
 ) -> None:
     """pg_restore -j N straight into a scratch database (atomicity comes from the swap)."""
-    env = {**conn.libpq_env(), "PGDATABASE": database}
+    jobs = req.jobs
+    env = restore_phased.session_env(conn, database, req.maintenance_work_mem_mb)
     cmd = [a for a in args if a not in ("-f", "-")]
     tool = Tool([*cmd, f"-j{jobs}", "-d", database, str(folder)], env, stdout=subprocess.DEVNULL)
     tool.check(f"pg_restore -j{jobs} into {database!r}")
@@ -439,7 +440,7 @@ def _load(
             list_path.write_text(chosen, encoding="utf-8")
             args = [*args, "-L", str(list_path)]
         if spooled is not None and parallel:
-            _parallel_restore(conn, database, spooled, job.req.jobs, args)
+            _parallel_restore(conn, database, spooled, job.req, args)
             return
         _run_restore(
             repo,
