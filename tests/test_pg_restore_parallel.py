@@ -56,6 +56,8 @@ INSERT INTO public.events SELECT g, DATE '2026-01-01' + (g % 360), 'e' || g
   FROM generate_series(1, 30000) g;
 CREATE MATERIALIZED VIEW public.big_summary AS SELECT n, count(*) AS c FROM public.big GROUP BY n;
 SELECT lo_from_bytea(0, decode(repeat('ab', 40000), 'hex'));
+GRANT SELECT ON public.small TO PUBLIC;
+COMMENT ON TABLE public.big IS 'the big one';
 '''
 
 FINGERPRINT = '''
@@ -75,6 +77,9 @@ SELECT string_agg(t, '|' ORDER BY t) FROM (
     WHERE connamespace::regnamespace::text NOT IN ('pg_catalog')
   UNION ALL SELECT 't' || string_agg(tgname, ',' ORDER BY tgname) FROM pg_trigger
     WHERE NOT tgisinternal
+  UNION ALL SELECT 'a' || coalesce(relacl::text, '-') FROM pg_class
+    WHERE oid = 'public.small'::regclass
+  UNION ALL SELECT 'd' || obj_description('public.big'::regclass, 'pg_class')
 ) s
 '''
 
