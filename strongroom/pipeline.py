@@ -88,6 +88,10 @@ class _ChunkHasher:
         return self.digests
 
 
+def _nothing() -> None:
+    pass
+
+
 class _ChunkCheck:
     """Checks the stored stream chunk by chunk against the manifest's list as it is read."""
 
@@ -311,12 +315,13 @@ def restore_stream(
     failure or wrong key; in that case the last ``holdback`` bytes were never
     written to ``sink``. With ``expected_chunks`` (digests, chunk size) and
     ``on_verified``, each stored chunk is checked as it arrives (see the module's
-    docstring).
+    docstring); every reader of such an artifact fails at the first chunk that differs,
+    so verify passing means every restore's chunk checks pass too.
     """
     keys = parse_identities(identities)
     chunks = None
-    if expected_chunks is not None and expected_chunks[1] > 0 and on_verified is not None:
-        chunks = _ChunkCheck(expected_chunks[0], expected_chunks[1], on_verified)
+    if expected_chunks is not None and expected_chunks[1] > 0:
+        chunks = _ChunkCheck(expected_chunks[0], expected_chunks[1], on_verified or _nothing)
     stored = _HashingReader(source, progress, chunks, name)
     held = _HoldbackWriter(sink, holdback)
     raw = _HashingWriter(held)
