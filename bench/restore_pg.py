@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.cpu import prioritize, wait_quiet
-from bench.operator_stack import OperatorStack, operator_stack
+from bench.operator_stack import OperatorStack, operator_stack, strongroom_command
+from strongroom.deploy.local_server import ROOT
 from strongroom.sandbox.postgres import PostgresServer
 
 DATABASE = "bench"
@@ -66,6 +67,7 @@ class _Samples:
         self.count_sql = "SELECT count(*) FROM analytics.events"
         self.expected = server.psql(self.count_sql, db=DATABASE)
         self.serial = 0
+        self.peak_rss_kib = 0
 
     def _fresh(self) -> str:
         self.serial += 1
@@ -98,9 +100,18 @@ class _Samples:
 
     def _cli_restore(self, jobs: int) -> float:
         name = self._fresh()
-        seconds, result = self.stack.timed_cli(
-            "restore", "postgresql", TARGET, "--into", name, "--jobs", str(jobs), "--json"
+        seconds, result, rss_kib = _timed_cli_rss(
+            self.stack,
+            "restore",
+            "postgresql",
+            TARGET,
+            "--into",
+            name,
+            "--jobs",
+            str(jobs),
+            "--json",
         )
+        self.peak_rss_kib = max(self.peak_rss_kib, rss_kib)
         if result.returncode != 0:
             raise RuntimeError(
                 f"strongroom restore failed: {result.stdout[-800:]} {result.stderr[-800:]}"
@@ -129,6 +140,29 @@ class _Samples:
                 f"strongroom backup failed: {result.stdout[-800:]} {result.stderr[-800:]}"
             )
         return seconds
+
+
+def _timed_cli_rss(
+    stack: OperatorStack, *args: str
+) -> tuple[float, subprocess.CompletedProcess[str], int]:
+    """``strongroom ARGS`` as a new process: wall seconds, the result, and the peak RSS
+    (KiB) of the largest process of its tree that it waited for (``wait4``)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [*strongroom_command(), *args], stdout=out, stderr=err, env=stack.env, cwd=ROOT
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(
+            proc.args, proc.returncode, out.read().decode(), err.read().decode()
+        )
+    return seconds, result, usage.ru_maxrss
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -187,6 +221,7 @@ def run(quick: bool, workdir: Path, repeats: int | None = None) -> dict[str, Any
             med["pg_restore_jobs2_s"], med["pg_raw_j2_restore_s"]
         ),
         "pg_backup_cli_over_raw": _ratio(med["pg_backup_cli_s"], med["pg_raw_backup_s"]),
+        "pg_restore_cli_peak_rss_mib": round(samples.peak_rss_kib / 1024, 1),
         "pg_samples_s": times,
         "pg_rounds": rounds,
     }
