@@ -13,7 +13,6 @@ from prefect import flow
 from flows.audit import AUDITED
 from flows.common import secure_logging
 from flows.engine_runs import run_backup, run_restore
-from strongroom.engines.postgres.restore import PgRestoreRequest
 
 
 @flow(name="backup-postgresql", **AUDITED)
@@ -47,6 +46,8 @@ def restore_postgresql(
     encryption_key: str = "default",
 ) -> dict[str, Any]:
     """Restore a logical backup into ``target`` (see PgRestoreRequest for the options)."""
+    from strongroom.engines.postgres.restore import PgRestoreRequest
+
     secure_logging()
     req = PgRestoreRequest(
         backup_id=backup_id,
