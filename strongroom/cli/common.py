@@ -23,6 +23,19 @@ err = Console(stderr=True)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document for scripts.")
 RepoOpt = typer.Option("default", "--repository", "-r", help="BackupRepository block name.")
 KeyOpt = typer.Option("default", "--key", "-k", help="EncryptionKey block name.")
+RepoUrlOpt = typer.Option(
+    None,
+    "--repository-url",
+    envvar="STRONGROOM_REPOSITORY_URL",
+    help="Read file:///path or s3://bucket/prefix directly (no Prefect; AWS credentials "
+    "from the environment or profile).",
+)
+TrustOpt = typer.Option(
+    None,
+    "--trust",
+    envvar="STRONGROOM_TRUSTED_SIGNERS",
+    help="PEM file of the Ed25519 public keys to trust (with --repository-url).",
+)
 
 
 def _emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
@@ -141,12 +154,21 @@ def show_restore(engine: str) -> Callable[[dict[str, Any]], None]:
 
 
 def _open_repo(repository: str) -> Any:
+    """The repository of block ``repository``, able to sign (commands that write)."""
     from flows.common import load_repository
 
     return load_repository(repository)[0]
 
 
+def _read_repo(repository: str, url: str | None = None, trust: str | None = None) -> Any:
+    """The repository for a read command, without Prefect when it can
+    (``strongroom.cli.repo_source``)."""
+    from strongroom.cli.repo_source import open_read_repository
+
+    return open_read_repository(repository, url, trust)
+
+
 def size(n: int) -> str:
-    from flows.common import human_size
+    from strongroom.sizes import human_size
 
     return human_size(n)
