@@ -14,11 +14,12 @@ imports flows.common.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
-from prefect import get_run_logger, task
+from prefect import Flow, get_run_logger, task
 
 from blocks import TARGET_BLOCKS
 from flows.common import TRANSIENT_TASK, human_size, load_key, load_repository, publish
@@ -29,6 +30,41 @@ from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.registry import get_engine
 from strongroom.redact import register
 from strongroom.repository import Repository
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _json_native(value: Any) -> bool:
+    if value is None or isinstance(value, str | int | float | bool):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_json_native(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_native(v) for k, v in value.items())
+    return False
+
+
+class JsonParamsFlow(Flow[Any, Any]):
+    """A Flow whose JSON-native parameters (every backup and restore flow's: names, ids,
+    flags, label maps) are sent to the API as they are: Prefect's own serializer imports
+    FastAPI for its ``jsonable_encoder`` (a few hundred ms per CLI run). Anything else
+    goes through Prefect's serializer."""
+
+    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        if not (self.ismethod or self.isclassmethod) and _json_native(parameters):
+            return dict(parameters)
+        return super().serialize_parameters(parameters)
+
+
+def engine_flow(name: str, **options: Any) -> Callable[[Callable[P, R]], Flow[P, R]]:
+    """``@flow(name=..., **options)`` building a :class:`JsonParamsFlow`."""
+
+    def decorate(fn: Callable[P, R]) -> Flow[P, R]:
+        built: Flow[P, R] = JsonParamsFlow(fn=fn, name=name, **options)
+        return built
+
+    return decorate
 
 
 class _Connection(Protocol):

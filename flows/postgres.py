@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
-
 from flows.audit import AUDITED
 from flows.common import secure_logging
-from flows.engine_runs import run_backup, run_restore
+from flows.engine_runs import engine_flow, run_backup, run_restore
 
 
-@flow(name="backup-postgresql", **AUDITED)
+@engine_flow("backup-postgresql", **AUDITED)
 def backup_postgresql(
     target: str,
     repository: str = "default",
@@ -27,7 +25,7 @@ def backup_postgresql(
     return run_backup("postgresql", target, repository, encryption_key, labels)
 
 
-@flow(name="restore-postgresql", **AUDITED)
+@engine_flow("restore-postgresql", **AUDITED)
 def restore_postgresql(
     target: str,
     backup_id: str = "latest",

@@ -111,9 +111,26 @@ def run_flow(
     """Run a flow (``call``) with the progress bar, print its result (``show``, or JSON
     with ``--json``) and map its errors to exit codes."""
     with _handled(as_json):
-        with _progress(not as_json):
+        with _progress(not as_json), _foreground_run():
             result = call()
         _emit(as_json, result, lambda: show(result))
+
+
+@contextmanager
+def _foreground_run() -> Iterator[None]:
+    """A flow run in the CLI's own process, watched by its operator: no heartbeat thread
+    (heartbeats detect crashed unattended runs; the sync engine joins that thread at the
+    end of the run, waiting out its 1 s sleep) unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+    is set."""
+    import os
+
+    if os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY"):
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def print_summary(summary: Any, console: Console = out) -> None:
