@@ -6,15 +6,17 @@ In order (docs/cli.md, "Fast reads"):
    ``s3://bucket/prefix`` (credentials, region and endpoint from the standard AWS
    environment or profile, never from argv), trusting the Ed25519 public keys in the PEM
    file ``--trust`` / ``STRONGROOM_TRUSTED_SIGNERS``. No Prefect at all.
-2. A cached repository descriptor, ``$XDG_CONFIG_HOME/strongroom/repositories/<id>.json``
-   (mode 0600), written when a read command loaded the block: the block's non-secret
-   fields only (path, bucket, prefix, endpoint, region, encryption settings, trusted
-   public keys). A repository whose block holds S3 credentials is never cached (its
-   secret would have to be). Fresh for ``STRONGROOM_REPOSITORY_CACHE_S`` seconds (3600;
-   0 turns the cache off).
-3. The BackupRepository block, read with one plain HTTP GET from ``PREFECT_API_URL``
-   (``PREFECT_API_KEY`` or ``PREFECT_API_AUTH_STRING`` if set); without
-   ``PREFECT_API_URL`` in the environment, through Prefect's client (its profile).
+2. The BackupRepository block, read with one plain HTTP GET from ``PREFECT_API_URL``
+   (``PREFECT_API_KEY`` or ``PREFECT_API_AUTH_STRING`` if set): always the block as it
+   is now; without ``PREFECT_API_URL`` in the environment, through Prefect's client (its
+   profile).
+3. Only when that API is unreachable: the repository descriptor cached by the last read
+   of the block, ``$XDG_CONFIG_HOME/strongroom/repositories/<id>.json`` (mode 0600, one
+   per API URL and block name), with a warning naming its age. It holds the block's
+   non-secret fields only (path, bucket, prefix, endpoint, region, encryption settings,
+   trusted public keys); a repository whose block holds S3 credentials is never cached
+   (its secret would have to be). Used up to ``STRONGROOM_REPOSITORY_CACHE_S`` seconds
+   (7 days) after it was written; 0 turns the cache off.
 
 Read commands never sign, so the signing key is dropped from what they open.
 """
@@ -39,7 +41,7 @@ from strongroom.repository import Repository, open_repository
 URL_ENV = "STRONGROOM_REPOSITORY_URL"
 TRUST_ENV = "STRONGROOM_TRUSTED_SIGNERS"
 CACHE_ENV = "STRONGROOM_REPOSITORY_CACHE_S"
-DEFAULT_CACHE_S = 3600.0
+DEFAULT_CACHE_S = 7 * 86400.0
 REPOSITORY_SLUG = "strongroom-repository"
 # never written to a descriptor
 _SECRET_FIELDS = {"signing_key", "secret_access_key", "access_key_id"}
@@ -52,12 +54,26 @@ def open_read_repository(
     url = url or os.environ.get(URL_ENV) or None
     if url:
         return open_repository(config_from_url(url, trust or os.environ.get(TRUST_ENV)))
-    cached = read_descriptor(repository)
-    if cached is not None:
-        return open_repository(cached)
-    config = load_block_config(repository).model_copy(update={"signing_key": None})
+    try:
+        config = load_block_config(repository).model_copy(update={"signing_key": None})
+    except ServiceUnavailable:
+        cached = read_descriptor(repository)
+        if cached is None:
+            raise
+        config, age_s = cached
+        _warn(
+            f"warning: Prefect API unreachable; using the repository {repository!r} as "
+            f"cached {age_s / 60:.0f} min ago ({descriptor_path(repository)})"
+        )
+        return open_repository(config)
     write_descriptor(repository, config)
     return open_repository(config)
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
 
 
 def _trusted_keys(path: str | None) -> list[str]:
@@ -123,17 +139,19 @@ def _cache_seconds() -> float:
         return DEFAULT_CACHE_S
 
 
-def read_descriptor(repository: str) -> RepositoryConfig | None:
-    """The cached config of block ``repository`` if fresh, else None."""
+def read_descriptor(repository: str) -> tuple[RepositoryConfig, float] | None:
+    """The cached config of block ``repository`` and its age in seconds, if not older
+    than the cache allows; else None."""
     ttl = _cache_seconds()
     path = descriptor_path(repository)
     if ttl <= 0:
         return None
     try:
-        if time.time() - path.stat().st_mtime > ttl:
+        age = time.time() - path.stat().st_mtime
+        if age > ttl:
             return None
         data = json.loads(path.read_text())
-        return RepositoryConfig.model_validate(data["config"])
+        return RepositoryConfig.model_validate(data["config"]), age
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
