@@ -148,6 +148,9 @@ def operator_stack(workdir: Path) -> Iterator[OperatorStack]:
     client_home.mkdir(exist_ok=True)
     config_home.mkdir(exist_ok=True)
     env = base_env(client_home, {"COLUMNS": "250", "XDG_CONFIG_HOME": str(config_home)})
+    # an operator's install has bytecode caches: let the CLI write them (the first, untimed
+    # run of each command does)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     try:
         server.start()
         env["PREFECT_API_URL"] = server.api_url
