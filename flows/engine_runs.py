@@ -14,7 +14,6 @@ imports flows.common.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
@@ -45,26 +44,26 @@ def _json_native(value: Any) -> bool:
     return False
 
 
-class JsonParamsFlow(Flow[Any, Any]):
-    """A Flow whose JSON-native parameters (every backup and restore flow's: names, ids,
-    flags, label maps) are sent to the API as they are: Prefect's own serializer imports
+def json_parameters(flow: Flow[P, R]) -> Flow[P, R]:
+    """Send ``flow``'s JSON-native parameters (every backup and restore flow's: names,
+    ids, flags, label maps) to the API as they are: Prefect's own serializer imports
     FastAPI for its ``jsonable_encoder`` (a few hundred ms per CLI run). Anything else
-    goes through Prefect's serializer."""
+    still goes through Prefect's serializer. Put it above ``@flow(...)``, which
+    deployments and bootstrap read from the source::
 
-    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
-        if not (self.ismethod or self.isclassmethod) and _json_native(parameters):
+        @json_parameters
+        @flow(name="backup-postgresql", **AUDITED)
+        def backup_postgresql(...): ...
+    """
+    prefect_serialize = flow.serialize_parameters
+
+    def serialize_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+        if not (flow.ismethod or flow.isclassmethod) and _json_native(parameters):
             return dict(parameters)
-        return super().serialize_parameters(parameters)
+        return prefect_serialize(parameters)
 
-
-def engine_flow(name: str, **options: Any) -> Callable[[Callable[P, R]], Flow[P, R]]:
-    """``@flow(name=..., **options)`` building a :class:`JsonParamsFlow`."""
-
-    def decorate(fn: Callable[P, R]) -> Flow[P, R]:
-        built: Flow[P, R] = JsonParamsFlow(fn=fn, name=name, **options)
-        return built
-
-    return decorate
+    flow.serialize_parameters = serialize_parameters  # type: ignore[method-assign]
+    return flow
 
 
 class _Connection(Protocol):

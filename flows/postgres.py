@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefect import flow
+
 from flows.audit import AUDITED
 from flows.common import secure_logging
-from flows.engine_runs import engine_flow, run_backup, run_restore
+from flows.engine_runs import json_parameters, run_backup, run_restore
 
 
-@engine_flow("backup-postgresql", **AUDITED)
+@json_parameters
+@flow(name="backup-postgresql", **AUDITED)
 def backup_postgresql(
     target: str,
     repository: str = "default",
@@ -25,7 +28,8 @@ def backup_postgresql(
     return run_backup("postgresql", target, repository, encryption_key, labels)
 
 
-@engine_flow("restore-postgresql", **AUDITED)
+@json_parameters
+@flow(name="restore-postgresql", **AUDITED)
 def restore_postgresql(
     target: str,
     backup_id: str = "latest",
