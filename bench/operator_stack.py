@@ -58,10 +58,14 @@ class OperatorStack:
         return self.server.api_url
 
     def cli(
-        self, *args: str, timeout: float = 600, env: Mapping[str, str | None] | None = None
+        self,
+        *args: str,
+        timeout: float = 600,
+        env: Mapping[str, str | None] | None = None,
+        command: list[str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """``strongroom ARGS...`` as a new process (``env`` adds or, with None, removes
-        variables)."""
+        variables; ``command``: another checkout's ``strongroom``, for a baseline)."""
         run_env = dict(self.env)
         for key, value in (env or {}).items():
             if value is None:
@@ -69,7 +73,7 @@ class OperatorStack:
             else:
                 run_env[key] = value
         return subprocess.run(
-            [*strongroom_command(), *args],
+            [*(command or strongroom_command()), *args],
             capture_output=True,
             text=True,
             env=run_env,
@@ -144,6 +148,9 @@ def operator_stack(workdir: Path) -> Iterator[OperatorStack]:
     client_home.mkdir(exist_ok=True)
     config_home.mkdir(exist_ok=True)
     env = base_env(client_home, {"COLUMNS": "250", "XDG_CONFIG_HOME": str(config_home)})
+    # an operator's install has bytecode caches: let the CLI write them (the first, untimed
+    # run of each command does)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     try:
         server.start()
         env["PREFECT_API_URL"] = server.api_url
