@@ -209,3 +209,52 @@ def test_block_read_over_http_and_the_fallback_descriptor(
     assert fallback.returncode == 0, fallback.stderr[-2000:]
     assert [r["backup_id"] for r in json.loads(fallback.stdout)] == [backup_id]
     assert "Prefect API unreachable" in fallback.stderr
+
+
+def test_restore_plan_is_a_read_without_a_flow_run(
+    prefect_api: str, backed_up: tuple[Path, str], pg_db: PgDatabase, tmp_path: Path
+) -> None:
+    """``restore postgresql --dry-run`` reads the target and repository blocks over HTTP,
+    checks the manifest and the target database, and creates no flow run; the target's
+    password never shows; a block that does not exist is exit 3 (not found)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from blocks import BackupRepository, PostgresTarget, register_all
+
+    root, backup_id = backed_up
+    register_all()
+    BackupRepository(**signing_block_fields(), local_path=str(root)).save("plans", overwrite=True)
+    conn = pg_connection(pg_db, "reads")
+    assert conn.password is not None
+    PostgresTarget(
+        host=conn.host, port=conn.port, user=conn.user, password=conn.password
+    ).save("reads", overwrite=True)
+
+    async def runs() -> int:
+        async with get_client() as client:
+            return len(await client.read_flow_runs())
+
+    before = asyncio.run(runs())
+    env: dict[str, str | None] = {"PREFECT_API_URL": prefect_api, "XDG_CONFIG_HOME": str(tmp_path)}
+    planned = _cli(
+        "restore", "postgresql", "reads", "-r", "plans", "--into", "planned_copy",
+        "--dry-run", "--json", env=env,
+    )  # fmt: skip
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    plan = json.loads(planned.stdout)
+    assert plan["dry_run"] and plan["backup_id"] == backup_id
+    assert plan["target_database"] == "planned_copy" and not plan["target_exists"]
+    assert "parallel table load" in plan["method"]
+    assert conn.password.get_secret_value() not in planned.stdout + planned.stderr
+    assert "prefect" not in {m.split(".")[0] for m in _imported(planned.stderr)}
+    blocked = _cli(
+        "restore", "postgresql", "reads", "-r", "plans", "--into", pg_db.name, "--dry-run",
+        "--json", env=env,
+    )  # fmt: skip
+    assert blocked.returncode == 0
+    assert "needs drop_existing" in json.loads(blocked.stdout)["blocked"]
+    missing = _cli("restore", "postgresql", "no-such", "-r", "plans", "--dry-run", env=env)
+    assert missing.returncode == 3, missing.stderr[-2000:]
+    assert asyncio.run(runs()) == before

@@ -1,6 +1,6 @@
 """Where the CLI's read commands find the repository, without importing Prefect.
 
-In order (docs/cli.md, "Fast reads"):
+In order (README.md, "Fast reads"):
 
 1. ``--repository-url`` / ``STRONGROOM_REPOSITORY_URL``: ``file:///path`` or
    ``s3://bucket/prefix`` (credentials, region and endpoint from the standard AWS

@@ -557,6 +557,15 @@ def _restore_selective(
     return checks
 
 
+def plan_restore(
+    conn: PostgresConnection, repo: Repository, req: PgRestoreRequest
+) -> dict[str, Any]:
+    """The plan of ``req`` (what would be restored, replaced or refused); changes nothing
+    and needs no decryption key."""
+    register(*conn.secrets())
+    return {**_plan(conn, repo, req)[0], "dry_run": True}
+
+
 def restore_postgres(
     conn: PostgresConnection,
     repo: Repository,
