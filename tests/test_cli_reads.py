@@ -228,9 +228,9 @@ def test_restore_plan_is_a_read_without_a_flow_run(
     BackupRepository(**signing_block_fields(), local_path=str(root)).save("plans", overwrite=True)
     conn = pg_connection(pg_db, "reads")
     assert conn.password is not None
-    PostgresTarget(
-        host=conn.host, port=conn.port, user=conn.user, password=conn.password
-    ).save("reads", overwrite=True)
+    PostgresTarget(host=conn.host, port=conn.port, user=conn.user, password=conn.password).save(
+        "reads", overwrite=True
+    )
 
     async def runs() -> int:
         async with get_client() as client:
