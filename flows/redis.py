@@ -39,7 +39,7 @@ def restore_redis_flow(
     key_pattern: str | None = None,
     dbs: list[int] | None = None,
     dry_run: bool = False,
-    copy_method: Literal["auto", "pipeline", "migrate"] = "auto",
+    copy_method: Literal["auto", "pipeline", "migrate", "replicate"] = "auto",
     repository: str = "default",
     encryption_key: str = "default",
 ) -> dict[str, Any]:

@@ -70,7 +70,10 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
         db: list[int] = typer.Option([], "--db", help="Database to restore (repeatable, live)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, change nothing."),
         copy_method: str = typer.Option(
-            "auto", "--copy-method", help="live copy: auto/pipeline (DUMP/RESTORE) or migrate."
+            "auto",
+            "--copy-method",
+            help="live copy: auto/pipeline (DUMP/RESTORE), migrate, or replicate (the target "
+            "loads the RDB as a replica: whole backup, empty target).",
         ),
         repository: str = RepoOpt,
         key: str = KeyOpt,
@@ -90,7 +93,9 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
                 key_pattern=key_pattern,
                 dbs=db,
                 dry_run=dry_run,
-                copy_method=_one_of("--copy-method", copy_method, ("auto", "pipeline", "migrate")),
+                copy_method=_one_of(
+                    "--copy-method", copy_method, ("auto", "pipeline", "migrate", "replicate")
+                ),
                 repository=repository,
                 encryption_key=key,
             ),

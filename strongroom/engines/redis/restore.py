@@ -57,6 +57,13 @@ from strongroom.engines.redis.key_copy import (
     migrate_keys,
     pipeline_copy,
 )
+from strongroom.engines.redis.replicate import (
+    empty_target,
+    listen_host,
+    replicate_into,
+    replicate_preflight,
+    settle_expired,
+)
 from strongroom.engines.redis.restore_file import (
     file_coordination,
     file_preflight,
@@ -66,6 +73,7 @@ from strongroom.engines.redis.restore_file import (
 from strongroom.engines.redis.restore_plan import (
     RdbVersionTooNew,
     RedisRestoreRequest,
+    check_replicate,
     check_versions,
     restore_scope,
     target_dbs_exist,
@@ -74,6 +82,7 @@ from strongroom.engines.redis.restore_stage import (
     fail_if_bad,
     load_scratch,
     scratch_state,
+    stage_rdb,
     verify_target,
 )
 from strongroom.engines.redis.scratch import ScratchRedis
@@ -116,11 +125,16 @@ def restore_redis(
         restart = file_coordination(conn)
     else:
         restart = None
+    copy_method = "pipeline" if req.copy_method == "auto" else req.copy_method
+    replicate = req.mode == "live" and copy_method == "replicate"
     client = conn.client()
     try:
         info = server_info(client, f"Redis target {conn.name!r} at {conn.address}")
         versions = check_versions(
-            manifest, str(info.get("redis_version", "0")), local=req.mode == "live"
+            manifest,
+            str(info.get("redis_version", "0")),
+            local=req.mode == "live",
+            payloads=not replicate,
         )
         target_ks = keyspace(info)
         if req.mode == "file":
@@ -129,12 +143,16 @@ def restore_redis(
         else:
             dbs = restore_scope(req, conn, backup_ks)
             file_facts = {}
+            if replicate:
+                check_replicate(req, manifest, dbs, backup_ks)
+                file_facts = {"replicate": replicate_preflight(conn, client, info)}
+                file_facts["replicate"]["listen_host"] = listen_host(conn, req.replicate_host)
     finally:
         client.close()
     if req.mode == "live":
         target_dbs_exist(conn, dbs)
     conflicts: dict[int, int] = {}
-    if req.mode == "file":
+    if req.mode == "file" or replicate:  # the whole dataset is replaced
         conflicts = {db: v["keys"] for db, v in target_ks.items() if v["keys"]}
     else:
         for db in dbs:
@@ -145,9 +163,6 @@ def restore_redis(
                         conflicts[db] = count_keys(c, pattern)
             finally:
                 c.close()
-    copy_method = req.copy_method
-    if copy_method == "auto":
-        copy_method = "pipeline"
     plan: dict[str, Any] = {
         "backup_id": manifest.backup_id,
         "backup_finished_at": manifest.finished_at.isoformat(),
@@ -173,9 +188,13 @@ def restore_redis(
         plan["coordination"] = "kubernetes" if restart is not None else "commands"
         if restart is not None:
             plan["kubernetes"] = kube_facts(restart)
-    if conflicts and not req.flush_existing:
+    libraries = int(file_facts.get("replicate", {}).get("function_libraries", 0))
+    if (conflicts or libraries) and not req.flush_existing:
         what = f"the target holds keys matching {pattern!r}" if pattern else "the target holds keys"
         detail = ", ".join(f"db{db}: {n}" for db, n in sorted(conflicts.items()))
+        if libraries:
+            what = "the target holds data"
+            detail = ", ".join([*filter(None, [detail]), f"function libraries: {libraries}"])
         if not req.dry_run:
             raise TargetNotEmpty(
                 f"refusing to overwrite: {what} ({detail}); pass flush_existing to replace "
@@ -211,6 +230,8 @@ def _restore_live(
     pattern = req.key_pattern
     all_dbs = [int(db) for db in (manifest.details.get("keyspace") or {})] + dbs
     expected = {db: int(plan["manifest_keys"][str(db)]) for db in dbs}
+    if plan["copy_method"] == "replicate":
+        return _restore_replicate(conn, repo, manifest, enc, req, plan, dbs, progress)
     with ScratchRedis(databases=max(all_dbs, default=0) + 1, parent=req.scratch_dir) as scratch:
         load = load_scratch(scratch, repo, manifest, enc, req.batch_size, progress)
         loaded, samples = scratch_state(scratch, dbs, pattern, req.sample_size)
@@ -243,6 +264,58 @@ def _restore_live(
             "keys": moved,
             "seconds": round(seconds, 3),
             "keys_per_s": round(moved / seconds) if seconds > 0 else None,
+        },
+        **checks,
+    }
+
+
+def _restore_replicate(
+    conn: RedisConnection,
+    repo: Repository,
+    manifest: Manifest,
+    enc: EncryptionConfig,
+    req: RedisRestoreRequest,
+    plan: dict[str, Any],
+    dbs: list[int],
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """The verified RDB goes to the target by replication while a scratch server loads the
+    same file for the checks after; a scratch failure empties the target again."""
+    expected = {db: int(plan["manifest_keys"][str(db)]) for db in dbs}
+    artifact = manifest.artifacts[0]
+    timeout = 120.0 + artifact.raw_size / (20 * 1024 * 1024)
+    with ScratchRedis(databases=max(dbs, default=0) + 1, parent=req.scratch_dir) as scratch:
+        load = stage_rdb(scratch, repo, manifest, enc, progress)
+        # every checksum has passed: from here on the target changes
+        scratch.launch()
+        launched = time.monotonic()
+        flushed = dict(plan["conflicts"])  # the full resync replaces them
+        host = plan["replicate"]["listen_host"]
+        sync = replicate_into(
+            conn, scratch.rdb_path, host, timeout=conn.load_timeout, check=scratch.check_alive
+        )
+        try:
+            scratch.wait_loaded(timeout)
+            load["load_s"] = round(time.monotonic() - launched, 3)
+            loaded, samples = scratch_state(scratch, dbs, None, req.sample_size)
+        except BaseException:
+            empty_target(conn)
+            raise
+        stale = scratch.stale_removed
+    settle_expired(conn, dbs, loaded)
+    checks = verify_target(conn, dbs, None, expected, loaded, samples)
+    keys = sum(loaded.values())
+    return {
+        **plan,
+        **load,
+        "flushed": flushed,
+        "stale_scratch_removed": stale,
+        "copy": {
+            "method": "replicate",
+            "keys": keys,
+            "seconds": sync["seconds"],
+            "keys_per_s": round(keys / sync["seconds"]) if sync["seconds"] > 0 else None,
+            "replication": sync,
         },
         **checks,
     }

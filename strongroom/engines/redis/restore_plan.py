@@ -38,8 +38,15 @@ class RedisRestoreRequest(BaseModel):
     )
     key_pattern: str | None = Field(default=None, description="Redis glob (live mode)")
     dbs: list[int] = Field(default_factory=list, description="databases (live mode)")
-    copy_method: Literal["auto", "pipeline", "migrate"] = Field(
-        default="auto", description="auto = pipeline (pipelined DUMP/RESTORE); or MIGRATE"
+    copy_method: Literal["auto", "pipeline", "migrate", "replicate"] = Field(
+        default="auto",
+        description="auto = pipeline (pipelined DUMP/RESTORE); MIGRATE; or replicate (the "
+        "target loads the RDB as a replica of strongroom: whole backup, empty target)",
+    )
+    replicate_host: str | None = Field(
+        default=None,
+        description="replicate: the runner address the target connects to (default: the "
+        "local address of the route to the target)",
     )
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     sample_size: int = Field(default=20, ge=0, le=10_000)
@@ -50,7 +57,9 @@ class RedisRestoreRequest(BaseModel):
     dry_run: bool = False
 
 
-def check_versions(manifest: Manifest, target_version: str, *, local: bool) -> dict[str, Any]:
+def check_versions(
+    manifest: Manifest, target_version: str, *, local: bool, payloads: bool = True
+) -> dict[str, Any]:
     rdb_version = int(manifest.details.get("rdb_version") or 0)
     target_max = max_rdb_version(target_version)
     facts: dict[str, Any] = {
@@ -76,7 +85,7 @@ def check_versions(manifest: Manifest, target_version: str, *, local: bool) -> d
                 f"redis-server {local_version} loads up to {local_max}, so it cannot stage "
                 "the backup. Nothing was changed: use a runner image with a newer redis-server"
             )
-        if local_max > target_max:
+        if payloads and local_max > target_max:
             raise RdbVersionTooNew(
                 f"this runner's redis-server {local_version} writes RDB {local_max} values "
                 f"that the target (Redis {target_version}, RDB <= {target_max}) cannot "
@@ -121,3 +130,19 @@ def target_dbs_exist(conn: RedisConnection, dbs: list[int]) -> None:
                 raise
         finally:
             client.close()
+
+
+def check_replicate(
+    req: RedisRestoreRequest, manifest: Manifest, dbs: list[int], backup_ks: dict[int, int]
+) -> None:
+    """copy_method=replicate loads the whole RDB: refuse what it cannot honour."""
+    if manifest.kind != "rdb":
+        raise InvalidInput(
+            f"backup {manifest.backup_id} is a logical export; copy_method=replicate needs an "
+            "RDB backup: use copy_method=pipeline"
+        )
+    if req.key_pattern is not None or dbs != sorted(backup_ks):
+        raise InvalidInput(
+            "copy_method=replicate loads the whole backup (every database): key_pattern, dbs "
+            "and a target block limited to some dbs need copy_method=pipeline"
+        )

@@ -121,33 +121,45 @@ class ScratchRedis:
 
     def start(self, timeout: float = 60.0) -> Self:
         """Start (loading ``rdb_path`` if it exists) and wait until loading has finished."""
-        binary = redis_server_binary()
-        for attempt in range(3):
-            self.port = free_port()
-            self.conf_path.touch(mode=0o600)
-            self.conf_path.write_text(
-                "\n".join(
-                    [
-                        f"port {self.port}",
-                        "bind 127.0.0.1",
-                        "protected-mode yes",
-                        f'requirepass "{self.password}"',
-                        f'dir "{self.dir}"',
-                        f"dbfilename {RDB_NAME}",
-                        'logfile ""',
-                        "daemonize no",
-                        'save ""',
-                        "appendonly no",
-                        f"databases {self.databases}",
-                        "maxmemory 0",
-                        "rdbchecksum yes",
-                        "sanitize-dump-payload no",
-                    ]
-                )
-                + "\n"
+        self.launch()
+        return self.wait_loaded(timeout)
+
+    def launch(self) -> None:
+        """Start the server without waiting (it loads ``rdb_path`` meanwhile)."""
+        self.port = free_port()
+        self.conf_path.touch(mode=0o600)
+        self.conf_path.write_text(
+            "\n".join(
+                [
+                    f"port {self.port}",
+                    "bind 127.0.0.1",
+                    "protected-mode yes",
+                    f'requirepass "{self.password}"',
+                    f'dir "{self.dir}"',
+                    f"dbfilename {RDB_NAME}",
+                    'logfile ""',
+                    "daemonize no",
+                    'save ""',
+                    "appendonly no",
+                    f"databases {self.databases}",
+                    "maxmemory 0",
+                    "rdbchecksum yes",
+                    "sanitize-dump-payload no",
+                ]
             )
-            self.log_path.write_text("")
-            self.proc = spawn([binary, str(self.conf_path)], log_path=self.log_path, cwd=self.base)
+            + "\n"
+        )
+        self.log_path.write_text("")
+        self.proc = spawn(
+            [redis_server_binary(), str(self.conf_path)], log_path=self.log_path, cwd=self.base
+        )
+
+    def wait_loaded(self, timeout: float = 60.0) -> Self:
+        """Wait until the launched server has loaded its data; a port taken by another
+        process between the probe and the bind is retried (twice) on a new port."""
+        for attempt in range(3):
+            if attempt:
+                self.launch()
             try:
                 self._wait(timeout)
                 return self
@@ -158,6 +170,16 @@ class ScratchRedis:
                     continue
                 raise
         raise AssertionError("unreachable")
+
+    def check_alive(self) -> None:
+        """Raise IntegrityError if the launched server has exited (it could not load)."""
+        code = self.proc.poll() if self.proc is not None else None
+        if code is not None:
+            tail = log_tail(self.log_path, 8)
+            raise IntegrityError(
+                f"the scratch redis-server could not load the backup (exit {code}): "
+                f"{' | '.join(tail.splitlines()[-4:])}"
+            )
 
     def log_text(self) -> str:
         try:
