@@ -13,7 +13,7 @@ import os
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -21,7 +21,6 @@ from strongroom.artifacts import read_artifact
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig
 from strongroom.engines.redis.conn import RedisConnection, config_value, is_refusal
-from strongroom.engines.redis.k8s import K8sSettings, StatefulSetRestart
 from strongroom.engines.redis.key_copy import wait_down, wait_ready
 from strongroom.engines.redis.restore_plan import RedisRestoreRequest
 from strongroom.engines.redis.restore_stage import scratch_state, verify_target
@@ -31,6 +30,9 @@ from strongroom.pipeline import Progress
 from strongroom.private_files import create_private, minimal_env, private_folder
 from strongroom.redact import scrub
 from strongroom.repository.base import Repository
+
+if TYPE_CHECKING:  # kubernetes_asyncio costs ~1.2 s to import: only file restores on k8s
+    from strongroom.engines.redis.k8s import StatefulSetRestart
 
 COMMAND_TIMEOUT = 600.0
 
@@ -58,6 +60,8 @@ def file_coordination(conn: RedisConnection) -> StatefulSetRestart | None:
         )
     if commands:
         return None
+    from strongroom.engines.redis.k8s import K8sSettings, StatefulSetRestart
+
     restart = StatefulSetRestart(K8sSettings.from_connection(conn))
     restart.inspect()
     return restart
