@@ -225,16 +225,17 @@ def replicate_into(
     register(token)
     started = time.monotonic()
     feeder: RdbFeeder | None = None
-    previous: str | None = None
-    auth_set = replica = touched = False
+    previous: dict[str, str] = {}
+    replica = touched = False
     try:
         with redis_errors("preparing the target for replication"):
-            previous = config_value(client, "masterauth") or ""
-            if previous:
-                register(previous)
             feeder = RdbFeeder(rdb_path, host, token)
-            client.config_set("masterauth", token)
-            auth_set = True
+            for name, value in (("masterauth", token), ("repl-diskless-load", "on-empty-db")):
+                old = config_value(client, name) or ""
+                if name == "masterauth" and old:
+                    register(old)
+                client.config_set(name, value)
+                previous[name] = old
             client.execute_command("REPLICAOF", feeder.host, feeder.port)
             replica = touched = True
         deadline = started + timeout
@@ -270,9 +271,9 @@ def replicate_into(
     finally:
         if feeder is not None:
             feeder.close()
-        if auth_set:
-            with redis_errors("restoring the target's masterauth"):
-                client.config_set("masterauth", previous or "")
+        for name, old in previous.items():
+            with redis_errors(f"restoring the target's {name}"):
+                client.config_set(name, old)
         client.close()
 
 
