@@ -169,6 +169,7 @@ def _child_restore() -> None:
         "load_s": report.get("load_s"),
         "copy_s": report["copy"]["seconds"],
         "keys": report["copy"]["keys"],
+        "replication": report["copy"].get("replication"),
         "keys_ok": report["keys_ok"],
         "sample_ok": report["sample"]["ok"],
     }

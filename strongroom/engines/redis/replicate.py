@@ -23,7 +23,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -92,54 +91,62 @@ def listen_host(conn: RedisConnection, override: str | None) -> str:
 
 
 class RdbFeeder:
-    """Serves one RDB file to one authenticated Redis replica (a master's full resync)."""
+    """The master's half of a full resync for the replicas that authenticate with the
+    token: each gets ``+FULLRESYNC`` and ``$<size>``, then every byte written to the
+    feeder (``write``, called by the artifact reader as it decrypts)."""
 
-    def __init__(self, rdb_path: Path, host: str, token: str) -> None:
-        self.rdb_path = rdb_path
-        self.size = rdb_path.stat().st_size
+    def __init__(self, host: str, token: str, size: int) -> None:
+        self.size = size
         self.token = token.encode()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.bind((host, 0))
-        self.listener.listen(4)
+        self.listener.listen(8)
         self.listener.settimeout(0.2)
         self.host = host
         self.port: int = self.listener.getsockname()[1]
-        self.sent = False  # the whole payload went out
-        self.lost = False  # the replica came back (or hung up) after the payload: load failed
+        self.replicas: list[socket.socket] = []
+        self.started = False  # payload bytes went out: a later sync means a failed load
+        self.written = 0
+        self.lost = False  # a replica hung up, or came back for another sync
         self.refused = 0  # connections that did not authenticate
         self.error: str | None = None
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rdb-feeder", daemon=True)
+        self._thread = threading.Thread(target=self._accept, name="rdb-feeder", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                try:
-                    peer, _ = self.listener.accept()
-                except TimeoutError:
-                    continue
-                with peer:
-                    self._serve(peer)
-        except OSError as exc:
-            if not self._stop.is_set():
-                self.error = f"replication feeder failed: {exc}"
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                peer, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if not self._stop.is_set():
+                    self.error = f"replication feeder failed: {exc}"
+                return
+            try:
+                if not self._handshake(peer):
+                    peer.close()
+            except OSError:
+                peer.close()
 
-    def _serve(self, peer: socket.socket) -> None:
+    def _handshake(self, peer: socket.socket) -> bool:
+        """PING/AUTH/REPLCONF until PSYNC; True once ``peer`` joined the replicas."""
         import hiredis
 
-        peer.settimeout(60.0)
+        peer.settimeout(30.0)
         reader = hiredis.Reader()
         authed = False
         while not self._stop.is_set():
             data = peer.recv(65536)
             if not data:
-                return
+                return False
             reader.feed(data)
             while (cmd := reader.gets()) is not False:
                 if not isinstance(cmd, list) or not cmd:
-                    return
+                    return False
                 name = bytes(cmd[0]).upper()
                 if name == b"PING":
                     peer.sendall(b"+PONG\r\n")
@@ -149,54 +156,87 @@ class RdbFeeder:
                 elif not authed:
                     self.refused += 1
                     peer.sendall(b"-NOAUTH Authentication required.\r\n")
-                    return
-                elif self.sent:
-                    self.lost = True  # a second sync: the first payload did not load
-                    return
+                    return False
                 elif name == b"REPLCONF":
                     peer.sendall(b"+OK\r\n")
                 elif name in (b"PSYNC", b"SYNC"):
-                    self._send_payload(peer)
-                    self._drain(peer)
-                    return
+                    with self._lock:
+                        if self.started:
+                            self.lost = True  # a second sync: the first load failed
+                            return False
+                        replid = secrets.token_hex(20).encode()
+                        peer.sendall(b"+FULLRESYNC %b 0\r\n$%d\r\n" % (replid, self.size))
+                        peer.settimeout(None)
+                        peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+                        self.replicas.append(peer)
+                    return True
                 else:
                     peer.sendall(b"-ERR unexpected command\r\n")
-                    return
+                    return False
+        return False
 
-    def _send_payload(self, peer: socket.socket) -> None:
-        replid = secrets.token_hex(20).encode()
-        peer.sendall(b"+FULLRESYNC %b 0\r\n$%d\r\n" % (replid, self.size))
-        peer.settimeout(None)
-        with self.rdb_path.open("rb") as handle:
-            peer.sendfile(handle)
-        self.sent = True
+    def wait_replicas(self, n: int, timeout: float, check: Callable[[], None]) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.replicas) < n:
+            if self.error:
+                raise ServiceUnavailable(self.error)
+            check()
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(
+                    f"only {len(self.replicas)} of {n} replicas connected to the feeder on "
+                    f"{self.host}:{self.port} within {timeout:.0f} s: can the target reach "
+                    "this runner (replicate_host)?"
+                )
+            time.sleep(0.01)
 
-    def _drain(self, peer: socket.socket) -> None:
-        """Keep the link open (the replica sends newlines and ACKs) until stopped."""
-        peer.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                if not peer.recv(65536):
-                    self.lost = not self._stop.is_set()
-                    return
-            except TimeoutError:
-                continue
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        with self._lock:
+            self.started = True
+        try:
+            for peer in self.replicas:
+                peer.sendall(data)
+        except OSError as exc:
+            self.lost = True
+            raise ServiceUnavailable(f"a replica dropped the replication link ({exc})") from None
+        self.written += len(data)
+        return len(data)
+
+    def watch(self) -> None:
+        """After the payload: read (and drop) what the replicas send, noting a hang-up."""
+        threading.Thread(target=self._drain, name="rdb-feeder-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        import select
+
+        peers = list(self.replicas)
+        while peers and not self._stop.is_set():
+            readable, _, _ = select.select(peers, [], [], 0.2)
+            for peer in readable:
+                try:
+                    if peer.recv(65536):
+                        continue
+                except OSError:
+                    pass
+                peers.remove(peer)
+                if not self._stop.is_set():
+                    self.lost = True
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        with contextlib.suppress(OSError):
-            self.listener.close()
+        for sock in [self.listener, *self.replicas]:
+            with contextlib.suppress(OSError):
+                sock.close()
 
 
-def _replication_state(client: redis.Redis) -> tuple[str, bool]:
+def _loaded(client: redis.Redis) -> bool:
     info = client.info("replication")
     loading = bool(int(client.info("persistence").get("loading", 0)))
-    return str(info.get("master_link_status", "")), loading
+    return str(info.get("master_link_status", "")) == "up" and not loading
 
 
 def _promote(client: redis.Redis, deadline: float) -> None:
-    """REPLICAOF NO ONE, retried while the target is still LOADING."""
+    """REPLICAOF NO ONE, retried while the server is still LOADING."""
     while True:
         try:
             client.execute_command("REPLICAOF", "NO", "ONE")
@@ -207,78 +247,106 @@ def _promote(client: redis.Redis, deadline: float) -> None:
             time.sleep(0.05)
 
 
+def _set_config(client: redis.Redis, values: dict[str, str], saved: dict[str, str]) -> None:
+    for name, value in values.items():
+        old = config_value(client, name) or ""
+        if name == "masterauth" and old:
+            register(old)
+        client.config_set(name, value)
+        saved.setdefault(name, old)
+
+
 def replicate_into(
     conn: RedisConnection,
-    rdb_path: Path,
+    scratch: RedisConnection,
+    feed: Callable[[RdbFeeder], Any],
+    size: int,
     host: str,
     *,
     timeout: float,
     check: Callable[[], None],
+    target_was_empty: bool,
 ) -> dict[str, Any]:
-    """Make the target a replica of a one-shot feeder of ``rdb_path`` until it has loaded
-    it, then a master again; ``check`` is called while waiting and may raise to abort.
+    """Make the target and the scratch server replicas of a feeder, stream the artifact's
+    plaintext to both as ``feed`` decrypts it (the reader holds its last MiB back until
+    every checksum passed, so no replica can finish loading an unverified RDB), wait
+    until both have loaded, then make them masters again.
 
-    On any failure after REPLICAOF the target (empty, or allowed to be emptied, before)
-    is emptied again (FLUSHALL, FUNCTION FLUSH) so no half-loaded dataset stays."""
+    On a failure the target is made a master again and, if it was empty before or the
+    whole payload had gone out (its old data may be gone), emptied (FLUSHALL, FUNCTION
+    FLUSH); otherwise it never flushed (a non-empty replica loads from disk, after the
+    last byte), so it is left as it was."""
     client = conn.client(timeout=60)
+    helper = scratch.client(timeout=60)
     token = secrets.token_hex(32)
     register(token)
     started = time.monotonic()
-    feeder: RdbFeeder | None = None
-    previous: dict[str, str] = {}
-    replica = touched = False
+    feeder = RdbFeeder(host, token, size)
+    saved: dict[str, str] = {}
+    replica = False
+    phases: dict[str, float] = {}
     try:
+        with redis_errors("making the scratch server a replica of the feeder"):
+            helper.config_set("masterauth", token)
+            helper.config_set("repl-diskless-load", "on-empty-db")
+            helper.execute_command("REPLICAOF", feeder.host, feeder.port)
         with redis_errors("preparing the target for replication"):
-            feeder = RdbFeeder(rdb_path, host, token)
-            for name, value in (("masterauth", token), ("repl-diskless-load", "on-empty-db")):
-                old = config_value(client, name) or ""
-                if name == "masterauth" and old:
-                    register(old)
-                client.config_set(name, value)
-                previous[name] = old
+            _set_config(client, {"masterauth": token, "repl-diskless-load": "on-empty-db"}, saved)
             client.execute_command("REPLICAOF", feeder.host, feeder.port)
-            replica = touched = True
+            replica = True
+        feeder.wait_replicas(2, 60.0, check)
+        phases["handshake_s"] = time.monotonic() - started
+        feed(feeder)
+        feeder.watch()
+        phases["stream_s"] = time.monotonic() - started - phases["handshake_s"]
         deadline = started + timeout
         with redis_errors("waiting for the target to load the backup"):
-            while True:
-                status, loading = _replication_state(client)
-                if status == "up" and not loading and feeder.sent:
+            pending = {"target": client, "scratch": helper}
+            while pending:
+                for name, c in list(pending.items()):
+                    if _loaded(c):
+                        del pending[name]
+                if not pending:
                     break
                 if feeder.error or feeder.lost:
                     raise IntegrityError(
-                        f"the target {conn.address} did not load the backup's RDB "
-                        f"({feeder.error or 'it dropped the link and asked again'}); see the "
-                        "target's log"
+                        f"{' and '.join(pending)} did not load the backup's RDB "
+                        f"({feeder.error or 'the replication link dropped'}); see the log of "
+                        f"{conn.address if 'target' in pending else 'the scratch server'}"
                     )
                 check()
                 if time.monotonic() > deadline:
                     raise ServiceUnavailable(
                         f"the target did not load the backup within {timeout:.0f} s (load_timeout)"
                     )
-                time.sleep(0.02)
+                time.sleep(0.01)
+            feeder.close()  # both have loaded: no more replication traffic
+            _promote(helper, deadline)
             _promote(client, deadline)
             replica = False
         return {
             "listen": f"{feeder.host}:{feeder.port}",
-            "rdb_bytes": feeder.size,
+            "rdb_bytes": feeder.written,
             "refused_connections": feeder.refused,
             "seconds": round(time.monotonic() - started, 3),
+            **{k: round(v, 3) for k, v in phases.items()},
         }
     except BaseException:
-        if touched:
-            _undo(client, replica, conn)
+        if replica or feeder.written:
+            feeder.close()
+            _undo(client, replica, conn, flush=target_was_empty or feeder.written >= size)
         raise
     finally:
-        if feeder is not None:
-            feeder.close()
-        for name, old in previous.items():
+        feeder.close()
+        for name, old in saved.items():
             with redis_errors(f"restoring the target's {name}"):
                 client.config_set(name, old)
         client.close()
+        helper.close()
 
 
-def _undo(client: redis.Redis, replica: bool, conn: RedisConnection) -> None:
-    """After a failure: a master again, and empty (it was empty or flushable before)."""
+def _undo(client: redis.Redis, replica: bool, conn: RedisConnection, *, flush: bool) -> None:
+    """After a failure: a master again, and empty when it may hold a half load."""
     try:
         if replica:
             _promote(client, time.monotonic() + conn.load_timeout)
@@ -287,7 +355,8 @@ def _undo(client: redis.Redis, replica: bool, conn: RedisConnection) -> None:
             f"the restore failed and the target {conn.address} is still a replica "
             f"({scrub(str(exc))}): run REPLICAOF NO ONE and FLUSHALL on it by hand"
         ) from None
-    empty_target(conn)
+    if flush:
+        empty_target(conn)
 
 
 def empty_target(conn: RedisConnection) -> None:
@@ -306,20 +375,22 @@ def empty_target(conn: RedisConnection) -> None:
         client.close()
 
 
-def settle_expired(conn: RedisConnection, dbs: list[int], loaded: dict[int, int]) -> None:
-    """A replica keeps keys whose TTL passed (its master would delete them); now a
-    master, the target drops them when touched: SCAN the dbs that hold more keys than
-    the backup as loaded, so the count check compares like with like."""
+def settle_expired(conn: RedisConnection, scratch: RedisConnection, dbs: list[int]) -> None:
+    """Both servers loaded as replicas, which keep keys whose TTL has passed (a master
+    would drop them); now masters, they delete such keys when touched. Where the two
+    counts differ, SCAN both once so the count check compares like with like."""
     for db in dbs:
-        client = conn.client(db)
+        pair = [conn.client(db), scratch.client(db)]
         try:
-            with redis_errors(f"expiring stale keys in db {db} of the target"):
-                if int(client.dbsize()) <= loaded.get(db, 0):
+            with redis_errors(f"expiring stale keys in db {db}"):
+                if int(pair[0].dbsize()) == int(pair[1].dbsize()):
                     continue
-                cursor = 0
-                while True:
-                    cursor, _ = client.scan(cursor, count=1000)
-                    if int(cursor) == 0:
-                        break
+                for c in pair:
+                    cursor = 0
+                    while True:
+                        cursor, _ = c.scan(cursor, count=1000)
+                        if int(cursor) == 0:
+                            break
         finally:
-            client.close()
+            for c in pair:
+                c.close()

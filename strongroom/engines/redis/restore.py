@@ -40,6 +40,7 @@ import datetime as dt
 import time
 from typing import Any
 
+from strongroom.artifacts import read_artifact
 from strongroom.catalog import Catalog, Manifest
 from strongroom.config import EncryptionConfig
 from strongroom.engines.redis.backup import ENGINE
@@ -82,7 +83,6 @@ from strongroom.engines.redis.restore_stage import (
     fail_if_bad,
     load_scratch,
     scratch_state,
-    stage_rdb,
     verify_target,
 )
 from strongroom.engines.redis.scratch import ScratchRedis
@@ -279,36 +279,40 @@ def _restore_replicate(
     dbs: list[int],
     progress: Progress | None,
 ) -> dict[str, Any]:
-    """The verified RDB goes to the target by replication while a scratch server loads the
-    same file for the checks after; a scratch failure empties the target again."""
+    """The artifact's plaintext is streamed, as it is decrypted and checked, to the target
+    and to an empty scratch server, both replicas of strongroom's feeder; the scratch
+    server's copy is the reference for the checks after."""
     expected = {db: int(plan["manifest_keys"][str(db)]) for db in dbs}
     artifact = manifest.artifacts[0]
-    timeout = 120.0 + artifact.raw_size / (20 * 1024 * 1024)
     with ScratchRedis(databases=max(dbs, default=0) + 1, parent=req.scratch_dir) as scratch:
-        load = stage_rdb(scratch, repo, manifest, enc, progress)
-        # every checksum has passed: from here on the target changes
-        scratch.launch()
-        launched = time.monotonic()
-        flushed = dict(plan["conflicts"])  # the full resync replaces them
-        host = plan["replicate"]["listen_host"]
+        scratch.start()
+
+        def feed(sink: Any) -> None:
+            read_artifact(repo, artifact, sink, encryption=enc, progress=progress)
+
         sync = replicate_into(
-            conn, scratch.rdb_path, host, timeout=conn.load_timeout, check=scratch.check_alive
+            conn,
+            scratch.connection(),
+            feed,
+            artifact.raw_size,
+            plan["replicate"]["listen_host"],
+            timeout=conn.load_timeout,
+            check=scratch.check_alive,
+            target_was_empty=not plan["conflicts"],
         )
         try:
-            scratch.wait_loaded(timeout)
-            load["load_s"] = round(time.monotonic() - launched, 3)
+            settle_expired(conn, scratch.connection(), dbs)
             loaded, samples = scratch_state(scratch, dbs, None, req.sample_size)
         except BaseException:
             empty_target(conn)
             raise
         stale = scratch.stale_removed
-    settle_expired(conn, dbs, loaded)
     checks = verify_target(conn, dbs, None, expected, loaded, samples)
     keys = sum(loaded.values())
     return {
         **plan,
-        **load,
-        "flushed": flushed,
+        "load_s": sync["seconds"],
+        "flushed": dict(plan["conflicts"]),  # the full resync replaced them
         "stale_scratch_removed": stale,
         "copy": {
             "method": "replicate",
