@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import queue
 import secrets
 import socket
 import threading
@@ -30,6 +31,8 @@ import redis
 from strongroom.engines.redis.conn import RedisConnection, config_value, redis_errors
 from strongroom.errors import AccessDenied, IntegrityError, InvalidInput, ServiceUnavailable
 from strongroom.redact import register, scrub
+
+QUEUE_CHUNKS = 64  # chunks of the artifact reader (1 MiB or less) queued per replica
 
 
 def replicate_preflight(
@@ -112,6 +115,8 @@ class RdbFeeder:
         self.refused = 0  # connections that did not authenticate
         self.error: str | None = None
         self._lock = threading.Lock()
+        self._queues: list[queue.Queue[bytes | None]] = []
+        self._senders: list[threading.Thread] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="rdb-feeder", daemon=True)
         self._thread.start()
@@ -190,16 +195,61 @@ class RdbFeeder:
             time.sleep(0.01)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue ``data`` for every replica; a sender thread per replica keeps its socket
+        busy, so decryption runs ahead of the slowest replica by up to QUEUE_CHUNKS."""
         with self._lock:
             self.started = True
-        try:
-            for peer in self.replicas:
-                peer.sendall(data)
-        except OSError as exc:
-            self.lost = True
-            raise ServiceUnavailable(f"a replica dropped the replication link ({exc})") from None
-        self.written += len(data)
-        return len(data)
+            if not self._senders:
+                self._start_senders()
+        chunk = bytes(data)
+        for q in self._queues:
+            while True:
+                if self.lost or self._stop.is_set():
+                    raise ServiceUnavailable(
+                        f"a replica dropped the replication link ({self.error or 'closed'})"
+                    )
+                try:
+                    q.put(chunk, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+        self.written += len(chunk)
+        return len(chunk)
+
+    def _start_senders(self) -> None:
+        for peer in self.replicas:
+            q: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_CHUNKS)
+            thread = threading.Thread(target=self._send, args=(peer, q), daemon=True)
+            self._queues.append(q)
+            self._senders.append(thread)
+            thread.start()
+
+    def _send(self, peer: socket.socket, q: queue.Queue[bytes | None]) -> None:
+        while not self._stop.is_set():
+            try:
+                item = q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            try:
+                peer.sendall(item)
+            except OSError as exc:
+                self.error = f"sending to a replica failed: {exc}"
+                self.lost = True
+                return
+
+    def finish(self) -> None:
+        """Wait until every queued byte has been handed to the kernel."""
+        for q in self._queues:
+            q.put(None)
+        for thread in self._senders:
+            while thread.is_alive():
+                thread.join(timeout=0.2)
+                if self.lost:
+                    raise ServiceUnavailable(
+                        f"a replica dropped the replication link ({self.error})"
+                    )
 
     def watch(self) -> None:
         """After the payload: read (and drop) what the replicas send, noting a hang-up."""
@@ -226,7 +276,11 @@ class RdbFeeder:
         self._thread.join(timeout=5)
         for sock in [self.listener, *self.replicas]:
             with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
                 sock.close()
+        for thread in self._senders:
+            thread.join(timeout=5)
 
 
 def _loaded(client: redis.Redis) -> bool:
@@ -297,6 +351,7 @@ def replicate_into(
         feeder.wait_replicas(2, 60.0, check)
         phases["handshake_s"] = time.monotonic() - started
         feed(feeder)
+        feeder.finish()
         feeder.watch()
         phases["stream_s"] = time.monotonic() - started - phases["handshake_s"]
         deadline = started + timeout
