@@ -40,6 +40,7 @@ def restore_redis_flow(
     dbs: list[int] | None = None,
     dry_run: bool = False,
     copy_method: Literal["auto", "pipeline", "migrate", "replicate"] = "auto",
+    replicate_host: str | None = None,
     repository: str = "default",
     encryption_key: str = "default",
 ) -> dict[str, Any]:
@@ -54,5 +55,6 @@ def restore_redis_flow(
         dbs=dbs or [],
         dry_run=dry_run,
         copy_method=copy_method,
+        replicate_host=replicate_host,
     )
     return run_restore("redis", target, repository, encryption_key, req)

@@ -208,6 +208,8 @@ def test_replicate_bad_requests(
         restore(target, repo, age_key, key_pattern="s:*", flush_existing=True)
     with pytest.raises(InvalidInput, match="whole backup"):
         restore(target, repo, age_key, dbs=[1], flush_existing=True)
+    with pytest.raises(InvalidInput, match="cannot listen there"):
+        restore(target, repo, age_key, replicate_host="203.0.113.77", flush_existing=True)
     replica = RedisServer().start()
     try:
         rc = client(replica)

@@ -75,6 +75,11 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
             help="live copy: auto/pipeline (DUMP/RESTORE), migrate, or replicate (the target "
             "loads the RDB as a replica: whole backup, empty target).",
         ),
+        replicate_host: str | None = typer.Option(
+            None,
+            "--replicate-host",
+            help="replicate: the runner address the target connects to (default: the route's).",
+        ),
         repository: str = RepoOpt,
         key: str = KeyOpt,
         as_json: bool = JsonOpt,
@@ -96,6 +101,7 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
                 copy_method=_one_of(
                     "--copy-method", copy_method, ("auto", "pipeline", "migrate", "replicate")
                 ),
+                replicate_host=replicate_host,
                 repository=repository,
                 encryption_key=key,
             ),

@@ -335,7 +335,12 @@ def replicate_into(
     token = secrets.token_hex(32)
     register(token)
     started = time.monotonic()
-    feeder = RdbFeeder(host, token, size)
+    try:
+        feeder = RdbFeeder(host, token, size)
+    except OSError as exc:
+        raise InvalidInput(
+            f"replicate_host {host!r}: cannot listen there ({exc}). Nothing was changed"
+        ) from None
     saved: dict[str, str] = {}
     replica = False
     phases: dict[str, float] = {}

@@ -225,7 +225,10 @@ class ScratchRedis:
         self.proc = None
 
     def cleanup(self) -> None:
-        self.stop()
+        # it persists nothing (save "", no AOF): SIGKILL spares the shutdown's wait for
+        # freeing the dataset (0.3 s per GB)
+        stop_process(self.proc, [(signal.SIGKILL, 20.0)])
+        self.proc = None
         if os.environ.get("STRONGROOM_KEEP_SCRATCH", "") in ("", "0"):
             shutil.rmtree(self.base, ignore_errors=True)
 
