@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import socket
 import statistics
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import CLK_TCK, _host_ticks, _stat_fields, wait_quiet
 from bench.redis_bench import populate
 from bench.signing import bench_config, bench_repo
 
@@ -88,8 +90,35 @@ def _ping_loaded(port: int, password: str, deadline: float) -> None:
     raise TimeoutError("redis-server did not finish loading")
 
 
-def load_floor(rdb: Path, work: Path) -> float:
-    """Seconds from spawning redis-server on ``rdb`` until it answers PING, loaded."""
+def _pid_cpu(pid: int) -> float:
+    fields = _stat_fields(pid)
+    return sum(int(x) for x in fields[11:13]) / CLK_TCK if fields else 0.0
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _sample(fn: Any, own_cpu: Any) -> dict[str, Any]:
+    """Wait for a quiet host (up to 20 s), run ``fn``; wall, own and other CPU seconds."""
+    waited, busy = wait_quiet(0.25, timeout=20.0)
+    host0 = _host_ticks()[0]
+    record: dict[str, Any] = fn()
+    host = (_host_ticks()[0] - host0) / CLK_TCK
+    cpu = own_cpu(record)
+    record.update(
+        cpu_s=round(cpu, 3),
+        other_cpu_s=round(max(0.0, host - cpu), 3),
+        host_busy_before=round(busy, 2),
+        quiet_wait_s=round(waited, 1),
+    )
+    return record
+
+
+def load_floor(rdb: Path, work: Path) -> dict[str, Any]:
+    """Seconds from spawning redis-server on ``rdb`` until it answers PING, loaded, and
+    the CPU seconds the server used for it."""
     from strongroom.sandbox.ports import free_port
 
     folder = work / "floor"
@@ -109,7 +138,8 @@ def load_floor(rdb: Path, work: Path) -> float:
     )
     try:
         _ping_loaded(port, password, start + 600)
-        return time.perf_counter() - start
+        wall = time.perf_counter() - start
+        return {"ok": True, "wall_s": wall, "server_cpu_s": _pid_cpu(proc.pid)}
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -176,6 +206,20 @@ def _child_restore() -> None:
     sys.stdout.write(json.dumps(out))
 
 
+def restore_once(target: Any, repo: Path, identity: Any) -> dict[str, Any]:
+    """The replicate restore in a child; CPU of the child (and its scratch server) and of
+    the target server during it."""
+    before = (_children_cpu(), _pid_cpu(target.proc.pid))
+    record = run_restore_child(target, repo, str(identity), "replicate")
+    record["child_cpu_s"] = round(_children_cpu() - before[0], 3)
+    record["target_cpu_s"] = round(_pid_cpu(target.proc.pid) - before[1], 3)
+    return record
+
+
+def _cpu(record: dict[str, Any]) -> float:
+    return float(record["child_cpu_s"] + record["target_cpu_s"])
+
+
 def _median(records: list[dict[str, Any]], field: str) -> float | None:
     values = [r[field] for r in records if r.get("ok") and r.get(field) is not None]
     return round(statistics.median(values), 3) if values else None
@@ -233,12 +277,13 @@ def run(quick: bool, workdir: Path, *, pipeline: bool | None = None) -> dict[str
             order = ["floor", "ours"] if i % 2 == 0 else ["ours", "floor"]
             for name in order:
                 if name == "floor":
-                    floors.append({"ok": True, "wall_s": load_floor(rdb, work)})
+                    floors.append(
+                        _sample(lambda: load_floor(rdb, work), lambda r: r["server_cpu_s"])
+                    )
                 else:
                     client.flushall()
-                    record = run_restore_child(target, repo_path, str(identity), "replicate")
-                    record["ok"] = record["ok"] and client.dbsize() == out["redis_keys"]
-                    ours.append(record)
+                    ours.append(_sample(lambda: restore_once(target, repo_path, identity), _cpu))
+                    ours[-1]["ok"] = ours[-1]["ok"] and client.dbsize() == out["redis_keys"]
         if pipeline:
             client.flushall()
             out["redis_live_restore_pipeline"] = run_restore_child(
@@ -249,6 +294,8 @@ def run(quick: bool, workdir: Path, *, pipeline: bool | None = None) -> dict[str
         target.stop()
         shutil.rmtree(work, ignore_errors=True)
     floor_s, ours_s = _median(floors, "wall_s"), _median(ours, "wall_s")
+    pairs = [o["wall_s"] / f["wall_s"] for f, o in zip(floors, ours, strict=True) if o["ok"]]
+    floor_cpu, ours_cpu = _median(floors, "cpu_s"), _median(ours, "cpu_s")
     out.update(
         {
             "redis_load_floor_s": floor_s,
@@ -257,6 +304,12 @@ def run(quick: bool, workdir: Path, *, pipeline: bool | None = None) -> dict[str
             if floor_s and ours_s
             else None,
             "redis_live_restore_method": "replicate",
+            "redis_pair_ratios": [round(r, 3) for r in pairs],
+            "redis_load_floor_cpu_s": floor_cpu,
+            "redis_live_restore_cpu_s": ours_cpu,
+            "redis_live_restore_over_load_floor_cpu": round(ours_cpu / floor_cpu, 3)
+            if floor_cpu and ours_cpu
+            else None,
             "redis_live_restore_samples": ours,
             "redis_load_floor_samples": floors,
         }
