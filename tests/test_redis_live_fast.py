@@ -22,7 +22,8 @@ from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.engines.redis.backup import backup_redis
 from strongroom.engines.redis.conn import RedisConnection
-from strongroom.engines.redis.key_copy import value_digest
+from strongroom.engines.redis.key_copy import encode_command, value_digest
+from strongroom.engines.redis.replicate import RdbFeeder
 from strongroom.engines.redis.restore import RedisRestoreRequest, restore_redis
 from strongroom.errors import IntegrityError, InvalidInput, TargetNotEmpty
 from strongroom.repository import Repository
@@ -243,3 +244,29 @@ def test_replicate_corrupted_artifact_leaves_target_untouched(
         assert_untouched(target, {b"keep": b"me"})
     finally:
         path.write_bytes(original)
+
+
+def test_feeder_serves_only_the_token() -> None:
+    """A connection without the token's AUTH never gets FULLRESYNC (real sockets)."""
+    import socket
+
+    feeder = RdbFeeder("127.0.0.1", "t" * 64, 10)
+    try:
+        for hello in (
+            encode_command(b"AUTH", b"wrong") + encode_command(b"PSYNC", b"?", b"-1"),
+            encode_command(b"PSYNC", b"?", b"-1"),
+            encode_command(b"REPLCONF", b"capa", b"eof"),
+        ):
+            with socket.create_connection((feeder.host, feeder.port), timeout=5) as s:
+                s.sendall(hello)
+                reply = s.recv(1000)
+                assert reply.startswith(b"-NOAUTH") and b"FULLRESYNC" not in reply
+        assert feeder.refused == 3 and not feeder.replicas
+        with socket.create_connection((feeder.host, feeder.port), timeout=5) as s:
+            s.sendall(encode_command(b"AUTH", b"t" * 64) + encode_command(b"PSYNC", b"?", b"-1"))
+            data = b""
+            while b"$10\r\n" not in data:
+                data += s.recv(1000)
+            assert data.startswith(b"+OK\r\n+FULLRESYNC ") and len(feeder.replicas) == 1
+    finally:
+        feeder.close()

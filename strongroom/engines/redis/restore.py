@@ -127,6 +127,11 @@ def restore_redis(
         restart = None
     copy_method = "pipeline" if req.copy_method == "auto" else req.copy_method
     replicate = req.mode == "live" and copy_method == "replicate"
+    if replicate and conn.tls and not conn.is_loopback():
+        raise InvalidInput(
+            "copy_method=replicate sends the RDB in plain RESP (the feeder does not speak "
+            "TLS) and this target uses TLS: use copy_method=pipeline. Nothing was changed"
+        )
     client = conn.client()
     try:
         info = server_info(client, f"Redis target {conn.name!r} at {conn.address}")
