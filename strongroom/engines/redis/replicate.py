@@ -319,12 +319,15 @@ def replicate_into(
     *,
     timeout: float,
     check: Callable[[], None],
+    verify: Callable[[], dict[str, Any]],
     target_was_empty: bool,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Make the target and the scratch server replicas of a feeder, stream the artifact's
     plaintext to both as ``feed`` decrypts it (the reader holds its last MiB back until
     every checksum passed, so no replica can finish loading an unverified RDB), wait
-    until both have loaded, then make them masters again.
+    until both have loaded, run ``verify`` while both are still replicas (a replica
+    never expires keys, so both hold exactly what the RDB held: counts compare exactly
+    even while TTLs pass), then make them masters again. Returns (facts, verify's result).
 
     On a failure the target is made a master again and, if it was empty before or the
     whole payload had gone out (its old data may be gone), emptied (FLUSHALL, FUNCTION
@@ -380,17 +383,22 @@ def replicate_into(
                         f"the target did not load the backup within {timeout:.0f} s (load_timeout)"
                     )
                 time.sleep(0.01)
-            feeder.close()  # both have loaded: no more replication traffic
+            phases["loaded_s"] = time.monotonic() - started
+            checks = verify()
+            if feeder.lost:
+                raise IntegrityError("a replication link dropped during the checks")
+            feeder.close()  # loaded and checked: no more replication traffic
             _promote(helper, deadline)
             _promote(client, deadline)
             replica = False
-        return {
+        facts = {
             "listen": f"{feeder.host}:{feeder.port}",
             "rdb_bytes": feeder.written,
             "refused_connections": feeder.refused,
             "seconds": round(time.monotonic() - started, 3),
             **{k: round(v, 3) for k, v in phases.items()},
         }
+        return facts, checks
     except BaseException:
         if replica or feeder.written:
             feeder.close()
@@ -433,24 +441,3 @@ def empty_target(conn: RedisConnection) -> None:
         ) from None
     finally:
         client.close()
-
-
-def settle_expired(conn: RedisConnection, scratch: RedisConnection, dbs: list[int]) -> None:
-    """Both servers loaded as replicas, which keep keys whose TTL has passed (a master
-    would drop them); now masters, they delete such keys when touched. Where the two
-    counts differ, SCAN both once so the count check compares like with like."""
-    for db in dbs:
-        pair = [conn.client(db), scratch.client(db)]
-        try:
-            with redis_errors(f"expiring stale keys in db {db}"):
-                if int(pair[0].dbsize()) == int(pair[1].dbsize()):
-                    continue
-                for c in pair:
-                    cursor = 0
-                    while True:
-                        cursor, _ = c.scan(cursor, count=1000)
-                        if int(cursor) == 0:
-                            break
-        finally:
-            for c in pair:
-                c.close()

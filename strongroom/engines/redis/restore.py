@@ -59,11 +59,9 @@ from strongroom.engines.redis.key_copy import (
     pipeline_copy,
 )
 from strongroom.engines.redis.replicate import (
-    empty_target,
     listen_host,
     replicate_into,
     replicate_preflight,
-    settle_expired,
 )
 from strongroom.engines.redis.restore_file import (
     file_coordination,
@@ -295,7 +293,14 @@ def _restore_replicate(
         def feed(sink: Any) -> None:
             read_artifact(repo, artifact, sink, encryption=enc, progress=progress)
 
-        sync = replicate_into(
+        reference: dict[str, Any] = {}
+
+        def verify() -> dict[str, Any]:
+            loaded, samples = scratch_state(scratch, dbs, None, req.sample_size)
+            reference["loaded"] = loaded
+            return verify_target(conn, dbs, None, expected, loaded, samples)
+
+        sync, checks = replicate_into(
             conn,
             scratch.connection(),
             feed,
@@ -303,16 +308,11 @@ def _restore_replicate(
             plan["replicate"]["listen_host"],
             timeout=conn.load_timeout,
             check=scratch.check_alive,
+            verify=verify,
             target_was_empty=not plan["conflicts"],
         )
-        try:
-            settle_expired(conn, scratch.connection(), dbs)
-            loaded, samples = scratch_state(scratch, dbs, None, req.sample_size)
-        except BaseException:
-            empty_target(conn)
-            raise
         stale = scratch.stale_removed
-    checks = verify_target(conn, dbs, None, expected, loaded, samples)
+    loaded = reference["loaded"]
     keys = sum(loaded.values())
     return {
         **plan,
