@@ -9,6 +9,7 @@ the source key by key (type, value digest, TTL), a master again, with its own
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +73,7 @@ def fill(server: RedisServer) -> None:
     for i, name in enumerate(HOSTILE):
         c.set(name, b"hostile-%d" % i, ex=7200 if i % 2 else None)
     c.set("big:str", BIG)
+    c.set("big:random", random.Random(3).randbytes(3 << 20))  # LZF cannot shrink it
     c.hset("big:hash", mapping={f"field{i}": BIG[:2048] for i in range(1000)})
     c.rpush("big:list", *[BIG[:1024] for _ in range(2000)])
     for i in range(30):
@@ -270,3 +272,42 @@ def test_feeder_serves_only_the_token() -> None:
             assert data.startswith(b"+OK\r\n+FULLRESYNC ") and len(feeder.replicas) == 1
     finally:
         feeder.close()
+
+
+def test_replicate_killed_mid_stream(
+    target: RedisServer, repo: Repo, age_key: EncryptionConfig, backup: Manifest
+) -> None:
+    """SIGKILL while the RDB streams: the target is left a replica of a feeder that is
+    gone, with strongroom's token as masterauth and no key (a replica drops a half-loaded
+    diskless load); the documented fix (REPLICAOF NO ONE, masterauth back) and a re-run
+    restore everything."""
+    from tests.faults._support import kill_when
+    from tests.faults.test_kill_other_engines import _start
+
+    c = client(target)
+    c.flushall()
+    c.function_flush()
+    req = RedisRestoreRequest(
+        backup_id=backup.backup_id, source_target="cache", copy_method="replicate"
+    )
+    conn = conn_for(target, "restored")
+
+    def streaming() -> bool:
+        info = c.info("replication")
+        return info["role"] == "slave" and bool(info.get("master_sync_in_progress"))
+
+    # ~3.8 MB at 500 kB/s: after 4 s, about 1 MB has passed the reader's 1 MiB hold-back
+    child = _start("redis-restore", conn, repo[1], age_key, request=req, read_bps=500_000)
+    kill_when(child, streaming, settle=4.0)
+    deadline = time.monotonic() + 10
+    while c.info("persistence")["loading"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert c.info("replication")["role"] == "slave"
+    assert c.config_get("masterauth")["masterauth"] != "operators-own-masterauth"
+    assert c.dbsize() == 0  # the half-streamed RDB was never loaded
+    c.execute_command("REPLICAOF", "NO", "ONE")
+    c.config_set("masterauth", "operators-own-masterauth")
+    c.config_set("repl-diskless-load", "disabled")
+    report = restore(target, repo, age_key, backup_id=backup.backup_id)
+    assert report["keys_ok"] and report["sample"]["ok"]
+    assert c.info("replication")["role"] == "master"
