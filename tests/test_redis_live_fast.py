@@ -269,7 +269,11 @@ def test_feeder_serves_only_the_token() -> None:
             data = b""
             while b"$10\r\n" not in data:
                 data += s.recv(1000)
-            assert data.startswith(b"+OK\r\n+FULLRESYNC ") and len(feeder.replicas) == 1
+            assert data.startswith(b"+OK\r\n+FULLRESYNC ")
+            deadline = time.monotonic() + 5  # the feeder's thread adds it right after
+            while not feeder.replicas and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(feeder.replicas) == 1 and feeder.refused == 3
     finally:
         feeder.close()
 
