@@ -315,3 +315,39 @@ def test_replicate_killed_mid_stream(
     report = restore(target, repo, age_key, backup_id=backup.backup_id)
     assert report["keys_ok"] and report["sample"]["ok"]
     assert c.info("replication")["role"] == "master"
+
+
+def test_replicate_forged_artifact_sends_nothing(
+    target: RedisServer, repo: Repo, age_key: EncryptionConfig, backup: Manifest
+) -> None:
+    """An RDB altered and re-encrypted to the public recipient (age accepts it) fails the
+    signed manifest's stored-chunk digests: not one byte reaches the target's parser."""
+    import pyrage
+    import zstandard
+
+    assert backup.artifacts[0].stored_chunks is not None
+    path = Path(repo[1].path or "") / backup.artifacts[0].key
+    original = path.read_bytes()
+    identity = pyrage.x25519.Identity.from_str(age_key.identities[0].get_secret_value())
+    plain = bytearray(
+        zstandard.ZstdDecompressor()
+        .decompressobj()
+        .decompress(pyrage.decrypt(original, [identity]))
+    )
+    plain[len(plain) // 2] ^= 0x01
+    recipient = pyrage.x25519.Recipient.from_str(age_key.recipients[0])
+    path.write_bytes(pyrage.encrypt(zstandard.ZstdCompressor().compress(bytes(plain)), [recipient]))
+    try:
+        c = client(target)
+        c.flushall()
+        c.function_flush()
+        seen = len(target.log_path.read_text())
+        with pytest.raises(IntegrityError):
+            restore(target, repo, age_key, backup_id=backup.backup_id)
+        log = target.log_path.read_text()[seen:]
+        # the link closed before any payload byte: the target never read the RDB header
+        # (which it logs as "Loading RDB produced by version ...")
+        assert "Full resync from master" in log and "Loading RDB produced by" not in log
+        assert_untouched(target, {})
+    finally:
+        path.write_bytes(original)

@@ -283,6 +283,25 @@ class RdbFeeder:
             thread.join(timeout=5)
 
 
+class VerifiedGate:
+    """Keeps the plaintext back until the artifact reader reports (``release``, its
+    ``on_verified``) that everything written so far comes from stored chunks that
+    matched the signed manifest: a forged artifact sends the replicas nothing."""
+
+    def __init__(self, sink: RdbFeeder) -> None:
+        self.sink = sink
+        self.pending: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.pending.append(bytes(data))
+        return len(data)
+
+    def release(self) -> None:
+        for chunk in self.pending:
+            self.sink.write(chunk)
+        self.pending.clear()
+
+
 def _loaded(client: redis.Redis) -> bool:
     info = client.info("replication")
     loading = bool(int(client.info("persistence").get("loading", 0)))

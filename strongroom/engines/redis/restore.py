@@ -59,6 +59,8 @@ from strongroom.engines.redis.key_copy import (
     pipeline_copy,
 )
 from strongroom.engines.redis.replicate import (
+    RdbFeeder,
+    VerifiedGate,
     listen_host,
     replicate_into,
     replicate_preflight,
@@ -294,8 +296,15 @@ def _restore_replicate(
     ) as scratch:
         scratch.start()
 
-        def feed(sink: Any) -> None:
-            read_artifact(repo, artifact, sink, encryption=enc, progress=progress)
+        def feed(sink: RdbFeeder) -> None:
+            if artifact.stored_chunks is None:  # stored before chunk lists: hold-back only
+                read_artifact(repo, artifact, sink, encryption=enc, progress=progress)
+                return
+            gate = VerifiedGate(sink)
+            read_artifact(
+                repo, artifact, gate, encryption=enc, progress=progress, on_verified=gate.release
+            )
+            gate.release()
 
         reference: dict[str, Any] = {}
 
