@@ -28,6 +28,7 @@ from strongroom.artifacts import read_artifact
 from strongroom.catalog import Catalog, Manifest
 from strongroom.config import EncryptionConfig
 from strongroom.engines.clickhouse import inspection as inspect
+from strongroom.engines.clickhouse import restore_checks as checks
 from strongroom.engines.clickhouse.backup import ENGINE
 from strongroom.engines.clickhouse.capabilities import INNER_ID_PREFIX, capabilities
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
@@ -66,31 +67,6 @@ SCRATCH_PREFIX = "__sr_restore_"
 __all__ = ["ChRestoreRequest", "restore_clickhouse"]
 
 
-def _expected(entry: dict[str, Any], partitions: list[str]) -> dict[str, dict[str, Any]]:
-    """The manifest's fingerprints for what this action restores (keyed like ``fingerprint``)."""
-    if entry.get("partitions"):
-        return {
-            p["id"]: {"rows": int(p["rows"]), "hash": str(p["hash"])}
-            for p in entry["partitions"]
-            if not partitions or p["id"] in partitions
-        }
-    fp = entry.get("fingerprint") or {"rows": 0, "hash": "0"}
-    return {"": {"rows": int(fp["rows"]), "hash": str(fp["hash"])}} if int(fp["rows"]) else {}
-
-
-def _diff(expected: dict[str, dict[str, Any]], actual: dict[str, dict[str, Any]]) -> list[str]:
-    out = []
-    for key in sorted(set(expected) | set(actual)):
-        e, a = expected.get(key), actual.get(key)
-        if e != a:
-            where = f"partition {key}: " if key else ""
-            out.append(
-                f"{where}expected {e['rows'] if e else 0} rows (hash {e['hash'] if e else 0}), "
-                f"found {a['rows'] if a else 0} rows (hash {a['hash'] if a else 0})"
-            )
-    return out
-
-
 class _Run(SwapState):
     """One restore's staging, commit and undo."""
 
@@ -105,6 +81,7 @@ class _Run(SwapState):
         actions: list[dict[str, Any]],
         progress: ProgressFactory | None,
         jobs: int,
+        recheck: bool = False,
     ) -> None:
         super().__init__(client)
         self.repo = repo
@@ -118,6 +95,7 @@ class _Run(SwapState):
         self.created_dbs: list[str] = []
         self.checks: list[dict[str, Any]] = []
         self.jobs = jobs
+        self.recheck = recheck
         # artifact name -> (target database, staging table, target shown in messages)
         self.destination: dict[str, tuple[str, str, str]] = {}
 
@@ -213,26 +191,24 @@ class _Run(SwapState):
     def check(
         self, act: dict[str, Any], entry: dict[str, Any], tdb: str, table: str, *, stage: str
     ) -> None:
-        expected = _expected(entry, act["partitions"])
-        partitioned = bool(entry.get("partitions")) or bool(entry.get("partition_key"))
-        actual = inspect.fingerprint(
-            self.client,
-            tdb,
-            table,
-            inspect.stored_columns(entry["columns"]),
-            by_partition=partitioned and inspect.is_merge_tree(entry["data_engine"]),
-            finalize_aggregates=entry.get("fingerprint_aggregates") == "finalized",
-        )
+        """``scratch``: the content fingerprint; ``final``: rows in place, or the
+        fingerprint again with ``recheck`` (``restore_checks``)."""
+        want = checks.expected(entry, act["partitions"])
+        if stage == "scratch" or self.recheck:
+            found = checks.content(self.client, entry, tdb, table)
+        else:
+            found = checks.placed(self.client, entry, tdb, table)
         if act["partitions"]:
-            actual = {k: v for k, v in actual.items() if k in act["partitions"]}
-        problems = _diff(expected, actual)
+            found = {k: v for k, v in found.items() if k in act["partitions"]}
+        problems = checks.diff(want, found)
         self.checks.append(
             {
                 "table": act["target"],
                 "stage": stage,
+                "check": "fingerprint" if stage == "scratch" or self.recheck else "rows",
                 "partitions": ", ".join(act["partitions"]) or "all",
-                "expected_rows": sum(e["rows"] for e in expected.values()),
-                "actual_rows": sum(a["rows"] for a in actual.values()),
+                "expected_rows": sum(e["rows"] for e in want.values()),
+                "actual_rows": sum(a["rows"] for a in found.values()),
                 "ok": not problems,
             }
         )
@@ -530,7 +506,7 @@ def restore_clickhouse(
         raise NotFound(gone)
 
     started = time.monotonic()
-    run = _Run(client, repo, enc, manifest, sel, docs, actions, progress, plan["jobs"])
+    run = _Run(client, repo, enc, manifest, sel, docs, actions, progress, plan["jobs"], req.recheck)
     try:
         run.create_databases(
             state.databases, empty_too=not (req.tables or req.data_only or req.partitions)
