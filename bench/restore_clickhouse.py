@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.clickhouse_bench import FILL, log
+from bench.clickhouse_bench import FILL, _proc_cpu_s, log
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SOURCE_DB = "src"
@@ -199,6 +199,13 @@ class Bench:
         zstd.stdout.close()
         return [zstd, insert]
 
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far: of this process's finished children, and of the server."""
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime, _proc_cpu_s(self.server.proc.pid)
+
     def raw(self, db: str, jobs: int) -> float:
         """CREATE DATABASE, CREATE TABLE and the inserts, ``jobs`` tables at a time."""
         os.sync()
@@ -334,17 +341,25 @@ def run(
             for tool in order:
                 db = f"r{index}_{tool}"
                 sample: dict[str, Any] = {"tool": tool, "repeat": index}
+                tool_cpu, server_cpu = bench.cpu()
                 if tool == "strongroom":
                     took, child_out = bench.strongroom(db, repo, str(identity))
                     sample.update(child_out)
                 else:
                     took = bench.raw(db, 1 if tool == "raw" else jobs)
                 sample["wall_s"] = round(took, 3)
+                after = bench.cpu()
+                sample["tool_cpu_s"] = round(after[0] - tool_cpu, 2)
+                sample["server_cpu_s"] = round(after[1] - server_cpu, 2)
+                sample["load_avg_1m"] = round(os.getloadavg()[0], 2)
                 sample["ok"] = bench.fingerprint(db) == expected
                 bench.drop(db)
                 bench.wait_quiet()
                 samples.append(sample)
-                log(f"repeat {index} {tool}: {took:.2f} s ok={sample['ok']}")
+                log(
+                    f"repeat {index} {tool}: {took:.2f} s, cpu {sample['tool_cpu_s']} + "
+                    f"server {sample['server_cpu_s']}, ok={sample['ok']}"
+                )
         partitions = bench.partitions()
     finally:
         server.stop()
@@ -352,6 +367,14 @@ def run(
 
     def median(tool: str) -> float:
         return round(statistics.median(s["wall_s"] for s in samples if s["tool"] == tool), 3)
+
+    def cpu(tool: str) -> float:
+        return round(
+            statistics.median(
+                s["tool_cpu_s"] + s["server_cpu_s"] for s in samples if s["tool"] == tool
+            ),
+            2,
+        )
 
     raw_s, par_s, sr_s = median("raw"), median("raw_parallel"), median("strongroom")
     return {
@@ -376,6 +399,17 @@ def run(
         "clickhouse_restore_s": sr_s,
         "clickhouse_restore_over_raw_insert": round(sr_s / raw_s, 3),
         "clickhouse_restore_over_raw_parallel_insert": round(sr_s / par_s, 3),
+        # CPU of the tools plus the server: what each costs, even on a busy host
+        "clickhouse_raw_insert_cpu_s": cpu("raw"),
+        "clickhouse_restore_cpu_s": cpu("strongroom"),
+        "clickhouse_restore_over_raw_insert_cpu": round(cpu("strongroom") / cpu("raw"), 3),
+        "paired_ratios": [
+            round(s["wall_s"] / r["wall_s"], 3)
+            for s in samples
+            if s["tool"] == "strongroom"
+            for r in samples
+            if r["tool"] == "raw" and r["repeat"] == s["repeat"]
+        ],
         "all_ok": all(s["ok"] for s in samples),
         "samples": samples,
     }

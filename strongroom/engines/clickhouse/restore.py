@@ -4,15 +4,16 @@ data-only, into a renamed database; verified by server-side fingerprints.
 Nothing half-done: ClickHouse keeps the blocks of an INSERT that was cut off
 (measured on 18.16), so data is never streamed into a table that matters.
 Every table's data is first loaded into a scratch table
-(``__sr_restore_<run>_<n>``) and its fingerprint (per partition) compared with
-the manifest. Only when every scratch table of the run matches are they
-swapped in (whole tables by ``EXCHANGE TABLES`` in Atomic databases of 26.x, by two
-``RENAME TABLE`` on 18.16: see ``swap``; ``ALTER TABLE ... REPLACE
-PARTITION ... FROM`` for partitions and, in Atomic databases, for a materialized
-view's ``.inner_id.<uuid>`` table, which a rename would detach from its view),
-views created, and the fingerprints checked again on the final tables. Replaced
-tables and partitions are kept aside until then, so a failure at any step undoes
-the swaps and the target is as it was.
+(``__sr_restore_<run>_<n>``), ``jobs`` artifacts at a time (``parallel``), and its
+fingerprint (per partition) compared with the manifest. Only when every scratch
+table of the run matches are they swapped in (whole tables by ``EXCHANGE TABLES`` in
+Atomic databases of 26.x, by two ``RENAME TABLE`` on 18.16: see ``swap``; ``ALTER
+TABLE ... REPLACE PARTITION ... FROM`` for partitions and, in Atomic databases, for a
+materialized view's ``.inner_id.<uuid>`` table, which a rename would detach from its
+view), views created, and the final tables checked again (rows in place, or the
+fingerprint with ``recheck``: ``restore_checks``). Replaced tables and partitions are
+kept aside until then, so a failure at any step undoes the swaps and the target is as
+it was.
 """
 
 from __future__ import annotations
