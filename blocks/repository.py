@@ -6,8 +6,9 @@ from typing import Literal
 
 from prefect.blocks.core import Block
 from prefect_aws import S3Bucket
-from pydantic import Field, SecretStr
+from pydantic import Field
 
+from blocks.repository_config import repository_config
 from blocks.signing import SigningKey
 from strongroom.config import RepositoryConfig
 
@@ -36,36 +37,5 @@ class BackupRepository(Block):
         description="strongroom-signing-key block: set on backup runners only.",
     )
 
-    def _key(self) -> SecretStr | None:
-        return self.signing_key.private_key if self.signing_key is not None else None
-
     def to_config(self) -> RepositoryConfig:
-        if self.s3_bucket is None:
-            if not self.local_path:
-                raise ValueError("BackupRepository needs local_path or s3_bucket")
-            return RepositoryConfig(
-                kind="local",
-                path=self.local_path,
-                compression_level=self.compression_level,
-                trusted_signers=list(self.trusted_signers),
-                signing_key=self._key(),
-            )
-        creds = self.s3_bucket.credentials
-        params = getattr(creds, "aws_client_parameters", None)
-        prefix = "/".join(p for p in (self.s3_bucket.bucket_folder, self.prefix) if p)
-        return RepositoryConfig(
-            kind="s3",
-            bucket=self.s3_bucket.bucket_name,
-            prefix=prefix.strip("/"),
-            endpoint_url=getattr(params, "endpoint_url", None),
-            region=getattr(creds, "region_name", None) or "us-east-1",
-            access_key_id=getattr(creds, "aws_access_key_id", None),
-            secret_access_key=getattr(creds, "aws_secret_access_key", None),
-            sse=self.sse,
-            kms_key_id=self.kms_key_id,
-            lock_mode=self.lock_mode,
-            retention_days=self.retention_days,
-            compression_level=self.compression_level,
-            trusted_signers=list(self.trusted_signers),
-            signing_key=self._key(),
-        )
+        return repository_config(self)

@@ -8,7 +8,6 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from strongroom.config import PostgresConnection
-from strongroom.transport import pg_default_sslmode
 
 
 class PostgresTarget(Block):
@@ -65,23 +64,6 @@ class PostgresTarget(Block):
     rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
 
     def to_connection(self, name: str) -> PostgresConnection:
-        return PostgresConnection(
-            name=name,
-            host=self.host,
-            port=self.port,
-            user=self.user,
-            password=self.password,
-            databases=list(self.databases),
-            sslmode=self.sslmode or pg_default_sslmode(self.host),
-            allow_plaintext=self.allow_plaintext,
-            maintenance_db=self.maintenance_db,
-            dump_format=self.dump_format,
-            jobs=self.jobs,
-            spool_dir=self.spool_dir,
-            wal_config_path=self.wal_config_path,
-            wal_config_owner=self.wal_config_owner,
-            data_directory=self.data_directory,
-            primary_host=self.primary_host or None,
-            primary_port=self.primary_port,
-            primary_sslmode=self.sslmode or pg_default_sslmode(self.primary_host or self.host),
-        )
+        from blocks.target_config import postgres_connection
+
+        return postgres_connection(name, self)

@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from blocks import TARGET_BLOCKS
+from blocks import TARGET_BLOCK_SLUGS
 from flows.alerts import alert_hook, related_resources
 from flows.common import load_repository, publish, secure_logging
 from strongroom.audit import build_hook, record_event
@@ -50,9 +50,7 @@ REPORT_DIR_ENV = "STRONGROOM_REPORT_DIR"
 DEFAULT_REPORT_DIR = "strongroom-reports"
 
 # Target block type slug -> the engine whose targets it holds.
-TARGET_BLOCK_TYPES = {
-    block.get_block_type_slug(): engine for engine, block in TARGET_BLOCKS.items()
-}
+TARGET_BLOCK_TYPES = {slug: engine for engine, slug in TARGET_BLOCK_SLUGS.items()}
 
 
 def _open_repo(name: str) -> Repository:

@@ -11,7 +11,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from blocks import BackupRepository, EncryptionKey
+from blocks import REPOSITORY_BLOCK_SLUG, EncryptionKey
+from blocks.repository_config import repository_config
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.errors import ServiceUnavailable
 from strongroom.redact import install_log_filter, register
@@ -38,8 +39,41 @@ def secure_logging() -> None:
         install_log_filter(logging.getLogger(name))
 
 
+def load_block_data(slug: str, name: str) -> dict[str, Any]:
+    """The data of block document ``slug/name`` with its secrets (nested blocks inline),
+    read in one API call without importing the block's class (BackupRepository's pulls in
+    prefect-aws); emits the ``prefect.block.<slug>.loaded`` event ``Block.load`` emits."""
+    from prefect.client.orchestration import get_client
+    from prefect.events import emit_event
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            doc = client.read_block_document_by_name(
+                name=name, block_type_slug=slug, include_secrets=True
+            )
+        except ObjectNotFound:
+            raise ValueError(
+                f"Unable to find block document named {name} for block type {slug}"
+            ) from None
+    emit_event(
+        event=f"prefect.block.{slug}.loaded",
+        resource={
+            "prefect.resource.id": f"prefect.block-document.{doc.id}",
+            "prefect.resource.name": name,
+        },
+        related=[
+            {
+                "prefect.resource.id": f"prefect.block-type.{slug}",
+                "prefect.resource.role": "block-type",
+            }
+        ],
+    )
+    return dict(doc.data or {})
+
+
 def load_repository(name: str) -> tuple[Repository, RepositoryConfig]:
-    config = BackupRepository.load(name).to_config()  # type: ignore[union-attr]
+    config = repository_config(load_block_data(REPOSITORY_BLOCK_SLUG, name))
     register(*config.secrets())
     return open_repository(config), config
 

@@ -12,10 +12,10 @@ from prefect import flow
 
 from flows.audit import AUDITED
 from flows.common import secure_logging
-from flows.engine_runs import run_backup, run_restore
-from strongroom.engines.postgres.restore import PgRestoreRequest
+from flows.engine_runs import json_parameters, run_backup, run_restore
 
 
+@json_parameters
 @flow(name="backup-postgresql", **AUDITED)
 def backup_postgresql(
     target: str,
@@ -28,6 +28,7 @@ def backup_postgresql(
     return run_backup("postgresql", target, repository, encryption_key, labels)
 
 
+@json_parameters
 @flow(name="restore-postgresql", **AUDITED)
 def restore_postgresql(
     target: str,
@@ -42,11 +43,13 @@ def restore_postgresql(
     drop_existing: bool = False,
     dry_run: bool = False,
     no_owner: bool = False,
-    jobs: int = 1,
+    jobs: int | None = None,
     repository: str = "default",
     encryption_key: str = "default",
 ) -> dict[str, Any]:
     """Restore a logical backup into ``target`` (see PgRestoreRequest for the options)."""
+    from strongroom.engines.postgres.restore import PgRestoreRequest
+
     secure_logging()
     req = PgRestoreRequest(
         backup_id=backup_id,
@@ -60,6 +63,6 @@ def restore_postgresql(
         drop_existing=drop_existing,
         dry_run=dry_run,
         no_owner=no_owner,
-        jobs=jobs,
+        **({"jobs": jobs} if jobs is not None else {}),
     )
     return run_restore("postgresql", target, repository, encryption_key, req)

@@ -12,7 +12,15 @@ import datetime as dt
 from collections.abc import Callable
 from typing import IO, cast
 
-from strongroom.catalog import Artifact, Catalog, Manifest, data_key, manifest_key, owner_of
+from strongroom.catalog import (
+    Artifact,
+    Catalog,
+    Manifest,
+    StoredChunks,
+    data_key,
+    manifest_key,
+    owner_of,
+)
 from strongroom.config import EncryptionConfig, RepositoryConfig
 from strongroom.errors import Conflict, IntegrityError, NotFound
 from strongroom.pipeline import (
@@ -73,6 +81,11 @@ def store_artifact(
         encryption=ENCRYPTION,
         recipients=list(encryption.recipients),
         meta=dict(meta or {}),
+        stored_chunks=StoredChunks(
+            size=stats.stored_chunk_size, sha256=list(stats.stored_chunk_sha256)
+        )
+        if stats.stored_chunk_size
+        else None,
     )
 
 
@@ -174,13 +187,16 @@ def read_artifact(
     holdback: int = HOLDBACK,
     progress: Progress | None = None,
     check_seal: bool = True,
+    on_verified: Callable[[], None] | None = None,
 ) -> StreamStats:
     """Stream an artifact's plaintext into ``sink`` with every check applied.
 
     An artifact of a manifest read from the catalog is refused before any byte flows
     when that manifest is not signed by a trusted key, is stored under another name or
     does not match its seal (``check_seal=False``: the caller, i.e. verify, checks the
-    stored manifest itself)."""
+    stored manifest itself). ``on_verified``: called whenever all the plaintext
+    written so far comes from stored chunks that matched the manifest's list (never,
+    before the end, for an artifact stored without one)."""
     origin = origin_of(artifact) if check_seal else None
     if origin is not None:
         origin.check([i.get_secret_value() for i in encryption.identities])
@@ -200,6 +216,10 @@ def read_artifact(
             name=f"artifact {artifact.name} ({artifact.key})",
             holdback=holdback,
             progress=progress,
+            expected_chunks=(artifact.stored_chunks.sha256, artifact.stored_chunks.size)
+            if artifact.stored_chunks is not None
+            else None,
+            on_verified=on_verified,
         )
     finally:
         with contextlib.suppress(Exception):

@@ -61,6 +61,14 @@ FORMAT_VERSION = 1
 PHYSICAL_KINDS = ("base", "files")
 
 
+class StoredChunks(BaseModel):
+    """SHA-256 of every ``size`` bytes of the stored object, in order (the last chunk
+    may be shorter): a restore checks each chunk before its bytes are used."""
+
+    size: int = Field(gt=0)
+    sha256: list[str]
+
+
 class Artifact(BaseModel):
     """One stored file of a backup, with everything needed to check it."""
 
@@ -78,6 +86,7 @@ class Artifact(BaseModel):
         default_factory=list, description="public age recipients (never the identity)"
     )
     meta: dict[str, Any] = Field(default_factory=dict)
+    stored_chunks: StoredChunks | None = None
 
 
 class Manifest(BaseModel):

@@ -13,6 +13,13 @@ public and anyone holding one could produce a different, well-formed file.
 ``restore_stream`` holds back the last bytes of the plaintext until every
 check has passed, so a consumer such as ``pg_restore`` or ``psql -1`` cannot
 reach the end of its input, and commit, from an artifact that fails a check.
+
+Backups also record the SHA-256 of every ``VERIFY_CHUNK`` of stored bytes (the
+manifest, signed, holds the list). A restore given ``on_verified`` checks each chunk
+as it is read, before its bytes reach the decryptor, and calls ``on_verified`` each
+time everything produced so far comes from verified bytes: a consumer that only
+ever sees published plaintext (the parallel restore's spool) never runs a byte the
+backup did not write, without waiting for the end of the artifact.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from strongroom.errors import IntegrityError, InvalidInput, StrongroomError
 
 CHUNK = 1024 * 1024
 HOLDBACK = 1024 * 1024
+VERIFY_CHUNK = 64 * 1024 * 1024
 ENCRYPTION = "age-x25519"
 COMPRESSION = "zstd"
 
@@ -45,6 +53,74 @@ class StreamStats:
     raw_sha256: str
     stored_size: int
     stored_sha256: str
+    stored_chunk_sha256: tuple[str, ...] = ()
+    stored_chunk_size: int = 0
+
+
+class _ChunkHasher:
+    """SHA-256 of every ``size`` bytes of a stream (the last chunk may be shorter)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._hash = hashlib.sha256()
+        self._filled = 0
+        self.digests: list[str] = []
+
+    def update(self, view: memoryview) -> int:
+        """Hash ``view``; returns how many chunks it completed."""
+        completed = 0
+        while view:
+            take = min(len(view), self.size - self._filled)
+            self._hash.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.size:
+                self.digests.append(self._hash.hexdigest())
+                self._hash = hashlib.sha256()
+                self._filled = 0
+                completed += 1
+        return completed
+
+    def close(self) -> list[str]:
+        if self._filled:
+            self.digests.append(self._hash.hexdigest())
+            self._filled = 0
+        return self.digests
+
+
+def _nothing() -> None:
+    pass
+
+
+class _ChunkCheck:
+    """Checks the stored stream chunk by chunk against the manifest's list as it is read."""
+
+    def __init__(self, expected: list[str], size: int, on_verified: Callable[[], None]) -> None:
+        self.expected = expected
+        self.hasher = _ChunkHasher(size)
+        self.on_verified = on_verified
+
+    def update(self, view: memoryview, name: str) -> None:
+        if self.hasher.update(view):
+            self._compare(name)
+            self.on_verified()  # what came out so far derives from verified bytes only
+
+    def close(self, name: str) -> None:
+        self.hasher.close()
+        self._compare(name)
+        if len(self.hasher.digests) != len(self.expected):
+            raise IntegrityError(
+                f"{name}: {len(self.hasher.digests)} stored chunks, the manifest lists "
+                f"{len(self.expected)}; the artifact was altered or replaced"
+            )
+
+    def _compare(self, name: str) -> None:
+        for index, digest in enumerate(self.hasher.digests):
+            if index >= len(self.expected) or digest != self.expected[index]:
+                raise IntegrityError(
+                    f"{name}: stored chunk {index} does not match the manifest; "
+                    "the artifact was altered or replaced (nothing after it was used)"
+                )
 
 
 def parse_recipients(recipients: list[str]) -> list[pyrage.x25519.Recipient]:
@@ -75,9 +151,17 @@ def parse_identities(identities: list[str]) -> list[pyrage.x25519.Identity]:
 class _HashingReader:
     """Reads from ``source`` and hashes/counts every byte that passes."""
 
-    def __init__(self, source: IO[bytes], progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        source: IO[bytes],
+        progress: Progress | None = None,
+        chunks: _ChunkCheck | None = None,
+        name: str = "",
+    ) -> None:
         self._source = source
         self._progress = progress
+        self._chunks = chunks
+        self._name = name
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.error: BaseException | None = None
@@ -89,6 +173,12 @@ class _HashingReader:
             self.error = exc  # the storage failed, not the artifact
             raise
         if data:
+            if self._chunks is not None:
+                try:
+                    self._chunks.update(memoryview(data), self._name)
+                except IntegrityError as exc:
+                    self.error = exc
+                    raise
             self.sha256.update(data)
             self.size += len(data)
             if self._progress is not None:
@@ -107,15 +197,18 @@ class _HashingReader:
 class _HashingWriter:
     """Hashes/counts every byte on its way to ``sink``."""
 
-    def __init__(self, sink: Writable) -> None:
+    def __init__(self, sink: Writable, chunk_size: int = 0) -> None:
         self._sink = sink
         self.sha256 = hashlib.sha256()
+        self.chunks = _ChunkHasher(chunk_size) if chunk_size else None
         self.size = 0
         self.error: BaseException | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
         self.sha256.update(view)
+        if self.chunks is not None:
+            self.chunks.update(view)
         self.size += view.nbytes
         try:
             self._sink.write(view)
@@ -179,7 +272,7 @@ def store_stream(
     """
     keys = parse_recipients(recipients)
     raw = _HashingReader(source, progress)
-    stored = _HashingWriter(sink)
+    stored = _HashingWriter(sink, VERIFY_CHUNK)
     compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     with compressor.stream_reader(
         cast(IO[bytes], raw), read_size=CHUNK, closefd=False
@@ -192,11 +285,14 @@ def store_stream(
             if cause is not None:
                 raise cause from None
             raise StrongroomError(f"encrypting the stream failed: {exc}") from None
+    assert stored.chunks is not None
     return StreamStats(
         raw_size=raw.size,
         raw_sha256=raw.sha256.hexdigest(),
         stored_size=stored.size,
         stored_sha256=stored.sha256.hexdigest(),
+        stored_chunk_sha256=tuple(stored.chunks.close()),
+        stored_chunk_size=VERIFY_CHUNK,
     )
 
 
@@ -210,15 +306,23 @@ def restore_stream(
     name: str,
     holdback: int = HOLDBACK,
     progress: Progress | None = None,
+    expected_chunks: tuple[list[str], int] | None = None,
+    on_verified: Callable[[], None] | None = None,
 ) -> StreamStats:
     """Decrypt and decompress ``source`` into ``sink``, checking both checksums.
 
     Raises IntegrityError naming ``name`` on any mismatch, authentication
     failure or wrong key; in that case the last ``holdback`` bytes were never
-    written to ``sink``.
+    written to ``sink``. With ``expected_chunks`` (digests, chunk size) and
+    ``on_verified``, each stored chunk is checked as it arrives (see the module's
+    docstring); every reader of such an artifact fails at the first chunk that differs,
+    so verify passing means every restore's chunk checks pass too.
     """
     keys = parse_identities(identities)
-    stored = _HashingReader(source, progress)
+    chunks = None
+    if expected_chunks is not None and expected_chunks[1] > 0:
+        chunks = _ChunkCheck(expected_chunks[0], expected_chunks[1], on_verified or _nothing)
+    stored = _HashingReader(source, progress, chunks, name)
     held = _HoldbackWriter(sink, holdback)
     raw = _HashingWriter(held)
     decompressor = zstandard.ZstdDecompressor()
@@ -244,6 +348,12 @@ def restore_stream(
         ) from None
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"{name}: compressed stream is corrupt ({exc})") from None
+    except Exception:
+        if stored.error is not None:
+            raise stored.error from None
+        raise
+    if chunks is not None:
+        chunks.close(name)
     stats = StreamStats(
         raw_size=raw.size,
         raw_sha256=raw.sha256.hexdigest(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from blocks import TARGET_BLOCKS
+from blocks import REPOSITORY_BLOCK_SLUG, TARGET_BLOCK_SLUGS, TARGET_BLOCKS, BackupRepository
 from flows.by_engine import ENGINE_FLOWS, backup_flow, restore_flow
 from strongroom.drills.engines import DRILL_ADAPTERS, available_engines
 from strongroom.engines.clickhouse.restore import ChRestoreRequest
@@ -19,6 +19,9 @@ def test_every_engine_is_registered_everywhere() -> None:
     assert names == ["postgresql", "clickhouse", "redis"]
     # one registration per table: blocks, flows, drills all know the same engines
     assert list(TARGET_BLOCKS) == names
+    # the static slugs (no import of every block class) name the same block types
+    assert {e: b.get_block_type_slug() for e, b in TARGET_BLOCKS.items()} == TARGET_BLOCK_SLUGS
+    assert BackupRepository.get_block_type_slug() == REPOSITORY_BLOCK_SLUG
     assert list(ENGINE_FLOWS) == names
     assert list(DRILL_ADAPTERS) == names
     assert available_engines() == names

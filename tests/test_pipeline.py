@@ -174,3 +174,72 @@ def test_memory_does_not_grow_with_stream_size(identity: x25519.Identity) -> Non
         tracemalloc.stop()
     assert peaks[1] < 16 << 20
     assert peaks[1] < peaks[0] * 2 + (4 << 20)
+
+
+def test_stored_chunks_are_recorded_and_checked_as_they_are_read(
+    identity: x25519.Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every VERIFY_CHUNK of stored bytes has its digest; a reader given them publishes
+    plaintext only after the chunks it came from matched, and a forged chunk stops the
+    stream at that chunk: nothing derived from it was ever published."""
+    monkeypatch.setattr(pipeline, "VERIFY_CHUNK", 64 * 1024)
+    data = os.urandom(1_500_000)  # incompressible: about 23 stored chunks
+    blob, stats = _store(identity, data)
+    size = stats.stored_chunk_size
+    assert size == 64 * 1024
+    assert list(stats.stored_chunk_sha256) == [
+        hashlib.sha256(blob[i : i + size]).hexdigest() for i in range(0, len(blob), size)
+    ]
+
+    def read(stored: bytes) -> tuple[io.BytesIO, list[int]]:
+        sink, published = io.BytesIO(), []
+        pipeline.restore_stream(
+            io.BytesIO(stored),
+            sink,
+            identities=[str(identity)],
+            expected_stored_sha256=stats.stored_sha256,
+            expected_raw_sha256=stats.raw_sha256,
+            name="artifact",
+            holdback=0,
+            expected_chunks=(list(stats.stored_chunk_sha256), size),
+            on_verified=lambda: published.append(sink.tell()),
+        )
+        return sink, published
+
+    sink, published = read(blob)
+    assert sink.getvalue() == data
+    assert len(published) == len(blob) // size and published == sorted(published)
+
+    def published_before_failure(stored: bytes) -> tuple[io.BytesIO, list[int], str]:
+        sink, published = io.BytesIO(), []
+        with pytest.raises(IntegrityError) as failure:
+            pipeline.restore_stream(
+                io.BytesIO(stored),
+                sink,
+                identities=[str(identity)],
+                expected_stored_sha256=stats.stored_sha256,
+                expected_raw_sha256=stats.raw_sha256,
+                name="artifact",
+                holdback=0,
+                expected_chunks=(list(stats.stored_chunk_sha256), size),
+                on_verified=lambda: published.append(sink.tell()),
+            )
+        return sink, published, str(failure.value)
+
+    # a flipped byte in chunk 5: age's own authentication or the chunk check stops
+    # the stream there; what was published is the original plaintext
+    flipped = bytearray(blob)
+    flipped[5 * size + 100] ^= 1
+    sink, published, _ = published_before_failure(bytes(flipped))
+    assert len(published) <= 5
+    assert sink.getvalue()[: published[-1]] == data[: published[-1]]
+
+    # a well-formed replacement (encrypted to the public recipient): its first chunk
+    # already differs, so not one byte of it is published
+    other, _ = _store(identity, data[:-1] + bytes([data[-1] ^ 1]))
+    sink, published, message = published_before_failure(other)
+    assert published == [] and "stored chunk 0 does not match" in message
+
+    longer = blob + b"\x00" * 10
+    with pytest.raises(IntegrityError):
+        read(longer)

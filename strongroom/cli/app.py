@@ -44,12 +44,25 @@ signing.register(app)
 
 
 def main() -> None:
-    from strongroom.fast_exit import freeze_heap
+    import os
+    import sys
 
+    from strongroom.fast_exit import exit_now, freeze_heap
+
+    if os.environ.get("STRONGROOM_FAST_EXIT", "1") == "0":
+        try:
+            app()
+        finally:
+            freeze_heap()
+        return
+    code: int = 0
     try:
         app()
-    finally:
-        freeze_heap()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    exit_now(code)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ def _cli() -> Any:
 
 
 def _open_repo(repository: str) -> Any:
-    from flows.common import load_repository
+    """The repository for a read command (no Prefect import: strongroom.cli.repo_source)."""
+    from strongroom.cli.repo_source import open_read_repository
 
-    return load_repository(repository)[0]
+    return open_read_repository(repository)
 
 
 def _dump(data: Any) -> None:

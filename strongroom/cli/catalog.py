@@ -9,16 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.table import Column, Table
 
 from strongroom.cli.common import (
     JsonOpt,
     KeyOpt,
     RepoOpt,
+    RepoUrlOpt,
+    TrustOpt,
     _emit,
     _handled,
-    _open_repo,
     _progress,
+    _read_repo,
     out,
     size,
 )
@@ -37,6 +38,8 @@ def list_cmd(
     target: str | None = typer.Option(None),
     repository: str = RepoOpt,
     drills: bool = typer.Option(False, "--drills", help="List restore drill records instead."),
+    repository_url: str | None = RepoUrlOpt,
+    trust: str | None = TrustOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """List backups (or, with --drills, restore drill records), oldest first."""
@@ -47,14 +50,16 @@ def list_cmd(
             from strongroom.cli.policy import print_drills
             from strongroom.drills import list_drills
 
-            drill_rows = list_drills(_open_repo(repository), engine, target)
+            drill_rows = list_drills(_read_repo(repository, repository_url, trust), engine, target)
             _emit(as_json, drill_rows, lambda: print_drills(drill_rows))
             return
 
-        manifests = Catalog(_open_repo(repository)).list(engine, target)
+        manifests = Catalog(_read_repo(repository, repository_url, trust)).list(engine, target)
         rows = [m.summary() for m in manifests]
 
         def human() -> None:
+            from rich.table import Column, Table
+
             table = Table(
                 Column("backup id", no_wrap=True, min_width=23),
                 "engine",
@@ -88,6 +93,8 @@ def show_cmd(
     engine: str | None = typer.Option(None),
     target: str | None = typer.Option(None),
     repository: str = RepoOpt,
+    repository_url: str | None = RepoUrlOpt,
+    trust: str | None = TrustOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Show one backup's manifest and its chain: every backup it depends on, oldest first
@@ -96,7 +103,7 @@ def show_cmd(
         from strongroom.catalog import Catalog
         from strongroom.chains import backup_chain
 
-        catalog = Catalog(_open_repo(repository))
+        catalog = Catalog(_read_repo(repository, repository_url, trust))
         manifest = catalog.resolve(backup_id, engine, target)
         chain = backup_chain(catalog, manifest)
         data = manifest.model_dump(mode="json")
@@ -167,6 +174,8 @@ def blocks_register_cmd(as_json: bool = JsonOpt) -> None:
 
 
 def print_manifest(m: dict[str, Any]) -> None:
+    from rich.table import Table
+
     out.print(f"[bold]{m['backup_id']}[/bold] {m['engine']}/{m['target']} ({m['kind']})")
     out.print(f"  finished {m['finished_at']}  server {m.get('server', {}).get('version', '?')}")
     table = Table("artifact", "content", "dump", "stored", "sha256 (stored)")
@@ -183,6 +192,8 @@ def print_manifest(m: dict[str, Any]) -> None:
 
 def print_chain(chain: dict[str, Any]) -> None:
     """The chain table of ``strongroom.chains.backup_chain``, and whether it is whole."""
+    from rich.table import Column, Table
+
     links = chain["links"]
     if len(links) == 1:
         out.print("  chain: self-contained (depends on no other backup)")

@@ -23,6 +23,19 @@ err = Console(stderr=True)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document for scripts.")
 RepoOpt = typer.Option("default", "--repository", "-r", help="BackupRepository block name.")
 KeyOpt = typer.Option("default", "--key", "-k", help="EncryptionKey block name.")
+RepoUrlOpt = typer.Option(
+    None,
+    "--repository-url",
+    envvar="STRONGROOM_REPOSITORY_URL",
+    help="Read file:///path or s3://bucket/prefix directly (no Prefect; AWS credentials "
+    "from the environment or profile).",
+)
+TrustOpt = typer.Option(
+    None,
+    "--trust",
+    envvar="STRONGROOM_TRUSTED_SIGNERS",
+    help="PEM file of the Ed25519 public keys to trust (with --repository-url).",
+)
 
 
 def _emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
@@ -98,9 +111,26 @@ def run_flow(
     """Run a flow (``call``) with the progress bar, print its result (``show``, or JSON
     with ``--json``) and map its errors to exit codes."""
     with _handled(as_json):
-        with _progress(not as_json):
+        with _progress(not as_json), _foreground_run():
             result = call()
         _emit(as_json, result, lambda: show(result))
+
+
+@contextmanager
+def _foreground_run() -> Iterator[None]:
+    """A flow run in the CLI's own process, watched by its operator: no heartbeat thread
+    (heartbeats detect crashed unattended runs; the sync engine joins that thread at the
+    end of the run, waiting out its 1 s sleep) unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+    is set."""
+    import os
+
+    if os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY"):
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def print_summary(summary: Any, console: Console = out) -> None:
@@ -141,12 +171,21 @@ def show_restore(engine: str) -> Callable[[dict[str, Any]], None]:
 
 
 def _open_repo(repository: str) -> Any:
+    """The repository of block ``repository``, able to sign (commands that write)."""
     from flows.common import load_repository
 
     return load_repository(repository)[0]
 
 
+def _read_repo(repository: str, url: str | None = None, trust: str | None = None) -> Any:
+    """The repository for a read command, without Prefect when it can
+    (``strongroom.cli.repo_source``)."""
+    from strongroom.cli.repo_source import open_read_repository
+
+    return open_read_repository(repository, url, trust)
+
+
 def size(n: int) -> str:
-    from flows.common import human_size
+    from strongroom.sizes import human_size
 
     return human_size(n)

@@ -27,7 +27,15 @@ CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True, "help_optio
 
 def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer) -> None:
     """Add the PITR commands to the CLI."""
-    from strongroom.cli.common import JsonOpt, _emit, _handled, _progress, out
+    from strongroom.cli.common import (
+        JsonOpt,
+        RepoUrlOpt,
+        TrustOpt,
+        _emit,
+        _handled,
+        _progress,
+        out,
+    )
 
     repo_opt = typer.Option("default", "--repository", "-r", help="BackupRepository block name.")
     key_opt = typer.Option("default", "--key", "-k", help="EncryptionKey block name.")
@@ -234,19 +242,22 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
             "--verify",
             help="EncryptionKey block: also decrypt and check every archived WAL file.",
         ),
+        repository_url: str | None = RepoUrlOpt,
+        trust: str | None = TrustOpt,
         as_json: bool = JsonOpt,
     ) -> None:
         """WAL continuity per timeline, gaps, and the recoverable window (exit 4 on gaps or,
         with --verify, on a damaged or replaced WAL file)."""
         with _handled(as_json):
-            from flows.common import load_key, load_repository
+            from strongroom.cli.common import _read_repo
             from strongroom.engines.postgres.pitr.basebackup import base_backups_with_findings
             from strongroom.engines.postgres.wal.check import wal_check
 
-            repo, _ = load_repository(repository)
+            repo = _read_repo(repository, repository_url, trust)
             bases, untrusted = base_backups_with_findings(repo, target)
             report = wal_check(repo, target, bases, untrusted)
             if verify_key:
+                from flows.common import load_key
                 from strongroom.engines.postgres.wal.verify import verify_archive
 
                 ids = [i.get_secret_value() for i in load_key(verify_key).identities]

@@ -25,6 +25,7 @@ from strongroom.cli.common import (
     _emit,
     _handled,
     _open_repo,
+    _read_repo,
     err,
     out,
 )
@@ -169,7 +170,7 @@ def pins_cmd(
     with _handled(as_json):
         from strongroom.policy.pins import list_pins
 
-        rows = list_pins(_open_repo(repository), engine, target)
+        rows = list_pins(_read_repo(repository), engine, target)
 
         def human() -> None:
             table = Table("backup id", "target", "pinned at", "by", "reason")
@@ -255,7 +256,7 @@ def drills_cmd(
     with _handled(as_json):
         from strongroom.drills import list_drills
 
-        rows = list_drills(_open_repo(repository), engine, target)
+        rows = list_drills(_read_repo(repository), engine, target)
         _emit(as_json, rows, lambda: print_drills(rows))
 
 

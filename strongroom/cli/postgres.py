@@ -6,9 +6,23 @@ Prefect flows in ``flows.postgres`` so every run is recorded.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import typer
 
-from strongroom.cli.common import JsonOpt, KeyOpt, RepoOpt, run_flow, show_backup, show_restore
+from strongroom.cli.common import (
+    JsonOpt,
+    KeyOpt,
+    RepoOpt,
+    _emit,
+    _handled,
+    run_flow,
+    show_backup,
+    show_restore,
+)
+
+TARGET_SLUG = "strongroom-postgres-target"
 
 
 def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
@@ -54,12 +68,40 @@ def restore_postgresql_cmd(
     drop_existing: bool = typer.Option(False, "--drop-existing", help="Allow replacing data."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, change nothing."),
     no_owner: bool = typer.Option(False, "--no-owner"),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="pg_restore jobs (directory dumps)."),
+    jobs: int | None = typer.Option(
+        None,
+        "--jobs",
+        "-j",
+        min=1,
+        max=64,
+        help="Parallel loads of a whole-database restore (default: the cores, at most 8).",
+    ),
     repository: str = RepoOpt,
     key: str = KeyOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Restore a PostgreSQL logical backup (whole database, tables or schemas)."""
+    """Restore a PostgreSQL logical backup (whole database, tables or schemas).
+
+    With --dry-run only the plan is made (nothing changes, no flow run: the target and
+    repository blocks are read straight from the Prefect API)."""
+    request = {
+        "backup_id": backup_id,
+        "source_target": source_target,
+        "database": database,
+        "target_database": target_database,
+        "tables": table,
+        "schemas": schema,
+        "schema_only": schema_only,
+        "data_only": data_only,
+        "drop_existing": drop_existing,
+        "no_owner": no_owner,
+        **({"jobs": jobs} if jobs is not None else {}),
+    }
+    if dry_run and os.environ.get("PREFECT_API_URL"):
+        with _handled(as_json):
+            plan = _plan_only(target, repository, request)
+        _emit(as_json, plan, lambda: show_restore("postgresql")(plan))
+        return
     from flows.postgres import restore_postgresql
 
     run_flow(
@@ -83,3 +125,18 @@ def restore_postgresql_cmd(
         ),
         show_restore("postgresql"),
     )
+
+
+def _plan_only(target: str, repository: str, request: dict[str, Any]) -> dict[str, Any]:
+    """The restore plan as a read command: the blocks over one HTTP GET each, the
+    manifest (signature checked) and the target database's state; nothing is written."""
+    from blocks.target_config import postgres_connection
+    from strongroom.cli.repo_source import fetch_block_data, open_read_repository
+    from strongroom.engines.postgres.restore import PgRestoreRequest, plan_restore
+    from strongroom.redact import register
+
+    api_url = os.environ["PREFECT_API_URL"].rstrip("/")
+    conn = postgres_connection(target, fetch_block_data(TARGET_SLUG, target, api_url))
+    register(*conn.secrets())
+    repo = open_read_repository(repository)
+    return plan_restore(conn, repo, PgRestoreRequest(**request, dry_run=True))

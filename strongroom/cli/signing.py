@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from strongroom.cli.common import JsonOpt, KeyOpt, RepoOpt, _emit, _handled, err, out
 from strongroom.errors import Conflict, IntegrityError, InvalidInput
-from strongroom.signing import MAX_RECORD_SIZE, SIG_SUFFIX, PublicKey, Signer, verify_file
+
+if TYPE_CHECKING:
+    from strongroom.signing import Signer
 
 
 def _read_capped(path: Path, limit: int, what: str) -> bytes:
@@ -45,6 +47,8 @@ def keygen_signing_cmd(
     a strongroom-signing-key block), the public PEM to stdout (the repository block's
     trusted_signers, and what auditors verify with)."""
     with _handled(as_json):
+        from strongroom.signing import Signer
+
         signer = Signer.generate()
         try:
             fd = os.open(
@@ -73,6 +77,8 @@ def verify_signature_cmd(
 ) -> None:
     """Check a record's Ed25519 signature with one public key (offline: no secret)."""
     with _handled(as_json):
+        from strongroom.signing import MAX_RECORD_SIZE, SIG_SUFFIX, PublicKey, verify_file
+
         public = PublicKey.parse(_read_capped(public_key, 64 * 1024, "public key"))
         if repository is not None:
             from strongroom.cli.common import _open_repo
@@ -144,6 +150,7 @@ def _sign_unsigned(
     from strongroom.catalog import Catalog, manifest_key
     from strongroom.seal import SEAL_FIELD, check_name, check_seal, origin_of, parse_document
     from strongroom.sign_records import write_signatures
+    from strongroom.signing import MAX_RECORD_SIZE
 
     catalog = Catalog(repo)
     rows: list[dict[str, Any]] = []

@@ -197,7 +197,7 @@ def test_cli_refuses_hostile_ids_with_exit_codes(
     _db, repo, manifest = world
     assume(value not in ("latest", manifest.backup_id, manifest.target))
     assume(command == "show" or value != "")  # --target "" means no filter
-    monkeypatch.setattr(catalog_commands, "_open_repo", lambda _name: repo)
+    monkeypatch.setattr(catalog_commands, "_read_repo", lambda *_args: repo)
     before = _tree(repo.root)
     if command == "show":
         args = ["show", "--json", "--", value]

@@ -232,7 +232,12 @@ def _manifest_seed() -> bytes:
             )
         ],
     )
-    return manifest.model_dump_json().encode()
+    seed = manifest.model_dump_json().encode()
+    pad = ""
+    while len(seed) % 5 == 0:  # such lengths get a forged signature (see _ManifestTarget)
+        pad += "x"
+        seed = manifest.model_copy(update={"labels": {"seed": pad}}).model_dump_json().encode()
+    return seed
 
 
 Target = Callable[[bytes], None]

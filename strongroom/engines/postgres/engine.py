@@ -50,6 +50,12 @@ def restore_summary(report: Mapping[str, Any]) -> Summary:
             f"- into `{report['target_database']}` on `{report['target_server']}` "
             f"({report['mode']})",
             f"- size: {human_size(report['raw_size'])}",
+            *([f"- how: {report['method']}"] if report.get("method") else []),
+            *(
+                ["- seconds: " + ", ".join(f"{k[:-2]} {v}" for k, v in report["phases_s"].items())]
+                if report.get("phases_s")
+                else []
+            ),
             f"- row counts match the manifest: {report.get('rows_ok', 'n/a')}",
         ]
         + ([f"- blocked: {report['blocked']}"] if report.get("blocked") else [])

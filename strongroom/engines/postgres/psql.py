@@ -41,10 +41,12 @@ USER_TABLES = """
 
 # One JSON object per relation, in the session's snapshot: its kind, where it hangs
 # (partition of / inherits from), and the exact rows stored in the relation itself
-# (FROM ONLY: a parent's count never includes its children). Partitioned parents hold
-# no rows (0); foreign tables are not counted (that would query the remote server) and
-# neither are unpopulated materialized views (null). query_to_xml runs each count(*)
-# inside this statement, with the names quoted by format(%I): never interpolated by us.
+# (FROM ONLY: a parent's count never includes its children) with its size on disk
+# (``bytes``: a parallel restore splits tables into groups of equal work by it).
+# Partitioned parents hold no rows (0); foreign tables are not counted (that would
+# query the remote server) and neither are unpopulated materialized views (null).
+# query_to_xml runs each count(*) inside this statement, with the names quoted by
+# format(%I): never interpolated by us.
 # The counts run while pg_dump streams and finish long before it, so parallel workers
 # would only take CPU from the dump (and from the production server): one backend.
 COUNT_ROWS = f"""
@@ -52,6 +54,8 @@ SET LOCAL max_parallel_workers_per_gather = 0;
 SELECT coalesce(json_agg(json_build_object(
   'schema', n.nspname, 'name', c.relname, 'oid', c.oid::bigint, 'relkind', c.relkind,
   'unlogged', c.relpersistence = 'u',
+  'bytes', CASE WHEN c.relkind = 'r' OR (c.relkind = 'm' AND c.relispopulated)
+     THEN pg_table_size(c.oid) END,
   'populated', CASE WHEN c.relkind = 'm' THEN c.relispopulated END,
   'partition_of', (SELECT json_build_array(pn.nspname, pc.relname)
      FROM pg_inherits i JOIN pg_class pc ON pc.oid = i.inhparent

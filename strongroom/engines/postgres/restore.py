@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import secrets
 import subprocess
 import tempfile
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from psycopg import sql
 from pydantic import BaseModel, Field
 
@@ -30,12 +30,13 @@ from strongroom.catalog import Catalog, Manifest
 from strongroom.config import EncryptionConfig, PostgresConnection
 from strongroom.engines.postgres import inspection as pg_inspect
 from strongroom.engines.postgres import relations as pg_relations
+from strongroom.engines.postgres import restore_phased
+from strongroom.engines.postgres import swap as pg_swap
 from strongroom.engines.postgres import toc as pg_toc
 from strongroom.engines.postgres.backup import ENGINE, pg_tool
 from strongroom.engines.postgres.connect import connect
 from strongroom.engines.postgres.relations import check_identifier as _check_identifier
 from strongroom.errors import (
-    Conflict,
     IntegrityError,
     InvalidInput,
     NotFound,
@@ -46,6 +47,11 @@ from strongroom.pipeline import Progress
 from strongroom.process import Tool
 from strongroom.redact import register
 from strongroom.repository.base import Repository
+
+
+def default_jobs() -> int:
+    """One job per core, at most 8 (the server does the work; more only queue)."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 class PgRestoreRequest(BaseModel):
@@ -66,7 +72,18 @@ class PgRestoreRequest(BaseModel):
     drop_existing: bool = False
     dry_run: bool = False
     no_owner: bool = False
-    jobs: int = Field(default=1, ge=1, le=64, description="pg_restore -j for directory dumps")
+    jobs: int = Field(
+        default_factory=default_jobs,
+        ge=1,
+        le=64,
+        description="parallel pg_restore jobs of a whole-database restore (default: the cores)",
+    )
+    maintenance_work_mem_mb: int = Field(
+        default=256,
+        ge=1,
+        le=65536,
+        description="maintenance_work_mem of each restore session (index builds), MB",
+    )
 
 
 def _pick_database(manifest: Manifest, wanted: str | None) -> dict[str, Any]:
@@ -245,10 +262,11 @@ def _member_path(folder: Path, meta: dict[str, Any]) -> Path:
 
 
 def _parallel_restore(
-    conn: PostgresConnection, database: str, folder: Path, jobs: int, args: list[str]
+    conn: PostgresConnection, database: str, folder: Path, req: PgRestoreRequest, args: list[str]
 ) -> None:
     """pg_restore -j N straight into a scratch database (atomicity comes from the swap)."""
-    env = {**conn.libpq_env(), "PGDATABASE": database}
+    jobs = req.jobs
+    env = restore_phased.session_env(conn, database, req.maintenance_work_mem_mb)
     cmd = [a for a in args if a not in ("-f", "-")]
     tool = Tool([*cmd, f"-j{jobs}", "-d", database, str(folder)], env, stdout=subprocess.DEVNULL)
     tool.check(f"pg_restore -j{jobs} into {database!r}")
@@ -265,20 +283,23 @@ def _compare_rows(
     tables = [k for k in selected if k in expected]
     with connect(conn, database) as c:
         actual = pg_inspect.count_rows(c, tables, only=pg_relations.counts_only(entry))
+    return _row_checks(entry, tables, actual)
+
+
+def _row_checks(
+    entry: dict[str, Any], tables: list[tuple[str, str]], actual: dict[tuple[str, str], int]
+) -> list[dict[str, Any]]:
+    expected = pg_relations.expected_rows(entry)
     return [
         {
             "table": f"{s}.{t}",
             "expected": expected.get((s, t)),
-            "actual": actual[(s, t)],
-            "ok": expected.get((s, t)) == actual[(s, t)],
+            "actual": actual.get((s, t)),
+            "ok": expected.get((s, t)) == actual.get((s, t)),
         }
         for s, t in tables
+        if (s, t) in expected
     ]
-
-
-def _drop_database(conn: PostgresConnection, name: str) -> None:
-    with connect(conn) as c:
-        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @dataclass
@@ -352,6 +373,7 @@ def _plan(
         "would_replace": (whole and exists) or bool(conflicts),
         "conflicts": conflicts,
         "drop_existing": req.drop_existing,
+        "method": _method(req, whole, entry.get("format", "custom")),
     }
     if ((whole and non_empty) or conflicts) and not req.drop_existing:
         what = (
@@ -364,6 +386,18 @@ def _plan(
         plan["blocked"] = f"{what}; needs drop_existing"
     job = _Job(req, manifest, entry, target_db, selected, whole, exists, conflicts)
     return plan, job
+
+
+def _method(req: PgRestoreRequest, whole: bool, dump_format: str) -> str:
+    """How the restore will run, as the plan shows it."""
+    if not whole:
+        return "one transaction in the target database, one stream (selective restores are atomic)"
+    if dump_format == "directory":
+        return f"spooled and verified, pg_restore -j{req.jobs} into a scratch database, swapped in"
+    return (
+        f"pg_restore into a scratch database, {req.jobs} parallel table load(s) while the "
+        f"artifact streams, then indexes with -j{req.jobs}; swapped in after the checks"
+    )
 
 
 def _load(
@@ -406,7 +440,7 @@ def _load(
             list_path.write_text(chosen, encoding="utf-8")
             args = [*args, "-L", str(list_path)]
         if spooled is not None and parallel:
-            _parallel_restore(conn, database, spooled, job.req.jobs, args)
+            _parallel_restore(conn, database, spooled, job.req, args)
             return
         _run_restore(
             repo,
@@ -428,10 +462,12 @@ def _restore_whole(
     repo: Repository,
     enc: EncryptionConfig,
     progress: Progress | None,
+    phases: dict[str, float],
 ) -> list[dict[str, Any]]:
     """Into a scratch database, check row counts, then swap it in place of the target."""
     entry = job.entry
     scratch = f"sr_restore_{secrets.token_hex(4)}"
+    started = time.monotonic()
     with connect(conn) as c:
         c.execute(
             sql.SQL(
@@ -443,17 +479,34 @@ def _restore_whole(
                 sql.Literal(entry["ctype"]),
             )
         )
+    phases["create_scratch_s"] = round(time.monotonic() - started, 3)
     try:
-        args = _restore_args(job.req, job.selected, clean=False)
-        _load(job, conn, repo, enc, scratch, args, "", progress, parallel=True)
-        checks = [] if job.req.schema_only else _compare_rows(conn, scratch, entry, job.selected)
+        if entry.get("format", "custom") == "custom":
+            options = restore_phased.LoadOptions(
+                jobs=job.req.jobs,
+                memory_mb=job.req.maintenance_work_mem_mb,
+                schema_only=job.req.schema_only,
+                no_owner=job.req.no_owner,
+            )
+            counts = restore_phased.load_whole(
+                repo, job.manifest, entry, conn, enc, scratch, options, progress, phases
+            )
+            checks = [] if job.req.schema_only else _row_checks(entry, job.selected, counts)
+        else:
+            args = _restore_args(job.req, job.selected, clean=False)
+            _load(job, conn, repo, enc, scratch, args, "", progress, parallel=True)
+            checks = (
+                [] if job.req.schema_only else _compare_rows(conn, scratch, entry, job.selected)
+            )
         bad = [c for c in checks if not c["ok"]]
         if bad:
             raise IntegrityError(f"row counts differ from the manifest: {bad[:5]}")
-        _swap_in(conn, scratch, job.target_db, job.exists)
+        started = time.monotonic()
+        pg_swap.swap_in(conn, scratch, job.target_db, job.exists)
+        phases["swap_s"] = round(time.monotonic() - started, 3)
     except BaseException:
         with contextlib.suppress(Exception):
-            _drop_database(conn, scratch)
+            pg_swap.drop_database(conn, scratch)
         raise
     return checks
 
@@ -464,6 +517,7 @@ def _restore_selective(
     repo: Repository,
     enc: EncryptionConfig,
     progress: Progress | None,
+    phases: dict[str, float],
 ) -> list[dict[str, Any]]:
     """Tables, schemas or data-only: one transaction in the target database."""
     req, selected = job.req, job.selected
@@ -486,16 +540,30 @@ def _restore_selective(
             .as_string(None)
         )
     try:
+        started = time.monotonic()
         args = _restore_args(req, selected, clean=bool(job.conflicts) and not req.data_only)
         _load(job, conn, repo, enc, job.target_db, args, preamble, progress)
+        phases["one_transaction_s"] = round(time.monotonic() - started, 3)
     except BaseException:
         if created:
             with contextlib.suppress(Exception):
-                _drop_database(conn, job.target_db)
+                pg_swap.drop_database(conn, job.target_db)
         raise
     if req.schema_only:
         return []
-    return _compare_rows(conn, job.target_db, job.entry, selected)
+    started = time.monotonic()
+    checks = _compare_rows(conn, job.target_db, job.entry, selected)
+    phases["row_counts_s"] = round(time.monotonic() - started, 3)
+    return checks
+
+
+def plan_restore(
+    conn: PostgresConnection, repo: Repository, req: PgRestoreRequest
+) -> dict[str, Any]:
+    """The plan of ``req`` (what would be restored, replaced or refused); changes nothing
+    and needs no decryption key."""
+    register(*conn.secrets())
+    return {**_plan(conn, repo, req)[0], "dry_run": True}
 
 
 def restore_postgres(
@@ -513,11 +581,13 @@ def restore_postgres(
         return {**plan, "dry_run": True}
     started = time.monotonic()
     restore = _restore_whole if job.whole else _restore_selective
-    checks = restore(job, conn, repo, enc, progress)
+    phases: dict[str, float] = {}
+    checks = restore(job, conn, repo, enc, progress, phases)
     report = {
         **plan,
         "dry_run": False,
         "duration_s": round(time.monotonic() - started, 3),
+        "phases_s": phases,
         "restored_at": dt.datetime.now(dt.UTC).isoformat(),
         "row_checks": checks,
         "rows_ok": all(c["ok"] for c in checks),
@@ -526,50 +596,3 @@ def restore_postgres(
         bad = [c for c in checks if not c["ok"]]
         raise IntegrityError(f"restored row counts differ from the manifest: {bad[:5]}")
     return report
-
-
-def _swap_in(conn: PostgresConnection, scratch: str, target: str, exists: bool) -> None:
-    """Replace ``target`` with ``scratch``; the old database is dropped only after the swap.
-
-    Both renames run in one transaction, so a failure (or a kill) leaves the target
-    exactly as it was, never missing.
-    """
-
-    def rename(c: psycopg.Connection, old: str, new: str) -> None:
-        c.execute(
-            sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                sql.Identifier(old), sql.Identifier(new)
-            )
-        )
-
-    def kick(c: psycopg.Connection, database: str) -> None:
-        c.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = %s AND pid <> pg_backend_pid()",
-            (database,),
-        )
-
-    with connect(conn) as c:
-        kick(c, scratch)  # nobody else has business in our scratch database
-        if not exists:
-            try:
-                rename(c, scratch, target)
-            except psycopg.Error as exc:
-                raise Conflict(
-                    f"could not rename the restored copy {scratch!r} to {target!r}: "
-                    f"{exc.diag.message_primary or type(exc).__name__}"
-                ) from None
-            return
-        old = f"sr_old_{secrets.token_hex(4)}"
-        try:
-            kick(c, target)
-            kick(c, scratch)
-            with c.transaction():  # both renames commit together, or neither does
-                rename(c, target, old)
-                rename(c, scratch, target)
-        except psycopg.Error as exc:
-            raise Conflict(
-                f"could not put the restored copy in place of {target!r}: "
-                f"{exc.diag.message_primary or type(exc).__name__}; {target!r} is unchanged"
-            ) from None
-        c.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(old)))

@@ -28,7 +28,7 @@ from strongroom.engines.postgres.relations import Key, key_of, parent_of
 from strongroom.errors import IntegrityError
 from strongroom.repository.base import Repository
 
-_LINE = re.compile(r"^(\d+); (\d+) (\d+) (.*)$")
+LINE = re.compile(r"^(\d+); (\d+) (\d+) (.*)$")
 DEFINITIONS = ("TABLE", "FOREIGN TABLE", "MATERIALIZED VIEW")
 DATA = ("TABLE DATA", "MATERIALIZED VIEW DATA")
 # longest first, so "TABLE DATA" is never read as "TABLE" + a schema called DATA
@@ -126,7 +126,7 @@ def parse(listing: str) -> list[tuple[str, int, str, str]]:
     """``(line, oid, desc, rest)`` per entry of the kinds a table selection uses."""
     entries: list[tuple[str, int, str, str]] = []
     for line in listing.splitlines():
-        match = _LINE.match(line)
+        match = LINE.match(line)
         if match is None:
             continue
         rest = match.group(4)
