@@ -43,6 +43,8 @@ def restore_clickhouse_flow(
     data_only: bool = False,
     drop_existing: bool = False,
     dry_run: bool = False,
+    jobs: int | None = None,
+    recheck: bool = False,
     allow_engines: list[str] | None = None,
     repository: str = "default",
     encryption_key: str = "default",
@@ -60,6 +62,8 @@ def restore_clickhouse_flow(
         data_only=data_only,
         drop_existing=drop_existing,
         dry_run=dry_run,
+        jobs=jobs,
+        recheck=recheck,
         allow_engines=allow_engines or [],
     )
     return run_restore("clickhouse", target, repository, encryption_key, req)

@@ -1199,9 +1199,12 @@ def test_cli_commands(flow_setup: dict[str, Any], ch: Server) -> None:
         "-t",
         "plain",
     ]
-    result = runner.invoke(app, [*args, "--json"])
+    result = runner.invoke(app, [*args, "--jobs", "3", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["fingerprints_ok"]
+    assert json.loads(result.stdout)["jobs"] == 3
+    result = runner.invoke(app, [*args, "--jobs", "0"])
+    assert result.exit_code == 2  # refused by the option's range, before any flow runs
     result = runner.invoke(app, [*args, "--dry-run"])
     assert result.exit_code == 0 and "blocked" in result.stdout
     result = runner.invoke(app, args)

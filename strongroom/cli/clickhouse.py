@@ -58,6 +58,19 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
             False, "--drop-existing", help="Allow replacing tables that hold rows."
         ),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, change nothing."),
+        jobs: int | None = typer.Option(
+            None,
+            "--jobs",
+            "-j",
+            min=1,
+            max=64,
+            help="Tables/partitions loaded at once (default: from the cores).",
+        ),
+        recheck: bool = typer.Option(
+            False,
+            "--recheck",
+            help="Fingerprint the final tables again after the swap (a second full scan).",
+        ),
         allow_engine: list[str] = typer.Option(
             [],
             "--allow-engine",
@@ -86,6 +99,8 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
                 data_only=data_only,
                 drop_existing=drop_existing,
                 dry_run=dry_run,
+                jobs=jobs,
+                recheck=recheck,
                 allow_engines=allow_engine,
                 repository=repository,
                 encryption_key=key,

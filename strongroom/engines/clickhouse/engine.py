@@ -89,10 +89,11 @@ def restore_summary(report: Mapping[str, Any]) -> Summary:
             {
                 "table": c["table"],
                 "stage": c["stage"],
+                "check": c.get("check", "fingerprint"),
                 "partitions": c["partitions"],
                 "expected rows": c["expected_rows"],
                 "restored rows": c["actual_rows"],
-                "fingerprint ok": c["ok"],
+                "ok": c["ok"],
             }
             for c in report.get("checks", [])
         ]
@@ -105,6 +106,7 @@ def restore_summary(report: Mapping[str, Any]) -> Summary:
             f"- objects: {len(report['tables'])}, rows: {report['rows']}, "
             f"data: {human_size(report['raw_size'])}",
             f"- fingerprints match the manifest: {report.get('fingerprints_ok', 'n/a')}",
+            f"- parallel loads: {report.get('jobs', 1)}",
         ]
         + ([f"- blocked: {report['blocked']}"] if report.get("blocked") else [])
         + ([f"- left over: {report['leftovers']}"] if report.get("leftovers") else []),

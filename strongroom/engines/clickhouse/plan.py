@@ -61,6 +61,18 @@ class ChRestoreRequest(BaseModel):
     data_only: bool = False
     drop_existing: bool = False
     dry_run: bool = False
+    jobs: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="tables and partitions loaded at once (default: from the cores, "
+        "strongroom.engines.clickhouse.parallel.default_jobs)",
+    )
+    recheck: bool = Field(
+        default=False,
+        description="after the swap, fingerprint the final tables again (a second full scan); "
+        "by default their rows per partition are compared (see restore_checks)",
+    )
     allow_engines: list[str] = Field(
         default_factory=list,
         description="engines/table functions outside the default allowlist the backup's DDL "

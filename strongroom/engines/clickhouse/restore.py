@@ -4,21 +4,23 @@ data-only, into a renamed database; verified by server-side fingerprints.
 Nothing half-done: ClickHouse keeps the blocks of an INSERT that was cut off
 (measured on 18.16), so data is never streamed into a table that matters.
 Every table's data is first loaded into a scratch table
-(``__sr_restore_<run>_<n>``) and its fingerprint (per partition) compared with
-the manifest. Only when every scratch table of the run matches are they
-swapped in (whole tables by ``EXCHANGE TABLES`` in Atomic databases of 26.x, by two
-``RENAME TABLE`` on 18.16: see ``swap``; ``ALTER TABLE ... REPLACE
-PARTITION ... FROM`` for partitions and, in Atomic databases, for a materialized
-view's ``.inner_id.<uuid>`` table, which a rename would detach from its view),
-views created, and the fingerprints checked again on the final tables. Replaced
-tables and partitions are kept aside until then, so a failure at any step undoes
-the swaps and the target is as it was.
+(``__sr_restore_<run>_<n>``), ``jobs`` artifacts at a time (``parallel``), and its
+fingerprint (per partition) compared with the manifest. Only when every scratch
+table of the run matches are they swapped in (whole tables by ``EXCHANGE TABLES`` in
+Atomic databases of 26.x, by two ``RENAME TABLE`` on 18.16: see ``swap``; ``ALTER
+TABLE ... REPLACE PARTITION ... FROM`` for partitions and, in Atomic databases, for a
+materialized view's ``.inner_id.<uuid>`` table, which a rename would detach from its
+view), views created, and the final tables checked again (rows in place, or the
+fingerprint with ``recheck``: ``restore_checks``). Replaced tables and partitions are
+kept aside until then, so a failure at any step undoes the swaps and the target is as
+it was.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,10 +29,12 @@ from strongroom.artifacts import read_artifact
 from strongroom.catalog import Catalog, Manifest
 from strongroom.config import EncryptionConfig
 from strongroom.engines.clickhouse import inspection as inspect
+from strongroom.engines.clickhouse import restore_checks as checks
 from strongroom.engines.clickhouse.backup import ENGINE
 from strongroom.engines.clickhouse.capabilities import INNER_ID_PREFIX, capabilities
 from strongroom.engines.clickhouse.conn import ClickHouseConnection
 from strongroom.engines.clickhouse.http_client import ClickHouseHTTP
+from strongroom.engines.clickhouse.parallel import Staged, StopAware, default_jobs, load_all
 from strongroom.engines.clickhouse.plan import (
     ChRestoreRequest,
     Selection,
@@ -64,31 +68,6 @@ SCRATCH_PREFIX = "__sr_restore_"
 __all__ = ["ChRestoreRequest", "restore_clickhouse"]
 
 
-def _expected(entry: dict[str, Any], partitions: list[str]) -> dict[str, dict[str, Any]]:
-    """The manifest's fingerprints for what this action restores (keyed like ``fingerprint``)."""
-    if entry.get("partitions"):
-        return {
-            p["id"]: {"rows": int(p["rows"]), "hash": str(p["hash"])}
-            for p in entry["partitions"]
-            if not partitions or p["id"] in partitions
-        }
-    fp = entry.get("fingerprint") or {"rows": 0, "hash": "0"}
-    return {"": {"rows": int(fp["rows"]), "hash": str(fp["hash"])}} if int(fp["rows"]) else {}
-
-
-def _diff(expected: dict[str, dict[str, Any]], actual: dict[str, dict[str, Any]]) -> list[str]:
-    out = []
-    for key in sorted(set(expected) | set(actual)):
-        e, a = expected.get(key), actual.get(key)
-        if e != a:
-            where = f"partition {key}: " if key else ""
-            out.append(
-                f"{where}expected {e['rows'] if e else 0} rows (hash {e['hash'] if e else 0}), "
-                f"found {a['rows'] if a else 0} rows (hash {a['hash'] if a else 0})"
-            )
-    return out
-
-
 class _Run(SwapState):
     """One restore's staging, commit and undo."""
 
@@ -102,6 +81,8 @@ class _Run(SwapState):
         docs: dict[str, dict[str, Any]],
         actions: list[dict[str, Any]],
         progress: ProgressFactory | None,
+        jobs: int,
+        recheck: bool = False,
     ) -> None:
         super().__init__(client)
         self.repo = repo
@@ -114,6 +95,10 @@ class _Run(SwapState):
         self.entries = {(e["database"], e["name"]): e for e in sel.objects}
         self.created_dbs: list[str] = []
         self.checks: list[dict[str, Any]] = []
+        self.jobs = jobs
+        self.recheck = recheck
+        # artifact name -> (target database, staging table, target shown in messages)
+        self.destination: dict[str, tuple[str, str, str]] = {}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -145,11 +130,17 @@ class _Run(SwapState):
     # -- phase 1: stage and check ----------------------------------------------------------
 
     def stage(self) -> None:
-        for index, act in enumerate(self.actions):
-            if act["data"] and act["action"] != "skip":
-                self._stage_one(index, act)
+        """Create every staging table, then load them ``jobs`` artifacts at a time
+        (``parallel``), each table checked as soon as its data is in."""
+        capabilities(self.client)  # read once, before the loads share the client
+        staged = [
+            self._stage_one(index, act)
+            for index, act in enumerate(self.actions)
+            if act["data"] and act["action"] != "skip"
+        ]
+        load_all(staged, self.jobs, self._load)
 
-    def _stage_one(self, index: int, act: dict[str, Any]) -> None:
+    def _stage_one(self, index: int, act: dict[str, Any]) -> Staged:
         entry = self.entries[(act["database"], act["table"])]
         tdb = act["target_database"]
         scratch = self.name(SCRATCH_PREFIX)
@@ -163,13 +154,21 @@ class _Run(SwapState):
         self.scratch[index] = scratch
         if inspect.merge_sensitive(entry["data_engine"]):
             self.stop_merges(tdb, scratch)
+        artifacts = []
         for name in act["artifacts"]:
-            self._load(self.manifest.artifact(name), tdb, scratch, act["target"])
-        self.check(act, entry, tdb, scratch, stage="scratch")
+            artifact = self.manifest.artifact(name)
+            self.destination[artifact.name] = (tdb, scratch, act["target"])
+            artifacts.append(artifact)
+        return Staged(
+            artifacts=artifacts,
+            check=lambda: self.check(act, entry, tdb, scratch, stage="scratch"),
+        )
 
-    def _load(self, artifact: Any, tdb: str, table: str, shown: str) -> None:
+    def _load(self, artifact: Any, stop: threading.Event) -> None:
+        """Stream one verified artifact into its staging table (runs in a pool thread)."""
         if artifact.raw_size == 0:
             return
+        tdb, table, shown = self.destination[artifact.name]
         what = f"loading {artifact.name} into {shown}"
         insert = self.client.insert_stream(
             f"INSERT INTO {qualified(tdb, table)} FORMAT Native",
@@ -181,7 +180,7 @@ class _Run(SwapState):
             read_artifact(
                 self.repo,
                 artifact,
-                insert,
+                StopAware(insert, stop),
                 encryption=self.enc,
                 progress=self.progress(artifact.name, artifact.raw_size) if self.progress else None,
             )
@@ -193,26 +192,24 @@ class _Run(SwapState):
     def check(
         self, act: dict[str, Any], entry: dict[str, Any], tdb: str, table: str, *, stage: str
     ) -> None:
-        expected = _expected(entry, act["partitions"])
-        partitioned = bool(entry.get("partitions")) or bool(entry.get("partition_key"))
-        actual = inspect.fingerprint(
-            self.client,
-            tdb,
-            table,
-            inspect.stored_columns(entry["columns"]),
-            by_partition=partitioned and inspect.is_merge_tree(entry["data_engine"]),
-            finalize_aggregates=entry.get("fingerprint_aggregates") == "finalized",
-        )
+        """``scratch``: the content fingerprint; ``final``: rows in place, or the
+        fingerprint again with ``recheck`` (``restore_checks``)."""
+        want = checks.expected(entry, act["partitions"])
+        if stage == "scratch" or self.recheck:
+            found = checks.content(self.client, entry, tdb, table)
+        else:
+            found = checks.placed(self.client, entry, tdb, table)
         if act["partitions"]:
-            actual = {k: v for k, v in actual.items() if k in act["partitions"]}
-        problems = _diff(expected, actual)
+            found = {k: v for k, v in found.items() if k in act["partitions"]}
+        problems = checks.diff(want, found)
         self.checks.append(
             {
                 "table": act["target"],
                 "stage": stage,
+                "check": "fingerprint" if stage == "scratch" or self.recheck else "rows",
                 "partitions": ", ".join(act["partitions"]) or "all",
-                "expected_rows": sum(e["rows"] for e in expected.values()),
-                "actual_rows": sum(a["rows"] for a in actual.values()),
+                "expected_rows": sum(e["rows"] for e in want.values()),
+                "actual_rows": sum(a["rows"] for a in found.values()),
                 "ok": not problems,
             }
         )
@@ -472,6 +469,7 @@ def restore_clickhouse(
         "raw_size": sum(a["raw_size"] for a in actions),
         "rows": sum(a["rows"] for a in actions),
         "drop_existing": req.drop_existing,
+        "jobs": req.jobs or default_jobs(),  # tables/partitions loaded at once
         "engines": engines,
         "would_replace": [a["target"] for a in actions if a["action"] in ("replace", "load")]
         + [
@@ -509,7 +507,7 @@ def restore_clickhouse(
         raise NotFound(gone)
 
     started = time.monotonic()
-    run = _Run(client, repo, enc, manifest, sel, docs, actions, progress)
+    run = _Run(client, repo, enc, manifest, sel, docs, actions, progress, plan["jobs"], req.recheck)
     try:
         run.create_databases(
             state.databases, empty_too=not (req.tables or req.data_only or req.partitions)
@@ -530,7 +528,8 @@ def restore_clickhouse(
         "dry_run": False,
         "duration_s": round(time.monotonic() - started, 3),
         "restored_at": dt.datetime.now(dt.UTC).isoformat(),
-        "checks": run.checks,
+        # staging checks first (they ran in parallel, in no fixed order), then the final ones
+        "checks": sorted(run.checks, key=lambda c: c["stage"] != "scratch"),
         # how each table's data was put in place: exchange | rename | replace partitions
         "swaps": {a["target"]: a["swap"] for a in actions if "swap" in a},
         "fingerprints_ok": all(c["ok"] for c in run.checks),
