@@ -7,7 +7,9 @@
 Sections (each a module with ``run(quick, workdir) -> dict``, also runnable alone):
 ``pg`` (``bench.restore_pg``), ``operator`` (``bench.restore_operator``: flow-run fixed
 cost, CLI reads), ``fleet`` (``bench.restore_fleet``), ``redis``
-(``bench.restore_redis``), ``clickhouse`` (``bench.restore_clickhouse``). They run one
+(``bench.restore_redis``), ``clickhouse`` (``bench.restore_clickhouse`` on 18.16; its
+keys are the top-level ones) and ``clickhouse26`` (the same on 26.x, under
+``sections`` only). They run one
 after another, each on its own servers, so none disturbs another's timings. Writes
 ``bench/results/restore.json`` (``restore-quick.json`` with ``--quick``): the issue's
 keys at the top level, each section's whole output under ``sections``, host facts, and
@@ -28,12 +30,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-SECTIONS = {
-    "pg": "bench.restore_pg",
-    "operator": "bench.restore_operator",
-    "fleet": "bench.restore_fleet",
-    "redis": "bench.restore_redis",
-    "clickhouse": "bench.restore_clickhouse",
+# name -> (module, keyword arguments of its run(), whether its keys go to the top level)
+SECTIONS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "pg": ("bench.restore_pg", {}, True),
+    "operator": ("bench.restore_operator", {}, True),
+    "fleet": ("bench.restore_fleet", {}, True),
+    "redis": ("bench.restore_redis", {}, True),
+    "clickhouse": ("bench.restore_clickhouse", {"server_version": "18"}, True),
+    "clickhouse26": ("bench.restore_clickhouse", {"server_version": "26"}, False),
 }
 
 KEYS = [
@@ -75,16 +79,18 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         print(f"[restore_bench] section {name}", file=sys.stderr, flush=True)
         try:
-            module = importlib.import_module(SECTIONS[name])
+            module_name, kwargs, top_level = SECTIONS[name]
+            module = importlib.import_module(module_name)
             with tempfile.TemporaryDirectory(prefix=f"strongroom-bench-{name}-") as tmp:
-                result = module.run(args.quick, Path(tmp))
+                result = module.run(args.quick, Path(tmp), **kwargs)
         except Exception as exc:
             errors[name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
             print(f"[restore_bench] section {name} failed: {exc}", file=sys.stderr, flush=True)
             continue
         result["section_wall_s"] = round(time.monotonic() - started, 1)
         sections[name] = result
-        top.update({k: v for k, v in result.items() if k in KEYS})
+        if top_level:
+            top.update({k: v for k, v in result.items() if k in KEYS})
     document = {
         "benchmark": "restore",
         "quick": args.quick,
