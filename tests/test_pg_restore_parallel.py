@@ -19,7 +19,7 @@ import pytest
 
 from strongroom.catalog import Catalog
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.engines.postgres import restore_phased
+from strongroom.engines.postgres import restore_groups, restore_phased
 from strongroom.engines.postgres.backup import backup_postgres
 from strongroom.engines.postgres.growing_spool import GrowingSpool, SpoolAborted
 from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
@@ -211,11 +211,11 @@ def test_data_groups_balance_by_size_and_keep_archive_order() -> None:
         {"schema": "public", "name": n, "oid": o, "rows": 1, "bytes": b}
         for n, o, b in [("a", 101, 10), ("b", 102, 1000), ("c", 103, 600), ("d", 104, 500)]
     ]
-    groups = restore_phased.data_groups(listing, {"tables": tables}, 2)
+    groups = restore_groups.data_groups(listing, {"tables": tables}, 2)
     oids = [[oid for _, oid in group] for group in groups]
     assert oids == [[101, 102, 0, 0], [103, 104]]  # b, then a: 1010 | c, d: 1100; order kept
-    assert restore_phased.data_groups(listing, {"tables": tables}, 8)[0][0][1] == 102
-    assert len(restore_phased.data_groups(listing, {"tables": tables}, 8)) == 4
+    assert restore_groups.data_groups(listing, {"tables": tables}, 8)[0][0][1] == 102
+    assert len(restore_groups.data_groups(listing, {"tables": tables}, 8)) == 4
 
 
 def test_growing_spool_followers_read_what_is_published_from_the_start(tmp_path: Path) -> None:

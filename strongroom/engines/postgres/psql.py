@@ -42,7 +42,9 @@ USER_TABLES = """
 # One JSON object per relation, in the session's snapshot: its kind, where it hangs
 # (partition of / inherits from), and the exact rows stored in the relation itself
 # (FROM ONLY: a parent's count never includes its children) with its size on disk
-# (``bytes``: a parallel restore splits tables into groups of equal work by it).
+# (``bytes``: a parallel restore splits tables into groups of equal work by it) and
+# the oids of its indexes and index-backed constraints (``index_oids``: built as soon
+# as the table is loaded).
 # Partitioned parents hold no rows (0); foreign tables are not counted (that would
 # query the remote server) and neither are unpopulated materialized views (null).
 # query_to_xml runs each count(*) inside this statement, with the names quoted by
@@ -56,6 +58,10 @@ SELECT coalesce(json_agg(json_build_object(
   'unlogged', c.relpersistence = 'u',
   'bytes', CASE WHEN c.relkind = 'r' OR (c.relkind = 'm' AND c.relispopulated)
      THEN pg_table_size(c.oid) END,
+  'index_oids', (SELECT json_agg(x.o ORDER BY x.o) FROM (
+       SELECT i.indexrelid::bigint AS o FROM pg_index i WHERE i.indrelid = c.oid
+       UNION ALL SELECT k.oid::bigint FROM pg_constraint k
+       WHERE k.conrelid = c.oid AND k.contype IN ('p', 'u', 'x')) x),
   'populated', CASE WHEN c.relkind = 'm' THEN c.relispopulated END,
   'partition_of', (SELECT json_build_array(pn.nspname, pc.relname)
      FROM pg_inherits i JOIN pg_class pc ON pc.oid = i.inhparent

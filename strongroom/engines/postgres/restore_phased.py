@@ -16,10 +16,11 @@ whole, once it is verified, and then restored the same way, without the overlap.
    read from the spool's start (the archive's table of contents comes first);
 2. ``data``: the tables are split into ``jobs`` groups of about equal size (bytes the
    manifest recorded, else rows) and one ``pg_restore -L`` per group loads its tables,
-   each following the spool at its own pace; the row counts of a group's tables start
-   as soon as that group is loaded, while the others still load;
-3. ``post-data`` (indexes, constraints, triggers) with ``pg_restore -j jobs`` from the
-   complete spool, which is by then an ordinary, verified, seekable archive.
+   each following the spool at its own pace; as soon as a group is loaded its row
+   counts start and its tables' indexes and index-backed constraints are built while
+   the other groups still load (``restore_groups.py``);
+3. ``post-data`` (the rest: foreign keys, triggers, ...) with ``pg_restore -j jobs``
+   from the complete spool, which is by then an ordinary, verified, seekable archive.
 
 Every session runs with a larger ``maintenance_work_mem`` (index builds sort in memory)
 and ``synchronous_commit=off`` (the swap's commit, with synchronous commit, flushes the
@@ -31,9 +32,7 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,13 @@ from strongroom.engines.postgres.backup import pg_tool
 from strongroom.engines.postgres.connect import connect
 from strongroom.engines.postgres.growing_spool import GrowingSpool
 from strongroom.engines.postgres.relations import Key
+from strongroom.engines.postgres.restore_groups import (
+    GroupLoads,
+    Producer,
+    check,
+    data_groups,
+    follow,
+)
 from strongroom.pipeline import Progress
 from strongroom.process import Tool
 from strongroom.repository.base import Repository
@@ -72,32 +78,6 @@ def session_env(conn: PostgresConnection, database: str, memory_mb: int) -> dict
     ours = f"-c maintenance_work_mem={memory_mb}MB -c synchronous_commit=off"
     env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {ours}".strip()
     return env
-
-
-def data_groups(listing: str, entry: dict[str, Any], jobs: int) -> list[list[tuple[str, int]]]:
-    """``jobs`` groups of the data section's entries, ``(line, oid)`` in archive order.
-
-    Tables go, largest first, to the group with the least so far; other data entries
-    (sequence values, large objects) go to the first group."""
-    weights: dict[int, int] = {}
-    for table in entry.get("tables", []):
-        if table.get("oid"):
-            weights[int(table["oid"])] = int(table.get("bytes") or table.get("rows") or 0) + 1
-    lines = [
-        (index, line, int(m.group(3)), m.group(4))
-        for index, line in enumerate(listing.splitlines())
-        if (m := pg_toc.LINE.match(line)) is not None
-    ]
-    groups: list[list[tuple[int, str, int]]] = [[] for _ in range(max(1, jobs))]
-    loads = [0] * len(groups)
-    tables = [x for x in lines if x[3].startswith("TABLE DATA ")]
-    for index, line, oid, _ in sorted(tables, key=lambda x: -weights.get(x[2], 1)):
-        smallest = loads.index(min(loads))
-        groups[smallest].append((index, line, oid))
-        loads[smallest] += weights.get(oid, 1)
-    others = [x for x in lines if not x[3].startswith("TABLE DATA ")]
-    groups[0].extend((index, line, oid) for index, line, oid, _ in others)
-    return [[(line, oid) for _, line, oid in sorted(g)] for g in groups if g]
 
 
 class RowCounter:
@@ -142,33 +122,6 @@ class RowCounter:
 
     def cancel(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _Producer(threading.Thread):
-    """The one pass over the artifact, into the spool; an error aborts the spool."""
-
-    def __init__(self, run: Callable[[], Any], spool: GrowingSpool) -> None:
-        super().__init__(daemon=True, name="restore-read")
-        self._run, self.spool = run, spool
-        self.error: BaseException | None = None
-        self.finished = 0.0
-
-    def run(self) -> None:
-        try:
-            self._run()
-            self.spool.finish()
-        except BaseException as exc:
-            self.error = exc
-            self.spool.abort()
-        finally:
-            self.finished = time.monotonic()
-
-
-def _follow(argv: list[str], env: dict[str, str], spool: GrowingSpool, stdout: Any) -> Tool:
-    tool = Tool(argv, env, stdin=subprocess.PIPE, stdout=stdout)
-    assert tool.proc.stdin is not None
-    threading.Thread(target=spool.follow, args=(tool.proc.stdin,), daemon=True).start()
-    return tool
 
 
 def load_whole(
@@ -262,7 +215,7 @@ def restore_phased(
     env = session_env(conn, database, options.memory_mb)
     base_args = [*base_args, "-d", database]
     spool = GrowingSpool(folder / "archive.pgdump")
-    producer = _Producer(
+    producer = Producer(
         lambda: read_artifact(
             repo,
             artifact,
@@ -280,25 +233,29 @@ def restore_phased(
     producer.start()
     try:
         with tempfile.TemporaryFile() as listing_out:
-            listing = _follow(
+            listing = follow(
                 [pg_tool("pg_restore"), "-l", "--section=data"], env, spool, listing_out
             )
-            pre = _follow([*base_args, "--section=pre-data"], env, spool, subprocess.DEVNULL)
+            pre = follow([*base_args, "--section=pre-data"], env, spool, subprocess.DEVNULL)
             tools += [listing, pre]
-            _check(listing, "pg_restore -l of the archive", producer)
-            _check(pre, f"pg_restore of the definitions into {database!r}", producer)
+            check(listing, "pg_restore -l of the archive", producer)
+            check(pre, f"pg_restore of the definitions into {database!r}", producer)
             at = mark("definitions_s", started)
             listing_out.seek(0)
             text = listing_out.read().decode("utf-8", "replace")
         groups = [] if schema_only else data_groups(text, entry, jobs)
-        _load_groups(groups, base_args, env, spool, folder, producer, counter, tools, database)
-        at = mark("table_data_s", at)
+        loads = GroupLoads(base_args, env, spool, folder, producer, counter, tools, database, entry)
+        loads.run(groups, pg_tool("pg_restore"))
+        at = mark("table_data_and_early_indexes_s", at)
         producer.join()
         phases["read_and_verify_s"] = round(producer.finished - started, 3)
         if producer.error is not None:
             raise producer.error
+        rest = loads.remaining_post_data()
         post = Tool(
-            [*base_args, "--section=post-data", f"-j{jobs}", str(spool.path)],
+            [*base_args, "--section=post-data", f"-j{jobs}"]
+            + (["-L", str(rest)] if rest is not None else [])
+            + [str(spool.path)],
             env,
             stdout=subprocess.DEVNULL,
         )
@@ -316,48 +273,3 @@ def restore_phased(
             for tool in tools:
                 tool.kill()
         producer.join(timeout=30)
-
-
-def _load_groups(
-    groups: list[list[tuple[str, int]]],
-    base_args: list[str],
-    env: dict[str, str],
-    spool: GrowingSpool,
-    folder: Path,
-    producer: _Producer,
-    counter: RowCounter,
-    tools: list[Tool],
-    database: str,
-) -> None:
-    """One pg_restore per group; a group's tables are counted as soon as it is loaded."""
-    pending: dict[int, tuple[Tool, list[int]]] = {}
-    for number, group in enumerate(groups):
-        use_list = folder / f"data-{number}.list"
-        use_list.write_text("".join(line + "\n" for line, _ in group), encoding="utf-8")
-        tool = _follow([*base_args, "-L", str(use_list)], env, spool, subprocess.DEVNULL)
-        tools.append(tool)
-        pending[number] = (tool, [oid for _, oid in group])
-    while pending:
-        for number, (tool, oids) in list(pending.items()):
-            if tool.proc.poll() is None:
-                continue
-            _check(
-                tool, f"pg_restore of table data (group {number + 1}) into {database!r}", producer
-            )
-            counter.submit_oids(oids)
-            del pending[number]
-        if producer.error is not None:
-            raise producer.error
-        if pending:
-            time.sleep(0.02)
-
-
-def _check(tool: Tool, what: str, producer: _Producer) -> None:
-    """A tool's failure, unless the read failed first (its error is the one that counts)."""
-    try:
-        tool.check(what)
-    except Exception:
-        # the reader records its error before it aborts the spool (which ends the tools)
-        if producer.error is not None:
-            raise producer.error from None
-        raise
