@@ -82,7 +82,9 @@ def store_artifact(
         recipients=list(encryption.recipients),
         meta=dict(meta or {}),
         stored_chunks=StoredChunks(
-            size=stats.stored_chunk_size, sha256=list(stats.stored_chunk_sha256)
+            size=stats.stored_chunk_size,
+            first=stats.stored_chunk_first,
+            sha256=list(stats.stored_chunk_sha256),
         )
         if stats.stored_chunk_size
         else None,
@@ -216,7 +218,11 @@ def read_artifact(
             name=f"artifact {artifact.name} ({artifact.key})",
             holdback=holdback,
             progress=progress,
-            expected_chunks=(artifact.stored_chunks.sha256, artifact.stored_chunks.size)
+            expected_chunks=(
+                artifact.stored_chunks.sha256,
+                artifact.stored_chunks.size,
+                artifact.stored_chunks.first,
+            )
             if artifact.stored_chunks is not None
             else None,
             on_verified=on_verified,

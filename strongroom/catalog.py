@@ -62,10 +62,12 @@ PHYSICAL_KINDS = ("base", "files")
 
 
 class StoredChunks(BaseModel):
-    """SHA-256 of every ``size`` bytes of the stored object, in order (the last chunk
-    may be shorter): a restore checks each chunk before its bytes are used."""
+    """SHA-256 of each chunk of the stored object, in order: ``first`` bytes, then twice
+    as many each time up to ``size`` (``first`` 0: every chunk ``size``); the last chunk
+    may be shorter. A restore checks each chunk before its bytes are used."""
 
     size: int = Field(gt=0)
+    first: int = Field(default=0, ge=0)
     sha256: list[str]
 
 

@@ -14,10 +14,12 @@ public and anyone holding one could produce a different, well-formed file.
 check has passed, so a consumer such as ``pg_restore`` or ``psql -1`` cannot
 reach the end of its input, and commit, from an artifact that fails a check.
 
-Backups also record the SHA-256 of every ``VERIFY_CHUNK`` of stored bytes (the
-manifest, signed, holds the list). A restore given ``on_verified`` checks each chunk
-as it is read, before its bytes reach the decryptor, and calls ``on_verified`` each
-time everything produced so far comes from verified bytes: a consumer that only
+Backups also record the SHA-256 of every chunk of stored bytes (the manifest, signed,
+holds the list): 1 MiB first, each chunk twice the one before up to ``VERIFY_CHUNK``
+(64 MiB), so the first verified bytes are ready at once and the list stays short. A
+restore checks each chunk as it is read, before its bytes reach the decryptor, and
+calls ``on_verified`` each time everything produced so far comes from verified
+bytes: a consumer that only
 ever sees published plaintext (the parallel restore's spool) never runs a byte the
 backup did not write, without waiting for the end of the artifact.
 """
@@ -37,6 +39,7 @@ from strongroom.errors import IntegrityError, InvalidInput, StrongroomError
 CHUNK = 1024 * 1024
 HOLDBACK = 1024 * 1024
 VERIFY_CHUNK = 64 * 1024 * 1024
+VERIFY_FIRST_CHUNK = 1024 * 1024  # chunks double from here up to VERIFY_CHUNK
 ENCRYPTION = "age-x25519"
 COMPRESSION = "zstd"
 
@@ -55,13 +58,16 @@ class StreamStats:
     stored_sha256: str
     stored_chunk_sha256: tuple[str, ...] = ()
     stored_chunk_size: int = 0
+    stored_chunk_first: int = 0
 
 
 class _ChunkHasher:
-    """SHA-256 of every ``size`` bytes of a stream (the last chunk may be shorter)."""
+    """SHA-256 of each chunk of a stream: ``first`` bytes, then twice as many each time
+    up to ``size`` (``first`` 0: all ``size``); the last chunk may be shorter."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, first: int = 0) -> None:
         self.size = size
+        self._next = min(size, first) if first > 0 else size
         self._hash = hashlib.sha256()
         self._filled = 0
         self.digests: list[str] = []
@@ -70,14 +76,15 @@ class _ChunkHasher:
         """Hash ``view``; returns how many chunks it completed."""
         completed = 0
         while view:
-            take = min(len(view), self.size - self._filled)
+            take = min(len(view), self._next - self._filled)
             self._hash.update(view[:take])
             self._filled += take
             view = view[take:]
-            if self._filled == self.size:
+            if self._filled == self._next:
                 self.digests.append(self._hash.hexdigest())
                 self._hash = hashlib.sha256()
                 self._filled = 0
+                self._next = min(self.size, self._next * 2)
                 completed += 1
         return completed
 
@@ -95,9 +102,11 @@ def _nothing() -> None:
 class _ChunkCheck:
     """Checks the stored stream chunk by chunk against the manifest's list as it is read."""
 
-    def __init__(self, expected: list[str], size: int, on_verified: Callable[[], None]) -> None:
+    def __init__(
+        self, expected: list[str], size: int, first: int, on_verified: Callable[[], None]
+    ) -> None:
         self.expected = expected
-        self.hasher = _ChunkHasher(size)
+        self.hasher = _ChunkHasher(size, first)
         self.on_verified = on_verified
 
     def update(self, view: memoryview, name: str) -> None:
@@ -197,10 +206,10 @@ class _HashingReader:
 class _HashingWriter:
     """Hashes/counts every byte on its way to ``sink``."""
 
-    def __init__(self, sink: Writable, chunk_size: int = 0) -> None:
+    def __init__(self, sink: Writable, chunk_size: int = 0, first: int = 0) -> None:
         self._sink = sink
         self.sha256 = hashlib.sha256()
-        self.chunks = _ChunkHasher(chunk_size) if chunk_size else None
+        self.chunks = _ChunkHasher(chunk_size, first) if chunk_size else None
         self.size = 0
         self.error: BaseException | None = None
 
@@ -272,7 +281,7 @@ def store_stream(
     """
     keys = parse_recipients(recipients)
     raw = _HashingReader(source, progress)
-    stored = _HashingWriter(sink, VERIFY_CHUNK)
+    stored = _HashingWriter(sink, VERIFY_CHUNK, VERIFY_FIRST_CHUNK)
     compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     with compressor.stream_reader(
         cast(IO[bytes], raw), read_size=CHUNK, closefd=False
@@ -293,6 +302,7 @@ def store_stream(
         stored_sha256=stored.sha256.hexdigest(),
         stored_chunk_sha256=tuple(stored.chunks.close()),
         stored_chunk_size=VERIFY_CHUNK,
+        stored_chunk_first=VERIFY_FIRST_CHUNK,
     )
 
 
@@ -306,14 +316,14 @@ def restore_stream(
     name: str,
     holdback: int = HOLDBACK,
     progress: Progress | None = None,
-    expected_chunks: tuple[list[str], int] | None = None,
+    expected_chunks: tuple[list[str], int, int] | None = None,
     on_verified: Callable[[], None] | None = None,
 ) -> StreamStats:
     """Decrypt and decompress ``source`` into ``sink``, checking both checksums.
 
     Raises IntegrityError naming ``name`` on any mismatch, authentication
     failure or wrong key; in that case the last ``holdback`` bytes were never
-    written to ``sink``. With ``expected_chunks`` (digests, chunk size) and
+    written to ``sink``. With ``expected_chunks`` (digests, chunk size, first size) and
     ``on_verified``, each stored chunk is checked as it arrives (see the module's
     docstring); every reader of such an artifact fails at the first chunk that differs,
     so verify passing means every restore's chunk checks pass too.
@@ -321,7 +331,8 @@ def restore_stream(
     keys = parse_identities(identities)
     chunks = None
     if expected_chunks is not None and expected_chunks[1] > 0:
-        chunks = _ChunkCheck(expected_chunks[0], expected_chunks[1], on_verified or _nothing)
+        digests, size, first = expected_chunks
+        chunks = _ChunkCheck(digests, size, first, on_verified or _nothing)
     stored = _HashingReader(source, progress, chunks, name)
     held = _HoldbackWriter(sink, holdback)
     raw = _HashingWriter(held)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import subprocess
 import tracemalloc
@@ -183,10 +184,17 @@ def test_stored_chunks_are_recorded_and_checked_as_they_are_read(
     plaintext only after the chunks it came from matched, and a forged chunk stops the
     stream at that chunk: nothing derived from it was ever published."""
     monkeypatch.setattr(pipeline, "VERIFY_CHUNK", 64 * 1024)
+    monkeypatch.setattr(pipeline, "VERIFY_FIRST_CHUNK", 16 * 1024)
+    ramped, ramped_stats = _store(identity, os.urandom(300_000))
+    bounds = [0, 16 * 1024, 48 * 1024, 112 * 1024, 176 * 1024, 240 * 1024, len(ramped)]
+    assert list(ramped_stats.stored_chunk_sha256) == [
+        hashlib.sha256(ramped[a:b]).hexdigest() for a, b in itertools.pairwise(bounds)
+    ]
+    monkeypatch.setattr(pipeline, "VERIFY_FIRST_CHUNK", 64 * 1024)  # equal chunks below
     data = os.urandom(1_500_000)  # incompressible: about 23 stored chunks
     blob, stats = _store(identity, data)
     size = stats.stored_chunk_size
-    assert size == 64 * 1024
+    assert size == 64 * 1024 and stats.stored_chunk_first == size
     assert list(stats.stored_chunk_sha256) == [
         hashlib.sha256(blob[i : i + size]).hexdigest() for i in range(0, len(blob), size)
     ]
@@ -201,7 +209,7 @@ def test_stored_chunks_are_recorded_and_checked_as_they_are_read(
             expected_raw_sha256=stats.raw_sha256,
             name="artifact",
             holdback=0,
-            expected_chunks=(list(stats.stored_chunk_sha256), size),
+            expected_chunks=(list(stats.stored_chunk_sha256), size, size),
             on_verified=lambda: published.append(sink.tell()),
         )
         return sink, published
@@ -221,7 +229,7 @@ def test_stored_chunks_are_recorded_and_checked_as_they_are_read(
                 expected_raw_sha256=stats.raw_sha256,
                 name="artifact",
                 holdback=0,
-                expected_chunks=(list(stats.stored_chunk_sha256), size),
+                expected_chunks=(list(stats.stored_chunk_sha256), size, size),
                 on_verified=lambda: published.append(sink.tell()),
             )
         return sink, published, str(failure.value)
