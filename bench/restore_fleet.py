@@ -169,8 +169,15 @@ def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def run(quick: bool, workdir: Path, modes: tuple[str, ...] = ("runs", "inline")) -> dict[str, Any]:
-    """The fleet figures (see the module docstring); ``modes`` picks the fleet modes run."""
+def run(
+    quick: bool,
+    workdir: Path,
+    modes: tuple[str, ...] = ("runs", "inline"),
+    *,
+    warm: bool = True,
+) -> dict[str, Any]:
+    """The fleet figures (see the module docstring); ``modes`` picks the fleet modes run,
+    ``warm`` whether the worker's runs are forked from a warm starter."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from strongroom.deploy.bootstrap import BootstrapConfig, bootstrap
@@ -181,7 +188,11 @@ def run(quick: bool, workdir: Path, modes: tuple[str, ...] = ("runs", "inline"))
     signer = Signer.generate()
     names = [f"fleet-{i:03d}" for i in range(n)]  # block names; database fleet_NNN
     workdir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"fleet_targets": n, "worker_query_s": WORKER_QUERY_S}
+    result: dict[str, Any] = {
+        "fleet_targets": n,
+        "worker_query_s": WORKER_QUERY_S,
+        "warm_starter": warm,
+    }
     with PostgresServer() as pg:
         for name in names:
             pg.psql(f"CREATE DATABASE {_db(name)}")
@@ -201,8 +212,9 @@ def run(quick: bool, workdir: Path, modes: tuple[str, ...] = ("runs", "inline"))
                 config = _bootstrap_config(pg, names, workdir, signer)
                 bootstrap(BootstrapConfig.model_validate(config))
                 result["bootstrap_s"] = round(time.monotonic() - t0, 1)
+                home = workdir / "prefect"
                 worker = ProcessWorker(
-                    POOL, server.api_url, workdir / "prefect", query_seconds=WORKER_QUERY_S
+                    POOL, server.api_url, home, query_seconds=WORKER_QUERY_S, warm=warm
                 ).start()
                 _log(f"fleet of {n} targets, default mode")
                 fleet, wall = _fleet("runs", names, "runs", {})
@@ -255,13 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 targets instead of 50")
     parser.add_argument("--default-only", action="store_true", help="skip the inline mode")
+    parser.add_argument(
+        "--cold", action="store_true", help="no warm starter: a fresh process per run"
+    )
     args = parser.parse_args(argv)
     modes = ("runs",) if args.default_only else ("runs", "inline")
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="strongroom-bench-fleet-") as tmp:
-        result = run(args.quick, Path(tmp), modes)
-    out = RESULTS / ("restore-fleet-quick.json" if args.quick else "restore-fleet.json")
+        result = run(args.quick, Path(tmp), modes, warm=not args.cold)
+    name = "restore-fleet" + ("-cold" if args.cold else "") + ("-quick" if args.quick else "")
+    out = RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps(result, indent=2, default=str))

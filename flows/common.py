@@ -39,13 +39,14 @@ def secure_logging() -> None:
 
 
 def load_repository(name: str) -> tuple[Repository, RepositoryConfig]:
-    config = BackupRepository.load(name).to_config()  # type: ignore[union-attr]
+    # _sync: also a plain call in an async flow's hooks (backup-fleet's audit hook)
+    config = BackupRepository.load(name, _sync=True).to_config()  # type: ignore[call-arg,union-attr]
     register(*config.secrets())
     return open_repository(config), config
 
 
 def load_key(name: str) -> EncryptionConfig:
-    config = EncryptionKey.load(name).to_config()  # type: ignore[union-attr]
+    config = EncryptionKey.load(name, _sync=True).to_config()  # type: ignore[call-arg,union-attr]
     register(*config.secrets())
     return config
 

@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_run
 
 from blocks import TARGET_BLOCKS
@@ -88,8 +89,12 @@ def _audit(shared: _Shared, target: str, row: dict[str, Any], manifest: dict[str
         row["audit_error"] = scrub(f"{type(exc).__name__}: {exc}")
 
 
-def _backup_one(shared: _Shared, target: str, row: dict[str, Any]) -> None:
-    """Back up one target into ``row`` (state, backup id, seconds, error): never raises."""
+# Sync tasks: inside them Prefect's block loads and artifacts are sync calls (in the async
+# fleet flow's own context they would return coroutines).
+@task(task_run_name="fleet-{target}", cache_policy=NO_CACHE)
+def backup_one(shared: _Shared, target: str, row: dict[str, Any]) -> dict[str, Any]:
+    """Back up one target; its row (state, backup id, seconds, error). Never raises."""
+    row = dict(row)
     engine = get_engine(shared.engine)
     started = time.monotonic()
     manifest: dict[str, Any] = {}
@@ -120,9 +125,11 @@ def _backup_one(shared: _Shared, target: str, row: dict[str, Any]) -> None:
         row.update(state="Failed", error=scrub(f"{type(exc).__name__}: {exc}"))
     row["seconds"] = round(time.monotonic() - started, 2)
     _audit(shared, target, row, manifest)
+    return row
 
 
-def _open_shared(engine: str, parameters: dict[str, Any]) -> _Shared:
+@task(task_run_name="fleet-open-repository", cache_policy=NO_CACHE)
+def open_shared(engine: str, parameters: dict[str, Any]) -> _Shared:
     repository = str(parameters.get("repository") or "default")
     repo, repo_config = load_repository(repository)
     enc = load_key(str(parameters.get("encryption_key") or "default"))
@@ -151,7 +158,7 @@ async def backup_inline(
             context = contextvars.copy_context()  # the flow run's context, for task runs
             return loop.run_in_executor(pool, context.run, fn, *args)
 
-        shared: _Shared = await in_thread(_open_shared, engine, parameters)
+        shared: _Shared = await in_thread(open_shared, engine, parameters)
         engine_slots = asyncio.Semaphore(per_engine_limit)
         host_slots = {h: asyncio.Semaphore(per_host_limit) for h in set(hosts.values())}
 
@@ -165,7 +172,7 @@ async def backup_inline(
                     hold_slots([engine_limit_name(engine), host_limit_name(host)]),
                 ):
                     row["waited_s"] = round(time.monotonic() - waited, 1)
-                    await in_thread(_backup_one, shared, target, row)
+                    row = await in_thread(backup_one, shared, target, row)
             except Exception as exc:  # the limits could not be taken
                 row.update(state="NOT STARTED", error=scrub(f"{type(exc).__name__}: {exc}"))
             if row["state"] == "Completed":
