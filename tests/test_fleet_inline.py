@@ -10,6 +10,7 @@ the target locks hold.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -55,9 +56,7 @@ def fleet(
     EncryptionKey(recipients=[str(identity.to_public())], identity=str(identity)).save(
         "default", overwrite=True
     )
-    BackupRepository(**signing_block_fields(), local_path=str(repo)).save(
-        "default", overwrite=True
-    )
+    BackupRepository(**signing_block_fields(), local_path=str(repo)).save("default", overwrite=True)
     databases: dict[str, str] = {}
     for name in [*GOOD, BAD]:
         db = f"fleet_{uuid.uuid4().hex[:8]}"
@@ -151,7 +150,7 @@ def test_inline_fleet_backs_up_each_target_and_reports_the_failing_one(fleet: Fl
 
     # per_host_limit=1: the backups of the one host never overlapped
     spans = sorted((m.started_at, m.finished_at) for m in manifests.values())
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert end <= start, spans
 
     events = [
@@ -212,9 +211,7 @@ def test_inline_fleet_waits_for_a_target_lock_held_elsewhere(fleet: Fleet) -> No
     locked = [
         m for m in catalog.list("postgresql", GOOD[0]) if m.labels.get("case") == "inline-lock"
     ]
-    free = [
-        m for m in catalog.list("postgresql", GOOD[1]) if m.labels.get("case") == "inline-lock"
-    ]
+    free = [m for m in catalog.list("postgresql", GOOD[1]) if m.labels.get("case") == "inline-lock"]
     assert len(locked) == len(free) == 1
     # the locked target's backup began only after the other holder let go; the free
     # target did not wait for it

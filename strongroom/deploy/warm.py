@@ -38,7 +38,11 @@ from typing import Any, NoReturn
 PRELOAD = (
     "prefect.engine",
     "prefect.flow_engine",
+    "prefect.task_engine",
     "prefect.deployments.steps",
+    "prefect.concurrency.sync",
+    "prefect.concurrency.asyncio",
+    "prefect._internal.states",
     "flows.postgres",
     "flows.fleet",
     "flows.clickhouse",
@@ -58,6 +62,8 @@ def _log(message: str) -> None:
 
 
 def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
+    """Import ``modules`` and the Prefect collections (prefect-aws, -kubernetes, -slack:
+    Prefect imports them all at a run's first block load)."""
     loaded = []
     for name in modules:
         try:
@@ -65,6 +71,9 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
             loaded.append(name)
         except Exception as exc:  # an engine that is not installed here
             _log(f"not preloaded {name}: {type(exc).__name__}: {exc}")
+    from prefect.plugins import load_prefect_collections
+
+    loaded.extend(sorted(load_prefect_collections()))
     return loaded
 
 
