@@ -10,6 +10,7 @@ the target locks hold.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import json
 import threading
@@ -181,21 +182,32 @@ def test_inline_fleet_waits_for_a_target_lock_held_elsewhere(fleet: Fleet) -> No
     from flows.locks import target_lock
     from strongroom.catalog import Catalog
 
+    catalog = Catalog(make_local_repo(fleet.repo))
+
+    def backups(target: str) -> list[Any]:
+        return [
+            m for m in catalog.list("postgresql", target) if m.labels.get("case") == "inline-lock"
+        ]
+
     held = threading.Event()
-    release = threading.Event()
     released_at: list[float] = []
+    free_done_while_held: list[bool] = []
 
     def hold() -> None:
         with target_lock("postgresql", GOOD[0]):
             held.set()
-            release.wait(60)
+            # hold the lock until the other target's backup is done (or 120 s)
+            deadline = time.monotonic() + 120
+            while not backups(GOOD[1]) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            free_done_while_held.append(bool(backups(GOOD[1])))
             released_at.append(time.time())
 
-    holder = threading.Thread(target=hold)
+    # the thread uses this test's Prefect settings (the module's server)
+    holder = threading.Thread(target=contextvars.copy_context().run, args=(hold,))
     holder.start()
     try:
         assert held.wait(60), "the test could not take the lock"
-        threading.Timer(4.0, release.set).start()
         state = _run_fleet(
             engine="postgresql",
             targets=GOOD[:2],
@@ -204,19 +216,14 @@ def test_inline_fleet_waits_for_a_target_lock_held_elsewhere(fleet: Fleet) -> No
             parameters={"labels": {"case": "inline-lock"}},
         )
     finally:
-        release.set()
-        holder.join(60)
+        holder.join(180)
     assert state.is_completed(), state
-    catalog = Catalog(make_local_repo(fleet.repo))
-    locked = [
-        m for m in catalog.list("postgresql", GOOD[0]) if m.labels.get("case") == "inline-lock"
-    ]
-    free = [m for m in catalog.list("postgresql", GOOD[1]) if m.labels.get("case") == "inline-lock"]
-    assert len(locked) == len(free) == 1
-    # the locked target's backup began only after the other holder let go; the free
-    # target did not wait for it
-    assert locked[0].started_at.timestamp() >= released_at[0] - 0.5
-    assert free[0].finished_at.timestamp() <= released_at[0]
+    # the free target did not wait for the held one; the held one began only after
+    # the other holder let go
+    assert free_done_while_held == [True]
+    locked = backups(GOOD[0])
+    assert len(locked) == 1 and len(backups(GOOD[1])) == 1
+    assert locked[0].started_at.timestamp() >= released_at[0]
 
 
 def test_inline_is_for_backups_only(fleet: Fleet) -> None:
