@@ -34,7 +34,7 @@ LOG_FILE = STATE_DIR / "supervisor.log"
 POOL = "strongroom-local"
 UP_TIMEOUT_S = float(os.environ.get("STRONGROOM_UP_TIMEOUT", "300"))
 # How often the process worker asks for runs to start (PREFECT_WORKER_QUERY_SECONDS)
-WORKER_QUERY_S = 2.0
+WORKER_QUERY_S = 1.0
 
 
 def _identity(pid: int) -> str | None:
