@@ -34,7 +34,7 @@ from prefect.runtime import flow_run as current_run
 from blocks import TARGET_BLOCKS
 from flows.audit import AUDITED
 from flows.common import _slug
-from flows.fleet_inline import backup_inline
+from flows.fleet_inline import backup_batches, backup_inline
 from flows.locks import engine_limit_name, ensure_limit, hold_slots, host_limit_name
 from strongroom.errors import InvalidInput, StrongroomError
 
@@ -53,6 +53,8 @@ DEPLOYMENTS: dict[tuple[str, str], str] = {
     ("clickhouse", "drill"): "restore-drill/on-demand",
     ("redis", "drill"): "restore-drill/on-demand",
 }
+# The fleet's own deployment: the batches of an inline fleet run (targets_per_run) go there.
+FLEET_DEPLOYMENT = "backup-fleet/on-demand"
 # Block type holding the targets of each engine (all its named blocks = the fleet).
 TARGET_BLOCK_TYPES: dict[str, str] = {
     engine: block.get_block_type_slug() for engine, block in TARGET_BLOCKS.items()
@@ -190,6 +192,7 @@ async def backup_fleet(
     timeout_s: float = 12 * 3600,
     poll_s: float = 1.0,
     mode: Mode = "runs",
+    targets_per_run: int = 0,
 ) -> dict[str, Any]:
     """Start one run of the per-target deployment for each target and wait for them all
     (``mode="runs"``), or back them all up inside this run (``mode="inline"``).
@@ -199,15 +202,19 @@ async def backup_fleet(
     ``backup-<engine>`` parameters (``repository``, ``encryption_key``, ``labels``,
     engine options). ``deployment`` overrides the ``flow/deployment`` name picked from
     ``engine`` and ``kind``. ``poll_s``: how often a child run's state is read.
+    ``targets_per_run`` (inline only): 0 backs every target up in this run; N > 0 starts
+    child runs of ``deployment`` (default ``backup-fleet/on-demand``) with N targets each.
     """
     log = get_run_logger()
     if per_engine_limit < 1 or per_host_limit < 1:
         raise InvalidInput("per_engine_limit and per_host_limit must be at least 1")
     if mode == "inline" and kind != "backup":
         raise InvalidInput(f"mode 'inline' runs backups only, not {kind!r}")
+    if targets_per_run < 0:
+        raise InvalidInput("targets_per_run must be 0 (all in this run) or more")
     name = deployment or DEPLOYMENTS.get((engine, kind))
     if mode == "inline":
-        name = "inline"
+        name = deployment or FLEET_DEPLOYMENT if targets_per_run else "inline"
     if name is None:
         raise InvalidInput(f"no {kind!r} deployment for engine {engine!r}")
     parameters = dict(parameters or {})
@@ -218,7 +225,18 @@ async def backup_fleet(
     await ensure_limit(engine_limit_name(engine), per_engine_limit, update=True)
     for host in sorted(set(hosts.values())):
         await ensure_limit(host_limit_name(host), per_host_limit, update=True)
-    if mode == "inline":
+    if mode == "inline" and 0 < targets_per_run < len(hosts):
+        rows = await backup_batches(
+            engine,
+            hosts,
+            parameters,
+            (per_engine_limit, per_host_limit),
+            targets_per_run,
+            name,
+            timeout_s,
+            poll_s,
+        )
+    elif mode == "inline":
         rows = await backup_inline(
             engine,
             hosts,
@@ -244,7 +262,7 @@ async def backup_fleet(
         f"Fleet {kind} of {engine}: {len(ok)}/{len(rows)} completed",
         f"backup-fleet-{engine}-{kind}",
         [
-            f"- mode: {mode}" + ("" if mode == "inline" else f", deployment: `{name}`"),
+            f"- mode: {mode}" + ("" if name == "inline" else f", deployment: `{name}`"),
             f"- targets: {len(rows)} on {len(set(hosts.values()))} host(s); limits: "
             f"{per_engine_limit} per engine, {per_host_limit} per host",
             f"- completed: {len(ok)}, not completed: {len(failed)}",
@@ -259,7 +277,8 @@ async def backup_fleet(
                     "state",
                     "seconds",
                     "waited_s",
-                    "flow_run" if mode == "runs" else "backup_id",
+                    "flow_run",
+                    "backup_id",
                     "error",
                 )
             }

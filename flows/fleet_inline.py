@@ -12,13 +12,16 @@ fails (refused credentials, a server down) is reported in its row and in the aud
 trail; the others go on.
 
 The repository and the encryption key are loaded once for the whole run; the target
-blocks one by one.
+blocks one by one. With ``targets_per_run=N`` the fleet instead starts child runs of a
+``backup-fleet`` deployment (default ``backup-fleet/on-demand``) with N targets each,
+all inline (``backup_batches``): one process or Job per N targets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -182,3 +185,81 @@ async def backup_inline(
             return row
 
         return list(await asyncio.gather(*(one(t, h) for t, h in hosts.items())))
+
+
+async def _child_rows(child: Any, engine: str) -> list[dict[str, Any]]:
+    """The per-target rows a batch run published (its table artifact), or none."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    key = f"backup-fleet-{engine}-backup-table"
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[child.id]))
+        )
+    for artifact in found:
+        if artifact.key == key and artifact.data:
+            data = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+            return [dict(r) for r in data if isinstance(r, dict)]
+    return []
+
+
+async def backup_batches(
+    engine: str,
+    hosts: dict[str, str],
+    parameters: dict[str, Any],
+    limits: tuple[int, int],
+    targets_per_run: int,
+    deployment: str,
+    timeout_s: float,
+    poll_s: float,
+) -> list[dict[str, Any]]:
+    """``targets_per_run`` targets per child run of ``deployment`` (a backup-fleet
+    deployment, inline mode), at most ``per_engine_limit`` child runs at once; the
+    children take the engine and host slots per target. One row per target, from each
+    child's table artifact."""
+    from prefect.deployments import arun_deployment
+
+    per_engine_limit, per_host_limit = limits
+    names = list(hosts)
+    batches = [names[i : i + targets_per_run] for i in range(0, len(names), targets_per_run)]
+    gate = asyncio.Semaphore(per_engine_limit)
+
+    async def one(index: int, batch: list[str]) -> list[dict[str, Any]]:
+        base: dict[str, dict[str, Any]] = {
+            t: {"target": t, "host": hosts[t], "state": "NOT STARTED"} for t in batch
+        }
+        async with gate:
+            try:
+                child = await arun_deployment(
+                    deployment,
+                    parameters={
+                        "engine": engine,
+                        "kind": "backup",
+                        "targets": batch,
+                        "mode": "inline",
+                        "targets_per_run": 0,
+                        "per_engine_limit": per_engine_limit,
+                        "per_host_limit": per_host_limit,
+                        "parameters": parameters,
+                    },
+                    timeout=timeout_s,
+                    poll_interval=poll_s,
+                    tags=["strongroom", engine, "backup", "fleet"],
+                    idempotency_key=f"{current_run.get_id()}:{deployment}:batch-{index}",
+                )
+            except Exception as exc:  # the deployment is missing, the API refused the run
+                error = scrub(f"{type(exc).__name__}: {exc}")
+                return [{**row, "error": error} for row in base.values()]
+        state = child.state
+        for row in await _child_rows(child, engine):
+            if row.get("target") in base:
+                base[row["target"]].update(row)
+        for row in base.values():
+            row["flow_run"] = child.name
+            if row["state"] == "NOT STARTED" and state is not None:  # the batch run failed
+                row.update(state=state.name, error=state.message or "")
+        return list(base.values())
+
+    results = await asyncio.gather(*(one(i, b) for i, b in enumerate(batches)))
+    return [row for rows in results for row in rows]
