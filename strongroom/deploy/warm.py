@@ -22,6 +22,7 @@ import contextlib
 import importlib
 import json
 import os
+import random
 import runpy
 import selectors
 import signal
@@ -89,6 +90,7 @@ def _run_child(fds: list[int], request: dict[str, Any], inherited: list[Any]) ->
             os.dup2(fd, target)
             if fd > 2:
                 os.close(fd)
+        random.seed()  # not the starter's random state (every run would share it)
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
