@@ -387,6 +387,10 @@ def test_backup_fleet_runs_each_target_as_its_own_flow_run(stack: Stack) -> None
     runs = _api(children)
     assert sorted(r.parameters["target"] for r in runs) == targets
     assert all(r.state and r.state.is_completed() for r in runs)
+    # each child was forked by the worker's warm starter (not a fresh interpreter)
+    warm_log = stack.worker.warm_log_path.read_text()
+    for run in runs:
+        assert f"started for flow run {run.id}" in warm_log, warm_log[-2000:]
     assert all({"strongroom", "fleet"} <= set(r.tags) for r in runs)
     # never more than per_host_limit (2) running against the one host at a time
     spans = sorted((r.start_time, r.end_time) for r in runs)

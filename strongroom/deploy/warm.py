@@ -151,6 +151,8 @@ class WarmStarter:
             if pid == 0:
                 _run_child(fds, request, [self.listener, self.selector, *self.runs.values(), conn])
             conn.sendall(pid.to_bytes(8, "big"))
+            flow_run = request["env"].get("PREFECT__FLOW_RUN_ID") or "-"
+            _log(f"run {pid} started for flow run {flow_run}")
         except (OSError, ValueError, ConnectionError) as exc:
             _log(f"refused a request: {type(exc).__name__}: {exc}")
             with contextlib.suppress(OSError):
@@ -187,6 +189,7 @@ class WarmStarter:
             conn = self.runs.pop(pid, None)
             if conn is None:
                 continue
+            _log(f"run {pid} ended (exit {os.waitstatus_to_exitcode(status)})")
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(conn)
             with contextlib.suppress(OSError):
