@@ -226,6 +226,66 @@ def test_inline_fleet_waits_for_a_target_lock_held_elsewhere(fleet: Fleet) -> No
     assert locked[0].started_at.timestamp() >= released_at[0]
 
 
+def test_inline_fleet_waits_for_the_host_limit_held_by_another_fleet(fleet: Fleet) -> None:
+    """Another fleet holds the host's only slot: this one waits (asking again every half
+    second, flows.locks.hold_slots) and backs up once the slot is free."""
+    from flows.locks import ensure_limit, hold_slots, host_limit_name
+    from strongroom.catalog import Catalog
+
+    catalog = Catalog(make_local_repo(fleet.repo))
+    names = [host_limit_name(fleet.pg.host)]
+    held = threading.Event()
+    released_at: list[float] = []
+
+    async def opened(client: Any) -> int:
+        from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+        runs = await client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["fleet-open-repository"]))
+        )
+        return sum(1 for r in runs if r.state and r.state.is_completed())
+
+    before = _api(opened)
+
+    async def hold() -> None:
+        from prefect.client.orchestration import get_client
+
+        await ensure_limit(names[0], 1, update=True)
+        async with hold_slots(names), get_client() as client:
+            held.set()
+            # keep the slot until the fleet below is past its start and asking for it
+            deadline = time.monotonic() + 90
+            while await opened(client) == before and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(2)
+            released_at.append(time.time())
+
+    holder = threading.Thread(target=contextvars.copy_context().run, args=(asyncio.run, hold()))
+    holder.start()
+    try:
+        assert held.wait(60), "the test could not take the host slot"
+        state = _run_fleet(
+            engine="postgresql",
+            targets=GOOD[2:],
+            mode="inline",
+            per_host_limit=1,
+            parameters={"labels": {"case": "inline-host"}},
+        )
+    finally:
+        holder.join(120)
+    assert state.is_completed(), state
+    made = [
+        m
+        for name in GOOD[2:]
+        for m in catalog.list("postgresql", name)
+        if m.labels.get("case") == "inline-host"
+    ]
+    assert len(made) == 2
+    assert min(m.started_at.timestamp() for m in made) >= released_at[0]
+    rows = {r["target"]: r for r in _table(state.state_details.flow_run_id)}
+    assert max(r["waited_s"] for r in rows.values()) > 0, rows  # it did wait for the slot
+
+
 def test_inline_is_for_backups_only(fleet: Fleet) -> None:
     state = _run_fleet(engine="postgresql", kind="wal-check", targets=GOOD[:1], mode="inline")
     assert state.is_failed()
