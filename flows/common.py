@@ -79,7 +79,7 @@ def load_repository(name: str) -> tuple[Repository, RepositoryConfig]:
 
 
 def load_key(name: str) -> EncryptionConfig:
-    config = EncryptionKey.load(name).to_config()  # type: ignore[union-attr]
+    config = EncryptionKey.load(name, _sync=True).to_config()  # type: ignore[call-arg,union-attr]
     register(*config.secrets())
     return config
 

@@ -6,7 +6,10 @@
   fleet, UI, CLI). A second run waits up to ``wait_s`` seconds, then fails with
   :class:`~strongroom.errors.Conflict` (exit code 9) naming the target.
 * Per engine and per database host: ``strongroom-engine-<engine>`` and
-  ``strongroom-host-<host>``, used by the backup fleet (flows/fleet.py).
+  ``strongroom-host-<host>``, used by the backup fleet (flows/fleet.py) through
+  :func:`hold_slots`, which asks again every ``poll_s`` seconds while they are full
+  (Prefect's own wait sleeps for the server's Retry-After, up to 30 s, while the slot
+  may already be free).
 
 Slots are leases: if the holder dies (pod evicted, process killed), the lease expires
 after ``LEASE_S`` seconds and the target is free again. The limits appear under
@@ -15,8 +18,11 @@ Concurrency in the Prefect UI, where an operator can see who holds what or chang
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import (
     AsyncExitStack,
@@ -29,6 +35,8 @@ from contextlib import (
 from strongroom.errors import Conflict
 
 LEASE_S = 120.0
+# How often hold_slots asks again for full limits (seconds).
+SLOT_POLL_S = 0.5
 # How long a second run of the same target waits before giving up (seconds).
 DEFAULT_WAIT_S = float(os.environ.get("STRONGROOM_LOCK_WAIT_S", "1800"))
 
@@ -127,3 +135,39 @@ def target_lock(
         except TimeoutError:
             raise _conflict(engine, target, wait_s) from None
         yield
+
+
+def _locked(exc: BaseException) -> bool:
+    """Whether a slot acquisition failed because the limit is full (HTTP 423)."""
+    cause = exc.__cause__
+    response = getattr(cause, "response", None)
+    return getattr(response, "status_code", None) == 423
+
+
+@asynccontextmanager
+async def hold_slots(
+    names: list[str], *, poll_s: float = SLOT_POLL_S, wait_s: float | None = None
+) -> AsyncIterator[float]:
+    """Hold one slot of each limit in ``names`` (all or none) while the block runs; yields
+    the seconds waited. While any is full it asks again every ``poll_s`` seconds (with
+    jitter); after ``wait_s`` seconds (None: never) it raises TimeoutError."""
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+    from prefect.concurrency.asyncio import concurrency
+
+    started = time.monotonic()
+    while True:
+        async with AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(
+                    concurrency(names, lease_duration=LEASE_S, strict=True, max_retries=0)
+                )
+            except ConcurrencySlotAcquisitionError as exc:
+                if not _locked(exc):
+                    raise
+                waited = time.monotonic() - started
+                if wait_s is not None and waited >= wait_s:
+                    raise TimeoutError(f"limits {names} stayed full for {waited:.0f} s") from None
+                await asyncio.sleep(poll_s * random.uniform(0.8, 1.2))  # noqa: S311
+                continue
+            yield time.monotonic() - started
+            return

@@ -502,8 +502,8 @@ def _str_or_none(value: Any) -> str | None:
 
 
 def _state_result(state: Any) -> Any:
-    try:
-        return state.result(raise_on_failure=False)
+    try:  # _sync: a plain value also in an async flow's hook (backup-fleet)
+        return state.result(raise_on_failure=False, _sync=True)
     except Exception:
         return None
 

@@ -387,6 +387,10 @@ def test_backup_fleet_runs_each_target_as_its_own_flow_run(stack: Stack) -> None
     runs = _api(children)
     assert sorted(r.parameters["target"] for r in runs) == targets
     assert all(r.state and r.state.is_completed() for r in runs)
+    # each child was forked by the worker's warm starter (not a fresh interpreter)
+    warm_log = stack.worker.warm_log_path.read_text()
+    for run in runs:
+        assert f"started for flow run {run.id}" in warm_log, warm_log[-2000:]
     assert all({"strongroom", "fleet"} <= set(r.tags) for r in runs)
     # never more than per_host_limit (2) running against the one host at a time
     spans = sorted((r.start_time, r.end_time) for r in runs)
@@ -421,6 +425,66 @@ def test_backup_fleet_runs_each_target_as_its_own_flow_run(stack: Stack) -> None
     }
     table = next(a for a in found if a.key.endswith("table"))
     assert sorted(row["target"] for row in json.loads(table.data)) == targets
+
+
+def test_inline_fleet_in_batches_of_targets_per_run(stack: Stack) -> None:
+    targets = [f"e2e-batch-{i}" for i in range(3)]
+    for name in targets:
+        _save_target(name, stack.pg, stack.database)
+    result = stack.run(
+        "backup-fleet/on-demand",
+        engine="postgresql",
+        targets=targets,
+        mode="inline",
+        targets_per_run=2,
+        per_host_limit=2,
+        poll_s=1,
+    )
+    assert result.returncode == 0, _explain(stack, result)
+    fleet_id = _flow_run_id(result.stdout)
+
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    async def children(client: Any) -> list[Any]:
+        runs: list[Any] = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[uuid.UUID(fleet_id)])
+            )
+        )
+        return runs
+
+    runs = _api(children)
+    # two batch runs of the fleet's own deployment, inline, 2 + 1 targets
+    assert sorted(len(r.parameters["targets"]) for r in runs) == [1, 2]
+    assert all(r.parameters["mode"] == "inline" for r in runs)
+    assert sorted(t for r in runs for t in r.parameters["targets"]) == targets
+    assert all(r.state and r.state.is_completed() for r in runs)
+
+    async def table(client: Any) -> list[dict[str, Any]]:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(fleet_id)])
+            )
+        )
+        data = next(a.data for a in found if a.key == "backup-fleet-postgresql-backup-table")
+        rows: list[dict[str, Any]] = json.loads(data)
+        return rows
+
+    rows = {r["target"]: r for r in _api(table)}
+    assert set(rows) == set(targets)
+    from strongroom.catalog import Catalog
+
+    catalog = Catalog(make_local_repo(stack.repo))
+    for name in targets:
+        assert rows[name]["state"] == "Completed", rows[name]
+        assert rows[name]["flow_run"] in {r.name for r in runs}
+        ids = [m.backup_id for m in catalog.list("postgresql", name)]
+        assert rows[name]["backup_id"] in ids, (rows[name], ids)
 
 
 def test_two_backups_of_one_target_never_overlap(stack: Stack) -> None:

@@ -155,7 +155,12 @@ def _pool_template(spec: WorkPoolSpec) -> dict[str, Any]:
         return load_base_job_template()
     from prefect.workers.process import ProcessWorker
 
-    return dict(ProcessWorker.get_default_base_job_template())
+    data = dict(ProcessWorker.get_default_base_job_template())
+    # one process per run, started by strongroom.deploy.engine_start (forked from a warm
+    # starter when one runs); Prefect's own default adds a supervisor process per run
+    command = data["variables"]["properties"]["command"]
+    command["default"] = f"{sys.executable} -m strongroom.deploy.engine_start"
+    return data
 
 
 async def _apply_pools(config: BootstrapConfig) -> dict[str, str]:

@@ -133,7 +133,12 @@ class PrefectServer:
 
 
 class ProcessWorker:
-    """``prefect worker start --type process`` polling one pool; runs flows in ``cwd``."""
+    """``prefect worker start --type process`` polling one pool; runs flows in ``cwd``.
+
+    With ``warm`` (the default) a warm starter (strongroom.deploy.warm) runs beside it
+    and the worker's runs are forked from it when the pool's flow-run command is
+    strongroom.deploy.engine_start (what ``strongroom bootstrap`` sets on process pools).
+    """
 
     def __init__(
         self,
@@ -145,6 +150,7 @@ class ProcessWorker:
         query_seconds: float = 10,
         limit: int | None = None,
         env: Mapping[str, str] | None = None,
+        warm: bool = True,
     ) -> None:
         self.pool = pool
         self.api_url = api_url
@@ -154,7 +160,28 @@ class ProcessWorker:
         self.query_seconds = query_seconds
         self.limit = limit
         self.extra_env = dict(env or {})
+        self.warm = warm
+        self.warm_socket = home / f"warm-{pool}.sock"
+        self.warm_log_path = home / f"warm-{pool}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.warm_proc: subprocess.Popen[bytes] | None = None
+
+    def _start_warm(self, env: dict[str, str], timeout: float) -> None:
+        self.warm_log_path.write_text("")
+        self.warm_proc = spawn(
+            [sys.executable, "-m", "strongroom.deploy.warm", str(self.warm_socket)],
+            log_path=self.warm_log_path,
+            cwd=self.cwd,
+            env=env,
+        )
+        wait_until(
+            "warm starter",
+            lambda: "ready on" in self.warm_log_path.read_text(),
+            self.warm_proc,
+            [self.warm_log_path],
+            timeout=timeout,
+            interval=0.2,
+        )
 
     def start(self, timeout: float = 60) -> Self:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -168,6 +195,9 @@ class ProcessWorker:
                 **self.extra_env,
             },
         )
+        if self.warm:
+            self._start_warm(env, timeout)
+            env["STRONGROOM_WARM_SOCKET"] = str(self.warm_socket)
         cmd = [
             *prefect_command(),
             "worker",
@@ -195,3 +225,5 @@ class ProcessWorker:
         # SIGTERM lets the worker hand back what it holds; it goes before the server.
         stop_process(self.proc, [(signal.SIGTERM, 20.0)])
         self.proc = None
+        stop_process(self.warm_proc, [(signal.SIGTERM, 20.0)])
+        self.warm_proc = None

@@ -33,6 +33,8 @@ STATE_FILE = STATE_DIR / "state.json"
 LOG_FILE = STATE_DIR / "supervisor.log"
 POOL = "strongroom-local"
 UP_TIMEOUT_S = float(os.environ.get("STRONGROOM_UP_TIMEOUT", "300"))
+# How often the process worker asks for runs to start (PREFECT_WORKER_QUERY_SECONDS)
+WORKER_QUERY_S = 1.0
 
 
 def _identity(pid: int) -> str | None:
@@ -279,7 +281,8 @@ def serve() -> int:
             report = bootstrap(BootstrapConfig.model_validate(expanded))
         log(f"bootstrap: {len(report['deployments']['deployed'])} deployments")
 
-        worker = ProcessWorker(POOL, server.api_url, STATE_DIR / "prefect", query_seconds=2)
+        home = STATE_DIR / "prefect"
+        worker = ProcessWorker(POOL, server.api_url, home, query_seconds=WORKER_QUERY_S)
         worker.start()
         stops.append(worker.stop)
         log("process worker polling " + POOL)
