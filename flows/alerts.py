@@ -48,8 +48,8 @@ def related_resources(repository: str, engine: str | None, *tags: str) -> list[d
 
 
 def _error_of(state: Any) -> BaseException | None:
-    try:
-        value = state.result(raise_on_failure=False)
+    try:  # _sync: a plain value also in an async flow's hook (backup-fleet)
+        value = state.result(raise_on_failure=False, _sync=True)
     except BaseException as exc:  # some crashed states raise on read
         return exc
     return value if isinstance(value, BaseException) else None
