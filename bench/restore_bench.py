@@ -67,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small data, one round")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--from-results",
+        action="store_true",
+        help="assemble restore.json from each section's own last result file "
+        "(bench/results/restore-<section>.json, written when a section runs alone) "
+        "instead of running the sections; each section's file date is kept",
+    )
     args = parser.parse_args(argv)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SECTIONS]
@@ -75,7 +82,25 @@ def main(argv: list[str] | None = None) -> int:
     sections: dict[str, Any] = {}
     errors: dict[str, str] = {}
     top: dict[str, Any] = {}
-    for name in wanted:
+    results_dir = Path(__file__).parent / "results"
+    files = {"clickhouse": "restore-clickhouse", "clickhouse26": "restore-clickhouse-26"}
+    for name in wanted if args.from_results else []:
+        path = (
+            results_dir
+            / f"{files.get(name, 'restore-' + name)}{'-quick' if args.quick else ''}.json"
+        )
+        if not path.exists():
+            errors[name] = f"no result file {path.name}"
+            continue
+        result = json.loads(path.read_text())
+        result["source_file"] = path.name
+        result["source_file_modified"] = dt.datetime.fromtimestamp(
+            path.stat().st_mtime, dt.UTC
+        ).isoformat()
+        sections[name] = result
+        if SECTIONS[name][2]:
+            top.update({k: v for k, v in result.items() if k in KEYS})
+    for name in [] if args.from_results else wanted:
         started = time.monotonic()
         print(f"[restore_bench] section {name}", file=sys.stderr, flush=True)
         try:
@@ -94,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "benchmark": "restore",
         "quick": args.quick,
+        "assembled_from_section_files": args.from_results,
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
         "host": host_facts(),
         **{k: top.get(k) for k in KEYS},
