@@ -113,7 +113,9 @@ def early_entries(post_listing: str, entry: dict[str, Any], table_oids: list[int
     return [
         line
         for _, line, oid, rest in _entries(post_listing)
-        if oid in wanted and any(rest.startswith(kind + " ") for kind in EARLY)
+        if oid in wanted
+        and any(rest.startswith(kind + " ") for kind in EARLY)
+        and not rest.startswith("INDEX ATTACH ")  # needs the parent's index: final pass
     ]
 
 
