@@ -43,10 +43,6 @@ class GrowingSpool:
         self._aborted = False
         self._cond = threading.Condition()
 
-    @property
-    def size(self) -> int:
-        return self._size
-
     def publish(self) -> None:
         """Everything written so far is verified: followers may read it."""
         with self._cond:
