@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from blocks.clickhouse import ClickHouseTarget
     from blocks.keys import EncryptionKey
+    from blocks.notifications import SmtpEmail
     from blocks.policy import RetentionPolicyBlock
     from blocks.redis import RedisTarget
     from blocks.repository import BackupRepository
@@ -31,6 +32,7 @@ _CLASSES = {
     "EncryptionKey": "blocks.keys",
     "SigningKey": "blocks.signing",
     "RetentionPolicyBlock": "blocks.policy",
+    "SmtpEmail": "blocks.notifications",
 }
 
 # Each engine's target block type slug (tests/test_engine_interface.py checks them against
@@ -104,6 +106,7 @@ __all__ = [
     "RedisTarget",
     "RetentionPolicyBlock",
     "SigningKey",
+    "SmtpEmail",
     "all_blocks",
     "register_all",
 ]

@@ -28,6 +28,7 @@ from strongroom.deploy.local_server import ROOT, PrefectServer, ProcessWorker, p
 from strongroom.sandbox._process import log_tail
 from strongroom.sandbox.postgres import PostgresServer
 from tests.fixtures.prefect_server import FlakyProxy, WebhookReceiver, prefect_server
+from tests.fixtures.smtp_server import SmtpReceiver
 from tests.fixtures.strongroom_fixtures import TEST_PUBLIC_KEY, TEST_SIGNER, make_local_repo
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,8 @@ POOL = "e2e-local"
 class Stack:
     server: PrefectServer
     worker: ProcessWorker
-    slack: WebhookReceiver
+    slack: WebhookReceiver  # also the generic webhook's receiver (path /webhook)
+    smtp: SmtpReceiver
     pg: PostgresServer
     database: str
     repo: Path
@@ -122,7 +124,8 @@ def stack(
         "password": "${E2E_PG_PASSWORD}",
         "databases": [database],
     }
-    with WebhookReceiver() as slack:
+    smtp_password = f"s3cr:t/{uuid.uuid4().hex[:6]}@&?"
+    with WebhookReceiver() as slack, SmtpReceiver(tmp, "alerts@example.com", smtp_password) as smtp:
         config = tmp / "bootstrap.yaml"
         config.write_text(
             yaml.safe_dump(
@@ -162,7 +165,21 @@ def stack(
                             }
                         },
                     },
-                    "notifications": {"slack": {"webhook_url": f"{slack.url}/slack"}},
+                    "notifications": {
+                        "slack": {"webhook_url": f"{slack.url}/slack"},
+                        "webhook": {"url": f"{slack.url}/webhook"},
+                        "email": {
+                            "sender_email": "strongroom@example.com",
+                            "to": ["oncall@example.com"],
+                            "smtp": {
+                                "host": smtp.host,
+                                "port": smtp.port,
+                                "security": "none",
+                                "username": smtp.username,
+                                "password": "${E2E_SMTP_PASSWORD}",
+                            },
+                        },
+                    },
                 }
             )
         )
@@ -170,6 +187,7 @@ def stack(
             "E2E_PG_PASSWORD": pg_server.password,
             "E2E_AGE_IDENTITY": str(identity),
             "E2E_SIGNING_KEY": TEST_SIGNER.private_pem().get_secret_value(),
+            "E2E_SMTP_PASSWORD": smtp_password,
         }
         started = time.monotonic()
         report = bootstrap(load_config(config, env={**os.environ, **env}))
@@ -177,7 +195,7 @@ def stack(
         assert report["automations"]["automations"]["strongroom-run-failed"] == "created"
         worker = ProcessWorker(POOL, prefect_server.api_url, prefect_server.home, query_seconds=1)
         worker.start()
-        stack = Stack(prefect_server, worker, slack, pg_server, database, repo)
+        stack = Stack(prefect_server, worker, slack, smtp, pg_server, database, repo)
         stack.extra["bootstrap_s"] = round(time.monotonic() - started, 1)
         try:
             yield stack
@@ -340,8 +358,8 @@ def test_failed_run_posts_one_slack_message_and_a_successful_one_none(stack: Sta
     failed = stack.run_api("backup-postgresql/on-demand", target="no-such-target")
     assert failed.state.is_failed(), failed.state
 
-    def mentions(run_id: Any) -> Any:
-        return lambda m: str(run_id) in json.dumps(m["json"])
+    def mentions(run_id: Any, path: str = "/slack") -> Any:
+        return lambda m: m["path"] == path and str(run_id) in json.dumps(m["json"])
 
     found = stack.slack.wait_for(mentions(failed.id), timeout=60)
     assert found, f"no Slack message; received: {stack.slack.messages}"
@@ -358,6 +376,20 @@ def test_failed_run_posts_one_slack_message_and_a_successful_one_none(stack: Sta
     assert "Unable to find block document named no-such-target" in text  # the error
     assert f"{stack.server.url}/runs/flow-run/{failed.id}" in text  # the link
     assert not stack.slack.matching(mentions(ok.id))
+
+    # the same failure by email through the SMTP server (authenticated) ...
+    mails = stack.smtp.wait_for(str(failed.id), timeout=60)
+    assert len(mails) == 1, [m["Subject"] for m in stack.smtp.messages()]
+    mail = mails[0]
+    assert mail["To"] == "oncall@example.com"
+    assert "strongroom@example.com" in mail["From"]
+    assert "backup-postgresql Failed" in mail["Subject"]
+    assert not stack.smtp.wait_for(str(ok.id), timeout=0)
+    # ... and to the generic webhook, as strongroom's JSON payload
+    hooks = stack.slack.wait_for(mentions(failed.id, "/webhook"), timeout=60)
+    assert hooks, f"no webhook call; received: {stack.slack.messages}"
+    assert any(h["json"].get("source") == "strongroom" for h in hooks), hooks
+    assert all(stack.smtp.password not in json.dumps(h["json"]) for h in hooks)
 
 
 def test_backup_fleet_runs_each_target_as_its_own_flow_run(stack: Stack) -> None:

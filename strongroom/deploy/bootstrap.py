@@ -40,6 +40,7 @@ from strongroom.deploy.bootstrap_config import (
     EmailChannel,
     Notifications,
     SlackChannel,
+    SmtpServer,
     WebhookChannel,
     WorkPoolSpec,
     declared_deployments,
@@ -63,6 +64,7 @@ __all__ = [
     "EmailChannel",
     "Notifications",
     "SlackChannel",
+    "SmtpServer",
     "WebhookChannel",
     "WorkPoolSpec",
     "apply_automations",
@@ -256,6 +258,8 @@ def _channel_blocks(config: BootstrapConfig) -> dict[str, Any]:
     """Notification blocks for the configured channels (not saved)."""
     from prefect.blocks.notifications import CustomWebhookNotificationBlock, SendgridEmail
 
+    from blocks import SmtpEmail
+
     n = config.notifications
     out: dict[str, Any] = {}
     if n.slack is not None:
@@ -278,7 +282,11 @@ def _channel_blocks(config: BootstrapConfig) -> dict[str, Any]:
                 "secrets": {"webhook_url": n.webhook.url.get_secret_value()},
             }
         )
-    if n.email is not None:
+    if n.email is not None and n.email.smtp is not None:
+        out["email"] = SmtpEmail(
+            **n.email.smtp.model_dump(), sender_email=n.email.sender_email, to=list(n.email.to)
+        )
+    elif n.email is not None and n.email.sendgrid_api_key is not None:
         out["email"] = SendgridEmail(
             api_key=n.email.sendgrid_api_key,
             sender_email=n.email.sender_email,

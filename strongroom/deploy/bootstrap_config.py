@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from strongroom.errors import InvalidInput
 
@@ -78,10 +78,38 @@ class WebhookChannel(_Model):
     headers: dict[str, str] = Field(default_factory=dict)
 
 
+class SmtpServer(_Model):
+    """A mail server to deliver alerts through (your own relay, SES SMTP, Office 365 ...)."""
+
+    host: str
+    port: int = Field(default=587, ge=1, le=65535)
+    security: Literal["starttls", "ssl", "none"] = Field(
+        default="starttls",
+        description="starttls (port 587), ssl (implicit TLS, port 465) or none (a local relay)",
+    )
+    username: str | None = None
+    password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _credentials_together(self) -> SmtpServer:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("smtp: username and password go together")
+        return self
+
+
 class EmailChannel(_Model):
-    sendgrid_api_key: SecretStr
+    """Email alerts, over SMTP (``smtp``) or SendGrid's API (``sendgrid_api_key``)."""
+
     sender_email: str
-    to: list[str]
+    to: list[str] = Field(min_length=1)
+    smtp: SmtpServer | None = None
+    sendgrid_api_key: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> EmailChannel:
+        if (self.smtp is None) == (self.sendgrid_api_key is None):
+            raise ValueError("email: give exactly one of smtp or sendgrid_api_key")
+        return self
 
 
 class Notifications(_Model):
