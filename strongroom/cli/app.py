@@ -24,7 +24,7 @@ from strongroom.cli import (
     signing,
 )
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+app = typer.Typer(help=__doc__, no_args_is_help=True)
 backup_app = typer.Typer(help="Back up a target.", no_args_is_help=True)
 restore_app = typer.Typer(help="Restore a backup into a target.", no_args_is_help=True)
 blocks_app = typer.Typer(help="Prefect block types.", no_args_is_help=True)
