@@ -28,6 +28,13 @@ class BackupRepository(Block):
     lock_mode: Literal["GOVERNANCE", "COMPLIANCE"] | None = None
     retention_days: int = 0
     compression_level: int = Field(default=3, ge=1, le=22)
+    max_parts: int = Field(
+        default=10000,
+        ge=16,
+        le=10000,
+        description="S3: the store's limit on parts per upload (AWS 10,000; some "
+        "S3-compatible stores 1,000). Part sizes grow so any artifact fits.",
+    )
     trusted_signers: list[str] = Field(
         default_factory=list,
         description="Ed25519 public keys (PEM) whose signed manifests readers trust.",

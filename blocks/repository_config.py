@@ -59,5 +59,6 @@ def repository_config(block: Any) -> RepositoryConfig:
         kms_key_id=_get(block, "kms_key_id"),
         lock_mode=_get(block, "lock_mode"),
         retention_days=_get(block, "retention_days") or 0,
+        max_parts=_get(block, "max_parts") or 10000,
         **common,
     )

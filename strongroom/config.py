@@ -169,7 +169,18 @@ class RepositoryConfig(BaseModel):
         description="set per backup run from the retention policy: the object-lock "
         "retain-until of the rule that will keep the new backup longest",
     )
-    part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    part_size: int = Field(
+        default=16 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        description="the first multipart parts' size; later parts grow (s3_multipart)",
+    )
+    max_parts: int = Field(
+        default=10000,
+        ge=16,
+        le=10000,
+        description="the store's limit on parts per upload (AWS 10,000; some "
+        "S3-compatible stores 1,000)",
+    )
     max_attempts: int = Field(default=5, ge=1, description="storage retries with backoff")
     trusted_signers: list[str] = Field(
         default_factory=list,

@@ -19,7 +19,7 @@ import hashlib
 import io
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from botocore.config import Config
 from botocore.exceptions import (
@@ -129,9 +129,17 @@ def brief_error(exc: BaseException | None) -> str:
     return type(exc).__name__
 
 
-def content_md5(buf: io.BytesIO) -> str:
-    with buf.getbuffer() as view:
-        digest = hashlib.md5(view, usedforsecurity=False).digest()
+def content_md5(buf: IO[bytes]) -> str:
+    """Base64 MD5 of a part or object body (in memory, or spooled to disk when large)."""
+    if isinstance(buf, io.BytesIO):
+        with buf.getbuffer() as view:
+            digest = hashlib.md5(view, usedforsecurity=False).digest()
+    else:
+        buf.seek(0)
+        md5 = hashlib.md5(usedforsecurity=False)
+        while chunk := buf.read(1024 * 1024):
+            md5.update(chunk)
+        digest = md5.digest()
     return base64.b64encode(digest).decode("ascii")
 
 

@@ -8,6 +8,13 @@ most delicate part of the S3 repository and are read and tested on their own.
   ``config.part_size`` bytes while a background thread uploads the previous
   one; a queue of depth 1 sits between them, so at most two parts are pending
   (one queued, one on the wire) and peak memory is about three parts.
+* Parts grow with the part number (``part_size_for``): the first
+  ``max_parts // 16`` parts are ``config.part_size``, each next run of as many parts
+  twice as large, up to S3's 5 GiB per part, so an artifact of any size up to S3's
+  5 TiB object limit fits the store's part-count limit (``config.max_parts``: 10,000
+  on AWS, 1,000 on some S3-compatible stores) while small artifacts keep small parts.
+  A part over 64 MiB is spooled to a temporary file, not memory: peak memory stays
+  about three parts of at most 64 MiB whatever the artifact's size.
 * Objects smaller than one part go up with a single ``PutObject``. Every
   ``PutObject`` and ``UploadPart`` carries ``Content-MD5`` (accepted by every
   S3 implementation, and what object-lock buckets require).
@@ -22,9 +29,10 @@ import datetime as dt
 import io
 import logging
 import queue
+import tempfile
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
@@ -42,11 +50,42 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_PART_BYTES = 5 * 1024**3  # S3's limit per part
+MAX_OBJECT_BYTES = 5 * 1024**4  # S3's limit per object
+IN_MEMORY_PART_BYTES = 64 * 1024 * 1024  # larger parts are spooled to a temporary file
+
+
+def part_size_for(number: int, base: int, max_parts: int) -> int:
+    """Bytes of part ``number`` (1-based): ``base`` doubled after every ``max_parts // 16``
+    parts, at most 5 GiB."""
+    run = max(1, max_parts // 16)
+    return min(MAX_PART_BYTES, base << min(32, (number - 1) // run))
+
+
+def capacity(base: int, max_parts: int) -> int:
+    """The largest object ``max_parts`` parts of ``part_size_for`` can hold."""
+    run = max(1, max_parts // 16)
+    total, number = 0, 1
+    while number <= max_parts:
+        size = part_size_for(number, base, max_parts)
+        count = min(run - (number - 1) % run, max_parts - number + 1)
+        if size == MAX_PART_BYTES:
+            count = max_parts - number + 1
+        total += size * count
+        number += count
+    return total
+
+
+def _part_buffer(size: int) -> IO[bytes]:
+    if size <= IN_MEMORY_PART_BYTES:
+        return io.BytesIO()
+    return tempfile.SpooledTemporaryFile(max_size=IN_MEMORY_PART_BYTES, prefix="strongroom-part-")
+
 
 class S3Multipart(S3Calls):
     """Multipart requests of ``S3Repository`` (one of its bases)."""
 
-    def _upload_part(self, key: str, upload_id: str, number: int, body: io.BytesIO) -> str:
+    def _upload_part(self, key: str, upload_id: str, number: int, body: IO[bytes]) -> str:
         full = self._full(key)
         md5 = content_md5(body)
 
@@ -125,14 +164,16 @@ class S3ObjectWriter(ObjectWriter):
         self._key = key
         self._full = repo._full(key)
         self._extra = extra
-        self._part_size = repo.config.part_size
-        self._buf = io.BytesIO()
+        self._base_part = repo.config.part_size
+        self._max_parts = repo.config.max_parts
+        self._part_size = self._base_part
+        self._buf: IO[bytes] = io.BytesIO()
         self._buf_len = 0
         self._size = 0
         self._upload_id: str | None = None
         self._next_part = 1
         self._parts: list[dict[str, Any]] = []
-        self._queue: queue.Queue[tuple[int, io.BytesIO] | None] = queue.Queue(maxsize=1)
+        self._queue: queue.Queue[tuple[int, IO[bytes]] | None] = queue.Queue(maxsize=1)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._state = "open"  # open -> committed | aborted
@@ -148,7 +189,7 @@ class S3ObjectWriter(ObjectWriter):
             self._upload(item)
             del item  # do not hold the part's buffer while waiting for the next
 
-    def _upload(self, item: tuple[int, io.BytesIO]) -> None:
+    def _upload(self, item: tuple[int, IO[bytes]]) -> None:
         number, body = item
         try:
             if self._error is None and self._state == "open" and self._upload_id:
@@ -183,13 +224,16 @@ class S3ObjectWriter(ObjectWriter):
         self._raise_worker_error()
         if self._upload_id is None:
             self._start_multipart()
-        body, self._buf, self._buf_len = self._buf, io.BytesIO(), 0
         number = self._next_part
-        self._next_part += 1
-        if number > 10000:
+        if number > self._max_parts:
+            limit = capacity(self._base_part, self._max_parts)
             raise InvalidInput(
-                f"{self._key}: more than 10000 parts; raise part_size (now {self._part_size} bytes)"
+                f"{self._key}: larger than {limit} bytes, the most {self._max_parts} parts "
+                f"from part_size {self._base_part} hold; raise part_size or max_parts"
             )
+        self._next_part += 1
+        self._part_size = part_size_for(self._next_part, self._base_part, self._max_parts)
+        body, self._buf, self._buf_len = self._buf, _part_buffer(self._part_size), 0
         self._queue.put((number, body))  # blocks while two parts are pending
         del body
         self._raise_worker_error()
@@ -253,6 +297,7 @@ class S3ObjectWriter(ObjectWriter):
             raise InvalidInput(f"writer for {self._key!r} is already {self._state}")
         try:
             if self._upload_id is None:
+                assert isinstance(self._buf, io.BytesIO)  # the first part's buffer
                 self._repo._put_object(self._key, self._buf, self._extra)
             else:
                 if self._buf_len:
