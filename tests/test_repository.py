@@ -465,6 +465,7 @@ def test_s3_bucket_settings(s3_server: MotoServer, bucket: str, s3_locked_bucket
     assert plain["versioning"] is None
     assert plain["object_lock"] is None
     assert plain["public_access_block"] is None
+    assert plain["unsupported"] == {}  # moto implements every API read here
     # (AWS now reports SSE-S3 on every bucket; moto reports none: not asserted.)
     raw = s3_server.s3()
     raw.put_bucket_encryption(
