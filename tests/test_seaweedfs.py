@@ -11,9 +11,15 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from pydantic import SecretStr
 
+from strongroom.config import EncryptionConfig
+from strongroom.engines.redis.backup import backup_redis
+from strongroom.engines.redis.conn import RedisConnection
 from strongroom.errors import Unsupported
 from strongroom.repository.s3 import S3Repository
+from strongroom.sandbox.redis import RedisServer
+from strongroom.verify import verify_backup
 from tests.fixtures.compliant_bucket import Bucket, s3_repository
 from tests.fixtures.seaweedfs import SeaweedServer
 from tests.test_compliance import TARGETS, control, populate, run, statuses
@@ -53,10 +59,24 @@ def test_not_implemented_is_asked_once(
     assert settings["object_lock"]["ObjectLockEnabled"] == "Enabled"
 
 
-def test_audit_of_an_object_lock_bucket(seaweed_server: SeaweedServer) -> None:
+def test_audit_of_an_object_lock_bucket(
+    seaweed_server: SeaweedServer, redis_server: RedisServer, age_key: EncryptionConfig
+) -> None:
     name = _encrypted_locked_bucket(seaweed_server)
     repo, config = s3_repository(seaweed_server, name)
     populate(repo)  # backups, WAL, drills and verifications, as the engines write them
+    # and a real backup (COMPLIANCE lock, SSE on each object), read back in full
+    conn = RedisConnection(
+        name="cache",
+        host=redis_server.host,
+        port=redis_server.port,
+        password=SecretStr(redis_server.password),
+    )
+    manifest = backup_redis(conn, repo, config, age_key)
+    assert verify_backup(repo, manifest, age_key)["ok"]
+    head = seaweed_server.s3().head_object(Bucket=name, Key=f"prod/{manifest.artifacts[0].key}")
+    assert head["ObjectLockMode"] == "COMPLIANCE" and head["ServerSideEncryption"] == "AES256"
+
     report = run(Bucket(repo, config, name), TARGETS)
 
     found = statuses(report)
