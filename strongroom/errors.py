@@ -37,6 +37,15 @@ class IntegrityError(StrongroomError):
     exit_code = 4
 
 
+class Unsupported(InvalidInput):
+    """The storage does not implement a request (S3 ``NotImplemented``, HTTP 501): not
+    transient, never retried. ``api`` names the request (``GetPublicAccessBlock``)."""
+
+    def __init__(self, message: str, *, api: str) -> None:
+        super().__init__(message)
+        self.api = api
+
+
 class TargetNotEmpty(StrongroomError):
     """A restore would overwrite data and was not told it may."""
 

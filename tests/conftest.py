@@ -22,6 +22,7 @@ from tests.fixtures.prefect import prefect_api  # noqa: E402
 from tests.fixtures.redis import redis_server  # noqa: E402
 from tests.fixtures.redis_gauntlet import redis_gauntlet  # noqa: E402
 from tests.fixtures.s3 import s3_bucket, s3_locked_bucket, s3_server  # noqa: E402
+from tests.fixtures.seaweedfs import seaweed_locked_bucket, seaweed_server  # noqa: E402
 from tests.fixtures.strongroom_fixtures import age_key, local_repo, s3_repo  # noqa: E402
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "s3_locked_bucket",
     "s3_repo",
     "s3_server",
+    "seaweed_locked_bucket",
+    "seaweed_server",
 ]
 
 

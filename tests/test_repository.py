@@ -1,5 +1,6 @@
-"""Repository contract tests: every behaviour runs against a local folder and against S3
-(a real moto server process from tests/fixtures/s3.py), plus S3-only and local-only checks.
+"""Repository contract tests: every behaviour runs against a local folder and against two
+S3 implementations (real moto and SeaweedFS server processes from tests/fixtures/s3.py and
+tests/fixtures/seaweedfs.py), plus S3-only and local-only checks.
 """
 
 from __future__ import annotations
@@ -96,14 +97,18 @@ def _leftovers(repo: Repository, server: MotoServer | None) -> list[str]:
     return _uploads(repo, server)
 
 
-@pytest.fixture(params=["local", "s3"])
+# the S3 implementations every S3 contract test runs against (session-scoped servers)
+S3_SERVERS = {"s3": "s3_server", "seaweedfs": "seaweed_server"}
+
+
+@pytest.fixture(params=["local", *S3_SERVERS])
 def repo_and_server(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[tuple[Repository, MotoServer | None]]:
     if request.param == "local":
         yield make_local_repo(tmp_path / "repo"), None
         return
-    server: MotoServer = request.getfixturevalue("s3_server")
+    server: MotoServer = request.getfixturevalue(S3_SERVERS[request.param])
     bucket = server.create_bucket()
     try:
         yield _s3_repo(server, bucket), server
@@ -114,6 +119,13 @@ def repo_and_server(
 @pytest.fixture
 def repo(repo_and_server: tuple[Repository, MotoServer | None]) -> Repository:
     return repo_and_server[0]
+
+
+@pytest.fixture(params=list(S3_SERVERS))
+def any_s3(request: pytest.FixtureRequest) -> MotoServer:
+    """moto, then SeaweedFS (same duck type): for S3 tests that hold on both."""
+    server: MotoServer = request.getfixturevalue(S3_SERVERS[request.param])
+    return server
 
 
 @pytest.fixture
@@ -383,7 +395,8 @@ class _Recorder:
         return [h for op, h in self.requests if op == name]
 
 
-def test_s3_layout_parts_and_checksums(s3_server: MotoServer, bucket: str) -> None:
+def test_s3_layout_parts_and_checksums(any_s3: MotoServer) -> None:
+    s3_server, bucket = any_s3, any_s3.create_bucket()
     client = s3_server.s3()
     recorder = _Recorder(client)
     repo = S3Repository.from_client(client, _s3_config(s3_server, bucket, sse="AES256"))
@@ -424,8 +437,8 @@ def test_s3_sse_kms(s3_server: MotoServer, bucket: str) -> None:
         assert head["SSEKMSKeyId"] == key_arn
 
 
-def test_s3_object_lock_headers(s3_server: MotoServer, s3_locked_bucket: str) -> None:
-    bucket = s3_locked_bucket
+def test_s3_object_lock_headers(any_s3: MotoServer) -> None:
+    s3_server, bucket = any_s3, any_s3.create_bucket(object_lock=True)
     raw = s3_server.s3()
     before = dt.datetime.now(dt.UTC)
     repo = _s3_repo(s3_server, bucket, lock_mode="GOVERNANCE", retention_days=3)
@@ -465,6 +478,7 @@ def test_s3_bucket_settings(s3_server: MotoServer, bucket: str, s3_locked_bucket
     assert plain["versioning"] is None
     assert plain["object_lock"] is None
     assert plain["public_access_block"] is None
+    assert plain["unsupported"] == {}  # moto implements every API read here
     # (AWS now reports SSE-S3 on every bucket; moto reports none: not asserted.)
     raw = s3_server.s3()
     raw.put_bucket_encryption(

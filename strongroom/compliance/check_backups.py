@@ -11,9 +11,16 @@ from __future__ import annotations
 import datetime as dt
 
 from strongroom.catalog import Manifest
-from strongroom.compliance.check_common import finding, fmt_hours, note_sampling, target_finding
+from strongroom.compliance.check_common import (
+    finding,
+    fmt_hours,
+    note_sampling,
+    target_finding,
+    unsupported_finding,
+)
 from strongroom.compliance.evidence import Evidence
 from strongroom.compliance.model import Finding
+from strongroom.errors import Unsupported
 
 CLIENT_SIDE_ENCRYPTION = ("age-x25519", "age-scrypt", "age", "aes-256-gcm")
 STRONG_SSE = ("aws:kms", "aws:kms:dsse", "AES256")
@@ -143,13 +150,18 @@ def check_encryption_at_rest(ev: Evidence) -> list[Finding]:
             )
         ]
     findings = []
-    bucket = ev.bucket or {}
-    enc = bucket.get("encryption") or {}
+    try:
+        enc = ev.bucket_setting("encryption") or {}
+    except Unsupported as exc:  # each object's own SSE is still checked below
+        findings.append(unsupported_finding("bucket default encryption", exc))
+        enc = None
     algos = [
         str(r.get("ApplyServerSideEncryptionByDefault", {}).get("SSEAlgorithm", ""))
-        for r in enc.get("Rules", [])
+        for r in (enc or {}).get("Rules", [])
     ]
-    if any(a in STRONG_SSE for a in algos):
+    if enc is None:
+        pass
+    elif any(a in STRONG_SSE for a in algos):
         findings.append(
             finding("pass", "bucket default encryption", f"default encryption {', '.join(algos)}")
         )

@@ -13,6 +13,7 @@ from typing import Any
 
 from strongroom.compliance.evidence import Evidence
 from strongroom.compliance.model import Finding, Status, TargetPolicy
+from strongroom.errors import Unsupported
 
 
 def target_finding(target: TargetPolicy, status: Status, message: str, **data: Any) -> Finding:
@@ -39,6 +40,17 @@ def no_feature(feature: str) -> list[Finding]:
             feature=feature,
         )
     ]
+
+
+def unsupported_finding(subject: str, exc: Unsupported) -> Finding:
+    """A warn: the store does not implement the bucket API this part of a control reads
+    (the rest of the control is still evaluated)."""
+    return finding(
+        "warn",
+        subject,
+        f"not supported by this store ({exc.api}): cannot show this setting",
+        api=exc.api,
+    )
 
 
 def fmt_hours(seconds: float) -> str:

@@ -20,9 +20,11 @@ from strongroom.compliance.check_common import (
     no_feature,
     note_sampling,
     target_finding,
+    unsupported_finding,
 )
 from strongroom.compliance.evidence import Evidence
 from strongroom.compliance.model import Finding, TargetPolicy
+from strongroom.errors import Unsupported
 
 # ---------------------------------------------------------------- object lock
 
@@ -60,8 +62,14 @@ def check_object_lock(ev: Evidence) -> list[Finding]:
             )
         ]
     findings = []
-    lock_conf = (ev.bucket or {}).get("object_lock") or {}
-    if lock_conf.get("ObjectLockEnabled") != "Enabled":
+    try:
+        lock_conf = ev.bucket_setting("object_lock") or {}
+    except Unsupported as exc:
+        findings.append(unsupported_finding("bucket object lock", exc))
+        lock_conf = None
+    if lock_conf is None:
+        pass  # the objects' own locks are still checked below
+    elif lock_conf.get("ObjectLockEnabled") != "Enabled":
         findings.append(
             finding("fail", "bucket object lock", "object lock is not enabled on the bucket")
         )
@@ -139,8 +147,11 @@ def check_versioning(ev: Evidence) -> list[Finding]:
                 "overwrites and deletions cannot be undone",
             )
         ]
-    bucket = ev.bucket or {}
-    status = bucket.get("versioning")
+    try:
+        versioning = ev.bucket_setting("versioning") or {}
+    except Unsupported as exc:
+        return [unsupported_finding("bucket versioning", exc)]
+    status = versioning.get("Status")
     findings = []
     if status == "Enabled":
         findings.append(finding("pass", "bucket versioning", "versioning enabled"))
@@ -148,7 +159,7 @@ def check_versioning(ev: Evidence) -> list[Finding]:
         findings.append(
             finding("fail", "bucket versioning", f"versioning is {status or 'off (never enabled)'}")
         )
-    if bucket.get("mfa_delete") == "Enabled":
+    if versioning.get("MFADelete") == "Enabled":
         findings.append(finding("pass", "MFA delete", "MFA delete enabled"))
     return findings
 
@@ -161,7 +172,10 @@ def check_public_access(ev: Evidence) -> list[Finding]:
         return _check_local_permissions(ev)
     if not ev.is_s3:
         return [finding("warn", ev.repo.describe(), "repository type not supported by this check")]
-    pab = (ev.bucket or {}).get("public_access_block")
+    try:
+        pab = ev.bucket_setting("public_access_block")
+    except Unsupported as exc:
+        return [unsupported_finding("public access block", exc)]
     if not pab:
         return [finding("fail", "public access block", "the bucket has no public access block")]
     off = [flag for flag in _PAB_FLAGS if not pab.get(flag)]

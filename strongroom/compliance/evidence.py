@@ -269,6 +269,7 @@ class Evidence:
         self.bad_manifests: list[tuple[str, str]] = []
         self.untrusted_records: list[tuple[str, str]] = []
         self._object_heads: dict[str, dict[str, Any] | None] = {}
+        self._bucket_settings: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- basics
 
@@ -375,12 +376,19 @@ class Evidence:
 
     # ------------------------------------------------------------------- S3
 
-    @cached_property
-    def bucket(self) -> dict[str, Any] | None:
+    def bucket_setting(self, name: str) -> Any:
+        """One bucket setting (``S3Repository.bucket_setting``), cached with its error: a
+        store lacking one API (``Unsupported``) affects only the controls reading it."""
         if not self.is_s3:
             return None
-        settings: dict[str, Any] = self.repo.bucket_settings()  # type: ignore[attr-defined]
-        return settings
+        if name not in self._bucket_settings:
+            try:
+                self._bucket_settings[name] = self.repo.bucket_setting(name)  # type: ignore[attr-defined]
+            except Exception as exc:  # re-raised to each control that reads it
+                self._bucket_settings[name] = exc
+        if isinstance(found := self._bucket_settings[name], Exception):
+            raise found
+        return found
 
     def head(self, key: str) -> dict[str, Any] | None:
         """HeadObject of ``key`` (S3 only; None when absent or not S3)."""
@@ -411,7 +419,7 @@ class Evidence:
         return pairs[: self.settings.max_objects_checked]
 
     def backup_object_count(self) -> int:
-        return sum(1 + len(m.artifacts) for items in self.manifests.values() for m in items)
+        return sum(1 + len(m.artifacts) for ms in self.manifests.values() for m in ms)
 
     # ---------------------------------------------------------------- drills
 
@@ -582,11 +590,9 @@ class Evidence:
 
     def evidence_objects(self) -> list[ObjectInfo]:
         """Audit events, drill records, verification records and reports."""
-        found: list[ObjectInfo] = []
-        for prefix in ("audit/", DRILLS_PREFIX, REPORTS_PREFIX, *VERIFY_PREFIXES):
-            found.extend(self._list(prefix))
-        found.sort(key=lambda i: i.modified, reverse=True)
-        return found
+        prefixes = ("audit/", DRILLS_PREFIX, REPORTS_PREFIX, *VERIFY_PREFIXES)
+        found = [info for prefix in prefixes for info in self._list(prefix)]
+        return sorted(found, key=lambda i: i.modified, reverse=True)
 
 
 def known_engines() -> tuple[str, ...]:

@@ -9,6 +9,9 @@ plain put, a multipart part or a version listing.
   with exponential backoff and jitter, at most ``config.max_attempts`` tries in
   all, then raise ``ServiceUnavailable``. Clients this module builds itself
   turn botocore's own retries off so the two do not multiply.
+* A request the store does not implement (``NotImplemented``, HTTP 501 and the
+  like; S3-compatible stores each lack some bucket APIs) is not transient: it
+  raises ``Unsupported`` (naming the API) at once, without retries.
 * Error messages name the bucket, prefix and key, never the secret key.
 """
 
@@ -51,6 +54,7 @@ from strongroom.errors import (
     NotFound,
     ServiceUnavailable,
     StrongroomError,
+    Unsupported,
 )
 from strongroom.repository.base import check_key
 
@@ -105,6 +109,17 @@ _TRANSIENT_CODES = frozenset(
     }
 )
 
+# Error codes that mean "this store does not implement the request" (not transient).
+_UNSUPPORTED_CODES = frozenset(
+    {
+        "NotImplemented",
+        "NotSupported",
+        "OperationNotSupported",
+        "UnsupportedOperation",
+        "XNotImplemented",
+    }
+)
+
 
 def error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
@@ -114,9 +129,18 @@ def http_status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
+def is_unsupported(exc: BaseException) -> bool:
+    """The store does not implement the request (``NotImplemented``, 501, ...)."""
+    if not isinstance(exc, ClientError):
+        return False
+    return error_code(exc) in _UNSUPPORTED_CODES or http_status(exc) == 501
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Connection trouble, timeouts, 5xx and throttling: worth another try."""
+    """Connection trouble, timeouts, 5xx (but 501) and throttling: worth another try."""
     if isinstance(exc, ClientError):
+        if is_unsupported(exc):
+            return False
         status = http_status(exc)
         return error_code(exc) in _TRANSIENT_CODES or status >= 500 or status == 429
     return isinstance(exc, HTTPClientError | BotoConnectionError | IncompleteReadError)
@@ -280,6 +304,10 @@ class S3Calls:
                 return NotFound(f"multipart upload for {where} no longer exists ({op})")
             if code == "PreconditionFailed" or status == 412:
                 return Conflict(f"object {key!r} already exists in {self.describe()}")
+            if is_unsupported(exc):
+                return Unsupported(
+                    f"S3 {op} on {where} is not supported by this store ({detail})", api=op
+                )
             if is_transient(exc):
                 return ServiceUnavailable(
                     f"S3 {op} on {where} failed after {attempts} attempt(s): {detail}"

@@ -21,7 +21,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from strongroom.errors import InvalidInput
+from strongroom.errors import InvalidInput, Unsupported
 from strongroom.repository.base import StorageSettings
 from strongroom.repository.s3_client import S3Calls, check_list_prefix, error_code
 
@@ -34,6 +34,20 @@ _NOT_CONFIGURED_CODES = frozenset(
         "ServerSideEncryptionConfigurationNotFoundError",
     }
 )
+
+# The bucket settings an audit reads, and the request that reads each.
+BUCKET_APIS: dict[str, str] = {
+    "versioning": "GetBucketVersioning",
+    "object_lock": "GetObjectLockConfiguration",
+    "encryption": "GetBucketEncryption",
+    "public_access_block": "GetPublicAccessBlock",
+}
+_BUCKET_FIELDS: dict[str, str | None] = {
+    "versioning": None,
+    "object_lock": "ObjectLockConfiguration",
+    "encryption": "ServerSideEncryptionConfiguration",
+    "public_access_block": "PublicAccessBlockConfiguration",
+}
 
 
 @dataclass(frozen=True)
@@ -196,53 +210,53 @@ class S3Versions(S3Calls):
         full_prefix = f"{self.root}/{prefix}" if self.root else prefix
         return self._versions(full_prefix, key=None)
 
-    def bucket_settings(self) -> dict[str, Any]:
-        """The bucket's protection, for audits. Each entry is None when not configured:
-
-        ``versioning`` ("Enabled"/"Suspended"), ``mfa_delete``, ``object_lock``
+    def bucket_setting(self, name: str) -> Any:
+        """One bucket protection setting, from its own request (``BUCKET_APIS[name]``):
+        ``versioning`` ({"Status", "MFADelete"}), ``object_lock``
         (ObjectLockConfiguration), ``encryption`` (ServerSideEncryptionConfiguration),
-        ``public_access_block`` (PublicAccessBlockConfiguration).
-        """
+        ``public_access_block`` (PublicAccessBlockConfiguration). None when not
+        configured; raises ``Unsupported`` (not retried) when the store lacks the API."""
+        api = BUCKET_APIS[name]
         bucket = self.bucket
+        fetch: dict[str, Callable[[], Any]] = {
+            "versioning": lambda: self._client.get_bucket_versioning(Bucket=bucket),
+            "object_lock": lambda: self._client.get_object_lock_configuration(Bucket=bucket),
+            "encryption": lambda: self._client.get_bucket_encryption(Bucket=bucket),
+            "public_access_block": lambda: self._client.get_public_access_block(Bucket=bucket),
+        }
+        field = _BUCKET_FIELDS[name]
 
-        def optional(fetch: Callable[[], Any], field: str) -> Callable[[int], Any]:
-            def run(_attempt: int) -> Any:
-                try:
-                    value = fetch().get(field)
-                except ClientError as exc:
-                    if error_code(exc) in _NOT_CONFIGURED_CODES:
-                        return None
-                    raise
-                return dict(value) if isinstance(value, dict) else value
+        def run(_attempt: int) -> Any:
+            try:
+                answer = dict(fetch[name]())
+            except ClientError as exc:
+                if error_code(exc) in _NOT_CONFIGURED_CODES:
+                    return None
+                raise
+            if field is None:  # versioning: the answer itself
+                return {k: answer.get(k) for k in ("Status", "MFADelete")}
+            value = answer.get(field)
+            return dict(value) if isinstance(value, dict) else value
 
-            return run
+        return self._call(api, run)
 
-        versioning = self._call(
-            "GetBucketVersioning",
-            lambda _a: dict(self._client.get_bucket_versioning(Bucket=bucket)),
-        )
+    def bucket_settings(self) -> dict[str, Any]:
+        """The bucket's protection, for audits, each setting asked on its own. Each entry
+        is None when not configured: ``versioning`` ("Enabled"/"Suspended"),
+        ``mfa_delete``, ``object_lock``, ``encryption``, ``public_access_block``;
+        ``unsupported`` maps a setting whose API the store lacks to the API's name."""
+        found: dict[str, Any] = {}
+        unsupported: dict[str, str] = {}
+        for name in BUCKET_APIS:
+            try:
+                found[name] = self.bucket_setting(name)
+            except Unsupported as exc:
+                found[name] = None
+                unsupported[name] = exc.api
+        versioning = found.pop("versioning") or {}
         return {
             "versioning": versioning.get("Status"),
             "mfa_delete": versioning.get("MFADelete"),
-            "object_lock": self._call(
-                "GetObjectLockConfiguration",
-                optional(
-                    lambda: self._client.get_object_lock_configuration(Bucket=bucket),
-                    "ObjectLockConfiguration",
-                ),
-            ),
-            "encryption": self._call(
-                "GetBucketEncryption",
-                optional(
-                    lambda: self._client.get_bucket_encryption(Bucket=bucket),
-                    "ServerSideEncryptionConfiguration",
-                ),
-            ),
-            "public_access_block": self._call(
-                "GetPublicAccessBlock",
-                optional(
-                    lambda: self._client.get_public_access_block(Bucket=bucket),
-                    "PublicAccessBlockConfiguration",
-                ),
-            ),
+            **found,
+            "unsupported": unsupported,
         }
