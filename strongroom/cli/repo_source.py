@@ -8,8 +8,9 @@ In order (README.md, "Fast reads"):
    file ``--trust`` / ``STRONGROOM_TRUSTED_SIGNERS``. No Prefect at all.
 2. The BackupRepository block, read with one plain HTTP GET from ``PREFECT_API_URL``
    (``PREFECT_API_KEY`` or ``PREFECT_API_AUTH_STRING`` if set): always the block as it
-   is now; without ``PREFECT_API_URL`` in the environment, through Prefect's client (its
-   profile).
+   is now; without ``PREFECT_API_URL`` in the environment, from the active Prefect
+   profile's; with neither, the command refuses (``strongroom.cli.preflight``) rather than
+   start a temporary Prefect server. A missing block names the nearest existing ones.
 3. Only when that API is unreachable: the repository descriptor cached by the last read
    of the block, ``$XDG_CONFIG_HOME/strongroom/repositories/<id>.json`` (mode 0600, one
    per API URL and block name), with a warning naming its age. It holds the block's
@@ -34,6 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from strongroom.cli import preflight
 from strongroom.config import RepositoryConfig
 from strongroom.errors import InvalidInput, NotFound, ServiceUnavailable
 from strongroom.repository import Repository, open_repository
@@ -213,10 +215,18 @@ def load_block_config(repository: str) -> RepositoryConfig:
     from blocks.repository_config import repository_config
     from strongroom.redact import register
 
-    api_url = _api_url()
+    api_url = _api_url() or preflight.profile_api_url()
     if api_url:
-        config = repository_config(fetch_block_data(REPOSITORY_SLUG, repository, api_url))
-    else:
+        try:
+            data = fetch_block_data(REPOSITORY_SLUG, repository, api_url)
+        except NotFound:
+            names = preflight.block_names(REPOSITORY_SLUG, api_url)
+            raise preflight.BlockNotFound(
+                preflight.not_found_message(REPOSITORY_SLUG, repository, names)
+            ) from None
+        config = repository_config(data)
+    else:  # refused unless the temporary server was asked for
+        preflight.require_api("this command reads the repository block (or give --repository-url)")
         from flows.common import load_repository
 
         config = load_repository(repository)[1]
