@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import base64
 import difflib
 import json
 import os
@@ -89,16 +90,20 @@ def require_api(reason: str = "this command runs a Prefect flow") -> str | None:
     )
 
 
-def _headers() -> dict[str, str]:
-    from strongroom.cli.repo_source import _headers as headers
-
-    return headers()
+def api_headers() -> dict[str, str]:
+    """The Prefect API request headers (``PREFECT_API_KEY`` or ``PREFECT_API_AUTH_STRING``)."""
+    headers = {"Accept": "application/json"}
+    if key := os.environ.get("PREFECT_API_KEY"):
+        headers["Authorization"] = f"Bearer {key}"
+    elif auth := os.environ.get("PREFECT_API_AUTH_STRING"):
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    return headers
 
 
 def _get(url: str, timeout: float) -> object:
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise InvalidInput("PREFECT_API_URL must be an http(s) URL")
-    request = urllib.request.Request(url, headers=_headers())  # noqa: S310 (http(s) only)
+    request = urllib.request.Request(url, headers=api_headers())  # noqa: S310 (http(s) only)
     with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
         return json.loads(response.read())
 

@@ -24,7 +24,6 @@ Read commands never sign, so the signing key is dropped from what they open.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -180,22 +179,13 @@ def write_descriptor(repository: str, config: RepositoryConfig) -> Path | None:
 # ---- the block, over plain HTTP ---------------------------------------------------------------
 
 
-def _headers() -> dict[str, str]:
-    headers = {"Accept": "application/json"}
-    if key := os.environ.get("PREFECT_API_KEY"):
-        headers["Authorization"] = f"Bearer {key}"
-    elif auth := os.environ.get("PREFECT_API_AUTH_STRING"):
-        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-    return headers
-
-
 def fetch_block_data(slug: str, name: str, api_url: str, timeout: float = 30) -> dict[str, Any]:
     """The data (secrets included, nested blocks inline) of block document ``slug/name``."""
     if urllib.parse.urlsplit(api_url).scheme not in ("http", "https"):
         raise InvalidInput("PREFECT_API_URL must be an http(s) URL")
     quoted = urllib.parse.quote(name, safe="")
     url = f"{api_url}/block_types/slug/{slug}/block_documents/name/{quoted}?include_secrets=true"
-    request = urllib.request.Request(url, headers=_headers())  # noqa: S310 (http(s) only)
+    request = urllib.request.Request(url, headers=preflight.api_headers())  # noqa: S310 (http(s) only)
     what = f"block {slug}/{name}"
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
