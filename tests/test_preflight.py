@@ -65,10 +65,10 @@ def test_missing_repository_block_is_exit_3_for_runs_and_reads(named_blocks: str
     before = _flow_run_count(named_blocks)
     code, output = _invoke("backup", "postgresql", "preflight-orders", "-r", "no-such-repo")
     assert code == 3, output
-    assert "no repository block named 'no-such-repo'" in " ".join(output.split())
+    assert "no repository block 'no-such-repo'" in " ".join(output.split())
     code, output = _invoke("list", "-r", "no-such-repo")
     assert code == 3, output
-    assert "no repository block named 'no-such-repo'" in " ".join(output.split())
+    assert "no repository block 'no-such-repo'" in " ".join(output.split())
     assert "ValueError" not in output
     assert _flow_run_count(named_blocks) == before
 
@@ -110,7 +110,7 @@ def test_the_profile_api_url_is_used(tmp_path: Path, named_blocks: str) -> None:
     )
     result = _cli_without_api(home, "list", "-r", "no-such-repo")
     assert result.returncode == 3, result.stderr
-    assert "no repository block named 'no-such-repo'" in " ".join(result.stderr.split())
+    assert "no repository block 'no-such-repo'" in " ".join(result.stderr.split())
 
 
 def test_nearest_orders_by_similarity() -> None:

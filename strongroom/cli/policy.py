@@ -110,7 +110,7 @@ def retention_apply_cmd(
 ) -> None:
     """Apply a retention policy (flow apply-retention); never deletes locked objects."""
     with _handled(as_json):
-        preflight(flow_blocks(repository=repository))
+        preflight(flow_blocks(repository=repository, policy=policy))
         from flows.retention import apply_retention
 
         report = apply_retention(
@@ -215,7 +215,7 @@ def drill_cmd(
 ) -> None:
     """Restore drill: restore into a scratch target, compare, measure RTO/RPO, clean up."""
     with _handled(as_json):
-        preflight(flow_blocks(engine, [target, scratch], repository, key))
+        preflight(flow_blocks(engine, [target, scratch], repository, key, policy))
         from flows.drill import restore_drill, summarize
         from strongroom.drills import DrillFailed
 
@@ -297,7 +297,7 @@ def deep_verify_cmd(
 ) -> None:
     """Deep verify (flow deep-verify): re-read sampled backups, store evidence records."""
     with _handled(as_json):
-        preflight(flow_blocks(repository=repository, key=key))
+        preflight(flow_blocks(repository=repository, key=key, policy=policy))
         from flows.deep_verify import deep_verify_flow
 
         report = deep_verify_flow(

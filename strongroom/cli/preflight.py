@@ -34,6 +34,7 @@ _KINDS: dict[str, str] = {
     "strongroom-redis-target": "Redis target",
     "strongroom-repository": "repository",
     "strongroom-encryption-key": "encryption key",
+    "strongroom-retention-policy": "retention policy",
 }
 
 
@@ -150,7 +151,7 @@ def not_found_message(slug: str, name: str, names: list[str]) -> str:
         create = "`strongroom keygen` makes a key pair; " + create
     if not names:
         create += " (after `strongroom blocks register` if the block type is missing)"
-    return f"no {what} block named {name!r}; {have}; {create}"
+    return f"no {what} block {name!r}; {have}; {create}"
 
 
 def require_blocks(blocks: Iterable[tuple[str, str]], api_url: str | None = None) -> None:
@@ -181,6 +182,7 @@ TARGET_SLUGS = {
 }
 REPOSITORY_SLUG = "strongroom-repository"
 KEY_SLUG = "strongroom-encryption-key"
+POLICY_SLUG = "strongroom-retention-policy"
 
 
 def flow_blocks(
@@ -188,9 +190,10 @@ def flow_blocks(
     targets: Iterable[str | None] = (),
     repository: str | None = None,
     key: str | None = None,
+    policy: str | None = None,
 ) -> list[tuple[str, str]]:
     """The ``(slug, name)`` blocks of a flow-running command: its targets of ``engine``
-    (an unknown engine is the flow's to refuse), its repository and its key."""
+    (an unknown engine is the flow's to refuse), its repository, key and policy."""
     blocks: list[tuple[str, str]] = []
     slug = TARGET_SLUGS.get(engine or "")
     if slug:
@@ -199,4 +202,6 @@ def flow_blocks(
         blocks.append((REPOSITORY_SLUG, repository))
     if key:
         blocks.append((KEY_SLUG, key))
+    if policy:
+        blocks.append((POLICY_SLUG, policy))
     return blocks
