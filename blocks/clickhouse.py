@@ -64,6 +64,11 @@ class ClickHouseTarget(Block):
         default=None,
         description="Native method: S3 endpoint URL as the ClickHouse server reaches it.",
     )
+    drills: bool = Field(
+        default=False,
+        description="Take part in the fleet's scheduled restore drills (backup-fleet kind "
+        "drill); false: the drill fleet skips this target and lists it.",
+    )
     rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
     rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
 

@@ -75,6 +75,11 @@ class RedisTarget(Block):
         description="Seconds to wait for the pods to be gone after scaling to 0, and for all "
         "replicas to be Ready after scaling back.",
     )
+    drills: bool = Field(
+        default=False,
+        description="Take part in the fleet's scheduled restore drills (backup-fleet kind "
+        "drill); false: the drill fleet skips this target and lists it.",
+    )
     rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
     rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
 

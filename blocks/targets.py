@@ -60,6 +60,17 @@ class PostgresTarget(Block):
         "primary, which archives the WAL.",
     )
     primary_port: int = Field(default=5432, description="The primary's port (standby only).")
+    pitr: bool = Field(
+        default=False,
+        description="PITR enabled: WAL is archived to the repository (strongroom-wal). Only "
+        "then do the fleet's base backups and WAL checks include this target; a target "
+        "with logical dumps only is skipped and listed, not failed.",
+    )
+    drills: bool = Field(
+        default=False,
+        description="Take part in the fleet's scheduled restore drills (backup-fleet kind "
+        "drill); false: the drill fleet skips this target and lists it.",
+    )
     rpo_hours: float = Field(default=24.0, description="Recovery point objective.")
     rto_minutes: float = Field(default=60.0, description="Recovery time objective.")
 

@@ -65,8 +65,21 @@ def target_resource_id(engine: str, target: str) -> str:
     return f"strongroom.target.{engine}.{target}"
 
 
-async def discover_targets(engine: str, names: list[str] | None) -> dict[str, str]:
-    """Target name -> database host, from the engine's target blocks (secrets not read)."""
+def not_applicable(kind: str, block: dict[str, Any]) -> str | None:
+    """Why ``kind`` does not apply to a target (its block data), or None when it does:
+    base backups and WAL checks need ``pitr`` in the block, drills ``drills``."""
+    if kind in ("base-backup", "wal-check") and not block.get("pitr"):
+        return "skipped: PITR not enabled in its block (pitr: false; logical dumps only)"
+    if kind == "drill" and not block.get("drills"):
+        return "skipped: no drill policy in its block (drills: false)"
+    return None
+
+
+async def discover_targets(
+    engine: str, names: list[str] | None, kind: str = "backup"
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(target name -> database host, target name -> why skipped), from the engine's
+    target blocks (secrets not read); targets ``kind`` does not apply to are skipped."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -76,20 +89,17 @@ async def discover_targets(engine: str, names: list[str] | None) -> dict[str, st
             docs = await client.read_block_documents_by_type(slug, include_secrets=False)
         except ObjectNotFound:
             docs = []
-    hosts = {
-        d.name: str((d.data or {}).get("host") or "unknown")
-        for d in docs
-        if d.name and not d.is_anonymous
-    }
-    if names is None:
-        return dict(sorted(hosts.items()))
-    missing = [n for n in names if n not in hosts]
+    named = {d.name: dict(d.data or {}) for d in docs if d.name and not d.is_anonymous}
+    hosts = {name: str(data.get("host") or "unknown") for name, data in named.items()}
+    chosen = sorted(hosts) if names is None else names
+    missing = [n for n in chosen if n not in hosts]
     if missing:
         raise InvalidInput(
             f"no {slug} block named {', '.join(map(repr, missing))}; "
             f"known {engine} targets: {', '.join(sorted(hosts)) or 'none'}"
         )
-    return {n: hosts[n] for n in names}
+    skipped = {n: why for n in chosen if (why := not_applicable(kind, named[n]))}
+    return {n: hosts[n] for n in chosen if n not in skipped}, skipped
 
 
 @dataclass
@@ -220,8 +230,10 @@ async def backup_fleet(
     parameters = dict(parameters or {})
     if kind == "drill":  # restore-drill serves every engine: tell it which
         parameters.setdefault("engine", engine)
-    hosts = await discover_targets(engine, targets)
+    hosts, skipped = await discover_targets(engine, targets, kind)
     log.info("%s %s over %d target(s) via %s", kind, engine, len(hosts), name)
+    for target, why in skipped.items():
+        log.info("%s: %s", target, why)
     await ensure_limit(engine_limit_name(engine), per_engine_limit, update=True)
     for host in sorted(set(hosts.values())):
         await ensure_limit(host_limit_name(host), per_host_limit, update=True)
@@ -258,15 +270,18 @@ async def backup_fleet(
         )
     ok = [r for r in rows if r["state"] == "Completed"]
     failed = [r for r in rows if r["state"] != "Completed"]
+    rows = [*rows, *({"target": t, "state": "SKIPPED", "error": w} for t, w in skipped.items())]
     await _publish(
-        f"Fleet {kind} of {engine}: {len(ok)}/{len(rows)} completed",
+        f"Fleet {kind} of {engine}: {len(ok)}/{len(ok) + len(failed)} completed"
+        + (f", {len(skipped)} skipped" if skipped else ""),
         f"backup-fleet-{engine}-{kind}",
         [
             f"- mode: {mode}" + ("" if name == "inline" else f", deployment: `{name}`"),
-            f"- targets: {len(rows)} on {len(set(hosts.values()))} host(s); limits: "
+            f"- targets: {len(hosts)} on {len(set(hosts.values()))} host(s); limits: "
             f"{per_engine_limit} per engine, {per_host_limit} per host",
-            f"- completed: {len(ok)}, not completed: {len(failed)}",
+            f"- completed: {len(ok)}, not completed: {len(failed)}, skipped: {len(skipped)}",
             *(f"- **{r['target']}**: {r['state']} {r.get('error', '')}" for r in failed),
+            *(f"- {t}: {w}" for t, w in skipped.items()),
         ],
         [
             {
@@ -285,10 +300,17 @@ async def backup_fleet(
             for r in rows
         ],
     )
-    summary = {"engine": engine, "kind": kind, "mode": mode, "deployment": name, "runs": rows}
+    summary = {
+        "engine": engine,
+        "kind": kind,
+        "mode": mode,
+        "deployment": name,
+        "runs": [r for r in rows if r["state"] != "SKIPPED"],
+        "skipped": skipped,
+    }
     if failed:
         raise StrongroomError(
-            f"{len(failed)} of {len(rows)} {engine} {kind} runs did not complete: "
+            f"{len(failed)} of {len(hosts)} {engine} {kind} runs did not complete: "
             + ", ".join(f"{r['target']} ({r['state']})" for r in failed)
         )
     return summary

@@ -3,8 +3,9 @@
 Commands that change things run the Prefect flows (so every run is recorded in
 Prefect); read-only commands use the engine directly. ``--json`` prints one
 JSON document on stdout for scripts. Exit codes: 0 ok, 1 unexpected error,
-2 invalid input, 3 not found, 4 integrity failure, 5 target not empty,
-6 service unavailable, 7 access denied, 8 tool failed, 9 conflict,
+2 invalid input, 3 not found (also a missing block, checked before any flow run),
+4 integrity failure, 5 target not empty, 6 service unavailable (also: no Prefect API
+configured), 7 access denied, 8 tool failed, 9 conflict,
 10 a compliance control failed, 11 no space left (repository or spool).
 """
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import typer
 
+from strongroom.cli.preflight import flow_blocks
+
 audit_app = typer.Typer(
     help="Compliance audit (controls, HTML report) and the tamper-evident audit trail.",
     invoke_without_command=True,
@@ -64,6 +66,7 @@ def audit_cmd(
         return
     cli = _cli()
     with cli._handled(as_json):
+        cli.preflight(flow_blocks(repository=repository))
         from flows.audit import compliance_audit
         from strongroom.compliance.model import ControlsFailed
 

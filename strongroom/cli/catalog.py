@@ -21,8 +21,10 @@ from strongroom.cli.common import (
     _progress,
     _read_repo,
     out,
+    preflight,
     size,
 )
+from strongroom.cli.preflight import flow_blocks
 
 
 def register(app: typer.Typer, blocks_app: typer.Typer) -> None:
@@ -129,6 +131,7 @@ def verify_cmd(
 ) -> None:
     """Re-read a backup: checksums, decryption, decompression, dump structure."""
     with _handled(as_json):
+        preflight(flow_blocks(repository=repository, key=key))
         from flows.verify import verify_backup_flow
 
         with _progress(not as_json):

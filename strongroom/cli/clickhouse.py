@@ -12,6 +12,7 @@ import typer
 def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
     """Add the ``clickhouse`` commands to the ``backup`` and ``restore`` groups."""
     from strongroom.cli.common import JsonOpt, KeyOpt, RepoOpt, run_flow, show_backup, show_restore
+    from strongroom.cli.preflight import flow_blocks
 
     @backup_app.command("clickhouse")
     def backup_clickhouse_cmd(
@@ -33,6 +34,7 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
                 target=target, repository=repository, encryption_key=key, full=full
             ),
             show_backup("clickhouse", repository),
+            needs=flow_blocks("clickhouse", [target], repository, key),
         )
 
     @restore_app.command("clickhouse")
@@ -106,4 +108,5 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
                 encryption_key=key,
             ),
             show_restore("clickhouse"),
+            needs=flow_blocks("clickhouse", [target], repository, key),
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -105,12 +105,25 @@ def _progress(enabled: bool) -> Iterator[None]:
         progress.install(None)
 
 
+def preflight(blocks: Iterable[tuple[str, str]]) -> None:
+    """Before a flow run: a Prefect API is configured and each ``(slug, name)`` block
+    exists (``strongroom.cli.preflight``; exit 6 or 3 with a clear message otherwise)."""
+    from strongroom.cli.preflight import require_blocks
+
+    require_blocks(blocks)
+
+
 def run_flow(
-    as_json: bool, call: Callable[[], dict[str, Any]], show: Callable[[dict[str, Any]], None]
+    as_json: bool,
+    call: Callable[[], dict[str, Any]],
+    show: Callable[[dict[str, Any]], None],
+    needs: Iterable[tuple[str, str]] = (),
 ) -> None:
     """Run a flow (``call``) with the progress bar, print its result (``show``, or JSON
-    with ``--json``) and map its errors to exit codes."""
+    with ``--json``) and map its errors to exit codes. First the ``needs`` blocks are
+    checked (``preflight``): a missing one creates no flow run."""
     with _handled(as_json):
+        preflight(needs)
         with _progress(not as_json), _foreground_run():
             result = call()
         _emit(as_json, result, lambda: show(result))
@@ -173,7 +186,9 @@ def show_restore(engine: str) -> Callable[[dict[str, Any]], None]:
 def _open_repo(repository: str) -> Any:
     """The repository of block ``repository``, able to sign (commands that write)."""
     from flows.common import load_repository
+    from strongroom.cli.preflight import REPOSITORY_SLUG
 
+    preflight([(REPOSITORY_SLUG, repository)])
     return load_repository(repository)[0]
 
 

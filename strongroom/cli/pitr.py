@@ -35,7 +35,9 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
         _handled,
         _progress,
         out,
+        preflight,
     )
+    from strongroom.cli.preflight import flow_blocks
 
     repo_opt = typer.Option("default", "--repository", "-r", help="BackupRepository block name.")
     key_opt = typer.Option("default", "--key", "-k", help="EncryptionKey block name.")
@@ -64,6 +66,7 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
     ) -> None:
         """Physical base backup for PITR (pg_basebackup tar, streamed and encrypted)."""
         with _handled(as_json):
+            preflight(flow_blocks("postgresql", [target], repository, key))
             from flows.pitr import base_backup_postgresql, write_wal_config_from_blocks
 
             if wal_config:  # the caller's own rights: the flow takes no path or owner
@@ -109,6 +112,7 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
         """File-level physical backup (full / differential / incremental) of the data
         directory, for a runner that can read it."""
         with _handled(as_json):
+            preflight(flow_blocks("postgresql", [target], repository, key))
             from flows.pitr import files_backup_postgresql
             from strongroom.engines.postgres.pitr.files.chain import BACKUP_TYPES, BackupType
 
@@ -176,6 +180,7 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
         """Point-in-time recovery into an empty data directory (--delta: onto a stale copy
         of the same cluster, fetching only what differs)."""
         with _handled(as_json):
+            preflight(flow_blocks(repository=repository, key=key))
             from flows.pitr import pitr_restore_postgresql
             from strongroom.engines.postgres.pitr.plan import MAX_XID
             from strongroom.errors import InvalidInput
@@ -282,6 +287,7 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
     ) -> None:
         """Create a named restore point (pg_create_restore_point) and record it."""
         with _handled(as_json):
+            preflight(flow_blocks("postgresql", [target], repository))
             from flows.pitr import create_restore_point_postgresql
 
             record = create_restore_point_postgresql(
@@ -313,6 +319,7 @@ def register(app: typer.Typer, backup_app: typer.Typer, restore_app: typer.Typer
         """Write strongroom-wal's configuration from the blocks and print the
         postgresql.conf lines that use it."""
         with _handled(as_json):
+            preflight(flow_blocks(repository=repository, key=key))
             from flows.common import load_key
             from flows.pitr import write_wal_config_from_blocks
             from strongroom.engines.postgres.pitr.restore import default_wal_command

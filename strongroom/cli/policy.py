@@ -28,7 +28,9 @@ from strongroom.cli.common import (
     _read_repo,
     err,
     out,
+    preflight,
 )
+from strongroom.cli.preflight import flow_blocks
 
 retention_app = typer.Typer(help="Retention policies.", no_args_is_help=True)
 
@@ -108,6 +110,7 @@ def retention_apply_cmd(
 ) -> None:
     """Apply a retention policy (flow apply-retention); never deletes locked objects."""
     with _handled(as_json):
+        preflight(flow_blocks(repository=repository, policy=policy))
         from flows.retention import apply_retention
 
         report = apply_retention(
@@ -212,6 +215,7 @@ def drill_cmd(
 ) -> None:
     """Restore drill: restore into a scratch target, compare, measure RTO/RPO, clean up."""
     with _handled(as_json):
+        preflight(flow_blocks(engine, [target, scratch], repository, key, policy))
         from flows.drill import restore_drill, summarize
         from strongroom.drills import DrillFailed
 
@@ -293,6 +297,7 @@ def deep_verify_cmd(
 ) -> None:
     """Deep verify (flow deep-verify): re-read sampled backups, store evidence records."""
     with _handled(as_json):
+        preflight(flow_blocks(repository=repository, key=key, policy=policy))
         from flows.deep_verify import deep_verify_flow
 
         report = deep_verify_flow(

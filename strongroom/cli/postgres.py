@@ -17,10 +17,12 @@ from strongroom.cli.common import (
     RepoOpt,
     _emit,
     _handled,
+    preflight,
     run_flow,
     show_backup,
     show_restore,
 )
+from strongroom.cli.preflight import flow_blocks
 
 TARGET_SLUG = "strongroom-postgres-target"
 
@@ -43,6 +45,7 @@ def backup_postgresql_cmd(
         as_json,
         lambda: backup_postgresql(target=target, repository=repository, encryption_key=key),
         show_backup("postgresql", repository),
+        needs=flow_blocks("postgresql", [target], repository, key),
     )
 
 
@@ -99,6 +102,7 @@ def restore_postgresql_cmd(
     }
     if dry_run and os.environ.get("PREFECT_API_URL"):
         with _handled(as_json):
+            preflight(flow_blocks("postgresql", [target], repository))
             plan = _plan_only(target, repository, request)
         _emit(as_json, plan, lambda: show_restore("postgresql")(plan))
         return
@@ -124,6 +128,7 @@ def restore_postgresql_cmd(
             encryption_key=key,
         ),
         show_restore("postgresql"),
+        needs=flow_blocks("postgresql", [target], repository, key),
     )
 
 

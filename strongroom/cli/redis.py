@@ -23,6 +23,7 @@ def _one_of(option: str, value: str | None, allowed: tuple[str | None, ...]) -> 
 def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
     """Add the ``redis`` commands to the ``backup`` and ``restore`` command groups."""
     from strongroom.cli.common import JsonOpt, KeyOpt, RepoOpt, run_flow, show_backup, show_restore
+    from strongroom.cli.preflight import flow_blocks
 
     @backup_app.command("redis")
     def backup_redis_cmd(
@@ -51,6 +52,7 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
                 ),
             ),
             show_backup("redis", repository),
+            needs=flow_blocks("redis", [target], repository, key),
         )
 
     @restore_app.command("redis")
@@ -106,4 +108,5 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
                 encryption_key=key,
             ),
             show_restore("redis"),
+            needs=flow_blocks("redis", [target], repository, key),
         )

@@ -8,8 +8,9 @@ In order (README.md, "Fast reads"):
    file ``--trust`` / ``STRONGROOM_TRUSTED_SIGNERS``. No Prefect at all.
 2. The BackupRepository block, read with one plain HTTP GET from ``PREFECT_API_URL``
    (``PREFECT_API_KEY`` or ``PREFECT_API_AUTH_STRING`` if set): always the block as it
-   is now; without ``PREFECT_API_URL`` in the environment, through Prefect's client (its
-   profile).
+   is now; without ``PREFECT_API_URL`` in the environment, from the active Prefect
+   profile's; with neither, the command refuses (``strongroom.cli.preflight``) rather than
+   start a temporary Prefect server. A missing block names the nearest existing ones.
 3. Only when that API is unreachable: the repository descriptor cached by the last read
    of the block, ``$XDG_CONFIG_HOME/strongroom/repositories/<id>.json`` (mode 0600, one
    per API URL and block name), with a warning naming its age. It holds the block's
@@ -23,7 +24,6 @@ Read commands never sign, so the signing key is dropped from what they open.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -34,6 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from strongroom.cli import preflight
 from strongroom.config import RepositoryConfig
 from strongroom.errors import InvalidInput, NotFound, ServiceUnavailable
 from strongroom.repository import Repository, open_repository
@@ -178,22 +179,13 @@ def write_descriptor(repository: str, config: RepositoryConfig) -> Path | None:
 # ---- the block, over plain HTTP ---------------------------------------------------------------
 
 
-def _headers() -> dict[str, str]:
-    headers = {"Accept": "application/json"}
-    if key := os.environ.get("PREFECT_API_KEY"):
-        headers["Authorization"] = f"Bearer {key}"
-    elif auth := os.environ.get("PREFECT_API_AUTH_STRING"):
-        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-    return headers
-
-
 def fetch_block_data(slug: str, name: str, api_url: str, timeout: float = 30) -> dict[str, Any]:
     """The data (secrets included, nested blocks inline) of block document ``slug/name``."""
     if urllib.parse.urlsplit(api_url).scheme not in ("http", "https"):
         raise InvalidInput("PREFECT_API_URL must be an http(s) URL")
     quoted = urllib.parse.quote(name, safe="")
     url = f"{api_url}/block_types/slug/{slug}/block_documents/name/{quoted}?include_secrets=true"
-    request = urllib.request.Request(url, headers=_headers())  # noqa: S310 (http(s) only)
+    request = urllib.request.Request(url, headers=preflight.api_headers())  # noqa: S310 (http(s) only)
     what = f"block {slug}/{name}"
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
@@ -213,10 +205,18 @@ def load_block_config(repository: str) -> RepositoryConfig:
     from blocks.repository_config import repository_config
     from strongroom.redact import register
 
-    api_url = _api_url()
+    api_url = _api_url() or preflight.profile_api_url()
     if api_url:
-        config = repository_config(fetch_block_data(REPOSITORY_SLUG, repository, api_url))
-    else:
+        try:
+            data = fetch_block_data(REPOSITORY_SLUG, repository, api_url)
+        except NotFound:
+            names = preflight.block_names(REPOSITORY_SLUG, api_url)
+            raise preflight.BlockNotFound(
+                preflight.not_found_message(REPOSITORY_SLUG, repository, names)
+            ) from None
+        config = repository_config(data)
+    else:  # refused unless the temporary server was asked for
+        preflight.require_api("this command reads the repository block (or give --repository-url)")
         from flows.common import load_repository
 
         config = load_repository(repository)[1]
