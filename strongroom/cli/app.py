@@ -22,6 +22,7 @@ from strongroom.cli import (
     postgres,
     redis,
     signing,
+    wal_receive,
 )
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
@@ -41,6 +42,7 @@ policy.register(app)
 audit.register(app)
 ops.register(app)
 signing.register(app)
+wal_receive.register(app)
 
 
 def main() -> None:
