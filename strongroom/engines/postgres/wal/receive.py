@@ -7,7 +7,8 @@ supervises it (restarting it when it exits) and pushes every completed segment
 same key, stored form and duplicate rules as ``wal-push``. A segment that
 ``archive_command`` already stored is accepted when identical; a different one is
 refused (``Conflict``, exit code 9) and the receiver stops rather than run beside
-an archive it disagrees with. Nothing is ever overwritten.
+an archive it disagrees with. Nothing is ever overwritten. An unreachable or full
+repository is retried with backoff (the slot keeps the WAL meanwhile).
 
 Restart safety: the physical replication slot keeps WAL the receiver has not
 flushed; a pushed segment gets a marker in ``<spool>/.pushed/`` and is removed from
@@ -248,9 +249,10 @@ class Receiver:
             self.stats.last_pushed = name
 
     def push_completed(self) -> list[str]:
-        """Push every completed file not pushed yet; returns their names. A Conflict
-        (the archive holds a different file under a name) is raised after recording."""
-        from strongroom.errors import Conflict
+        """Push every completed file not pushed yet; returns their names. A failure
+        (Conflict: the archive holds a different file under a name) is recorded in
+        ``stats.errors`` and raised."""
+        from strongroom.errors import StrongroomError
 
         done = []
         for name in completed_names(self.spool):
@@ -258,7 +260,7 @@ class Receiver:
                 continue
             try:
                 self.push_one(name)
-            except Conflict as exc:
+            except StrongroomError as exc:
                 from strongroom.redact import scrub
 
                 self.stats.errors.append(scrub(str(exc)))
@@ -285,9 +287,10 @@ class Receiver:
     def run(self, *, poll_s: float = 0.2, until: Callable[[], bool] | None = None) -> int:
         """Receive and push until ``until()`` is true or a signal stops it; returns
         the exit code (0, or 9 when the archive holds a different segment)."""
-        from strongroom.errors import StrongroomError
+        from strongroom.errors import Conflict, IntegrityError, InvalidInput, StrongroomError
 
         stop = {"now": False}
+        failures = 0
 
         def on_signal(signum: int, _frame: object) -> None:
             stop["now"] = True
@@ -303,10 +306,16 @@ class Receiver:
                 self._supervise()
                 try:
                     self.push_completed()
-                except StrongroomError as exc:
-                    self._log(str(exc))
+                    failures = 0
+                except (Conflict, InvalidInput, IntegrityError) as exc:
+                    self._log(str(exc))  # the archive disagrees: stop, never overwrite
                     code = exc.exit_code
                     break
+                except StrongroomError as exc:  # storage down or full: retry, slot keeps WAL
+                    failures += 1
+                    self._log(f"{exc} (retrying)")
+                    del self.stats.errors[:-20]
+                    time.sleep(min(30.0, poll_s * 2**failures))
                 time.sleep(poll_s)
         finally:
             self.stop_stream()
