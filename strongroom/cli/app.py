@@ -23,6 +23,7 @@ from strongroom.cli import (
     postgres,
     redis,
     signing,
+    wal_receive,
 )
 
 app = typer.Typer(help=__doc__, no_args_is_help=True)
@@ -42,6 +43,7 @@ policy.register(app)
 audit.register(app)
 ops.register(app)
 signing.register(app)
+wal_receive.register(app)
 
 
 def main() -> None:

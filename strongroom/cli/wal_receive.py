@@ -1,0 +1,60 @@
+"""``strongroom wal-receive TARGET``: the streaming WAL receiver (pg_receivewal on a slot).
+
+Reads the same WAL configuration file as ``strongroom-wal`` (repository, recipients,
+target) and connects with libpq's environment (PGHOST, PGPORT, PGUSER, PGPASSWORD,
+or PGSERVICE): see strongroom/engines/postgres/wal/receive.py and docs/pitr.md.
+"""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("wal-receive")
+    def wal_receive_cmd(
+        target: str = typer.Argument(..., help="Target the WAL is archived under."),
+        config: str | None = typer.Option(
+            None, "--config", "-c", help="strongroom-wal configuration (else the default path)."
+        ),
+        directory: str = typer.Option(
+            ..., "--directory", "-D", help="Local spool pg_receivewal writes into."
+        ),
+        slot: str = typer.Option(
+            "strongroom_wal_receive", "--slot", help="Physical slot (created or adopted)."
+        ),
+        synchronous: bool = typer.Option(
+            False,
+            "--synchronous",
+            help="Flush every write and report it: name 'strongroom_wal_receive' in "
+            "synchronous_standby_names.",
+        ),
+        poll: float = typer.Option(0.2, "--poll", help="Seconds between spool scans."),
+    ) -> None:
+        """Stream WAL with pg_receivewal and push every completed segment into the
+        repository (exit 9 when the archive holds a different segment)."""
+        from pathlib import Path
+
+        from strongroom.engines.postgres.wal.config import WalConfigError, load_wal_config
+        from strongroom.engines.postgres.wal.receive import Receiver
+        from strongroom.errors import StrongroomError
+        from strongroom.redact import scrub
+
+        try:
+            cfg = load_wal_config(config)
+            if cfg.target != target:
+                typer.echo(
+                    f"strongroom wal-receive: {cfg.path} archives target {cfg.target!r}, "
+                    f"not {target!r}",
+                    err=True,
+                )
+                raise typer.Exit(2)
+            receiver = Receiver(cfg, Path(directory), slot=slot, synchronous=synchronous)
+            code = receiver.run(poll_s=poll)
+        except WalConfigError as exc:
+            typer.echo(f"strongroom wal-receive: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except StrongroomError as exc:
+            typer.echo(f"strongroom wal-receive: {scrub(str(exc))}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        raise typer.Exit(code)
