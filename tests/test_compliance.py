@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,11 @@ from tests.fixtures.compliant_bucket import (
     compliant_bucket,
     s3_repository,
 )
-from tests.fixtures.strongroom_fixtures import make_local_repo, signing_block_fields
+from tests.fixtures.strongroom_fixtures import (
+    make_local_repo,
+    scrape_exporter,
+    signing_block_fields,
+)
 
 RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
 # what pg_basebackup records (strongroom.engines.postgres.pitr.basebackup): WAL from segment 3
@@ -659,9 +662,6 @@ def test_backup_health_emits_stale_events(flow_repo: LocalRepository) -> None:
 def test_metrics_endpoint(tmp_path: Path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from strongroom.metrics import serve
-    from tests.fixtures.ports import free_port
-
     repo = make_local_repo(tmp_path / "repo")
     now = dt.datetime.now(dt.UTC)
     add_backup(repo, "postgresql", "shop", hours_ago=5, stored_size=1000, audit=True)
@@ -680,16 +680,7 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
     add_backup(repo, "redis", "cache", hours_ago=2, stored_size=77)  # no audit events
     add_drill(repo, "postgresql", "shop", days_ago=1, rto_s=321.5)
     add_wal(repo, "shop", [1, 2, 3])
-    port = free_port()
-    server, _thread = serve(repo, port=port, cache_seconds=0)
-    try:
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-            f"http://127.0.0.1:{port}/metrics", timeout=10
-        ) as resp:
-            text = resp.read().decode()
-    finally:
-        server.shutdown()
-        server.server_close()
+    text = scrape_exporter(repo)
     values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

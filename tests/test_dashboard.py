@@ -7,7 +7,6 @@ matches on or groups by. Every exported metric must appear on some panel."""
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from strongroom.audit import record_event
 from strongroom.compliance import TargetPolicy, evaluate, write_report
-from strongroom.metrics import serve
-from tests.fixtures.ports import free_port
-from tests.fixtures.strongroom_fixtures import make_local_repo
+from tests.fixtures.strongroom_fixtures import make_local_repo, scrape_exporter
 from tests.test_compliance import add_backup, add_drill, add_wal
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deployments/grafana/strongroom-dashboard.json"
@@ -45,16 +42,7 @@ def scrape(tmp_path_factory: Any) -> Scrape:
     add_drill(repo, "postgresql", "shop", days_ago=1, rto_s=321.5)
     add_wal(repo, "shop", [1, 2, 3])
     write_report(repo, evaluate(repo, targets=[TargetPolicy(engine="postgresql", target="shop")]))
-    port = free_port()
-    server, _thread = serve(repo, port=port, cache_seconds=0)
-    try:
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-            f"http://127.0.0.1:{port}/metrics", timeout=10
-        ) as resp:
-            text = resp.read().decode()
-    finally:
-        server.shutdown()
-        server.server_close()
+    text = scrape_exporter(repo)
     found: Scrape = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

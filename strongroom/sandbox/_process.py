@@ -198,6 +198,28 @@ def wait_until(
         time.sleep(interval)
 
 
+def start_retrying_ports(
+    name: str,
+    launch: Callable[[], tuple[subprocess.Popen[bytes], Sequence[Path]]],
+    ready: Callable[[], bool],
+    stop: Callable[[], None],
+    timeout: float,
+) -> None:
+    """Start a server whose ports are picked free just before ``launch`` (which picks
+    them, writes the config and spawns, returning the process and its logs): a port
+    taken in between by someone else makes the start fail; then ``stop`` it and launch
+    again on fresh ports, up to PORT_ATTEMPTS times. Any other failure is raised."""
+    for attempt in range(PORT_ATTEMPTS):
+        proc, logs = launch()
+        try:
+            wait_until(name, ready, proc, logs, timeout=timeout)
+            return
+        except ServerStartError as exc:
+            stop()
+            if not exc.port_conflict or attempt == PORT_ATTEMPTS - 1:
+                raise
+
+
 def stop_process(
     proc: subprocess.Popen[bytes] | None,
     steps: Sequence[tuple[signal.Signals, float]] = ((signal.SIGTERM, 20.0),),

@@ -15,13 +15,11 @@ from typing import Self
 from xml.sax.saxutils import escape
 
 from strongroom.sandbox._process import (
-    PORT_ATTEMPTS,
-    ServerStartError,
     listens_on,
     make_temp_dir,
     spawn,
+    start_retrying_ports,
     stop_process,
-    wait_until,
 )
 from strongroom.sandbox.ports import free_port
 
@@ -165,28 +163,24 @@ class ClickHouseServer(HTTPQueries):
         )
 
     def start(self) -> Self:
-        for attempt in range(PORT_ATTEMPTS):
-            self.http_port, self.tcp_port, self.interserver_http_port = (
-                free_port(),
-                free_port(),
-                free_port(),
-            )
-            self._write_config()
-            for log in self.logs:
-                log.write_text("")
-            self.proc = spawn(
-                [CLICKHOUSE_SERVER, f"--config-file={self.config_path}"],
-                log_path=self.stdout_path,
-                cwd=self.base_dir,
-            )
-            try:
-                wait_until("clickhouse-server", self._ready, self.proc, self.logs, timeout=60)
-                return self
-            except ServerStartError as exc:
-                self.stop()
-                if not exc.port_conflict or attempt == PORT_ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+        start_retrying_ports("clickhouse-server", self._launch, self._ready, self.stop, timeout=60)
+        return self
+
+    def _launch(self) -> tuple[subprocess.Popen[bytes], list[Path]]:
+        self.http_port, self.tcp_port, self.interserver_http_port = (
+            free_port(),
+            free_port(),
+            free_port(),
+        )
+        self._write_config()
+        for log in self.logs:
+            log.write_text("")
+        self.proc = spawn(
+            [CLICKHOUSE_SERVER, f"--config-file={self.config_path}"],
+            log_path=self.stdout_path,
+            cwd=self.base_dir,
+        )
+        return self.proc, self.logs
 
     def _ready(self) -> bool:
         assert self.proc is not None

@@ -31,13 +31,11 @@ from typing import Self
 from xml.sax.saxutils import escape
 
 from strongroom.sandbox._process import (
-    PORT_ATTEMPTS,
-    ServerStartError,
     listens_on,
     make_temp_dir,
     spawn,
+    start_retrying_ports,
     stop_process,
-    wait_until,
 )
 from strongroom.sandbox.clickhouse import HTTPQueries
 from strongroom.sandbox.ports import free_port
@@ -144,27 +142,23 @@ class ModernClickHouseServer(HTTPQueries):
                 f"the ClickHouse 26.x test server needs {CHDB_DIST} (dev dependency group): "
                 "run `uv sync --frozen` (make test does)"
             )
-        for attempt in range(PORT_ATTEMPTS):
-            self.http_port, self.tcp_port = free_port(), free_port()
-            self._write_config()
-            self.stdout_path.write_text("")
-            started = time.monotonic()
-            self.proc = spawn(
-                [sys.executable, "-c", _CHILD, self.config_dir, self.path],
-                log_path=self.stdout_path,
-                cwd=self.base_dir,
-            )
-            try:
-                wait_until(
-                    "clickhouse 26 (chdb)", self._ready, self.proc, self.logs, START_TIMEOUT_S
-                )
-                self.start_seconds = round(time.monotonic() - started, 2)
-                return self
-            except ServerStartError as exc:
-                self.stop()
-                if not exc.port_conflict or attempt == PORT_ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+        started = time.monotonic()
+        start_retrying_ports(
+            "clickhouse 26 (chdb)", self._launch, self._ready, self.stop, START_TIMEOUT_S
+        )
+        self.start_seconds = round(time.monotonic() - started, 2)
+        return self
+
+    def _launch(self) -> tuple[subprocess.Popen[bytes], list[Path]]:
+        self.http_port, self.tcp_port = free_port(), free_port()
+        self._write_config()
+        self.stdout_path.write_text("")
+        self.proc = spawn(
+            [sys.executable, "-c", _CHILD, self.config_dir, self.path],
+            log_path=self.stdout_path,
+            cwd=self.base_dir,
+        )
+        return self.proc, self.logs
 
     def _ready(self) -> bool:
         assert self.proc is not None

@@ -11,13 +11,11 @@ from pathlib import Path
 from typing import Self
 
 from strongroom.sandbox._process import (
-    PORT_ATTEMPTS,
-    ServerStartError,
     listens_on,
     make_temp_dir,
     spawn,
+    start_retrying_ports,
     stop_process,
-    wait_until,
 )
 from strongroom.sandbox.ports import free_port
 
@@ -75,23 +73,17 @@ class RedisServer:
         )
 
     def start(self) -> Self:
-        for attempt in range(PORT_ATTEMPTS):
-            self.port = free_port()
-            self._write_config()
-            self.log_path.write_text("")
-            self.proc = spawn(
-                ["redis-server", self.conf_path],
-                log_path=self.log_path,
-                cwd=self.base_dir,
-            )
-            try:
-                wait_until("redis-server", self._ready, self.proc, [self.log_path], timeout=30)
-                return self
-            except ServerStartError as exc:
-                self.stop()
-                if not exc.port_conflict or attempt == PORT_ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+        start_retrying_ports("redis-server", self._launch, self._ready, self.stop, timeout=30)
+        return self
+
+    def _launch(self) -> tuple[subprocess.Popen[bytes], list[Path]]:
+        self.port = free_port()
+        self._write_config()
+        self.log_path.write_text("")
+        self.proc = spawn(
+            ["redis-server", self.conf_path], log_path=self.log_path, cwd=self.base_dir
+        )
+        return self.proc, [self.log_path]
 
     def _ready(self) -> bool:
         assert self.proc is not None
