@@ -35,6 +35,12 @@ class BackupRepository(Block):
         description="S3: the store's limit on parts per upload (AWS 10,000; some "
         "S3-compatible stores 1,000). Part sizes grow so any artifact fits.",
     )
+    max_bytes_per_second: int | None = Field(
+        default=None,
+        ge=64 * 1024,
+        description="Bandwidth limit of artifact uploads and downloads in stored bytes per "
+        "second, shared by parallel streams; empty: unlimited.",
+    )
     trusted_signers: list[str] = Field(
         default_factory=list,
         description="Ed25519 public keys (PEM) whose signed manifests readers trust.",

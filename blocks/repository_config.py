@@ -37,6 +37,7 @@ def repository_config(block: Any) -> RepositoryConfig:
         "compression_level": _get(block, "compression_level") or 3,
         "trusted_signers": list(_get(block, "trusted_signers") or []),
         "signing_key": _secret(_get(signing, "private_key")),
+        "max_bytes_per_second": _get(block, "max_bytes_per_second") or None,
     }
     bucket = _get(block, "s3_bucket")
     if bucket is None:

@@ -182,6 +182,12 @@ class RepositoryConfig(BaseModel):
         "S3-compatible stores 1,000)",
     )
     max_attempts: int = Field(default=5, ge=1, description="storage retries with backoff")
+    max_bytes_per_second: int | None = Field(
+        default=None,
+        ge=64 * 1024,
+        description="bandwidth limit of artifact uploads and downloads, stored bytes per "
+        "second, shared by parallel streams (None: unlimited)",
+    )
     trusted_signers: list[str] = Field(
         default_factory=list,
         description="Ed25519 public keys (PEM or its one-line body) whose signatures "

@@ -23,7 +23,9 @@ def open_repository(config: RepositoryConfig) -> Repository:
 
         if not config.path:
             raise InvalidInput("a local repository needs a path")
-        return LocalRepository(Path(config.path).expanduser(), trust=config.trust())
+        return LocalRepository.from_config(
+            config.model_copy(update={"path": str(Path(config.path).expanduser())})
+        )
     from strongroom.repository.s3 import S3Repository
 
     return S3Repository(config, trust=config.trust())

@@ -13,10 +13,13 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from strongroom.errors import IntegrityError, InvalidInput
 from strongroom.signing import Trust
+
+if TYPE_CHECKING:
+    from strongroom.repository.throttle import RateLimit
 
 # '%': ClickHouse's native BACKUP escapes table names as %XX in the files it writes
 # (e.g. a materialized view's ``.inner_id.<uuid>``); it is no path separator
@@ -85,6 +88,8 @@ class Repository(ABC):
     trusted and nothing can be signed."""
 
     trust: Trust = Trust()
+    # max_bytes_per_second: artifact streams (open_write/open_read) pass through it
+    rate_limit: RateLimit | None = None
 
     @abstractmethod
     def describe(self) -> str:

@@ -28,6 +28,7 @@ from strongroom.repository.base import (
     check_key,
     too_large,
 )
+from strongroom.repository.throttle import RateLimit, ThrottledWriter, throttled_reader
 from strongroom.signing import Trust
 
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-[0-9a-f]{16}$")
@@ -50,15 +51,21 @@ def _fsync_file(fd: int) -> None:
 class LocalRepository(Repository):
     """A repository in a folder. ``StorageSettings`` (object lock) do not apply here."""
 
-    def __init__(self, root: Path | str, *, trust: Trust | None = None) -> None:
+    def __init__(
+        self, root: Path | str, *, trust: Trust | None = None, rate_limit: RateLimit | None = None
+    ) -> None:
         self.root = Path(root)
         self.trust = trust if trust is not None else Trust()
+        self.rate_limit = rate_limit
 
     @classmethod
     def from_config(cls, config: RepositoryConfig) -> LocalRepository:
         if not config.path:
             raise InvalidInput("a local repository needs a path")
-        return cls(Path(config.path), trust=config.trust())
+        rate = config.max_bytes_per_second
+        return cls(
+            Path(config.path), trust=config.trust(), rate_limit=RateLimit(rate) if rate else None
+        )
 
     def describe(self) -> str:
         return self.root.absolute().as_uri()
@@ -118,12 +125,14 @@ class LocalRepository(Repository):
         final = self._path(key)
         with self._os_errors(key, "writing"):
             fd, tmp = self._new_temp(final)
-        return LocalObjectWriter(key, fd, tmp, final)
+        writer = LocalObjectWriter(key, fd, tmp, final)
+        return writer if self.rate_limit is None else ThrottledWriter(writer, self.rate_limit)
 
     def open_read(self, key: str) -> BinaryIO:
         path = self._path(key)
         with self._os_errors(key, "reading"):
-            return path.open("rb")
+            reader = path.open("rb")
+        return reader if self.rate_limit is None else throttled_reader(reader, self.rate_limit)
 
     def put_bytes(
         self,

@@ -56,6 +56,7 @@ from strongroom.repository.s3_client import (
 )
 from strongroom.repository.s3_multipart import S3Multipart, S3ObjectWriter
 from strongroom.repository.s3_versions import ObjectVersion, S3Versions
+from strongroom.repository.throttle import RateLimit, ThrottledWriter, throttled_reader
 from strongroom.signing import Trust
 
 if TYPE_CHECKING:
@@ -110,6 +111,8 @@ class S3Repository(S3Multipart, S3Versions, Repository):
         self._wait_max = retry_wait_max
         self._secrets = [s for s in [*config.secrets(), *(secrets or [])] if s]
         self._client: S3Client = client if client is not None else s3_client_from_config(config)
+        rate = config.max_bytes_per_second
+        self.rate_limit = RateLimit(rate) if rate else None
 
     # ----------------------------------------------------------------- builders
 
@@ -191,11 +194,12 @@ class S3Repository(S3Multipart, S3Versions, Repository):
 
     def open_write(self, key: str, settings: StorageSettings | None = None) -> ObjectWriter:
         self._full(key)
-        return S3ObjectWriter(self, key, self._object_args(settings))
+        writer = S3ObjectWriter(self, key, self._object_args(settings))
+        return writer if self.rate_limit is None else ThrottledWriter(writer, self.rate_limit)
 
     def open_read(self, key: str) -> BinaryIO:
-        raw = _S3Reader(self, key)
-        return io.BufferedReader(raw, buffer_size=1024 * 1024)
+        reader = io.BufferedReader(_S3Reader(self, key), buffer_size=1024 * 1024)
+        return reader if self.rate_limit is None else throttled_reader(reader, self.rate_limit)
 
     def put_bytes(
         self,
