@@ -1,0 +1,140 @@
+"""``strongroom target add`` / ``repository add`` / ``key create`` against the session's real
+Prefect API: the blocks they save take a real backup; an existing name is refused without
+``--update``; a secret given by environment variable is never printed."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from tests.fixtures.postgres import PgDatabase
+
+
+def _invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    from strongroom.cli.app import app
+
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def _all_output(result: Result) -> str:
+    return result.stdout + result.stderr
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def test_blocks_from_the_cli_take_a_backup_and_keep_the_password_out_of_output(
+    prefect_api: str, pg_db: PgDatabase, tmp_path: Path
+) -> None:
+    server = pg_db.server
+    pg_db.psql("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 50);")
+    target, repo, key = _name("cli-pg"), _name("cli-repo"), _name("cli-key")
+    env = {"CLI_TEST_PGPASS": server.password}
+    added = _invoke(
+        "target", "add", "postgresql", target,
+        "--host", server.host, "--port", str(server.port), "--user", server.superuser,
+        "--password-env", "CLI_TEST_PGPASS", "--database", pg_db.name, "--json",
+        env=env,
+    )  # fmt: skip
+    assert added.exit_code == 0, _all_output(added)
+    assert server.password not in _all_output(added)
+    data = json.loads(added.stdout)
+    assert data["action"] == "created"
+    assert data["password"] == "set (hidden)"
+    assert data["databases"] == [pg_db.name]
+    assert data["next"] == f"strongroom backup postgresql {target}"
+
+    from blocks import PostgresTarget
+
+    saved = PostgresTarget.load(target)
+    assert saved.password is not None and saved.password.get_secret_value() == server.password
+
+    made_repo = _invoke("repository", "add", repo, "--local-path", str(tmp_path / "r"), "--json")
+    assert made_repo.exit_code == 0, _all_output(made_repo)
+    assert json.loads(made_repo.stdout)["signing_key"] == f"{repo}-signing"
+    made_key = _invoke("key", "create", key)
+    assert made_key.exit_code == 0, _all_output(made_key)
+    assert "AGE-SECRET-KEY" not in _all_output(made_key)
+    assert f"created encryption key block '{key}'" in made_key.stdout
+
+    backup = _invoke("backup", "postgresql", target, "-r", repo, "-k", key, "--json")
+    assert backup.exit_code == 0, _all_output(backup)
+    manifest = json.loads(backup.stdout)
+    assert manifest["target"] == target
+    assert [a for a in manifest["artifacts"] if pg_db.name in a["name"]]
+    assert server.password not in _all_output(backup)
+
+
+def test_existing_name_is_refused_without_update_and_update_changes_only_what_is_given(
+    prefect_api: str,
+) -> None:
+    name = _name("cli-redis")
+    first = _invoke("target", "add", "redis", name, "--host", "127.0.0.1", "--port", "6400")
+    assert first.exit_code == 0, _all_output(first)
+    assert f"next: strongroom backup redis {name}" in first.stdout
+    again = _invoke("target", "add", "redis", name, "--port", "6401")
+    assert again.exit_code == 9, _all_output(again)
+    assert "--update" in " ".join(again.stderr.split())
+
+    env = {"CLI_TEST_REDISPASS": "s3cr3t-" + uuid.uuid4().hex}
+    updated = _invoke(
+        "target", "add", "redis", name, "--port", "6401", "--password-env", "CLI_TEST_REDISPASS",
+        "--update", "--json", env=env,
+    )  # fmt: skip
+    assert updated.exit_code == 0, _all_output(updated)
+    assert env["CLI_TEST_REDISPASS"] not in _all_output(updated)
+    assert json.loads(updated.stdout)["action"] == "updated"
+
+    from blocks import RedisTarget
+
+    block = RedisTarget.load(name)
+    assert (block.host, block.port) == ("127.0.0.1", 6401)
+    assert block.password is not None
+    assert block.password.get_secret_value() == env["CLI_TEST_REDISPASS"]
+
+    missing = _invoke("target", "add", "redis", _name("cli-none"), "--update")
+    assert missing.exit_code == 3, _all_output(missing)
+
+
+def test_bad_input_is_exit_2(prefect_api: str) -> None:
+    unset = _invoke("target", "add", "postgresql", _name("cli-pg"), "--password-env", "NO_SUCH_VAR")
+    assert unset.exit_code == 2, _all_output(unset)
+    assert "NO_SUCH_VAR" in unset.stderr
+    bad_name = _invoke("target", "add", "clickhouse", "Bad Name")
+    assert bad_name.exit_code == 2, _all_output(bad_name)
+    neither = _invoke("repository", "add", _name("cli-repo"))
+    assert neither.exit_code == 2, _all_output(neither)
+    bad_value = _invoke("target", "add", "postgresql", _name("cli-pg"), "--dump-format", "tar")
+    assert bad_value.exit_code == 2, _all_output(bad_value)
+
+
+def test_s3_repository_secrets_from_env_and_never_printed(prefect_api: str) -> None:
+    name = _name("cli-s3")
+    env = {"CLI_AK": "AKIAEXAMPLE", "CLI_SK": "sk-" + uuid.uuid4().hex}
+    made = _invoke(
+        "repository", "add", name, "--bucket", "bk", "--prefix", "p/",
+        "--endpoint-url", "http://127.0.0.1:9", "--region", "eu-west-1",
+        "--access-key-id-env", "CLI_AK", "--secret-access-key-env", "CLI_SK", "--json",
+        env=env,
+    )  # fmt: skip
+    assert made.exit_code == 0, _all_output(made)
+    assert env["CLI_SK"] not in _all_output(made)
+    from blocks import BackupRepository
+
+    config = BackupRepository.load(name).to_config()
+    assert (config.bucket, config.prefix, config.region) == ("bk", "p", "eu-west-1")
+    assert config.endpoint_url == "http://127.0.0.1:9"
+    assert config.trusted_signers
+
+
+def test_commands_need_a_prefect_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    result = _invoke("key", "create", "nowhere")
+    assert result.exit_code == 6, _all_output(result)
+    assert "make up" in " ".join(result.stderr.split())
