@@ -138,3 +138,52 @@ def test_commands_need_a_prefect_api(tmp_path: Path, monkeypatch: pytest.MonkeyP
     result = _invoke("key", "create", "nowhere")
     assert result.exit_code == 6, _all_output(result)
     assert "make up" in " ".join(result.stderr.split())
+
+
+def test_password_prompt_is_hidden_and_saved(prefect_api: str) -> None:
+    name = _name("cli-ch")
+    secret = "pr0mpt-" + uuid.uuid4().hex
+    result = _invoke_input(
+        secret + "\n", "target", "add", "clickhouse", name, "--password-prompt", "--json"
+    )
+    assert result.exit_code == 0, _all_output(result)
+    assert secret not in _all_output(result)
+    assert json.loads(result.stdout)["password"] == "set (hidden)"  # the prompt is on stderr
+    from blocks import ClickHouseTarget
+
+    block = ClickHouseTarget.load(name)
+    assert block.password is not None and block.password.get_secret_value() == secret
+
+
+def test_missing_block_hint_names_the_command_that_creates_it(prefect_api: str) -> None:
+    name = _name("cli-missing")
+    result = _invoke("backup", "postgresql", name)
+    assert result.exit_code == 3, _all_output(result)
+    assert f"strongroom target add postgresql {name}" in " ".join(result.stderr.split())
+
+
+def _invoke_input(text: str, *args: str) -> Result:
+    from strongroom.cli.app import app
+
+    return CliRunner().invoke(app, list(args), input=text)
+
+
+def test_public_only_key_puts_the_identity_in_a_new_private_file(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    name, path = _name("cli-pub"), tmp_path / "identity.txt"
+    result = _invoke("key", "create", name, "--public-only", "--identity-file", str(path))
+    assert result.exit_code == 0, _all_output(result)
+    identity = path.read_text().strip()
+    assert identity.startswith("AGE-SECRET-KEY-1") and identity not in _all_output(result)
+    assert path.stat().st_mode & 0o777 == 0o600
+    from blocks import EncryptionKey
+
+    block = EncryptionKey.load(name)
+    assert block.identity is None and len(block.recipients) == 1
+    again = _invoke("key", "create", name)
+    assert again.exit_code == 9, _all_output(again)
+    other = _name("cli-pub")
+    taken = _invoke("key", "create", other, "--public-only", "--identity-file", str(path))
+    assert taken.exit_code == 9, _all_output(taken)
+    assert path.read_text().strip() == identity

@@ -66,7 +66,7 @@ def _secret(env_var: str | None, prompt: bool, what: str) -> str | None:
             raise InvalidInput(f"environment variable {env_var} (the {what}) is not set or empty")
         return value
     if prompt:
-        value = typer.prompt(what.replace("-", " ").capitalize(), hide_input=True)
+        value = typer.prompt(what.replace("-", " ").capitalize(), hide_input=True, err=True)
         if not value:
             raise InvalidInput(f"empty {what}")
         return str(value)
@@ -450,7 +450,10 @@ def key_create_cmd(
         False,
         "--public-only",
         help="Save only the recipient (backup runners that must not decrypt); the identity "
-        "is printed once on stderr for a separate block where restores run.",
+        "goes to --identity-file for a separate block where restores run.",
+    ),
+    identity_file: Path | None = typer.Option(
+        None, help="With --public-only: a new file (mode 0600) for the identity."
     ),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -469,18 +472,42 @@ def key_create_cmd(
         given: dict[str, Any] = {"recipients": [recipient]}
         if not public_only:
             given["identity"] = secret
-        _, action = _save(EncryptionKey, name, given, update=False)
-        if public_only:
-            typer.echo(f"identity (store it where restores run): {secret}", err=True)
+        if public_only and identity_file is None:
+            raise InvalidInput("--public-only needs --identity-file (where the identity goes)")
+        if identity_file is not None and not public_only:
+            raise InvalidInput("--identity-file goes with --public-only")
+        if identity_file is not None:  # first: a key whose identity is lost is no key
+            _write_new_private(identity_file, secret + "\n")
+        try:
+            _, action = _save(EncryptionKey, name, given, update=False)
+        except BaseException:
+            if identity_file is not None:
+                identity_file.unlink()
+            raise
         flag = "" if name == "default" else f" -k {name}"
         _report(
             as_json,
             "encryption key",
             name,
             action,
-            {"recipient": recipient, "identity": "public-only" if public_only else "set (hidden)"},
+            {
+                "recipient": recipient,
+                "identity": f"in {identity_file}" if identity_file else "set (hidden)",
+            },
             f"strongroom backup postgresql TARGET{flag}",
         )
+
+
+def _write_new_private(path: Path, text: str) -> None:
+    """Write ``text`` to a new file of mode 0600 (an existing file is never overwritten)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise Conflict(f"{path} exists; it is never overwritten") from None
+    except OSError as exc:
+        raise InvalidInput(f"cannot create {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _new_signing_block(name: str) -> tuple[Any, str, str]:
