@@ -187,3 +187,31 @@ def test_public_only_key_puts_the_identity_in_a_new_private_file(
     taken = _invoke("key", "create", other, "--public-only", "--identity-file", str(path))
     assert taken.exit_code == 9, _all_output(taken)
     assert path.read_text().strip() == identity
+
+
+def test_signing_key_rotation_and_repository_update(prefect_api: str, tmp_path: Path) -> None:
+    repo = _name("cli-rot")
+    made = _invoke("repository", "add", repo, "--local-path", str(tmp_path / "a"), "--json")
+    assert made.exit_code == 0, _all_output(made)
+    first_key = json.loads(made.stdout)["key_id"]
+    rotated = _invoke("key", "create-signing", f"{repo}-next", "-r", repo, "--json")
+    assert rotated.exit_code == 0, _all_output(rotated)
+    assert "PRIVATE KEY" not in _all_output(rotated)
+    second_key = json.loads(rotated.stdout)["key_id"]
+    moved = _invoke(
+        "repository", "add", repo, "--local-path", str(tmp_path / "b"), "--compression-level",
+        "5", "--update",
+    )  # fmt: skip
+    assert moved.exit_code == 0, _all_output(moved)
+
+    from blocks import BackupRepository
+
+    config = BackupRepository.load(repo).to_config()
+    from strongroom.signing import Trust
+
+    trust = Trust.from_config(config.trusted_signers, config.signing_key)
+    assert trust.key_ids == [first_key, second_key]
+    assert trust.signer is not None and trust.signer.key_id == second_key
+    assert (config.path, config.compression_level) == (str(tmp_path / "b"), 5)
+    missing = _invoke("key", "create-signing", _name("cli-k"), "-r", _name("cli-norepo"))
+    assert missing.exit_code == 3, _all_output(missing)
