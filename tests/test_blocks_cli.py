@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from tests.fixtures.postgres import PgDatabase
+from tests.fixtures.s3 import MotoServer
 
 
 def _invoke(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -215,3 +216,35 @@ def test_signing_key_rotation_and_repository_update(prefect_api: str, tmp_path: 
     assert (config.path, config.compression_level) == (str(tmp_path / "b"), 5)
     missing = _invoke("key", "create-signing", _name("cli-k"), "-r", _name("cli-norepo"))
     assert missing.exit_code == 3, _all_output(missing)
+
+
+def test_s3_repository_from_the_cli_takes_a_backup(
+    prefect_api: str, pg_db: PgDatabase, s3_server: MotoServer, s3_bucket: str
+) -> None:
+    server = pg_db.server
+    pg_db.psql("CREATE TABLE s (id int); INSERT INTO s VALUES (1);")
+    target, repo, key = _name("cli-pg"), _name("cli-s3repo"), _name("cli-key")
+    # moto checks no signatures: a random secret can be looked for in the output
+    env = {
+        "CLI_PG": server.password,
+        "CLI_AK": s3_server.access_key,
+        "CLI_SK": "sk-" + uuid.uuid4().hex,
+    }
+    steps = [
+        ["target", "add", "postgresql", target, "--host", server.host, "--port",
+         str(server.port), "--user", server.superuser, "--password-env", "CLI_PG",
+         "--database", pg_db.name],
+        ["repository", "add", repo, "--bucket", s3_bucket, "--prefix", "cli",
+         "--endpoint-url", s3_server.endpoint_url, "--access-key-id-env", "CLI_AK",
+         "--secret-access-key-env", "CLI_SK"],
+        ["key", "create", key],
+        ["backup", "postgresql", target, "-r", repo, "-k", key, "--json"],
+    ]  # fmt: skip
+    for args in steps:
+        result = _invoke(*args, env=env)
+        assert result.exit_code == 0, _all_output(result)
+        assert env["CLI_SK"] not in _all_output(result)
+    backup_id = json.loads(result.stdout)["backup_id"]
+    listed = _invoke("list", "-r", repo, "--json")
+    assert listed.exit_code == 0, _all_output(listed)
+    assert backup_id in listed.stdout
