@@ -15,6 +15,7 @@ import typer
 
 from strongroom.cli import (
     audit,
+    blocks_cmd,
     catalog,
     clickhouse,
     ops,
@@ -44,6 +45,7 @@ audit.register(app)
 ops.register(app)
 signing.register(app)
 wal_receive.register(app)
+blocks_cmd.register(app)
 
 
 def main() -> None:

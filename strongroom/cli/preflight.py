@@ -38,6 +38,18 @@ _KINDS: dict[str, str] = {
 }
 
 
+# block type slug -> the command that creates one (strongroom.cli.blocks_cmd)
+_CREATE_COMMANDS: dict[str, str] = {
+    "strongroom-postgres-target": "strongroom target add postgresql {name} --host H "
+    "--user U --password-env VAR",
+    "strongroom-clickhouse-target": "strongroom target add clickhouse {name} --host H "
+    "--user U --password-env VAR",
+    "strongroom-redis-target": "strongroom target add redis {name} --host H --password-env VAR",
+    "strongroom-repository": "strongroom repository add {name} --local-path DIR (or --bucket B)",
+    "strongroom-encryption-key": "strongroom key create {name}",
+}
+
+
 class PrefectNotConfigured(ServiceUnavailable):
     """No Prefect API is configured (nor the temporary server asked for)."""
 
@@ -142,13 +154,15 @@ def not_found_message(slug: str, name: str, names: list[str]) -> str:
         have = f"existing {what} blocks, nearest first: {', '.join(shown)}{more}"
     else:
         have = f"there is no {what} block yet"
+    command = _CREATE_COMMANDS.get(slug)
     create = (
-        f"create one with `strongroom bootstrap --config FILE.yaml` holding "
+        f"create one with `{command.format(name=name)}`, or " if command else "create one with "
+    )
+    create += (
+        f"`strongroom bootstrap --config FILE.yaml` holding "
         f"`blocks: {{{slug}: {{{name}: {{...fields}}}}}}` "
         "(deployments/bootstrap.example.yaml), or in the Prefect UI (Blocks)"
     )
-    if slug == "strongroom-encryption-key":
-        create = "`strongroom keygen` makes a key pair; " + create
     if not names:
         create += " (after `strongroom blocks register` if the block type is missing)"
     return f"no {what} block {name!r}; {have}; {create}"
