@@ -17,6 +17,7 @@ from strongroom.cli import (
     audit,
     catalog,
     clickhouse,
+    doctor,
     ops,
     pitr,
     policy,
@@ -43,6 +44,7 @@ policy.register(app)
 audit.register(app)
 ops.register(app)
 signing.register(app)
+doctor.register(app)
 wal_receive.register(app)
 
 
