@@ -157,3 +157,62 @@ def test_unknown_target_is_exit_3_with_nearest(doctor_blocks: dict[str, Any]) ->
     code, doc = _doctor("doc-pgg", "-r", "doc-local", "-k", "doc-key")
     assert code == 3, doc
     assert "nearest first: doc-pg" in _by_name(doc)["targets"]["reason"]
+
+
+def test_object_lock_bucket_is_reported_and_no_probe_is_left(
+    doctor_blocks: dict[str, Any], s3_server: MotoServer
+) -> None:
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    from blocks import BackupRepository
+
+    bucket = s3_server.create_bucket(object_lock=True)
+    creds = AwsCredentials(
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=s3_server.endpoint_url),
+    )
+    BackupRepository(
+        **signing_block_fields(), s3_bucket=S3Bucket(bucket_name=bucket, credentials=creds)
+    ).save("doc-s3-locked", overwrite=True)
+    code, doc = _doctor("doc-redis", "-r", "doc-s3-locked", "-k", "doc-key")
+    assert code == 0, doc
+    checks = _by_name(doc)
+    assert "object lock enabled" in checks["repository-object-lock"]["reason"]
+    assert "versioning Enabled" in checks["repository-versioning"]["reason"]
+    assert checks["repository-write"]["status"] == "warn"
+    assert "object lock" in checks["repository-write"]["reason"]
+    versions = s3_server.s3().list_object_versions(Bucket=bucket)
+    assert not versions.get("Versions") and not versions.get("DeleteMarkers")
+
+
+def test_failing_archive_command_fails_the_archiver_line(doctor_blocks: dict[str, Any]) -> None:
+    import time
+
+    from blocks import PostgresTarget
+
+    # an archive_command naming strongroom-wal whose every attempt exits 1 (a plain
+    # failure: a missing binary, exit 127, would restart the archiver uncounted)
+    command = "[ -e /nonexistent/%f ] && strongroom-wal push %p"
+    with PostgresServer(archive_command=command) as server:
+        PostgresTarget(
+            host=server.host,
+            port=server.port,
+            user=server.superuser,
+            password=SecretStr(server.password),
+            pitr=True,
+        ).save("doc-pg-archfail", overwrite=True)
+        server.psql("CREATE TABLE t AS SELECT 1 AS x; SELECT pg_switch_wal();")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if int(server.psql("SELECT failed_count FROM pg_stat_archiver").strip() or 0):
+                break
+            time.sleep(0.5)
+        code, doc = _doctor("doc-pg-archfail", "-r", "doc-local", "-k", "doc-key")
+    assert code == 8, doc
+    checks = _by_name(doc)
+    assert checks["doc-pg-archfail: wal-archiving"]["status"] == "ok"
+    line = checks["doc-pg-archfail: wal-archiver"]
+    assert line["status"] == "fail" and "last archive attempt failed" in line["reason"]
