@@ -216,3 +216,53 @@ def test_failing_archive_command_fails_the_archiver_line(doctor_blocks: dict[str
     assert checks["doc-pg-archfail: wal-archiving"]["status"] == "ok"
     line = checks["doc-pg-archfail: wal-archiver"]
     assert line["status"] == "fail" and "last archive attempt failed" in line["reason"]
+
+
+def test_clickhouse_target_and_its_refused_password(
+    doctor_blocks: dict[str, Any], clickhouse_servers: dict[str, Any]
+) -> None:
+    from blocks import ClickHouseTarget
+    from tests.fixtures.clickhouse import started_server
+
+    server = started_server("ch26", clickhouse_servers)
+    fields = {"host": server.host, "port": server.tcp_port, "http_port": server.http_port}
+    ClickHouseTarget(**fields, user=server.user).save("doc-ch", overwrite=True)
+    ClickHouseTarget(**fields, user=server.user, password=SecretStr("nope-nope")).save(
+        "doc-ch-badpw", overwrite=True
+    )
+    code, doc = _doctor("doc-ch", "-r", "doc-local", "-k", "doc-key")
+    assert code == 0, doc
+    checks = _by_name(doc)
+    assert checks["doc-ch: connect"]["status"] == "ok"
+    assert "ClickHouse 26." in checks["doc-ch: connect"]["reason"]
+    assert checks["doc-ch: version"]["status"] == "ok"
+    assert checks["doc-ch: tool-clickhouse-client"]["status"] in ("ok", "warn")
+    code, doc = _doctor("doc-ch-badpw", "-r", "doc-local", "-k", "doc-key")
+    assert code == 7, doc
+    assert _by_name(doc)["doc-ch-badpw: connect"]["status"] == "fail"
+    assert "nope-nope" not in json.dumps(doc)
+
+
+def test_refused_s3_credentials_fail_the_repository_line(
+    doctor_blocks: dict[str, Any], seaweed_server: Any
+) -> None:
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    from blocks import BackupRepository
+
+    bucket = seaweed_server.create_bucket()
+    creds = AwsCredentials(
+        aws_access_key_id=seaweed_server.access_key,
+        aws_secret_access_key="not-the-secret",
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=seaweed_server.endpoint_url),
+    )
+    BackupRepository(
+        **signing_block_fields(), s3_bucket=S3Bucket(bucket_name=bucket, credentials=creds)
+    ).save("doc-s3-denied", overwrite=True)
+    code, doc = _doctor("doc-redis", "-r", "doc-s3-denied", "-k", "doc-key")
+    assert code == 7, doc
+    failed = [c for c in doc["checks"] if c["status"] == "fail"]
+    assert [c["name"] for c in failed] == ["repository"], failed
+    assert "not-the-secret" not in json.dumps(doc)
