@@ -135,6 +135,7 @@ def test_unwritable_repository_fails_the_repository_line(doctor_blocks: dict[str
     failed = [c for c in doc["checks"] if c["status"] == "fail"]
     assert [c["name"] for c in failed] == ["repository-write"], failed
     assert failed[0]["exit_code"] == code
+    assert "cannot write the probe doctor/probe-" in failed[0]["reason"]
 
 
 def test_wal_archiving_off_fails_for_a_pitr_target(doctor_blocks: dict[str, Any]) -> None:
@@ -266,3 +267,14 @@ def test_refused_s3_credentials_fail_the_repository_line(
     failed = [c for c in doc["checks"] if c["status"] == "fail"]
     assert [c["name"] for c in failed] == ["repository"], failed
     assert "not-the-secret" not in json.dumps(doc)
+
+
+def test_no_prefect_api_is_exit_6_and_starts_no_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))  # no profile with an API URL
+    code, doc = _doctor()
+    assert code == 6, doc
+    assert [c["name"] for c in doc["checks"]] == ["prefect-api"]
+    assert "PREFECT_API_URL" in doc["checks"][0]["reason"]

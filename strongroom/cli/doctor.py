@@ -80,9 +80,13 @@ def run_doctor(target: str | None, repository: str, key: str) -> list[Any]:
     except dc.StrongroomError as exc:
         checks.append(dc.fail("targets", exc, "check the name; `strongroom doctor` checks all"))
         return checks
-    checks.append(
-        dc.ok("targets", f"{len(targets)} target(s): " + ", ".join(n for _, n in targets))
-    )
+    if not targets:
+        checks.append(
+            dc.warn("targets", "no target blocks yet", "create one (`strongroom bootstrap`)")
+        )
+    else:
+        names = ", ".join(n for _, n in targets)
+        checks.append(dc.ok("targets", f"{len(targets)} target(s): {names}"))
     for engine, name in targets:
         slug = preflight.TARGET_SLUGS[engine]
         checks += dc.run_check(

@@ -87,38 +87,41 @@ def run_check(name: str, fix: str, body: Callable[[], Check | list[Check]]) -> l
 # ---- Prefect --------------------------------------------------------------------------------
 
 
-def prefect_api(api_url: str) -> Check:
+def api_get(api_url: str, path: str) -> Any:
+    """GET ``path`` of the Prefect API as JSON; None for a 404. Refused credentials are
+    ``AccessDenied``, anything else ``ServiceUnavailable``."""
     import json
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     from strongroom.cli.preflight import api_headers
 
+    if urllib.parse.urlsplit(api_url).scheme not in ("http", "https"):
+        raise InvalidInput("PREFECT_API_URL must be an http(s) URL")
+    request = urllib.request.Request(f"{api_url}{path}", headers=api_headers())  # noqa: S310
     try:
-        request = urllib.request.Request(f"{api_url}/admin/version", headers=api_headers())  # noqa: S310
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            version = json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (http(s))
+            return json.loads(response.read())
     except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
         if exc.code in (401, 403):
             raise AccessDenied(f"Prefect API {api_url} refused the credentials") from None
-        raise ServiceUnavailable(f"Prefect API {api_url} answered {exc.code}") from None
+        raise ServiceUnavailable(f"Prefect API {api_url} answered {exc.code} to {path}") from None
     except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
         raise ServiceUnavailable(f"Prefect API unreachable at {api_url}: {exc}") from None
+
+
+def prefect_api(api_url: str) -> Check:
+    version = api_get(api_url, "/admin/version")
+    if version is None:
+        raise ServiceUnavailable(f"{api_url} answered 404 to /admin/version: not a Prefect API")
     return ok("prefect-api", f"{api_url} reachable, Prefect {version}")
 
 
 def block_types(api_url: str) -> Check:
-    from strongroom.cli.preflight import _get
-
-    missing = []
-    for slug in BLOCK_TYPES:
-        try:
-            _get(f"{api_url}/block_types/slug/{slug}", 10)
-        except Exception as exc:
-            code = getattr(exc, "code", None)
-            if code != 404:
-                raise ServiceUnavailable(f"Prefect API: reading block type {slug}: {exc}") from None
-            missing.append(slug)
+    missing = [s for s in BLOCK_TYPES if api_get(api_url, f"/block_types/slug/{s}") is None]
     if missing:
         raise NotFound(f"block types not registered: {', '.join(missing)}")
     return ok("block-types", f"all {len(BLOCK_TYPES)} strongroom block types registered")
@@ -444,7 +447,11 @@ def write_probe(repo: Any, *, locked: bool) -> list[Check]:
     body = f"strongroom doctor {time.time()}".encode()
 
     def probe() -> Check:
-        repo.put_bytes(key, body)
+        try:
+            repo.put_bytes(key, body)
+        except StrongroomError as exc:  # its class's exit code, said as the write it was
+            reason = f"cannot write the probe {key} to {repo.describe()}: {exc}"
+            return Check("repository-write", FAIL, reason, fix, exc.exit_code)
         try:
             if repo.get_bytes(key) != body:
                 raise ServiceUnavailable("the probe read back differs from what was written")
