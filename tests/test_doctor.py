@@ -93,7 +93,8 @@ def test_all_ok_against_the_test_servers(doctor_blocks: dict[str, Any]) -> None:
             assert "Prefect" in checks["prefect-api"]["reason"]
             assert f"{target}: connect" in checks
     checks = _by_name(_doctor("doc-pg", "-r", "doc-s3", "-k", "doc-key")[1])
-    assert "pg_dump" in checks["doc-pg: tool-pg_dump"]["reason"]
+    assert ">= server 15" in checks["doc-pg: tool-pg_dump"]["reason"]
+    assert ">= server 15" in checks["doc-pg: tool-pg_restore"]["reason"]
     assert "against S3" in checks["clock-skew"]["reason"]
     assert "versioning" in checks["repository-versioning"]["reason"]
     assert "wrote, read and deleted doctor/" in checks["repository-write"]["reason"]
@@ -158,6 +159,12 @@ def test_unknown_target_is_exit_3_with_nearest(doctor_blocks: dict[str, Any]) ->
     code, doc = _doctor("doc-pgg", "-r", "doc-local", "-k", "doc-key")
     assert code == 3, doc
     assert "nearest first: doc-pg" in _by_name(doc)["targets"]["reason"]
+    code, doc = _doctor("doc-pg", "-r", "doc-locl", "-k", "doc-kye")
+    assert code == 3, doc
+    checks = _by_name(doc)
+    assert "nearest first: doc-local" in checks["repository"]["reason"]
+    assert "nearest first: doc-key" in checks["key-recipients"]["reason"]
+    assert checks["doc-pg: connect"]["status"] == "ok"  # the other checks still ran
 
 
 def test_object_lock_bucket_is_reported_and_no_probe_is_left(
@@ -278,3 +285,16 @@ def test_no_prefect_api_is_exit_6_and_starts_no_server(
     assert code == 6, doc
     assert [c["name"] for c in doc["checks"]] == ["prefect-api"]
     assert "PREFECT_API_URL" in doc["checks"][0]["reason"]
+
+
+def test_a_client_older_than_the_server_fails() -> None:
+    from strongroom.cli.doctor_checks import _major, pg_tool_check
+    from strongroom.errors import ToolFailed
+
+    assert _major("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)") == 15
+    assert _major("7.2.4") == 7
+    installed = _major(pg_tool_check("t", "pg_dump", None).reason)
+    assert installed is not None
+    assert pg_tool_check("t", "pg_dump", installed * 10000).status == "ok"
+    with pytest.raises(ToolFailed, match="older than the server"):
+        pg_tool_check("t", "pg_dump", (installed + 1) * 10000)

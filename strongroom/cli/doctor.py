@@ -36,11 +36,24 @@ def _targets(api_url: str, target: str | None) -> list[tuple[str, str]]:
     return found
 
 
+def _block(slug: str, name: str, api_url: str) -> dict[str, Any]:
+    """Block document data (secrets included); a missing one names the nearest (exit 3)."""
+    from strongroom.cli import preflight
+    from strongroom.cli.repo_source import fetch_block_data
+    from strongroom.errors import NotFound
+
+    try:
+        return fetch_block_data(slug, name, api_url, timeout=10)
+    except NotFound:
+        names = preflight.block_names(slug, api_url, timeout=10)
+        raise preflight.BlockNotFound(preflight.not_found_message(slug, name, names)) from None
+
+
 def run_doctor(target: str | None, repository: str, key: str) -> list[Any]:
     """Every check, in order; nothing here raises for a failing check."""
     from strongroom.cli import doctor_checks as dc
     from strongroom.cli import preflight
-    from strongroom.cli.repo_source import REPOSITORY_SLUG, fetch_block_data
+    from strongroom.cli.repo_source import REPOSITORY_SLUG
     from strongroom.errors import ServiceUnavailable
 
     checks: list[dc.Check] = []
@@ -61,7 +74,7 @@ def run_doctor(target: str | None, repository: str, key: str) -> list[Any]:
     from blocks.repository_config import repository_config
 
     def repo() -> list[dc.Check]:
-        data = fetch_block_data(REPOSITORY_SLUG, repository, api_url, timeout=10)
+        data = _block(REPOSITORY_SLUG, repository, api_url)
         try:
             config = repository_config(data)
         except ValueError as exc:
@@ -72,7 +85,7 @@ def run_doctor(target: str | None, repository: str, key: str) -> list[Any]:
     checks += dc.run_check(
         "key-recipients",
         f"`strongroom keygen`, then a key block {key!r}",
-        lambda: dc.key_checks(fetch_block_data(preflight.KEY_SLUG, key, api_url, 10), key),
+        lambda: dc.key_checks(_block(preflight.KEY_SLUG, key, api_url), key),
     )
     checks += dc.library_tools()
     try:
@@ -93,7 +106,7 @@ def run_doctor(target: str | None, repository: str, key: str) -> list[Any]:
             f"{name}: connect",
             f"fix block {slug}/{name}",
             lambda e=engine, n=name, s=slug: dc.TARGET_CHECKS[e](  # type: ignore[misc]
-                n, fetch_block_data(s, n, api_url, 10)
+                n, _block(s, n, api_url)
             ),
         )
     return checks

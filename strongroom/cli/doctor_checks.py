@@ -157,7 +157,8 @@ def key_checks(data: dict[str, Any], name: str) -> list[Check]:
 
 
 def _major(version_text: str) -> int | None:
-    match = re.search(r"(\d+)(?:\.\d+)?", version_text.split(")")[-1])
+    """The major version: ``pg_dump (PostgreSQL) 15.18 (Debian ...)`` -> 15, ``7.0.15`` -> 7."""
+    match = re.search(r"\(PostgreSQL\)\s*(\d+)", version_text) or re.search(r"(\d+)", version_text)
     return int(match.group(1)) if match else None
 
 
