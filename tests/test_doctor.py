@@ -269,11 +269,18 @@ def test_refused_s3_credentials_fail_the_repository_line(
     BackupRepository(
         **signing_block_fields(), s3_bucket=S3Bucket(bucket_name=bucket, credentials=creds)
     ).save("doc-s3-denied", overwrite=True)
+    good = creds.model_copy(update={"aws_secret_access_key": seaweed_server.secret_key})
+    BackupRepository(
+        **signing_block_fields(), s3_bucket=S3Bucket(bucket_name=bucket, credentials=good)
+    ).save("doc-s3-seaweed", overwrite=True)
     code, doc = _doctor("doc-redis", "-r", "doc-s3-denied", "-k", "doc-key")
     assert code == 7, doc
     failed = [c for c in doc["checks"] if c["status"] == "fail"]
     assert [c["name"] for c in failed] == ["repository"], failed
     assert "not-the-secret" not in json.dumps(doc)
+    code, doc = _doctor("doc-redis", "-r", "doc-s3-seaweed", "-k", "doc-key")
+    assert code == 0 and all(c["status"] == "ok" for c in doc["checks"]), doc
+    assert "wrote, read and deleted" in _by_name(doc)["repository-write"]["reason"]
 
 
 def test_no_prefect_api_is_exit_6_and_starts_no_server(
@@ -298,3 +305,17 @@ def test_a_client_older_than_the_server_fails() -> None:
     assert pg_tool_check("t", "pg_dump", installed * 10000).status == "ok"
     with pytest.raises(ToolFailed, match="older than the server"):
         pg_tool_check("t", "pg_dump", (installed + 1) * 10000)
+
+
+def test_clock_skew_bound() -> None:
+    import datetime as dt
+    import email.utils
+
+    from strongroom.cli.doctor_checks import MAX_SKEW_S, clock_skew
+
+    now = dt.datetime.now(dt.UTC)
+    behind = email.utils.format_datetime(now - dt.timedelta(seconds=4 * MAX_SKEW_S), usegmt=True)
+    line = clock_skew(behind)
+    assert line.status == "warn" and "off S3's" in line.reason and line.exit_code == 0
+    assert clock_skew(email.utils.format_datetime(now, usegmt=True)).status == "ok"
+    assert clock_skew(None).status == "warn"
