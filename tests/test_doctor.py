@@ -319,3 +319,14 @@ def test_clock_skew_bound() -> None:
     assert line.status == "warn" and "off S3's" in line.reason and line.exit_code == 0
     assert clock_skew(email.utils.format_datetime(now, usegmt=True)).status == "ok"
     assert clock_skew(None).status == "warn"
+
+
+def test_a_block_the_engine_refuses_is_exit_2_on_its_line(doctor_blocks: dict[str, Any]) -> None:
+    from blocks import RedisTarget
+
+    # plaintext to a non-loopback address: the engine's connection model refuses it
+    RedisTarget(host="192.0.2.10", port=6379).save("doc-redis-plain", overwrite=True)
+    code, doc = _doctor("doc-redis-plain", "-r", "doc-local", "-k", "doc-key")
+    assert code == 2, doc
+    failed = [c for c in doc["checks"] if c["status"] == "fail"]
+    assert [c["name"] for c in failed] == ["doc-redis-plain: connect"], failed

@@ -76,11 +76,21 @@ def fail(name: str, exc: StrongroomError, fix: str) -> Check:
 
 
 def run_check(name: str, fix: str, body: Callable[[], Check | list[Check]]) -> list[Check]:
-    """``body``'s checks; a StrongroomError it raises is one failing line (its exit code)."""
+    """``body``'s checks; an error it raises is one failing line (a StrongroomError's exit
+    code; 2 for a refused block field; 1 for anything unexpected, its message scrubbed)."""
+    from pydantic import ValidationError
+
+    from strongroom.errors import invalid_input
+    from strongroom.redact import scrub
+
     try:
         result = body()
     except StrongroomError as exc:
         return [fail(name, exc, fix)]
+    except ValidationError as exc:  # a block field the engine refuses (e.g. plaintext)
+        return [fail(name, invalid_input(exc, "block"), fix)]
+    except Exception as exc:
+        return [Check(name, FAIL, f"unexpected {type(exc).__name__}: {scrub(str(exc))}", fix, 1)]
     return result if isinstance(result, list) else [result]
 
 
