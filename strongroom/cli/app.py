@@ -18,6 +18,7 @@ from strongroom.cli import (
     blocks_cmd,
     catalog,
     clickhouse,
+    doctor,
     ops,
     pitr,
     policy,
@@ -44,6 +45,7 @@ policy.register(app)
 audit.register(app)
 ops.register(app)
 signing.register(app)
+doctor.register(app)
 wal_receive.register(app)
 blocks_cmd.register(app)
 
