@@ -35,8 +35,8 @@ def targets(prefect_api: str) -> str:
     from blocks import PostgresTarget, register_all
 
     register_all()
-    PostgresTarget(host="127.0.0.1", port=1).save("fleet-logical-only", overwrite=True)
-    PostgresTarget(host="127.0.0.1", port=1, pitr=True, drills=True).save(
+    PostgresTarget(host="127.0.0.2", port=1).save("fleet-logical-only", overwrite=True)
+    PostgresTarget(host="127.0.0.2", port=1, pitr=True, drills=True).save(
         "fleet-pitr", overwrite=True
     )
     return prefect_api
