@@ -175,6 +175,9 @@ class Fetcher:
             if name in self.listing:
                 self.fetch_one(name)
                 return
+        if names.is_segment(name) and names.partial_name(name) in self.listing:
+            self.fetch_one(name)  # served from the receiver's partial (store.fetch_to_file)
+            return
         gap = gap_around(name, self.listing, self.cfg.segment_size)
         if gap is not None:
             self.mark(self.spool.err, name, gap)

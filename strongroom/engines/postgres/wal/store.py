@@ -360,22 +360,36 @@ def fetch_to_file(
     system_identifier: int | None = None,
 ) -> int:
     """Fetch, verify and write one WAL file to ``dest`` atomically (temporary file, then
-    rename once every check passed); NotFound if not archived."""
+    rename once every check passed); NotFound if not archived. A segment that is not
+    archived but whose ``<segment>.partial`` is (the receiver's newest) is served from
+    the partial, zero-padded to the segment size: replay stops at its end."""
     import os
 
-    blob = repo.get_bytes(wal_key(target, name))
+    stored = name
+    try:
+        blob = repo.get_bytes(wal_key(target, name))
+    except NotFound:
+        if not names.is_segment(name):
+            raise
+        stored = names.partial_name(name)
+        blob = repo.get_bytes(wal_key(target, stored))  # NotFound: neither is archived
     folder, base = os.path.split(dest)
     tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as out:
             size = decode_into(
-                name,
+                stored,
                 blob,
                 identities,
                 out,
                 segment_size=segment_size,
                 system_identifier=system_identifier,
             )
+        if stored != name:
+            with open(tmp, "r+b") as out:
+                full = segment_size or names.read_segment_header(out.read(40)).seg_size
+                out.truncate(full)
+                size = full
         if names.kind(name) in ("history", "backup"):
             with open(tmp, "rb") as f:
                 names.check_segment(name, f.read())
