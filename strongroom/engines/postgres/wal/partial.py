@@ -40,7 +40,7 @@ class PartialResult:
     name: str  # <segment>.partial
     key: str
     raw_size: int  # bytes stored (trailing zeros cut)
-    outcome: str  # stored, replaced, unchanged, kept_longer, superseded
+    outcome: str  # stored, replaced, unchanged, kept_longer, superseded, empty
 
 
 def trim(raw: bytes | memoryview) -> bytes:
@@ -80,6 +80,8 @@ def push_partial(
     name = names.partial_name(segment)
     key = wal_key(target, name)
     data = trim(raw)
+    if len(data) < 40:  # preallocated, nothing received yet (or only part of the header)
+        return PartialResult(name, key, len(data), "empty")
     try:
         names.check_segment(
             name, data, segment_size=segment_size, system_identifier=system_identifier
