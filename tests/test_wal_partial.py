@@ -28,11 +28,11 @@ from strongroom.engines.postgres.wal import names
 from strongroom.engines.postgres.wal.check import load_index, walk
 from strongroom.engines.postgres.wal.config import load_wal_config, write_wal_config
 from strongroom.engines.postgres.wal.fast import archive_command
-from strongroom.engines.postgres.wal.partial import push_partial
 from strongroom.engines.postgres.wal.receive import APPLICATION_NAME
 from strongroom.engines.postgres.wal.store import (
     fetch_to_file,
     push_bytes,
+    push_partial,
     read_stored_header,
     wal_key,
 )
@@ -95,6 +95,24 @@ def test_partial_extends_refuses_other_history_and_yields_to_segment(
     assert read_stored_header(repo, wal_key("t", f"{seg}.partial")).raw_size == 50_000
     assert fetch_to_file(repo, "t", seg, ident, str(dest)) == SEG
     assert dest.read_bytes() == full
+
+
+def test_wal_push_of_a_promoted_partial_shares_the_receivers_key(repo: LocalRepository) -> None:
+    """archive_command archives PostgreSQL's own ``.partial`` at promotion (16 MiB, the
+    WAL up to the switch): it extends the receiver's partial of the same segment."""
+    rcpt = [str(x25519.Identity.generate().to_public())]
+    seg = names.segment_name(1, 11)
+    receiver_copy = _partial(seg, 30_000)
+    promoted = receiver_copy[:30_000] + bytes([9]) * 5_000 + bytes(SEG - 35_000)
+    push_partial(repo, "t", seg, receiver_copy, rcpt)
+    result = push_bytes(repo, "t", f"{seg}.partial", promoted, rcpt)
+    assert not result.already_archived and result.raw_size == 35_000
+    assert push_bytes(repo, "t", f"{seg}.partial", promoted, rcpt).already_archived
+    other = bytearray(promoted)
+    other[200] ^= 0xFF
+    other[40_000] = 3
+    with pytest.raises(Conflict):
+        push_bytes(repo, "t", f"{seg}.partial", bytes(other), rcpt)
 
 
 def test_tampered_or_forged_partial_is_refused(repo: LocalRepository, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ a segment left without a marker by a killed receiver is pushed again (identical:
 accepted); a ``.partial`` is resumed by ``pg_receivewal`` itself.
 
 Partials: the segment being received is pushed as ``<segment>.partial`` (see
-``partial.py``) every ``partial_interval_s`` seconds and when the receiver stops, so
+``store.push_partial``) every ``partial_interval_s`` seconds and when the receiver stops, so
 a recovery after the primary is lost reaches the receiver's last byte.
 
 With ``synchronous`` the stream runs ``pg_receivewal --synchronous`` (flush and
@@ -290,10 +290,10 @@ class Receiver:
         return max(found) if found else None
 
     def push_partial(self) -> str | None:
-        """Push the spool's ``.partial`` into the repository (``partial.push_partial``:
+        """Push the spool's ``.partial`` into the repository (``store.push_partial``:
         replaces the archived partial only when it extends it, never a completed
         segment); returns the outcome, None when there is no partial."""
-        from strongroom.engines.postgres.wal.partial import push_partial
+        from strongroom.engines.postgres.wal.store import push_partial
 
         name = self.current_partial()
         if name is None:
