@@ -194,14 +194,14 @@ def sync_cluster() -> Iterator[Cluster]:
 
 
 def _receiver_as_postgres(
-    config: Path, spool: Path, env: dict[str, str]
+    config: Path, spool: Path, env: dict[str, str], *extra: str
 ) -> subprocess.Popen[bytes]:
     """``strongroom wal-receive`` as the postgres OS user (the archive_command's user:
     both write the same target)."""
     chown_to_postgres(spool, 0o700)
     args = ["wal-receive", "pgp", "--config", str(config), "--directory", str(spool)]
     args += ["--slot", "recv_partial", "--synchronous", "--poll", "0.05"]
-    args += ["--partial-interval", "0.5"]
+    args += ["--partial-interval", "0.5", *extra]
     import shlex
 
     # the interpreter and PYTHONPATH archive_command uses, running the app instead
@@ -210,7 +210,7 @@ def _receiver_as_postgres(
     return subprocess.Popen(
         ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "sh", "-c", line],
         env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=open(spool.parent / "receiver.err", "ab"),
         cwd="/",
     )
@@ -276,6 +276,10 @@ def test_pitr_after_kill_9_recovers_every_acknowledged_commit(sync_cluster: Clus
     assert c.server.proc is not None
     c.server.proc.wait(10)
     c.server.proc = None
+    # the one-shot push finds the repository already holding the spool's partial
+    once = _receiver_as_postgres(recv_config, spool, _env(c.server), "--push-partial")
+    out, _ = once.communicate(timeout=60)
+    assert once.returncode == 0 and b"partial: unchanged" in out, out
     # the newest commits are only in the partial: its segment was never completed
     tail = _partials(c)[-1]
     assert not c.repo.exists(wal_key("pgp", tail[:24]))
