@@ -30,6 +30,18 @@ def register(app: typer.Typer) -> None:
             "synchronous_standby_names.",
         ),
         poll: float = typer.Option(0.2, "--poll", help="Seconds between spool scans."),
+        partial_interval: float = typer.Option(
+            10.0,
+            "--partial-interval",
+            help="Seconds between pushes of the segment being received (.partial); 0: only "
+            "when stopping.",
+        ),
+        push_partial: bool = typer.Option(
+            False,
+            "--push-partial",
+            help="Push the spool's completed segments and its .partial once, then exit "
+            "(no streaming).",
+        ),
     ) -> None:
         """Stream WAL with pg_receivewal and push every completed segment into the
         repository (exit 9 when the archive holds a different segment)."""
@@ -49,7 +61,19 @@ def register(app: typer.Typer) -> None:
                     err=True,
                 )
                 raise typer.Exit(2)
-            receiver = Receiver(cfg, Path(directory), slot=slot, synchronous=synchronous)
+            receiver = Receiver(
+                cfg,
+                Path(directory),
+                slot=slot,
+                synchronous=synchronous,
+                partial_interval_s=partial_interval,
+            )
+            if push_partial:
+                receiver.pushed_dir.mkdir(parents=True, exist_ok=True)
+                receiver.push_completed()
+                outcome = receiver.push_partial()
+                typer.echo(f"partial: {outcome or 'none in the spool'}")
+                raise typer.Exit(0)
             code = receiver.run(poll_s=poll)
         except WalConfigError as exc:
             typer.echo(f"strongroom wal-receive: {exc}", err=True)

@@ -39,6 +39,8 @@ class ArchiveIndex:
     segments: dict[int, dict[int, ObjectInfo]] = field(default_factory=dict)
     histories: dict[int, list[names.HistoryEntry]] = field(default_factory=dict)
     partials: dict[int, list[str]] = field(default_factory=dict)
+    # partials whose segment is not archived: timeline -> segno -> (object, raw size)
+    partial_ends: dict[int, dict[int, tuple[ObjectInfo, int]]] = field(default_factory=dict)
     backup_files: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
 
@@ -57,17 +59,24 @@ class ArchiveIndex:
     def info(self, tli: int, segno: int) -> ObjectInfo:
         return self.segments[tli][segno]
 
+    def partial(self, tli: int, segno: int) -> tuple[ObjectInfo, int] | None:
+        """The archived partial of a segment that is not archived itself (a completed
+        segment supersedes its partial), with its raw size."""
+        return self.partial_ends.get(tli, {}).get(segno)
+
 
 def load_index(
     repo: Repository, target: str, segment_size: int = names.DEFAULT_SEGMENT_SIZE
 ) -> ArchiveIndex:
     index = ArchiveIndex(target, segment_size)
+    partial_infos: dict[str, ObjectInfo] = {}
     for info, name, kind in archived_files(repo, target):
         tli = names.timeline_of(name)
         if kind == "segment":
             index.segments.setdefault(tli, {})[names.segno_of(name, segment_size)] = info
         elif kind == "partial":
             index.partials.setdefault(tli, []).append(name)
+            partial_infos[name] = info
         elif kind == "backup":
             index.backup_files.append(name)
         else:
@@ -77,6 +86,17 @@ def load_index(
                 index.unreadable.append(name)
                 continue
             index.histories[tli] = header.history or []
+    for tli, found in index.partials.items():
+        for name in found:
+            segno = names.segno_of(name, segment_size)
+            if index.has(tli, segno):
+                continue  # superseded by the completed segment
+            try:
+                header = read_stored_header(repo, wal_key(target, name))
+            except (IntegrityError, NotFound):
+                index.unreadable.append(name)
+                continue
+            index.partial_ends.setdefault(tli, {})[segno] = (partial_infos[name], header.raw_size)
     return index
 
 
@@ -137,9 +157,14 @@ class Reach:
     end_tli: int | None  # where the contiguous WAL ends (None: not even the first segment)
     end_segno: int | None
     gaps: list[dict[str, Any]]
+    partial_size: int | None = None  # the end segment is a partial of this many bytes
 
     def end_lsn(self, size: int) -> int | None:
-        return None if self.end_segno is None else (self.end_segno + 1) * size
+        if self.end_segno is None:
+            return None
+        if self.partial_size is not None:
+            return self.end_segno * size + self.partial_size
+        return (self.end_segno + 1) * size
 
 
 def on_path(details: dict[str, Any], path: list[names.TimelineSpan]) -> bool:
@@ -163,21 +188,36 @@ def walk(index: ArchiveIndex, details: dict[str, Any], timeline: int) -> Reach:
         limit = None if span.end is None else names.segno_of_lsn(span.end, size)
         held = [n for n in index.segments.get(span.tli, {}) if limit is None or n <= limit]
         newest = max([newest, *held])
+    top = max(newest, start)
     end_tli: int | None = None
     end_segno: int | None = None
+    partial_size: int | None = None
     contiguous = True
     missing: dict[int, list[int]] = {}
-    for segno in range(start, max(newest, start) + 1):
+    for segno in range(start, top + 2):
         span = names.span_for_segno(path, segno, size)
-        if index.has(span.tli, segno):
+        if segno <= top and index.has(span.tli, segno):
             if contiguous:
                 end_tli, end_segno = span.tli, segno
-        else:
+            continue
+        tail = index.partial(span.tli, segno)
+        if contiguous and tail is not None and segno >= top:
+            # the receiver's newest partial right after the last segment: not a gap
+            end_tli, end_segno, partial_size = span.tli, segno, tail[1]
+            break
+        if segno <= top:
             contiguous = False
             missing.setdefault(span.tli, []).append(segno)
     gaps = [g for tli, segs in missing.items() for g in _ranges(tli, segs, size)]
-    consistent = end_segno is not None and end_segno >= stop
-    return Reach(timeline, start, stop, consistent, end_tli, end_segno, gaps)
+    if partial_size is not None and end_segno is not None:
+        # consistent only if the partial reaches the backup's stop LSN
+        end = end_segno * size + partial_size
+        consistent = end_segno > stop or (
+            end_segno == stop and end >= names.parse_lsn(details["stop_lsn"])
+        )
+    else:
+        consistent = end_segno is not None and end_segno >= stop
+    return Reach(timeline, start, stop, consistent, end_tli, end_segno, gaps, partial_size)
 
 
 @dataclass
@@ -224,16 +264,19 @@ def interval(index: ArchiveIndex, manifest: Manifest, reach: Reach) -> Interval 
         return None
     details = manifest.details
     size = index.segment_size
-    last = index.info(reach.end_tli, reach.end_segno)
+    segment = names.segment_name(reach.end_tli, reach.end_segno, size)
+    tail = index.partial(reach.end_tli, reach.end_segno) if reach.partial_size is not None else None
+    last = tail[0] if tail is not None else index.info(reach.end_tli, reach.end_segno)
     stop_time = dt.datetime.fromisoformat(details["stop_time"])
+    end_lsn = reach.end_lsn(size)
     return Interval(
         backup_id=manifest.backup_id,
         timeline=reach.timeline,
         earliest_lsn=names.parse_lsn(details["stop_lsn"]),
         earliest_time=stop_time,
-        latest_lsn=(reach.end_segno + 1) * size,
+        latest_lsn=end_lsn if end_lsn is not None else (reach.end_segno + 1) * size,
         latest_time=max(last.modified, stop_time),
-        latest_segment=names.segment_name(reach.end_tli, reach.end_segno, size),
+        latest_segment=names.partial_name(segment) if tail is not None else segment,
         gaps_after=bool(reach.gaps),
     )
 

@@ -132,7 +132,7 @@ class Fetcher:
         self.listing = {info.key.rsplit("/", 1)[-1] for info in self.repo.list(prefix)}
         self.listed_at = time.monotonic()
 
-    def fetch_one(self, name: str) -> None:
+    def fetch_one(self, name: str, *, look_again: bool = True) -> None:
         """Fetch and verify ``name`` into the cache, or leave a miss/err marker."""
         from strongroom.engines.postgres.wal.store import fetch_to_file
         from strongroom.errors import NotFound, StrongroomError
@@ -149,7 +149,10 @@ class Fetcher:
                 system_identifier=self.cfg.system_identifier,
             )
         except NotFound:
-            self.verdict_missing(name, refreshed=False)
+            if look_again:
+                self.verdict_missing(name, refreshed=False)
+            else:
+                self.mark(self.spool.miss, name, "not in the archive")
             return
         except StrongroomError as exc:
             self.mark(self.spool.err, name, scrub(str(exc)))
@@ -175,6 +178,10 @@ class Fetcher:
             if name in self.listing:
                 self.fetch_one(name)
                 return
+        if names.is_segment(name) and names.partial_name(name) in self.listing:
+            # served from the receiver's partial (store.fetch_to_file)
+            self.fetch_one(name, look_again=False)
+            return
         gap = gap_around(name, self.listing, self.cfg.segment_size)
         if gap is not None:
             self.mark(self.spool.err, name, gap)

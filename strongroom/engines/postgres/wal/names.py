@@ -78,6 +78,20 @@ def segment_name(tli: int, segno: int, segment_size: int = DEFAULT_SEGMENT_SIZE)
     return f"{tli:08X}{segno // per:08X}{segno % per:08X}"
 
 
+def partial_name(segment: str) -> str:
+    """The name a partial (still growing) copy of ``segment`` is archived under."""
+    if not is_segment(segment):
+        raise WalNameError(f"{segment[:80]!r} is not a WAL segment name")
+    return f"{segment}.partial"
+
+
+def segment_of_partial(name: str) -> str:
+    """The segment a ``<segment>.partial`` name is a partial copy of."""
+    if kind(name) != "partial":
+        raise WalNameError(f"{name[:80]!r} is not a .partial WAL file name")
+    return name[:24]
+
+
 def history_name(tli: int) -> str:
     return f"{tli:08X}.history"
 

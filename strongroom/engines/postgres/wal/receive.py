@@ -16,6 +16,10 @@ the spool (the newest pushed segment stays, so ``pg_receivewal`` resumes after i
 a segment left without a marker by a killed receiver is pushed again (identical:
 accepted); a ``.partial`` is resumed by ``pg_receivewal`` itself.
 
+Partials: the segment being received is pushed as ``<segment>.partial`` (see
+``store.push_partial``) every ``partial_interval_s`` seconds and when the receiver stops, so
+a recovery after the primary is lost reaches the receiver's last byte.
+
 With ``synchronous`` the stream runs ``pg_receivewal --synchronous`` (flush and
 report after every write) under the application name ``APPLICATION_NAME``, so
 ``synchronous_standby_names = 'strongroom_wal_receive'`` makes commits wait for
@@ -80,6 +84,8 @@ class ReceiveStats:
     bytes_out: int = 0
     restarts: int = 0
     last_pushed: str = ""
+    partials_pushed: int = 0
+    last_partial: str = ""
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
@@ -90,6 +96,8 @@ class ReceiveStats:
             "bytes_out": self.bytes_out,
             "restarts": self.restarts,
             "last_pushed": self.last_pushed,
+            "partials_pushed": self.partials_pushed,
+            "last_partial": self.last_partial,
             "errors": list(self.errors),
         }
 
@@ -107,6 +115,7 @@ class Receiver:
         env: Mapping[str, str] | None = None,
         repo: Repository | None = None,
         status_interval_s: int = 10,
+        partial_interval_s: float = 0.0,
         log: Callable[[str], None] | None = None,
     ) -> None:
         from strongroom.pipeline import parse_recipients
@@ -119,6 +128,7 @@ class Receiver:
         self.env = dict(os.environ if env is None else env)
         self.env["PGAPPNAME"] = APPLICATION_NAME
         self.status_interval_s = status_interval_s
+        self.partial_interval_s = partial_interval_s
         repo_config = cfg.repository_config()
         register(*repo_config.secrets())
         if self.env.get("PGPASSWORD"):
@@ -269,6 +279,44 @@ class Receiver:
         self.prune()
         return done
 
+    def current_partial(self) -> str | None:
+        """The newest ``.partial`` pg_receivewal is writing in the spool, if any."""
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.listdir(self.spool):
+                with contextlib.suppress(names.WalNameError):
+                    if names.kind(entry) == "partial":
+                        found.append(entry)
+        return max(found) if found else None
+
+    def push_partial(self) -> str | None:
+        """Push the spool's ``.partial`` into the repository (``store.push_partial``:
+        replaces the archived partial only when it extends it, never a completed
+        segment); returns the outcome, None when there is no partial."""
+        from strongroom.engines.postgres.wal.store import push_partial
+
+        name = self.current_partial()
+        if name is None:
+            return None
+        try:
+            raw = (self.spool / name).read_bytes()
+        except FileNotFoundError:  # completed (renamed) meanwhile: pushed as a segment
+            return None
+        result = push_partial(
+            self.repo,
+            self.cfg.target,
+            names.segment_of_partial(name),
+            raw,
+            self.cfg.recipients,
+            level=self.cfg.push_level,
+            segment_size=self.cfg.segment_size,
+            system_identifier=self.cfg.system_identifier,
+        )
+        if result.outcome in ("stored", "replaced"):
+            self.stats.partials_pushed += 1
+            self.stats.last_partial = f"{name}:{result.raw_size}"
+        return result.outcome
+
     def prune(self) -> None:
         """Remove pushed segments from the spool but the newest (``pg_receivewal``
         resumes after the newest segment it finds), and their markers."""
@@ -301,11 +349,18 @@ class Receiver:
                 handlers[sig] = signal.signal(sig, on_signal)
         self.create_slot()
         code = 0
+        partial_at = time.monotonic()
         try:
             while not stop["now"] and not (until is not None and until()):
                 self._supervise()
                 try:
                     self.push_completed()
+                    if (
+                        self.partial_interval_s > 0
+                        and time.monotonic() - partial_at >= self.partial_interval_s
+                    ):
+                        partial_at = time.monotonic()
+                        self.push_partial()
                     failures = 0
                 except (Conflict, InvalidInput, IntegrityError) as exc:
                     self._log(str(exc))  # the archive disagrees: stop, never overwrite
@@ -324,6 +379,7 @@ class Receiver:
         if code == 0:
             try:
                 self.push_completed()  # what pg_receivewal completed while stopping
+                self.push_partial()  # and the newest partial: recovery reaches its end
             except StrongroomError as exc:
                 self._log(str(exc))
                 code = exc.exit_code

@@ -26,7 +26,9 @@ passes all of these: only object lock / versioning on the bucket prevents that. 
 
 Objects are written with ``put_bytes(overwrite=False)``: never replaced. A push
 of a name that is already archived succeeds when the content is identical and
-fails (Conflict) when it differs.
+fails (Conflict) when it differs. The one exception is a ``<segment>.partial``
+(the receiver's growing segment, ``push_partial`` at the end of this module): it is
+replaced by a partial that extends it, never by anything else.
 """
 
 from __future__ import annotations
@@ -303,8 +305,23 @@ def push_bytes(
     """Archive one WAL file; returns once the storage has it durably.
 
     Identical content already archived: success (``already_archived``). Different
-    content: Conflict, and the archived object is left untouched.
+    content: Conflict, and the archived object is left untouched. A ``.partial``
+    follows ``push_partial`` (replaced only by a partial that extends it).
     """
+    if names.kind(name) == "partial":
+        got = push_partial(
+            repo,
+            target,
+            names.segment_of_partial(name),
+            raw,
+            recipients,
+            level=level,
+            segment_size=segment_size,
+            system_identifier=system_identifier,
+        )
+        kept = got.outcome not in ("stored", "replaced")
+        stored_size = repo.size(got.key) if repo.exists(got.key) else 0
+        return PushResult(name, got.key, got.raw_size, stored_size, got.sha256, kept)
     try:
         names.check_segment(
             name, raw, segment_size=segment_size, system_identifier=system_identifier
@@ -360,22 +377,36 @@ def fetch_to_file(
     system_identifier: int | None = None,
 ) -> int:
     """Fetch, verify and write one WAL file to ``dest`` atomically (temporary file, then
-    rename once every check passed); NotFound if not archived."""
+    rename once every check passed); NotFound if not archived. A segment that is not
+    archived but whose ``<segment>.partial`` is (the receiver's newest) is served from
+    the partial, zero-padded to the segment size: replay stops at its end."""
     import os
 
-    blob = repo.get_bytes(wal_key(target, name))
+    stored = name
+    try:
+        blob = repo.get_bytes(wal_key(target, name))
+    except NotFound:
+        if not names.is_segment(name):
+            raise
+        stored = names.partial_name(name)
+        blob = repo.get_bytes(wal_key(target, stored))  # NotFound: neither is archived
     folder, base = os.path.split(dest)
     tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as out:
             size = decode_into(
-                name,
+                stored,
                 blob,
                 identities,
                 out,
                 segment_size=segment_size,
                 system_identifier=system_identifier,
             )
+        if stored != name:
+            with open(tmp, "r+b") as out:
+                full = segment_size or names.read_segment_header(out.read(40)).seg_size
+                out.truncate(full)
+                size = full
         if names.kind(name) in ("history", "backup"):
             with open(tmp, "rb") as f:
                 names.check_segment(name, f.read())
@@ -386,3 +417,114 @@ def fetch_to_file(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return size
+
+
+# ------------------------------------------------------------------- partials
+# Partial WAL segments in the repository: the receiver's newest, still growing segment.
+#
+# ``pg_receivewal`` writes the segment it is receiving as ``<segment>.partial``
+# (preallocated with zeros). The receiver archives it under
+# ``wal/<target>/<timeline>/<segment>.partial`` (``names.partial_name``) in the same
+# stored form as a segment (``store.encode``: zstd, age, frame SHA-256 in the clear
+# first line) with its trailing zeros cut, so that when the primary is lost a recovery
+# reaches the last transaction the receiver has: ``store.fetch_to_file`` serves the
+# partial, zero-padded to the segment size, when PostgreSQL asks for a segment that is
+# not archived but whose partial is (what Barman does).
+#
+# Replacement rules (``push_partial``), decided without the decryption key:
+#
+# * a completed segment always wins: no partial is stored once the segment is;
+# * an identical partial is a no-op; a shorter one (older) leaves the stored one;
+# * a longer one replaces the stored one only when it extends it: the first
+#   ``raw_size`` bytes of the new one, compressed at the stored level, must have the
+#   stored frame SHA-256 (single-threaded zstd is deterministic), i.e. the stored
+#   partial is a prefix of the new one. WAL only grows, so anything else is a
+#   different history under the same name: Conflict, nothing replaced.
+#
+# ``store.push_bytes`` (``wal-push``, archive_command) follows the same rules for a
+# ``.partial`` name, so the partial PostgreSQL archives when a server is promoted and
+# the receiver's partial of the same segment share one key without conflicting when
+# one extends the other. A shorter partial than the stored one is accepted without a
+# comparison (that needs the decryption key).
+#
+# Standard library at load time.
+
+
+@dataclass(frozen=True)
+class PartialResult:
+    name: str  # <segment>.partial
+    key: str
+    raw_size: int  # bytes stored (trailing zeros cut)
+    outcome: str  # stored, replaced, unchanged, kept_longer, superseded, empty
+    sha256: str = ""  # of the zstd frame of what this push offered ("" when not encoded)
+
+
+def trim(raw: bytes | memoryview) -> bytes:
+    """``raw`` without its trailing zero bytes (zero padding restores them)."""
+    return bytes(raw).rstrip(b"\0")
+
+
+def extends(existing_raw_size: int, existing_sha: str, level: int | None, raw: bytes) -> bool:
+    """Whether the stored partial (size, frame sha256, level) is a prefix of ``raw``."""
+    if level is None or existing_raw_size > len(raw):
+        return False
+    frame = compress(memoryview(raw)[:existing_raw_size], level)
+    return hashlib.sha256(frame).hexdigest() == existing_sha
+
+
+def push_partial(
+    repo: Repository,
+    target: str,
+    segment: str,
+    raw: bytes | memoryview,
+    recipients: list[str],
+    *,
+    level: int = 1,
+    segment_size: int | None = None,
+    system_identifier: int | None = None,
+) -> PartialResult:
+    """Archive the partial content ``raw`` of ``segment`` (see the module rules)."""
+    name = names.partial_name(segment)
+    key = wal_key(target, name)
+    data = trim(raw)
+    if len(data) < 40:  # preallocated, nothing received yet (or only part of the header)
+        return PartialResult(name, key, len(data), "empty")
+    try:
+        names.check_segment(
+            name, data, segment_size=segment_size, system_identifier=system_identifier
+        )
+    except names.WalNameError as exc:
+        raise InvalidInput(f"refusing to archive {name}: {exc}") from None
+    if repo.exists(wal_key(target, segment)):
+        return PartialResult(name, key, len(data), "superseded")
+    blob, digest = encode(name, data, recipients, level)
+    try:
+        repo.put_bytes(key, blob, overwrite=False)
+        return PartialResult(name, key, len(data), "stored", digest)
+    except Conflict:
+        pass
+    try:
+        existing = read_stored_header(repo, key)
+    except NotFound:
+        repo.put_bytes(key, blob, overwrite=False)
+        return PartialResult(name, key, len(data), "stored", digest)
+    if existing.raw_size == len(data) and existing.frame_sha256 == digest:
+        return PartialResult(name, key, len(data), "unchanged", digest)
+    if existing.raw_size >= len(data):
+        return PartialResult(name, key, existing.raw_size, "kept_longer", digest)
+    if existing.zstd_version != codec(level).split("-", 2)[1]:
+        raise Conflict(
+            f"WAL {name} is archived by {existing.codec}; this strongroom uses {codec(level)} "
+            "and cannot tell without the decryption key whether the new partial extends it; "
+            "nothing was replaced"
+        )
+    if not extends(existing.raw_size, existing.frame_sha256, existing.level, data):
+        raise Conflict(
+            f"WAL {name} is already archived at {repo.describe()}/{key} with content that is "
+            f"not a prefix of this partial ({existing.raw_size} vs {len(data)} bytes): "
+            f"refusing to replace it. Is another cluster archiving into target {target!r}?"
+        )
+    if repo.exists(wal_key(target, segment)):  # completed meanwhile (archive_command)
+        return PartialResult(name, key, len(data), "superseded")
+    repo.put_bytes(key, blob, overwrite=True)
+    return PartialResult(name, key, len(data), "replaced", digest)
