@@ -55,10 +55,14 @@ def test_wal_check_skips_a_logical_only_target(targets: str) -> None:
 
 
 def test_a_pitr_target_is_included_and_the_other_still_skipped(targets: str) -> None:
-    # the test API has no wal-check deployment: the included target's child cannot
-    # start, so the fleet fails for it alone, the logical-only one is only listed
+    # a deployment no test creates (tests/test_deployments.py applies prefect.yaml's,
+    # with no worker, so a real name would wait for a worker): the included target's
+    # child cannot start, the fleet fails for it alone, the logical-only one is listed
     state = _fleet(
-        engine="postgresql", kind="wal-check", targets=["fleet-logical-only", "fleet-pitr"]
+        engine="postgresql",
+        kind="wal-check",
+        targets=["fleet-logical-only", "fleet-pitr"],
+        deployment="wal-check-postgresql/never-deployed",
     )
     assert state.is_failed()
     assert "fleet-pitr" in (state.message or "")
