@@ -36,6 +36,15 @@ def register(app: typer.Typer) -> None:
             help="Seconds between pushes of the segment being received (.partial); 0: only "
             "when stopping.",
         ),
+        listen: str | None = typer.Option(
+            None,
+            "--listen",
+            help="HOST:PORT for /metrics, /status, /healthz and /readyz (e.g. 0.0.0.0:9188 "
+            "in a pod); off when not given.",
+        ),
+        status_interval: float = typer.Option(
+            5.0, "--status-interval", help="Seconds between the server status queries (lag)."
+        ),
         push_partial: bool = typer.Option(
             False,
             "--push-partial",
@@ -74,7 +83,7 @@ def register(app: typer.Typer) -> None:
                 outcome = receiver.push_partial()
                 typer.echo(f"partial: {outcome or 'none in the spool'}")
                 raise typer.Exit(0)
-            code = receiver.run(poll_s=poll)
+            code = _run(receiver, target, slot, poll, listen, status_interval)
         except WalConfigError as exc:
             typer.echo(f"strongroom wal-receive: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -82,3 +91,30 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"strongroom wal-receive: {scrub(str(exc))}", err=True)
             raise typer.Exit(exc.exit_code) from None
         raise typer.Exit(code)
+
+
+def _run(
+    receiver: object, target: str, slot: str, poll: float, listen: str | None, interval: float
+) -> int:
+    """Run the receiver, with its monitor and HTTP endpoints when ``listen`` is given."""
+    from strongroom.engines.postgres.wal.receive import Receiver
+    from strongroom.engines.postgres.wal.receive_status import Monitor, serve
+    from strongroom.errors import InvalidInput
+
+    assert isinstance(receiver, Receiver)
+    if listen is None:
+        return receiver.run(poll_s=poll)
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or interval <= 0:
+        raise InvalidInput(f"--listen wants HOST:PORT and --status-interval > 0, not {listen!r}")
+    monitor = Monitor(receiver.env, slot, receiver.view, interval_s=interval)
+    try:
+        server = serve(monitor, target, host.strip("[]"), int(port))
+    except OSError as exc:
+        raise InvalidInput(f"--listen {listen}: {exc.strerror or exc}") from None
+    monitor.start()
+    try:
+        return receiver.run(poll_s=poll, monitor=monitor)
+    finally:
+        monitor.stop()
+        server.shutdown()

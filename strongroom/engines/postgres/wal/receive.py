@@ -47,6 +47,7 @@ from strongroom.engines.postgres.wal.config import WalConfig
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
+    from strongroom.engines.postgres.wal.receive_status import Monitor, ReceiverView
     from strongroom.repository.base import Repository
 
 APPLICATION_NAME = "strongroom_wal_receive"
@@ -87,6 +88,9 @@ class ReceiveStats:
     partials_pushed: int = 0
     last_partial: str = ""
     errors: list[str] = field(default_factory=list)
+    push_failures: int = 0  # failed push rounds in a row (storage down or full)
+    last_push_at: float | None = None  # time.time() of the last stored segment or partial
+    repository_lsn: int = 0  # the WAL position the repository holds up to (this run)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -255,8 +259,11 @@ class Receiver:
             self.stats.already_archived += 1
         else:
             self.stats.pushed += 1
+        self.stats.last_push_at = time.time()
         if names.is_segment(name):
             self.stats.last_pushed = name
+            end = (names.segno_of(name, self.cfg.segment_size) + 1) * self.cfg.segment_size
+            self.stats.repository_lsn = max(self.stats.repository_lsn, end)
 
     def push_completed(self) -> list[str]:
         """Push every completed file not pushed yet; returns their names. A failure
@@ -315,7 +322,31 @@ class Receiver:
         if result.outcome in ("stored", "replaced"):
             self.stats.partials_pushed += 1
             self.stats.last_partial = f"{name}:{result.raw_size}"
+            self.stats.last_push_at = time.time()
+        start = names.segno_of(name, self.cfg.segment_size) * self.cfg.segment_size
+        if result.outcome in ("stored", "replaced", "unchanged", "kept_longer"):
+            self.stats.repository_lsn = max(self.stats.repository_lsn, start + result.raw_size)
+        elif result.outcome == "superseded":  # the completed segment is stored
+            end = start + self.cfg.segment_size
+            self.stats.repository_lsn = max(self.stats.repository_lsn, end)
         return result.outcome
+
+    def view(self) -> ReceiverView:
+        """What the monitor (receive_status.Monitor) reports besides the server's facts."""
+        from strongroom.engines.postgres.wal.receive_status import ReceiverView
+
+        proc = self.proc
+        return ReceiverView(
+            streaming=proc is not None and proc.poll() is None,
+            repository_lsn=self.stats.repository_lsn,
+            spool_lsn=flush_lsn(self.spool, self.cfg.segment_size),
+            push_failures=self.stats.push_failures,
+            last_push_at=self.stats.last_push_at,
+            pushed=self.stats.pushed + self.stats.already_archived,
+            partials_pushed=self.stats.partials_pushed,
+            restarts=self.stats.restarts,
+            last_error=self.stats.errors[-1] if self.stats.errors else "",
+        )
 
     def prune(self) -> None:
         """Remove pushed segments from the spool but the newest (``pg_receivewal``
@@ -332,9 +363,16 @@ class Receiver:
                     (self.pushed_dir / marker).unlink()
 
     # ------------------------------------------------------------------------- loop
-    def run(self, *, poll_s: float = 0.2, until: Callable[[], bool] | None = None) -> int:
+    def run(
+        self,
+        *,
+        poll_s: float = 0.2,
+        until: Callable[[], bool] | None = None,
+        monitor: Monitor | None = None,
+    ) -> int:
         """Receive and push until ``until()`` is true or a signal stops it; returns
-        the exit code (0, or 9 when the archive holds a different segment)."""
+        the exit code (0, or 9 when the archive holds a different segment). A
+        ``monitor`` (receive_status.Monitor) is told of every turn of the loop."""
         from strongroom.errors import Conflict, IntegrityError, InvalidInput, StrongroomError
 
         stop = {"now": False}
@@ -352,6 +390,8 @@ class Receiver:
         partial_at = time.monotonic()
         try:
             while not stop["now"] and not (until is not None and until()):
+                if monitor is not None:
+                    monitor.beat()
                 self._supervise()
                 try:
                     self.push_completed()
@@ -361,13 +401,14 @@ class Receiver:
                     ):
                         partial_at = time.monotonic()
                         self.push_partial()
-                    failures = 0
+                    failures = self.stats.push_failures = 0
                 except (Conflict, InvalidInput, IntegrityError) as exc:
                     self._log(str(exc))  # the archive disagrees: stop, never overwrite
                     code = exc.exit_code
                     break
                 except StrongroomError as exc:  # storage down or full: retry, slot keeps WAL
                     failures += 1
+                    self.stats.push_failures = failures
                     self._log(f"{exc} (retrying)")
                     del self.stats.errors[:-20]
                     time.sleep(min(30.0, poll_s * 2**failures))
