@@ -24,21 +24,17 @@ from strongroom.artifacts import (
 from strongroom.catalog import Artifact, Manifest, data_key
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
 from strongroom.engines.postgres import psql as pg_psql
+from strongroom.engines.postgres.pg_bin import pg_tool
 from strongroom.errors import NotFound
 from strongroom.ids import new_backup_id
 from strongroom.pipeline import Progress
-from strongroom.process import Tool, tool_path
+from strongroom.process import Tool
 from strongroom.redact import register
 from strongroom.repository.base import Repository, StorageSettings
 
 ENGINE = "postgresql"
-PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin")
 
 ProgressFactory = Callable[[str, int | None], Progress]
-
-
-def pg_tool(name: str) -> str:
-    return tool_path(name, PG_BIN_DIRS)
 
 
 def tool_version(name: str) -> str:

@@ -52,14 +52,13 @@ if TYPE_CHECKING:
 
 APPLICATION_NAME = "strongroom_wal_receive"
 DEFAULT_SLOT = "strongroom_wal_receive"
-PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin")
 PUSHED = ".pushed"
 
 
 def pg_receivewal() -> str:
-    from strongroom.process import tool_path
+    from strongroom.engines.postgres.pg_bin import pg_tool
 
-    return tool_path("pg_receivewal", PG_BIN_DIRS)
+    return pg_tool("pg_receivewal")
 
 
 def completed_names(spool: Path) -> list[str]:

@@ -63,9 +63,9 @@ def server_status(env: Mapping[str, str], slot: str, *, timeout_s: float = 15.0)
     """The server's answer to ``STATUS_SQL`` for ``slot`` (libpq environment ``env``;
     database ``PGDATABASE`` or ``postgres``). Raises ``StrongroomError`` classified
     like every PostgreSQL failure (credentials, unreachable...)."""
-    from strongroom.engines.postgres.wal.receive import PG_BIN_DIRS
+    from strongroom.engines.postgres.pg_bin import pg_tool
     from strongroom.errors import ServiceUnavailable
-    from strongroom.process import classify_failure, tool_path
+    from strongroom.process import classify_failure
 
     run_env = {
         **env,
@@ -73,7 +73,7 @@ def server_status(env: Mapping[str, str], slot: str, *, timeout_s: float = 15.0)
         "PGAPPNAME": STATUS_APPLICATION,
         "PGCONNECT_TIMEOUT": env.get("PGCONNECT_TIMEOUT") or "5",
     }
-    args = [tool_path("psql", PG_BIN_DIRS), "-XAtq", "--no-password", "-v", "ON_ERROR_STOP=1"]
+    args = [pg_tool("psql"), "-XAtq", "--no-password", "-v", "ON_ERROR_STOP=1"]
     try:
         done = subprocess.run(
             [*args, "-v", f"slot={slot}", "-f", "-"],
