@@ -79,6 +79,55 @@ def drill_task(
     )
 
 
+def parse_point(point: str) -> dict[str, Any]:
+    """``latest``, an LSN (``X/Y`` in hex) or an ISO time (UTC when no zone is given)."""
+    import datetime as dt
+    import re
+
+    if point == "latest":
+        return {"recovery_target": "latest"}
+    if re.fullmatch(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}", point):
+        return {"recovery_target": "lsn", "target_lsn": point}
+    try:
+        when = dt.datetime.fromisoformat(point)
+    except ValueError:
+        raise InvalidInput(
+            f"point must be 'latest', an LSN like 0/3000060 or an ISO time, not {point[:80]!r}"
+        ) from None
+    return {
+        "recovery_target": "time",
+        "target_time": when if when.tzinfo else when.replace(tzinfo=dt.UTC),
+    }
+
+
+@task(cache_policy=NO_CACHE)
+def pitr_drill_task(
+    target: str,
+    source: Any,
+    repository: str,
+    enc: EncryptionConfig,
+    point: str,
+    objectives: Objectives,
+    verify_query: str | None,
+    verify_expect: str | None,
+) -> dict[str, Any]:
+    from strongroom.drills.pitr import run_pitr_drill
+
+    repo, repo_config = load_repository(repository)
+    return run_pitr_drill(
+        repo,
+        repo_config,
+        enc,
+        target=target,
+        source=source,
+        objectives=objectives,
+        verify_query=verify_query,
+        verify_expect=verify_expect,
+        check=False,
+        **parse_point(point),
+    )
+
+
 def _emit(record: dict[str, Any]) -> None:
     try:
         from prefect.events import emit_event
@@ -135,6 +184,14 @@ def summarize(record: dict[str, Any]) -> tuple[str, list[str], list[dict[str, An
         f"- scratch cleaned up: {(record.get('cleanup') or {}).get('ok', 'n/a')}",
         f"- record: `{record.get('record_key')}`",
     ]
+    if record.get("kind") == "pitr":
+        rpo = record.get("rpo") or {}
+        lines.insert(
+            0,
+            f"- point-in-time drill to **{(record.get('recovery') or {}).get('target')}**: "
+            f"RPO basis {rpo.get('basis', 'n/a')}, transactions not recovered: "
+            f"{rpo.get('lost_xids', 'n/a')}",
+        )
     lines += [f"- **failure**: {f}" for f in record.get("failures", [])]
     rows = [
         {
@@ -163,6 +220,9 @@ def restore_drill(
     rto_minutes: float | None = None,
     rpo_hours: float | None = None,
     policy: str | None = None,
+    point: str | None = None,
+    verify_query: str | None = None,
+    verify_expect: str | None = None,
 ) -> dict[str, Any]:
     """Restore ``backup_id`` (default the latest) of ``engine/target`` into a scratch target.
 
@@ -171,6 +231,11 @@ def restore_drill(
     (throwaway databases there); else throwaway databases on the source server.
     Objectives: ``rto_minutes`` / ``rpo_hours``, else the target block's, else the
     ``policy`` block's defaults. The drill record is stored under ``drills/``.
+
+    ``point`` (PostgreSQL PITR targets): a PITR drill instead (strongroom.drills.pitr):
+    recover base backup + WAL to ``latest``, an ISO time or an LSN (``0/3000060``) in a
+    throwaway cluster, check it (``verify_query`` / ``verify_expect``), and record RTO
+    and the measured RPO against the live source.
     """
     secure_logging()
     log = get_run_logger()
@@ -186,9 +251,16 @@ def restore_drill(
 
         defaults = load_policy(policy).default_objectives()
     objectives = objectives_for(block, rto_minutes, rpo_hours, defaults)
-    record = drill_task(
-        engine, target, source, scratch, repo, enc, backup_id, sandbox, compare_live, objectives
-    )
+    if point is not None:
+        if engine != "postgresql":
+            raise InvalidInput(f"point-in-time drills are for postgresql, not {engine!r}")
+        record = pitr_drill_task(
+            target, source, repository, enc, point, objectives, verify_query, verify_expect
+        )
+    else:
+        record = drill_task(
+            engine, target, source, scratch, repo, enc, backup_id, sandbox, compare_live, objectives
+        )
     title, lines, rows = summarize(record)
     publish(title, f"drill-{engine}-{target}", lines, rows)
     _emit(record)

@@ -11,7 +11,7 @@ import datetime as dt
 from typing import Any
 
 from strongroom.compliance.check_common import finding, fmt_days, no_feature, target_finding
-from strongroom.compliance.evidence import Evidence
+from strongroom.compliance.evidence import DrillRecord, Evidence
 from strongroom.compliance.model import Finding, Status, TargetPolicy
 
 # --------------------------------------------------------------------- drills
@@ -49,19 +49,51 @@ def check_drills(ev: Evidence) -> list[Finding]:
             problems.append(
                 f"last drill took {last.rto_s / 60:.1f} min, RTO is {target.rto_minutes:g} min"
             )
+        pitr_note, pitr_data = _pitr_drill(ev, target, records)
+        data.update(pitr_data)
         if problems:
-            findings.append(target_finding(target, "fail", "; ".join(problems), **data))
+            message = "; ".join(problems) + pitr_note
+            findings.append(target_finding(target, "fail", message, **data))
         else:
             findings.append(
                 target_finding(
                     target,
                     "pass",
                     f"drill {fmt_days(ev.now - last.at) if last.at else '?'} ago restored in "
-                    f"{(last.rto_s or 0) / 60:.1f} min (RTO {target.rto_minutes:g} min)",
+                    f"{(last.rto_s or 0) / 60:.1f} min (RTO {target.rto_minutes:g} min)"
+                    + pitr_note,
                     **data,
                 )
             )
     return findings or [finding("warn", "targets", "no targets")]
+
+
+def _pitr_drill(
+    ev: Evidence, target: TargetPolicy, records: list[DrillRecord]
+) -> tuple[str, dict[str, Any]]:
+    """The newest PITR drill of a PITR target (strongroom.drills.pitr), for the drill
+    finding: its point, RTO and measured RPO (a note and finding data)."""
+    if not ev.is_pitr(target):
+        return "", {}
+    pitr = [r for r in records if r.raw.get("kind") == "pitr"]
+    if not pitr:
+        return "; no PITR drill on record", {"pitr_drill": None}
+    last = pitr[-1]
+    point = (last.raw.get("recovery") or {}).get("target", "?")
+    rpo = last.rpo_s
+    state = "passed" if last.ok else "FAILED"
+    note = (
+        f"; PITR drill to {point} {fmt_days(ev.now - last.at) if last.at else '?'} ago "
+        f"{state}: RTO {last.rto_s if last.rto_s is not None else '?'} s, "
+        f"RPO {rpo if rpo is not None else '?'} s"
+    )
+    return note, {
+        "pitr_drill": last.key,
+        "pitr_point": point,
+        "pitr_rto_s": last.rto_s,
+        "pitr_rpo_s": rpo,
+        "pitr_ok": last.ok,
+    }
 
 
 # --------------------------------------------------------------- deep verify

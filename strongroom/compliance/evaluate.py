@@ -221,6 +221,8 @@ def chart_series(ev: Evidence) -> dict[str, Any]:
             {
                 "at": r.at.isoformat() if r.at else None,
                 "rto_s": r.rto_s,
+                "rpo_s": r.rpo_s,
+                "kind": r.raw.get("kind") or "logical",
                 "ok": r.ok,
                 "key": r.key,
             }

@@ -382,8 +382,13 @@ def _charts(report: ComplianceReport) -> list[tuple[str, str, str]]:
                 Point(
                     when(d["at"]),
                     float(d["rto_s"]),
-                    f"{name} drill {str(d['at'])[:19]}: restored in "
-                    f"{_human_duration(d['rto_s'])}"
+                    f"{name} {'PITR ' if d.get('kind') == 'pitr' else ''}drill "
+                    f"{str(d['at'])[:19]}: restored in {_human_duration(d['rto_s'])}"
+                    + (
+                        f", RPO {_human_duration(d['rpo_s'])}"
+                        if d.get("kind") == "pitr" and d.get("rpo_s") is not None
+                        else ""
+                    )
                     + (" (FAILED)" if d.get("ok") is False else ""),
                 )
                 for d in items
