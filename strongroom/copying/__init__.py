@@ -5,7 +5,7 @@ the signed copy records that tell the catalog and the compliance audit which
 repositories hold a copy of which backup. See docs/copy.md.
 """
 
-from strongroom.copying.engine import CopyOptions, copy_repository
+from strongroom.copying.engine import CopyOptions, copy_repository, parse_since
 from strongroom.copying.records import CopyRecord, copies_by_backup, list_copies
 from strongroom.copying.report import CopyReport
 
@@ -16,4 +16,5 @@ __all__ = [
     "copies_by_backup",
     "copy_repository",
     "list_copies",
+    "parse_since",
 ]

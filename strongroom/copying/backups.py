@@ -46,6 +46,7 @@ from strongroom.seal import parse_document
 from strongroom.signing import MAX_RECORD_SIZE, SIGNATURE_SIZE, sig_key
 
 _STORAGE_DOWN = (ServiceUnavailable, AccessDenied)
+PolicyFor = Callable[[str, str], RetentionPolicy]
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ def destination_settings(
     policy: RetentionPolicy | None,
     now: dt.datetime,
 ) -> StorageSettings:
+    """``policy``: the destination's retention policy for this backup's target (None:
+    its ``retention_days`` alone)."""
     """The destination's own lock for the objects of ``manifest`` (a retain-until already
     past falls back to the destination's default: now + its retention days)."""
     settings = upload_settings(
@@ -127,7 +130,7 @@ class BackupCopier:
         destination_config: RepositoryConfig,
         report: CopyReport,
         *,
-        policy: RetentionPolicy | None = None,
+        policy_for: PolicyFor | None = None,
         jobs: int = 4,
         now: Callable[[], dt.datetime] | None = None,
     ) -> None:
@@ -135,7 +138,7 @@ class BackupCopier:
         self.destination = destination
         self.config = destination_config
         self.report = report
-        self.policy = policy
+        self.policy_for = policy_for
         self.jobs = max(1, jobs)
         self._now = now or (lambda: dt.datetime.now(dt.UTC))
 
@@ -174,7 +177,8 @@ class BackupCopier:
             self._records(backup)
             self.report.backup(m.engine, m.target, m.backup_id, "skipped", "already copied")
             return
-        settings = destination_settings(dest, self.config, m, self.policy, self._now())
+        policy = self.policy_for(m.engine, m.target) if self.policy_for else None
+        settings = destination_settings(dest, self.config, m, policy, self._now())
         with ThreadPoolExecutor(self.jobs, thread_name_prefix="copy") as pool:
             outcomes = list(pool.map(lambda a: self._artifact(a, settings), m.artifacts))
         failed = [why for why in outcomes if why]

@@ -24,6 +24,7 @@ from strongroom.config import RepositoryConfig
 from strongroom.copying.archive import ArchiveCopier
 from strongroom.copying.backups import (
     BackupCopier,
+    PolicyFor,
     SourceBackup,
     read_signed_manifest,
     with_parents,
@@ -31,7 +32,6 @@ from strongroom.copying.backups import (
 from strongroom.copying.report import CopyReport
 from strongroom.errors import AccessDenied, InvalidInput, ServiceUnavailable, StrongroomError
 from strongroom.ids import backup_id_time, check_backup_id
-from strongroom.policy.retention import RetentionPolicy
 from strongroom.repository.base import Repository
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ class CopyOptions:
     target: str | None = None
     since: dt.datetime | None = None
     jobs: int = 4
-    policy: RetentionPolicy | None = None
+    # the destination's retention policy per (engine, target): its upload-time locks
+    policy_for: PolicyFor | None = None
 
 
 def _selected(
@@ -131,10 +132,29 @@ def copy_backups(
             e for e in chosen if (m := load(e)) is None or m.finished_at.astimezone(dt.UTC) >= since
         ]
     copier = BackupCopier(
-        source, destination, destination_config, report, policy=opts.policy, jobs=opts.jobs
+        source, destination, destination_config, report, policy_for=opts.policy_for, jobs=opts.jobs
     )
     wanted = set(with_parents(chosen, entries, load))
     for entry in sorted(wanted, key=lambda e: e[2]):
         backup = checked.get(entry)
         if backup is not None:
             copier.copy(backup)
+
+
+def parse_since(text: str | None, now: dt.datetime | None = None) -> dt.datetime | None:
+    """``--since``: an ISO 8601 time (UTC unless it says otherwise) or an age such as
+    ``36h``, ``7d`` or ``90m``."""
+    if not text:
+        return None
+    value = text.strip()
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
+        seconds = float(value[:-1]) * units[value[-1]]
+        return (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=seconds)
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(
+            f"--since {value[:40]!r} is neither an ISO time nor an age like 36h or 7d"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
