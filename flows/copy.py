@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from flows.audit import AUDITED
 from flows.common import TRANSIENT_TASK, human_size, load_repository, publish, secure_logging
 from strongroom.config import RepositoryConfig
-from strongroom.copying import CopyOptions, copy_repository, parse_since
+from strongroom.copying.engine import CopyOptions, copy_repository, parse_since
 from strongroom.errors import IntegrityError
 from strongroom.repository import Repository
 

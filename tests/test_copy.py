@@ -27,7 +27,8 @@ from strongroom.compliance.check_copies import check_offsite_copies
 from strongroom.compliance.evidence import Evidence
 from strongroom.compliance.model import ComplianceSettings, TargetPolicy
 from strongroom.config import EncryptionConfig, RepositoryConfig
-from strongroom.copying import CopyOptions, copy_repository, list_copies
+from strongroom.copying import list_copies
+from strongroom.copying.engine import CopyOptions, copy_repository
 from strongroom.copying.records import copy_record_key
 from strongroom.engines.postgres.backup import backup_postgres
 from strongroom.engines.postgres.restore import PgRestoreRequest, restore_postgres
@@ -255,7 +256,7 @@ def test_forged_manifest_untrusted_signer_and_hostile_wal_key_are_refused(
 _CHILD = """
 import json, sys
 from tests.fixtures.strongroom_fixtures import signed_config
-from strongroom.copying import CopyOptions, copy_repository
+from strongroom.copying.engine import CopyOptions, copy_repository
 from strongroom.repository import open_repository
 src, dst = (signed_config(**json.loads(a)) for a in sys.argv[1:3])
 copy_repository(open_repository(src), open_repository(dst), dst, CopyOptions(jobs=1))
@@ -339,3 +340,48 @@ def test_offsite_control_fails_without_a_copy(tmp_path: Path, source: Source) ->
     (lone.root / forged).write_text("{}")
     found = check_offsite_copies(Evidence(repo, targets=[TARGET], now=later))
     assert any(f.status == "fail" and "not trusted" in f.message for f in found)
+
+
+def test_cli_copy_runs_the_flow_and_list_shows_copies(
+    source: Source, prefect_api: str, tmp_path: Path
+) -> None:
+    """`strongroom copy --from A --to B --json` runs the copy-backups flow (blocks with
+    unique names); `strongroom list` shows where each backup was copied; a tampered
+    source exits 4 (integrity) and names the artifact."""
+    import typer
+    from typer.testing import CliRunner
+
+    from blocks import BackupRepository
+    from strongroom.cli import catalog as catalog_cli
+    from strongroom.cli import copy as copy_cli
+    from tests.fixtures.strongroom_fixtures import signing_block_fields
+
+    BackupRepository.register_type_and_schema()
+    src = source.clone(tmp_path / "src")
+    tag = uuid.uuid4().hex[:8]
+    names = {"src": f"copy-src-{tag}", "dst": f"copy-dst-{tag}"}
+    BackupRepository(**signing_block_fields(), local_path=str(src.root)).save(names["src"])
+    BackupRepository(**signing_block_fields(), local_path=str(tmp_path / "dst")).save(names["dst"])
+    app = typer.Typer()
+    copy_cli.register(app)
+    catalog_cli.register(app, typer.Typer())
+    cli = CliRunner()
+    copied = cli.invoke(app, ["copy", "--from", names["src"], "--to", names["dst"], "--json"])
+    assert copied.exit_code == 0, copied.output
+    report = json.loads(copied.output)
+    assert report["ok"] and report["summary"]["backups_copied"] == 2
+    listed = cli.invoke(app, ["list", "--repository", names["src"], "--json"])
+    assert listed.exit_code == 0, listed.output
+    dest_name = open_repository(signed_config(kind="local", path=str(tmp_path / "dst"))).describe()
+    for row in json.loads(listed.output):
+        assert dest_name in [c["repository"] for c in row["copies"]], row
+    # a second source backup, tampered: exit code 4 and nothing of it at the destination
+    repo = src.repo()
+    victim = Catalog(repo).load("postgresql", "pg1", src.backup_ids[0])
+    path = src.root / victim.artifacts[-1].key
+    path.write_bytes(bytes(b ^ 0xFF for b in path.read_bytes()))
+    fresh = f"copy-dst2-{tag}"
+    BackupRepository(**signing_block_fields(), local_path=str(tmp_path / "dst2")).save(fresh)
+    refused = cli.invoke(app, ["copy", "--from", names["src"], "--to", fresh, "--json"])
+    assert refused.exit_code == 4, refused.output
+    assert victim.artifacts[-1].key in refused.output
