@@ -43,7 +43,12 @@ from tests.fixtures.compliant_bucket import compliant_bucket, s3_repository
 from tests.fixtures.postgres import PgDatabase
 from tests.fixtures.s3 import MotoServer
 from tests.fixtures.seaweedfs import SeaweedServer
-from tests.fixtures.strongroom_fixtures import make_local_repo, pg_connection, signed_config
+from tests.fixtures.strongroom_fixtures import (
+    TEST_SIGNER,
+    make_local_repo,
+    pg_connection,
+    signed_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = TargetPolicy(engine="postgresql", target="pg1")
@@ -178,12 +183,26 @@ def test_local_to_locked_s3_copy_restores_and_reruns_as_noop(
     assert all(f.status == "pass" and "copy held here" in f.message for f in held)
 
 
-def test_copy_to_seaweedfs_with_object_lock(
-    source: Source, seaweed_server: SeaweedServer, seaweed_locked_bucket: str
+def test_s3_to_seaweedfs_to_local(
+    source: Source,
+    s3_server: MotoServer,
+    seaweed_server: SeaweedServer,
+    seaweed_locked_bucket: str,
+    tmp_path: Path,
+    age_key: EncryptionConfig,
 ) -> None:
+    """local -> moto S3 -> SeaweedFS (object lock) -> local: every hop byte-identical,
+    the last copy verifies."""
+    moto, moto_config = _moto_locked(s3_server, locked=False)
+    assert copy_repository(source.repo(), moto, moto_config).ok
     dest, dest_config = s3_repository(seaweed_server, seaweed_locked_bucket)
-    report = copy_repository(source.repo(), dest, dest_config, CopyOptions(wal=False))
+    report = copy_repository(moto, dest, dest_config, CopyOptions(wal=False))
     assert report.ok, report.errors
+    back_config = signed_config(kind="local", path=str(tmp_path / "back"))
+    back = open_repository(back_config)
+    assert copy_repository(dest, back, back_config).ok
+    assert _objects(back) == {k: v for k, v in _objects(moto).items() if not k.startswith("wal/")}
+    assert verify_backup(back, Catalog(back).resolve("latest"), age_key)["ok"]
     manifest = Catalog(dest).resolve("latest", "postgresql", "pg1")
     assert manifest.backup_id in source.backup_ids
     head = dest.head(manifest.artifacts[0].key) or {}
@@ -232,6 +251,15 @@ def test_forged_manifest_untrusted_signer_and_hostile_wal_key_are_refused(
     body = json.dumps(rogue).encode()
     (bad.root / rogue_key).write_bytes(body)
     (bad.root / sig_key(rogue_key)).write_bytes(Signer.generate().sign(body))
+    # a manifest signed by the trusted key (a compromised runner) naming a key outside
+    # its target's data folder: refused before anything is read
+    escape_id = "20261201T000000Z-0bad01"
+    escape_key = manifest_key("postgresql", "pg1", escape_id)
+    escape = {**doc, "backup_id": escape_id, "signed_by": TEST_SIGNER.key_id}
+    escape["artifacts"] = [{**doc["artifacts"][0], "key": "data/postgresql/other/x/y"}]
+    body = json.dumps(escape).encode()
+    (bad.root / escape_key).write_bytes(body)
+    (bad.root / sig_key(escape_key)).write_bytes(TEST_SIGNER.sign(body))
     wal_dir = bad.root / "wal" / "pg1" / "00000001"
     wal_dir.mkdir(parents=True)
     (wal_dir / "notawal").write_bytes(b"SRWAL1 x")
@@ -242,6 +270,8 @@ def test_forged_manifest_untrusted_signer_and_hostile_wal_key_are_refused(
     refused = {b["backup_id"]: b["detail"] for b in report["backups"] if b["action"] == "refused"}
     assert set(refused) == {bad.backup_ids[0], rogue_id}, report["backups"]
     assert all("not signed by a trusted key" in why for why in refused.values())
+    failed = {b["backup_id"]: b["detail"] for b in report["backups"] if b["action"] == "failed"}
+    assert list(failed) == [escape_id] and "outside data/postgresql/pg1/" in failed[escape_id]
     assert any(
         r["key"].endswith("/notawal") and r["action"] == "refused" for r in report["objects"]
     )
