@@ -415,3 +415,24 @@ def test_cli_copy_runs_the_flow_and_list_shows_copies(
     refused = cli.invoke(app, ["copy", "--from", names["src"], "--to", fresh, "--json"])
     assert refused.exit_code == 4, refused.output
     assert victim.artifacts[-1].key in refused.output
+
+
+def test_a_different_object_at_the_destination_is_never_overwritten(
+    source: Source, tmp_path: Path
+) -> None:
+    dest_config = signed_config(kind="local", path=str(tmp_path / "dest"))
+    dest = open_repository(dest_config)
+    first = CopyOptions(backup_ids=source.backup_ids[:1], wal=False, evidence=False)
+    assert copy_repository(source.repo(), dest, dest_config, first).ok
+    manifest = Catalog(dest).load("postgresql", "pg1", source.backup_ids[0])
+    key = manifest_key("postgresql", "pg1", source.backup_ids[0])
+    dest.delete(key)  # as if killed before the manifest, with a planted artifact
+    planted = tmp_path / "dest" / manifest.artifacts[0].key
+    planted.write_bytes(b"planted" + planted.read_bytes()[7:])
+    report = copy_repository(source.repo(), dest, dest_config, first)
+    assert not report.ok
+    assert any(
+        r["key"] == manifest.artifacts[0].key and "different object" in r["detail"]
+        for r in report.rows
+    )
+    assert planted.read_bytes().startswith(b"planted") and not dest.exists(key)

@@ -233,8 +233,15 @@ class BackupCopier:
             record = record or CopyRecord.for_manifest(
                 m, backup.raw, self.source.describe(), dest_name, self._now()
             )
-            written = write_copy_record(repo, record)
             where = "destination" if repo is self.destination else "source"
+            try:
+                written = write_copy_record(repo, record)
+            except StrongroomError as exc:
+                if repo is self.destination:
+                    raise
+                # a read-only source: the copy stands, only the index there is missing
+                self.report.add("record", key, "skipped", 0, f"source: {str(exc)[:200]}")
+                continue
             if written is None:
                 self.report.add("record", key, "skipped", 0, f"{where} has no signing key")
             else:
