@@ -48,6 +48,7 @@ KINDS = {
     "health",
     "deep-verify",
     "files-backup",
+    "copy",
 }
 
 
@@ -57,6 +58,7 @@ OPERATIONS = {
     "flows.drill:restore_drill",
     "flows.health:backup_health",
     "flows.deep_verify:deep_verify_flow",
+    "flows.copy:copy_backups",
 }
 
 

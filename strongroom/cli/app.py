@@ -18,6 +18,7 @@ from strongroom.cli import (
     blocks_cmd,
     catalog,
     clickhouse,
+    copy,
     doctor,
     ops,
     pitr,
@@ -48,6 +49,7 @@ signing.register(app)
 doctor.register(app)
 wal_receive.register(app)
 blocks_cmd.register(app)
+copy.register(app)
 
 
 def main() -> None:

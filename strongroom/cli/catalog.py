@@ -56,8 +56,23 @@ def list_cmd(
             _emit(as_json, drill_rows, lambda: print_drills(drill_rows))
             return
 
-        manifests = Catalog(_read_repo(repository, repository_url, trust)).list(engine, target)
-        rows = [m.summary() for m in manifests]
+        from strongroom.copying import copies_by_backup, list_copies
+
+        repo = _read_repo(repository, repository_url, trust)
+        manifests = Catalog(repo).list(engine, target)
+        copies = copies_by_backup(list_copies(repo, engine, target)[0])
+        rows = [
+            {
+                **m.summary(),
+                # repositories holding a copy (signed copy records, strongroom copy)
+                "copies": [
+                    {"repository": c.destination, "copied_at": c.copied_at.isoformat()}
+                    for c in copies.get(m.backup_id, [])
+                    if (c.engine, c.target) == (m.engine, m.target)
+                ],
+            }
+            for m in manifests
+        ]
 
         def human() -> None:
             from rich.table import Column, Table
@@ -72,6 +87,7 @@ def list_cmd(
                 "stored",
                 "secs",
                 Column("based on", overflow="fold"),
+                Column("copies", overflow="fold"),
             )
             for r in rows:
                 table.add_row(
@@ -84,6 +100,7 @@ def list_cmd(
                     size(r["stored_size"]),
                     str(r["duration_s"]),
                     r["base_backup_id"] or "",
+                    ", ".join(c["repository"] for c in r["copies"]),
                 )
             out.print(table)
 

@@ -19,7 +19,8 @@ warning (including "no evidence found: feature not present"), fails otherwise.
 The checks live in one module per control family: ``check_backups`` (freshness,
 encryption), ``check_storage`` (object lock, versioning, public access, retention
 policy), ``check_integrity`` (drills, verification), ``check_wal``, ``check_audit``
-(audit trail, evidence retention), ``check_transport``, ``check_signatures``. This
+(audit trail, evidence retention), ``check_transport``, ``check_signatures``,
+``check_copies`` (off-site copies). This
 module is the registry: ``CONTROLS`` in report order, and ``Control`` that runs one.
 """
 
@@ -34,6 +35,7 @@ from strongroom.compliance.check_backups import (
     check_encryption_at_rest,
     check_freshness,
 )
+from strongroom.compliance.check_copies import COPY_CONTROL, check_offsite_copies
 from strongroom.compliance.check_integrity import check_drills, check_verification
 from strongroom.compliance.check_signatures import SIGNATURE_CONTROL, check_signatures
 from strongroom.compliance.check_storage import (
@@ -267,6 +269,7 @@ CONTROLS: list[Control] = [
         check_transport,
     ),
     Control(*SIGNATURE_CONTROL, check_signatures),
+    Control(*COPY_CONTROL, check_offsite_copies),
 ]
 
 CONTROL_IDS = [c.id for c in CONTROLS]

@@ -61,6 +61,15 @@ class ComplianceSettings(BaseModel):
     wal_stale_factor: float = Field(
         default=1.0, description="newest archived WAL older than RPO x this is a warning"
     )
+    offsite_copy_hours: float = Field(
+        default=24.0, gt=0, description="each backup copied off-site within this many hours"
+    )
+    offsite_copy_required: bool = Field(
+        default=False, description="no copy record at all fails SR-COPY-01 (else a warning)"
+    )
+    offsite_copy_lookback_days: float = Field(
+        default=35.0, gt=0, description="SR-COPY-01 checks the backups finished this recently"
+    )
 
     @property
     def retention_floor_days(self) -> int:
