@@ -11,8 +11,31 @@ from typing import Any
 
 from strongroom.engines.interface import Engine, Summary
 from strongroom.engines.redis.backup import backup_redis
+from strongroom.engines.redis.cluster_backup import backup_cluster
+from strongroom.engines.redis.conn import RedisConnection
 from strongroom.engines.redis.restore import RedisRestoreRequest, restore_redis
+from strongroom.errors import InvalidInput
 from strongroom.sizes import human_size
+
+
+def backup_target(
+    conn: RedisConnection,
+    repo: Any,
+    repo_config: Any,
+    enc: Any,
+    *,
+    method: str | None = None,
+    from_masters: bool | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A backup of any topology: a cluster's shards, or one server (standalone)."""
+    if from_masters is not None:
+        conn = conn.model_copy(update={"from_masters": from_masters})
+    if conn.topology == "cluster":
+        if method not in (None, "auto", "sync"):
+            raise InvalidInput(f"cluster targets are backed up by replication (sync), not {method}")
+        return backup_cluster(conn, repo, repo_config, enc, **kwargs)
+    return backup_redis(conn, repo, repo_config, enc, method=method, **kwargs)  # type: ignore[arg-type]
 
 
 def _method_line(details: Mapping[str, Any]) -> str:
@@ -91,7 +114,7 @@ ENGINE = Engine(
     "redis",
     "Redis",
     RedisRestoreRequest,
-    backup_fn=backup_redis,
+    backup_fn=backup_target,
     restore_fn=restore_redis,
     backup_summary=backup_summary,
     restore_summary=restore_summary,
