@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,7 +35,7 @@ from strongroom.errors import ServiceUnavailable, TargetNotEmpty
 from strongroom.sandbox.redis import RedisServer
 from strongroom.sandbox.redis_cluster import RedisClusterSandbox
 from strongroom.verify import verify_backup
-from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config
+from tests.fixtures.strongroom_fixtures import make_local_repo, signed_config, signing_block_fields
 from tests.test_redis import Repo
 
 Print = dict[bytes, tuple[str, str, bool]]
@@ -291,6 +292,41 @@ def test_moved_and_ask_are_followed(
                 c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", owner.node_id)
     flush(target)
     target.wait_ok()
+
+
+def test_flows_take_a_cluster_block(
+    prefect_api: str,
+    source: RedisClusterSandbox,
+    source_print: Print,
+    redis_cluster_same_shape: RedisClusterSandbox,
+    tmp_path: Path,
+    age_key: EncryptionConfig,
+) -> None:
+    from blocks import BackupRepository, EncryptionKey
+    from blocks.redis import RedisTarget
+    from flows.redis import backup_redis_flow, restore_redis_flow
+
+    for block in (RedisTarget, BackupRepository, EncryptionKey):
+        block.register_type_and_schema()
+    EncryptionKey(
+        recipients=age_key.recipients, identity=age_key.identities[0].get_secret_value()
+    ).save("rcluster-key", overwrite=True)
+    BackupRepository(**signing_block_fields(), local_path=str(tmp_path / "repo")).save(
+        "rcluster-repo", overwrite=True
+    )
+    for name, cluster in (("rcluster-src", source), ("rcluster-dst", redis_cluster_same_shape)):
+        RedisTarget(
+            topology="cluster", seed_nodes=cluster.seeds[:1], password=cluster.password
+        ).save(name, overwrite=True)
+    common = {"repository": "rcluster-repo", "encryption_key": "rcluster-key"}
+    manifest = backup_redis_flow(target="rcluster-src", from_masters=True, **common)
+    assert manifest["kind"] == "cluster-rdb"
+    assert {s["source"]["role"] for s in manifest["details"]["cluster"]["shards"]} == {"master"}
+    flush(redis_cluster_same_shape)
+    report = restore_redis_flow(target="rcluster-dst", source_target="rcluster-src", **common)
+    assert report["shape"] == "same shape" and report["keys_ok"]
+    assert cluster_print(redis_cluster_same_shape) == source_print
+    flush(redis_cluster_same_shape)
 
 
 def test_master_killed_mid_backup_is_retried_on_the_promoted_replica(
