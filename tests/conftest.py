@@ -24,7 +24,6 @@ from tests.fixtures.redis_cluster import (  # noqa: E402
     redis_cluster,
     redis_cluster_other_shape,
     redis_cluster_same_shape,
-    redis_sentinel,
 )
 from tests.fixtures.redis_gauntlet import redis_gauntlet  # noqa: E402
 from tests.fixtures.s3 import s3_bucket, s3_locked_bucket, s3_server  # noqa: E402
@@ -48,7 +47,6 @@ __all__ = [
     "redis_cluster_other_shape",
     "redis_cluster_same_shape",
     "redis_gauntlet",
-    "redis_sentinel",
     "redis_server",
     "s3_bucket",
     "s3_locked_bucket",

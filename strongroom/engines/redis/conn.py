@@ -24,7 +24,7 @@ from strongroom.redact import register, scrub
 from strongroom.transport import require_encrypted
 
 BackupMethod = Literal["auto", "sync", "bgsave", "logical"]
-Topology = Literal["standalone", "cluster", "sentinel"]
+Topology = Literal["standalone", "cluster"]
 MAX_DB = 1023
 
 
@@ -79,20 +79,14 @@ class RedisConnection(BaseModel):
     )
     topology: Topology = Field(
         default="standalone",
-        description="standalone: host/port; cluster: discovered from seed_nodes; sentinel: "
-        "the master named sentinel_master, found through the sentinels",
+        description="standalone: host/port; cluster: discovered from seed_nodes",
     )
     seed_nodes: list[str] = Field(
         default_factory=list, description="cluster: host:port of one or more cluster nodes"
     )
-    sentinels: list[str] = Field(default_factory=list, description="sentinel: host:port list")
-    sentinel_master: str | None = Field(default=None, description="sentinel: the master name")
-    sentinel_password: SecretStr | None = Field(
-        default=None, description="sentinel: the sentinels' own requirepass (None: none)"
-    )
     from_masters: bool = Field(
         default=False,
-        description="cluster/sentinel: snapshot the masters (default: a healthy replica)",
+        description="cluster: snapshot the masters (default: a caught-up replica)",
     )
     cluster_pause_ms: int = Field(
         default=0,
@@ -123,7 +117,7 @@ class RedisConnection(BaseModel):
                 raise ValueError(f"db index {db} out of range 0..{MAX_DB}")
         return sorted(set(value))
 
-    @field_validator("seed_nodes", "sentinels")
+    @field_validator("seed_nodes")
     @classmethod
     def _addresses_ok(cls, value: list[str]) -> list[str]:
         for address in value:
@@ -137,10 +131,6 @@ class RedisConnection(BaseModel):
             if not self.seed_nodes:
                 raise ValueError("topology cluster needs seed_nodes (host:port, one or more)")
             hosts = [split_address(a)[0] for a in self.seed_nodes]
-        if self.topology == "sentinel":
-            if not self.sentinels or not self.sentinel_master:
-                raise ValueError("topology sentinel needs sentinels and sentinel_master")
-            hosts = [split_address(a)[0] for a in self.sentinels]
         for host in hosts:
             require_encrypted(
                 engine="redis",
@@ -153,7 +143,7 @@ class RedisConnection(BaseModel):
         return self
 
     def secrets(self) -> list[str]:
-        return [s.get_secret_value() for s in (self.password, self.sentinel_password) if s]
+        return [self.password.get_secret_value()] if self.password else []
 
     def node(self, address: str) -> RedisConnection:
         """The same credentials and settings, for one server of the topology."""
