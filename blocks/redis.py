@@ -39,6 +39,29 @@ class RedisTarget(Block):
         default="auto",
         description="auto tries replication SYNC, then BGSAVE + file, then SCAN + DUMP.",
     )
+    topology: Literal["standalone", "cluster"] = Field(
+        default="standalone",
+        description="standalone: the server at host/port; cluster: a Redis Cluster found "
+        "through seed_nodes (every shard backed up, restores routed by slot).",
+    )
+    seed_nodes: list[str] = Field(
+        default_factory=list,
+        description="Cluster: host:port of one or more nodes (the topology is discovered).",
+    )
+    from_masters: bool = Field(
+        default=False,
+        description="Cluster: snapshot the masters instead of a caught-up replica per shard.",
+    )
+    cluster_pause_ms: int = Field(
+        default=0,
+        ge=0,
+        le=60_000,
+        description="Cluster: 0 = per-shard points in time; > 0 = a cluster-wide cut under "
+        "CLIENT PAUSE WRITE lasting at most this many ms (recorded; fails if not enough).",
+    )
+    failover_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds to wait for a failover before retrying."
+    )
     data_path: str | None = Field(
         default=None,
         description="The server's RDB file as the runner sees it (shared volume): used by the "
@@ -95,6 +118,11 @@ class RedisTarget(Block):
             tls_ca_file=self.tls_ca_file,
             dbs=list(self.dbs),
             backup_method=self.backup_method,
+            topology=self.topology,
+            seed_nodes=list(self.seed_nodes),
+            from_masters=self.from_masters,
+            cluster_pause_ms=self.cluster_pause_ms,
+            failover_timeout=self.failover_timeout,
             data_path=self.data_path,
             stop_command=self.stop_command,
             start_command=self.start_command,

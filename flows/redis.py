@@ -23,10 +23,20 @@ def backup_redis_flow(
     encryption_key: str = "default",
     method: Literal["auto", "sync", "bgsave", "logical"] | None = None,
     labels: dict[str, str] | None = None,
+    from_masters: bool | None = None,
 ) -> dict[str, Any]:
-    """Snapshot ``target`` into the repository (replication SYNC, or a recorded fallback)."""
+    """Snapshot ``target`` into the repository (replication SYNC, or a recorded fallback);
+    a cluster target: every shard, from replicas unless ``from_masters``."""
     secure_logging()
-    return run_backup("redis", target, repository, encryption_key, labels, method=method)
+    return run_backup(
+        "redis",
+        target,
+        repository,
+        encryption_key,
+        labels,
+        method=method,
+        from_masters=from_masters,
+    )
 
 
 @flow(name="restore-redis", **AUDITED)

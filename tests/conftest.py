@@ -20,6 +20,11 @@ from tests.fixtures.pg_gauntlet import (  # noqa: E402
 from tests.fixtures.postgres import pg_db, pg_server  # noqa: E402
 from tests.fixtures.prefect import prefect_api  # noqa: E402
 from tests.fixtures.redis import redis_server  # noqa: E402
+from tests.fixtures.redis_cluster import (  # noqa: E402
+    redis_cluster,
+    redis_cluster_other_shape,
+    redis_cluster_same_shape,
+)
 from tests.fixtures.redis_gauntlet import redis_gauntlet  # noqa: E402
 from tests.fixtures.s3 import s3_bucket, s3_locked_bucket, s3_server  # noqa: E402
 from tests.fixtures.seaweedfs import seaweed_locked_bucket, seaweed_server  # noqa: E402
@@ -38,6 +43,9 @@ __all__ = [
     "pg_gauntlet_s3_backup",
     "pg_server",
     "prefect_api",
+    "redis_cluster",
+    "redis_cluster_other_shape",
+    "redis_cluster_same_shape",
     "redis_gauntlet",
     "redis_server",
     "s3_bucket",

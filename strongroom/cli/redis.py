@@ -33,11 +33,14 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
             "--method",
             help="auto (default: SYNC, then BGSAVE+file, then logical), sync, bgsave, logical.",
         ),
+        from_masters: bool = typer.Option(
+            False, "--from-masters", help="Cluster: snapshot the masters, not replicas."
+        ),
         repository: str = RepoOpt,
         key: str = KeyOpt,
         as_json: bool = JsonOpt,
     ) -> None:
-        """Snapshot a Redis server (RDB over the replication protocol, or a recorded fallback)."""
+        """Snapshot a Redis server or every shard of a Redis Cluster (RDB over replication)."""
         from flows.redis import backup_redis_flow
 
         run_flow(
@@ -50,6 +53,7 @@ def register(backup_app: typer.Typer, restore_app: typer.Typer) -> None:
                     Literal["auto", "sync", "bgsave", "logical"] | None,
                     _one_of("--method", method, (None, "auto", "sync", "bgsave", "logical")),
                 ),
+                from_masters=from_masters or None,
             ),
             show_backup("redis", repository),
             needs=flow_blocks("redis", [target], repository, key),

@@ -24,6 +24,7 @@ from strongroom.redact import register, scrub
 from strongroom.transport import require_encrypted
 
 BackupMethod = Literal["auto", "sync", "bgsave", "logical"]
+Topology = Literal["standalone", "cluster"]
 MAX_DB = 1023
 
 
@@ -76,6 +77,27 @@ class RedisConnection(BaseModel):
         description="seconds to wait for the pods to go away after scaling to 0, and to be "
         "Ready again after scaling back",
     )
+    topology: Topology = Field(
+        default="standalone",
+        description="standalone: host/port; cluster: discovered from seed_nodes",
+    )
+    seed_nodes: list[str] = Field(
+        default_factory=list, description="cluster: host:port of one or more cluster nodes"
+    )
+    from_masters: bool = Field(
+        default=False,
+        description="cluster: snapshot the masters (default: a caught-up replica)",
+    )
+    cluster_pause_ms: int = Field(
+        default=0,
+        ge=0,
+        le=60_000,
+        description="cluster: 0 = per-shard points in time; > 0 = a cluster-wide cut under "
+        "CLIENT PAUSE WRITE of at most this many ms (the backup fails if it is not enough)",
+    )
+    failover_timeout: float = Field(
+        default=60.0, gt=0, description="seconds to wait for a failover before retrying"
+    )
     connect_timeout: float = Field(default=10.0, gt=0)
     command_timeout: float = Field(default=300.0, gt=0)
     load_timeout: float = Field(
@@ -95,20 +117,38 @@ class RedisConnection(BaseModel):
                 raise ValueError(f"db index {db} out of range 0..{MAX_DB}")
         return sorted(set(value))
 
+    @field_validator("seed_nodes")
+    @classmethod
+    def _addresses_ok(cls, value: list[str]) -> list[str]:
+        for address in value:
+            split_address(address)
+        return value
+
     @model_validator(mode="after")
     def _transport_ok(self) -> RedisConnection:
-        require_encrypted(
-            engine="redis",
-            target=self.name,
-            host=self.host,
-            encrypted=self.tls,
-            field="tls=false",
-            allow_plaintext=self.allow_plaintext,
-        )
+        hosts = [self.host]
+        if self.topology == "cluster":
+            if not self.seed_nodes:
+                raise ValueError("topology cluster needs seed_nodes (host:port, one or more)")
+            hosts = [split_address(a)[0] for a in self.seed_nodes]
+        for host in hosts:
+            require_encrypted(
+                engine="redis",
+                target=self.name,
+                host=host,
+                encrypted=self.tls,
+                field="tls=false",
+                allow_plaintext=self.allow_plaintext,
+            )
         return self
 
     def secrets(self) -> list[str]:
         return [self.password.get_secret_value()] if self.password else []
+
+    def node(self, address: str) -> RedisConnection:
+        """The same credentials and settings, for one server of the topology."""
+        host, port = split_address(address)
+        return self.model_copy(update={"host": host, "port": port, "topology": "standalone"})
 
     @property
     def address(self) -> str:
@@ -142,6 +182,15 @@ class RedisConnection(BaseModel):
             client_name="strongroom",
             **kwargs,
         )
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) -> (host, port); ValueError when malformed."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"not a host:port address: {address!r}")
+    return host, int(port)
 
 
 def is_refusal(exc: BaseException) -> bool:

@@ -11,8 +11,31 @@ from typing import Any
 
 from strongroom.engines.interface import Engine, Summary
 from strongroom.engines.redis.backup import backup_redis
+from strongroom.engines.redis.cluster_backup import backup_cluster
+from strongroom.engines.redis.conn import RedisConnection
 from strongroom.engines.redis.restore import RedisRestoreRequest, restore_redis
+from strongroom.errors import InvalidInput
 from strongroom.sizes import human_size
+
+
+def backup_target(
+    conn: RedisConnection,
+    repo: Any,
+    repo_config: Any,
+    enc: Any,
+    *,
+    method: str | None = None,
+    from_masters: bool | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A backup of any topology: a cluster's shards, or one server (standalone)."""
+    if from_masters is not None:
+        conn = conn.model_copy(update={"from_masters": from_masters})
+    if conn.topology == "cluster":
+        if method not in (None, "auto", "sync"):
+            raise InvalidInput(f"cluster targets are backed up by replication (sync), not {method}")
+        return backup_cluster(conn, repo, repo_config, enc, **kwargs)
+    return backup_redis(conn, repo, repo_config, enc, method=method, **kwargs)  # type: ignore[arg-type]
 
 
 def _method_line(details: Mapping[str, Any]) -> str:
@@ -21,9 +44,29 @@ def _method_line(details: Mapping[str, Any]) -> str:
     return f"- method: **{details['method']}**" + (f" (fallback: {fallback})" if attempts else "")
 
 
+def _cluster_lines(details: Mapping[str, Any]) -> list[str]:
+    cluster = details.get("cluster")
+    if not cluster:
+        return []
+    cut = cluster["consistency"]
+    lines = [
+        f"- cluster: {len(cluster['shards'])} shards, consistency **{cut['kind']}**"
+        + (f" (writes paused {cut['pause_measured_ms']} ms)" if "pause_measured_ms" in cut else "")
+    ]
+    for shard in cluster["shards"]:
+        slots = ",".join(f"{a}-{b}" for a, b in shard["slots"])
+        src = shard["source"]
+        lines.append(
+            f"- shard {shard['index']} slots {slots}: {shard['keys']} keys from {src['role']} "
+            f"{src['address']} ({src['node_id'][:8]})"
+        )
+    if cluster.get("topology_changed"):
+        lines.append("- the topology changed during the backup (see slot_map_after)")
+    return lines
+
+
 def backup_summary(manifest: Mapping[str, Any], repository: str) -> Summary:
     details = manifest["details"]
-    artifact = manifest["artifacts"][0]
     return Summary(
         f"Redis backup {manifest['backup_id']}",
         [
@@ -36,8 +79,11 @@ def backup_summary(manifest: Mapping[str, Any], repository: str) -> Summary:
             ),
             f"- RDB version: {details.get('rdb_version')}",
             f"- repository: `{repository}`",
-            f"- {artifact['name']}: {human_size(artifact['raw_size'])}, "
-            f"stored {human_size(artifact['stored_size'])}",
+            *(
+                f"- {a['name']}: {human_size(a['raw_size'])}, stored {human_size(a['stored_size'])}"
+                for a in manifest["artifacts"]
+            ),
+            *_cluster_lines(details),
             f"- finished: {manifest['finished_at']}",
         ],
         [
@@ -91,7 +137,7 @@ ENGINE = Engine(
     "redis",
     "Redis",
     RedisRestoreRequest,
-    backup_fn=backup_redis,
+    backup_fn=backup_target,
     restore_fn=restore_redis,
     backup_summary=backup_summary,
     restore_summary=restore_summary,

@@ -44,6 +44,8 @@ from strongroom.artifacts import read_artifact
 from strongroom.catalog import Catalog, Manifest
 from strongroom.config import EncryptionConfig
 from strongroom.engines.redis.backup import ENGINE
+from strongroom.engines.redis.cluster_backup import KIND as CLUSTER_KIND
+from strongroom.engines.redis.cluster_restore import restore_topology
 from strongroom.engines.redis.conn import (
     RedisConnection,
     check_pattern,
@@ -106,6 +108,11 @@ def restore_redis(
     register(*conn.secrets(), *enc.secrets())
     pattern = check_pattern(req.key_pattern)
     manifest = Catalog(repo).resolve(req.backup_id, ENGINE, req.source_target or conn.name)
+    if manifest.kind == CLUSTER_KIND or conn.topology == "cluster":
+        report = restore_topology(conn, repo, manifest, enc, req, progress)
+        if not req.dry_run:
+            report["restored_at"] = dt.datetime.now(dt.UTC).isoformat()
+        return report
     if manifest.kind not in ("rdb", "logical") or len(manifest.artifacts) != 1:
         raise InvalidInput(f"backup {manifest.backup_id} is not a strongroom Redis backup")
     artifact = manifest.artifacts[0]

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,15 @@ import redis
 from strongroom.artifacts import read_artifact
 from strongroom.catalog import Manifest
 from strongroom.config import EncryptionConfig
+from strongroom.engines.redis.aof import (
+    AofLayout,
+    aof_layout,
+    drop_staged,
+    previous_aof,
+    stage_aof,
+    swap_aof,
+    unswap_aof,
+)
 from strongroom.engines.redis.conn import RedisConnection, config_value, is_refusal
 from strongroom.engines.redis.key_copy import wait_down, wait_ready
 from strongroom.engines.redis.restore_plan import RedisRestoreRequest
@@ -73,8 +84,9 @@ def kube_facts(restart: StatefulSetRestart) -> dict[str, Any]:
 
 
 def file_preflight(conn: RedisConnection, client: redis.Redis) -> dict[str, Any]:
-    """The server must load this file at start: no AOF, same dir/dbfilename when visible."""
-    facts: dict[str, Any] = {"data_path": conn.data_path}
+    """The server must load this file at start: same dir/dbfilename when visible; with
+    ``appendonly yes`` (Redis 7+) the AOF folder is rewritten around it (``aof``)."""
+    facts: dict[str, Any] = {"data_path": conn.data_path, "aof": None}
     try:
         appendonly = config_value(client, "appendonly")
         folder = config_value(client, "dir")
@@ -85,11 +97,6 @@ def file_preflight(conn: RedisConnection, client: redis.Redis) -> dict[str, Any]
         facts["config_checked"] = False
         return facts
     facts["config_checked"] = True
-    if appendonly == "yes":
-        raise InvalidInput(
-            "the target runs with appendonly yes: at start it would load its AOF, not the "
-            "restored RDB. Disable AOF for the restore or use mode=live. Nothing was changed"
-        )
     if folder and dbfile and conn.data_path:
         served = Path(folder) / dbfile
         mine = Path(conn.data_path)
@@ -101,6 +108,12 @@ def file_preflight(conn: RedisConnection, client: redis.Redis) -> dict[str, Any]
             raise InvalidInput(
                 f"data_path {mine} is not the file the server loads ({served}). Nothing was changed"
             )
+    if appendonly == "yes":
+        version = str(client.info("server").get("redis_version", "0"))
+        layout = aof_layout(client, Path(conn.data_path or ""), version)
+        if not layout.folder.parent.is_dir():
+            raise InvalidInput(f"the AOF folder {layout.folder} is not visible on this runner")
+        facts["aof"] = layout.facts()
     return facts
 
 
@@ -152,6 +165,10 @@ def run_file_restore(
     stopped = False
     swapped = False
     had_previous = data_path.exists()
+    aof = plan.get("aof")
+    layout = AofLayout(Path(aof["aof_dir"]), aof["appendfilename"]) if aof else None
+    aof_staged: Path | None = None
+    aof_moved = False
     try:
         # 1. the new file next to the old one (same filesystem: the rename is atomic)
         with create_private(temp) as handle:
@@ -163,6 +180,8 @@ def run_file_restore(
             scratch.rdb_path.symlink_to(temp)
             scratch.start(timeout=120.0 + artifact.raw_size / (20 * 1024 * 1024))
             loaded, samples = scratch_state(scratch, dbs, None, req.sample_size)
+        if layout is not None:  # 2b. the AOF folder the server will load instead
+            aof_staged = stage_aof(layout, temp, manifest.backup_id)
         # 3. stop, swap, start
         if restart is not None:
             try:
@@ -177,6 +196,9 @@ def run_file_restore(
             os.replace(data_path, previous)
         os.replace(temp, data_path)
         swapped = True
+        if layout is not None and aof_staged is not None:
+            aof_moved = swap_aof(layout, aof_staged, manifest.backup_id)
+            aof_staged = None
         private.rmdir()
         _fsync_dir(folder)
         _start(conn, restart)
@@ -187,9 +209,18 @@ def run_file_restore(
             temp.unlink()
         with contextlib.suppress(OSError):
             private.rmdir()
+        if layout is not None and aof_staged is not None:
+            drop_staged(layout, manifest.backup_id)
         if not stopped:
             raise
-        steps = _roll_back(conn, restart, data_path, previous, swapped, had_previous)
+        undo_aof = None
+        if layout is not None:
+            aof_layout_ = layout
+
+            def undo_aof() -> str:
+                return unswap_aof(aof_layout_, manifest.backup_id, aof_moved)
+
+        steps = _roll_back(conn, restart, data_path, previous, swapped, had_previous, undo_aof)
         if isinstance(exc, StrongroomError):
             exc.args = (f"{exc.args[0] if exc.args else exc}; {steps}",)
             raise
@@ -200,6 +231,13 @@ def run_file_restore(
         raise
     if had_previous and not req.keep_previous:
         previous.unlink()
+    aof_previous: str | None = None
+    if layout is not None and aof_moved:
+        old = previous_aof(layout, manifest.backup_id)
+        if req.keep_previous:
+            aof_previous = str(old)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     checks = verify_target(conn, dbs, None, expected, loaded, samples)
     coordination: dict[str, Any] = {}
     if restart is not None:
@@ -208,6 +246,7 @@ def run_file_restore(
         **plan,
         **coordination,
         "previous_data_file": str(previous) if had_previous and req.keep_previous else None,
+        "previous_aof_dir": aof_previous,
         "load_wait_s": round(waited, 3),
         **checks,
     }
@@ -236,6 +275,7 @@ def _roll_back(
     previous: Path,
     swapped: bool,
     had_previous: bool,
+    undo_aof: Callable[[], str] | None = None,
 ) -> str:
     """The server was stopped and did not come back with the restored file: put the old one
     back and start it again. Returns what was done (and what state things are left in)."""
@@ -253,6 +293,8 @@ def _roll_back(
             if had_previous:
                 os.replace(previous, data_path)
                 steps.append("previous data file put back")
+            if undo_aof is not None:
+                steps.append(undo_aof())
         _start(conn, restart)
         if restart is not None:
             steps.append(
