@@ -206,28 +206,42 @@ def run_drill(
                 record["cleanup"] = {"ok": False, "error": scrub(str(exc))}
             if not record["cleanup"].get("ok", False):
                 failures.append(f"cleanup failed: {record['cleanup'].get('error', 'see cleanup')}")
+    record["rto_s"] = rto_s
+    record["restored"] = restored
+    record["rpo_s"] = _seconds(started - manifest.finished_at) if manifest is not None else None
+    return finish_drill(record, checks, failures, repo, store=store, check=check, clock=clock)
+
+
+def finish_drill(
+    record: dict[str, Any],
+    checks: list[dict[str, Any]],
+    failures: list[str],
+    repo: Repository,
+    *,
+    store: bool,
+    check: bool,
+    clock: Callable[[], dt.datetime],
+    label: str = "drill",
+    rpo_decimals: int = 0,
+) -> dict[str, Any]:
+    """The end every drill shares (logical and PITR): failed checks, RTO and RPO
+    (``record["rto_s"]``, ``record["rpo_s"]``) against the objectives, the verdict,
+    the signed record stored, ``DrillFailed`` raised when ``check`` and it failed."""
+    engine, target, did = record["engine"], record["target"], record["drill_id"]
     record["checks"] = checks
     bad = [c for c in checks if not c.get("ok")]
     if bad:
         record["data_mismatch"] = True
         shown = "; ".join(str(c.get("detail") or c.get("item")) for c in bad[:5])
         failures.append(f"restored data differs: {len(bad)} check(s) failed: {shown}")
-    record["rto_s"] = rto_s
-    record["restored"] = restored
-    if manifest is not None:
-        rpo = started - manifest.finished_at
-        record["rpo_s"] = _seconds(rpo)
-    else:
-        record["rpo_s"] = None
+    rto_s, rpo_s = record["rto_s"], record["rpo_s"]
     rto_obj, rpo_obj = record["objectives"]["rto_s"], record["objectives"]["rpo_s"]
     if rto_obj is not None and rto_s is not None and rto_s > rto_obj:
         failures.append(f"RTO {rto_s:.3f} s exceeds the objective {rto_obj:g} s")
-    if rpo_obj is not None and record["rpo_s"] is not None and record["rpo_s"] > rpo_obj:
-        failures.append(f"RPO {record['rpo_s']:.0f} s exceeds the objective {rpo_obj:g} s")
+    if rpo_obj is not None and rpo_s is not None and rpo_s > rpo_obj:
+        failures.append(f"RPO {rpo_s:.{rpo_decimals}f} s exceeds the objective {rpo_obj:g} s")
     record["rto_ok"] = None if rto_obj is None or rto_s is None else rto_s <= rto_obj
-    record["rpo_ok"] = (
-        None if rpo_obj is None or record["rpo_s"] is None else record["rpo_s"] <= rpo_obj
-    )
+    record["rpo_ok"] = None if rpo_obj is None or rpo_s is None else rpo_s <= rpo_obj
     record["finished_at"] = clock().isoformat()
     record["failures"] = failures
     record["ok"] = not failures
@@ -237,16 +251,17 @@ def run_drill(
         put_signed_json(repo, key, json.loads(json.dumps(record, default=str)))
         record["record_key"] = key
     log.info(
-        "drill %s of %s/%s: %s (RTO %s s, RPO %s s)",
+        "%s %s of %s/%s: %s (RTO %s s, RPO %s s)",
+        label,
         did,
         engine,
         target,
         "ok" if record["ok"] else "FAILED",
         rto_s,
-        record["rpo_s"],
+        rpo_s,
     )
     if check and failures:
-        raise DrillFailed(f"drill {did} of {engine}/{target} failed: {failures[0]}", record)
+        raise DrillFailed(f"{label} {did} of {engine}/{target} failed: {failures[0]}", record)
     return record
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -37,14 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from strongroom.config import EncryptionConfig, PostgresConnection, RepositoryConfig
-from strongroom.drills.core import DRILL_FORMAT, DrillFailed, Objectives, drill_key
+from strongroom.drills.core import DRILL_FORMAT, Objectives, finish_drill
 from strongroom.errors import IntegrityError, InvalidInput, StrongroomError
 from strongroom.ids import check_name, new_backup_id
 from strongroom.redact import scrub
 from strongroom.repository.base import Repository
-from strongroom.signing import put_signed_json
-
-log = logging.getLogger(__name__)
 
 # The source's side of the RPO: next xid (every transaction assigned before is older)
 # and, where commit timestamps are tracked, the time of its last commit.
@@ -304,7 +300,20 @@ def run_pitr_drill(
         record["cleanup"] = _cleanup(server, root)
         if not record["cleanup"]["ok"]:
             failures.append(f"cleanup failed: {record['cleanup'].get('error')}")
-    return _finish(record, checks, failures, rto_s, repo, store=store, check=check, clock=clock)
+    record["rto_s"] = rto_s
+    record["rpo_s"] = (record.get("rpo") or {}).get("rpo_s")
+    record["restored"] = "recovered" in record
+    return finish_drill(
+        record,
+        checks,
+        failures,
+        repo,
+        store=store,
+        check=check,
+        clock=clock,
+        label="PITR drill",
+        rpo_decimals=3,
+    )
 
 
 @contextlib.contextmanager
@@ -335,47 +344,3 @@ def _cleanup(server: Any, root: Path) -> dict[str, Any]:
         return {"ok": True, "removed": str(root)}
     except Exception as exc:
         return {"ok": False, "error": scrub(f"{type(exc).__name__}: {exc}")}
-
-
-def _finish(
-    record: dict[str, Any],
-    checks: list[dict[str, Any]],
-    failures: list[str],
-    rto_s: float | None,
-    repo: Repository,
-    *,
-    store: bool,
-    check: bool,
-    clock: Callable[[], dt.datetime],
-) -> dict[str, Any]:
-    """Judge the objectives, store the signed record, raise DrillFailed when ``check``."""
-    record["checks"] = checks
-    bad = [c for c in checks if not c.get("ok")]
-    if bad:
-        record["data_mismatch"] = True
-        shown = "; ".join(str(c.get("detail") or c.get("item")) for c in bad[:5])
-        failures.append(f"recovered data differs: {len(bad)} check(s) failed: {shown}")
-    record["rto_s"] = rto_s
-    record["rpo_s"] = (record.get("rpo") or {}).get("rpo_s")
-    record["restored"] = "recovered" in record
-    rto_obj, rpo_obj = record["objectives"]["rto_s"], record["objectives"]["rpo_s"]
-    if rto_obj is not None and rto_s is not None and rto_s > rto_obj:
-        failures.append(f"RTO {rto_s:.3f} s exceeds the objective {rto_obj:g} s")
-    if rpo_obj is not None and record["rpo_s"] is not None and record["rpo_s"] > rpo_obj:
-        failures.append(f"RPO {record['rpo_s']:.3f} s exceeds the objective {rpo_obj:g} s")
-    record["rto_ok"] = None if rto_obj is None or rto_s is None else rto_s <= rto_obj
-    rpo = record["rpo_s"]
-    record["rpo_ok"] = None if rpo_obj is None or rpo is None else rpo <= rpo_obj
-    record["finished_at"] = clock().isoformat()
-    record["failures"] = failures
-    record["ok"] = not failures
-    record["data_mismatch"] = bool(record.get("data_mismatch"))
-    engine, target, did = record["engine"], record["target"], record["drill_id"]
-    if store:
-        key = drill_key(engine, target, did)
-        put_signed_json(repo, key, json.loads(json.dumps(record, default=str)))
-        record["record_key"] = key
-    log.info("PITR drill %s of %s: %s (RTO %s s, RPO %s s)", did, target, record["ok"], rto_s, rpo)
-    if check and failures:
-        raise DrillFailed(f"PITR drill {did} of {engine}/{target} failed: {failures[0]}", record)
-    return record
