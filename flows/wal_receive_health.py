@@ -30,7 +30,12 @@ from blocks import PostgresTarget
 from flows.common import publish, secure_logging
 from flows.engine_runs import load_target
 from strongroom.engines.postgres.wal.receive import DEFAULT_SLOT
-from strongroom.engines.postgres.wal.receive_status import Bounds, findings, server_status
+from strongroom.engines.postgres.wal.receive_status import (
+    Bounds,
+    behind,
+    findings,
+    server_status,
+)
 from strongroom.errors import StrongroomError
 from strongroom.redact import scrub
 
@@ -102,11 +107,7 @@ def wal_receive_health(
         figures = {
             "slot": slot,
             "slot_active": bool(slot_facts.get("active")),
-            "slot_retained_bytes": (
-                max(0, server["server_lsn"] - slot_facts["restart_lsn"])
-                if slot_facts.get("restart_lsn") is not None and server.get("server_lsn")
-                else None
-            ),
+            "slot_retained_bytes": behind(server.get("server_lsn"), slot_facts.get("restart_lsn")),
             "repository_lag_seconds": (receiver or {}).get("repository_lag_seconds"),
             "repository_lag_bytes": (receiver or {}).get("repository_lag_bytes"),
         }

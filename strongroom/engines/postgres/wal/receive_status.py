@@ -185,14 +185,14 @@ class Monitor:
             slot_exists=bool(slot),
             slot_active=bool(slot.get("active")),
             slot_wal_status=slot.get("wal_status"),
-            slot_retained_bytes=_behind(server_lsn, restart),
+            slot_retained_bytes=behind(server_lsn, restart),
             slot_safe_wal_size=slot.get("safe_wal_size"),
             sync_state=stream.get("sync_state"),
             flush_lsn=flush,
-            flush_lag_bytes=_behind(server_lsn, flush),
+            flush_lag_bytes=behind(server_lsn, flush),
             flush_lag_seconds=(stream.get("flush_lag_s") or 0.0) if stream else None,
             repository_lsn=view.repository_lsn,
-            repository_lag_bytes=_behind(server_lsn, view.repository_lsn),
+            repository_lag_bytes=behind(server_lsn, view.repository_lsn),
             repository_lag_seconds=(
                 self.clock.seconds_behind(now, view.repository_lsn)
                 if server_lsn is not None
@@ -261,7 +261,8 @@ class Monitor:
             self._thread.join(timeout=30)
 
 
-def _behind(server: Any, position: Any) -> int | None:
+def behind(server: Any, position: Any) -> int | None:
+    """Bytes from ``position`` up to ``server`` (None when either is unknown)."""
     if server is None or position is None:
         return None
     return max(0, int(server) - int(position))
@@ -368,7 +369,7 @@ def findings(
             found.append(("down", "the slot lost WAL it needed (wal_status lost): re-base"))
         if not slot.get("active"):
             found.append(("down", "no receiver is streaming from the slot"))
-        retained = _behind(lsn, slot.get("restart_lsn"))
+        retained = behind(lsn, slot.get("restart_lsn"))
         if retained is not None and retained > bounds.max_slot_retained_bytes:
             found.append(
                 (
